@@ -1,0 +1,226 @@
+"""The task: what to classify into. Written as YAML or built in Python, refused early when it is wrong.
+
+A task file looks like:
+
+    name: banking-intents
+    instructions: Classify the customer's message by what they want.
+    multi_label: false        # one label per text (default) or any number
+    allow_abstain: false      # may the answer be "none of these"?
+    labels:
+      - name: card_arrival
+        description: The customer asks when their card will arrive.
+        examples: ["My card hasn't come yet", "When will the new card get here?"]
+      - lost_or_stolen_card   # a bare name is a label with no description or examples
+    examples:                 # more seed examples, each naming its label(s)
+      - {text: "I lost my card in the park", label: lost_or_stolen_card}
+
+Every error names the file, the line and the field, and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class TaskError(ValueError):
+    """A task that cannot be used; the message names where and what."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class Label(_Strict):
+    """One class the task can answer."""
+
+    name: str = Field(description="The label as answered; unique within the task.")
+    description: str = Field("", description="What the label means, shown to the LLM.")
+    examples: tuple[str, ...] = Field((), description="Seed texts that carry this label.")
+    verbalizer: str | None = Field(None, description="The words the LLM scores for this label, if not its name.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, name: str) -> str:
+        if not name:
+            raise ValueError("label name is empty")
+        return name
+
+    @field_validator("examples")
+    @classmethod
+    def _examples_not_empty(cls, examples: tuple[str, ...]) -> tuple[str, ...]:
+        for i, text in enumerate(examples):
+            if not text.strip():
+                raise ValueError(f"example {i} is an empty text")
+        return examples
+
+
+class SeedExample(_Strict):
+    """A labelled text given with the task."""
+
+    text: str
+    label: str | tuple[str, ...] = Field(description="One label, or a list of labels for multi-label tasks.")
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_empty(cls, text: str) -> str:
+        if not text:
+            raise ValueError("example text is empty")
+        return text
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return (self.label,) if isinstance(self.label, str) else tuple(self.label)
+
+
+class Task(_Strict):
+    """Labels, instructions and answer shape for one classification problem."""
+
+    name: str
+    instructions: str = ""
+    labels: tuple[Label, ...]
+    multi_label: bool = False
+    allow_abstain: bool = False
+    examples: tuple[SeedExample, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, name: str) -> str:
+        if not name:
+            raise ValueError("task name is empty")
+        return name
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _bare_names_are_labels(cls, labels: Any) -> Any:
+        if isinstance(labels, list | tuple):
+            return [{"name": label} if isinstance(label, str) else label for label in labels]
+        return labels
+
+    @model_validator(mode="after")
+    def _labels_consistent(self) -> Task:
+        minimum = 1 if self.multi_label else 2
+        if len(self.labels) < minimum:
+            raise ValueError(f"labels: a {'multi' if self.multi_label else 'single'}-label task needs at least {minimum} labels")
+        seen: dict[str, int] = {}
+        for i, label in enumerate(self.labels):
+            key = label.name.casefold()
+            if key in seen:
+                raise ValueError(f"labels[{i}].name: duplicate label {label.name!r} (same as labels[{seen[key]}])")
+            seen[key] = i
+        names = set(self.label_names)
+        for i, example in enumerate(self.examples):
+            labels = example.labels
+            if not labels:
+                raise ValueError(f"examples[{i}].label: no label given")
+            if len(labels) > 1 and not self.multi_label:
+                raise ValueError(f"examples[{i}].label: {len(labels)} labels given but the task is single-label")
+            for label in labels:
+                if label not in names:
+                    raise ValueError(f"examples[{i}].label: unknown label {label!r}; the task's labels are {sorted(names)}")
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    def seed_examples(self) -> list[tuple[str, tuple[str, ...]]]:
+        """All seed texts with their labels: each label's own examples, then the task-level ones."""
+        seeds = [(text, (label.name,)) for label in self.labels for text in label.examples]
+        return seeds + [(example.text, example.labels) for example in self.examples]
+
+    def check_labels(self, labels: Iterable[Sequence[str]]) -> None:
+        """Refuse labels the task does not have, naming the first offending row."""
+        names = set(self.label_names)
+        for row, row_labels in enumerate(labels):
+            unknown = [label for label in row_labels if label not in names]
+            if unknown:
+                raise TaskError(f"row {row}: unknown label {unknown[0]!r} for task {self.name!r}; known labels: {sorted(names)}")
+            if len(row_labels) != 1 and not self.multi_label:
+                raise TaskError(f"row {row}: {len(row_labels)} labels given but task {self.name!r} is single-label")
+
+    @classmethod
+    def from_labels(cls, names: Iterable[str], *, name: str = "task", multi_label: bool = False) -> Task:
+        """A task with bare labels, e.g. the distinct labels of a training set."""
+        return cls.build({"name": name, "labels": list(names), "multi_label": multi_label})
+
+    @classmethod
+    def build(cls, data: dict[str, Any], *, source: str = "task") -> Task:
+        """Validate a task given as plain data, raising TaskError that names the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise TaskError(_describe(error, source, lines=None)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Task:
+        """Load and validate a task file; errors name the file, line and field."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TaskError(f"{path}: no such task file") from None
+        except UnicodeDecodeError as error:
+            raise TaskError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark else ""
+            raise TaskError(f"{path}: {where}not valid YAML: {getattr(error, 'problem', error)}") from None
+        if not isinstance(data, dict):
+            raise TaskError(f"{path}: a task file must be a YAML mapping with at least 'name' and 'labels'")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise TaskError(_describe(error, str(path), lines=node)) from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _describe(error: ValidationError, source: str, lines: yaml.Node | None) -> str:
+    """Turn pydantic's first error into 'file: line N: field: problem'."""
+    first = error.errors()[0]
+    loc = list(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if not loc and (match := _FIELD_PREFIX.match(message)):
+        # Checks across fields (duplicate labels, unknown example labels) put the field in their message.
+        loc = [int(part) if part.isdigit() else part for part in re.findall(r"\w+", match.group(1))]
+        message = message[match.end():]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key {loc[-1]!r}"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    line = _line_of(lines, loc) if lines is not None else None
+    where = f"line {line}: " if line else ""
+    return f"{source}: {where}{field + ': ' if field else ''}{message}"
+
+
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.\w+)*): ")
+
+
+def _line_of(node: yaml.Node, loc: Sequence[Any]) -> int | None:
+    """The 1-based line of the YAML node at `loc` (or of its nearest existing parent)."""
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [value for key, value in node.value if key.value == part]
+            keys = [key for key, _ in node.value if key.value == part]
+            if not match:
+                break
+            line, node = keys[0].start_mark.line + 1, match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
