@@ -1,0 +1,217 @@
+"""The fallback classifier: a linear SVM over text embeddings, with calibrated probabilities.
+
+It follows scikit-learn's contract (`fit`, `predict`, `predict_proba`, `decision_function`, `classes_`), takes
+embedding vectors rather than texts (the cascade embeds each text once and shares the vector with retrieval),
+and keeps its learned state in plain arrays, so it saves as `.npz` + JSON and never needs pickle.
+
+Probabilities: single-label answers are a softmax over the one-vs-rest decision scores with one temperature;
+multi-label answers pass each label's score through one shared sigmoid. Both are fitted on out-of-fold scores,
+which keeps them honest at few shots (see `calibration`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.preprocessing import MultiLabelBinarizer
+from sklearn.svm import LinearSVC
+
+from labelcascade.fallback.calibration import fit_platt, fit_temperature, sigmoid, softmax_with_temperature
+
+_FORMAT_VERSION = 1
+UNCALIBRATED_TEMPERATURE = 1.0  # used when some class has a single example and cross-validation is impossible
+
+
+class NotFittedError(RuntimeError):
+    """The classifier was asked to predict before it was fitted."""
+
+
+class LinearSVMClassifier:
+    """Linear SVM with calibrated probabilities, for single-label or multi-label tasks.
+
+    Parameters
+    ----------
+    C: inverse regularisation strength of the SVM.
+    multi_label: if true, `y` holds a sequence of labels per row and each label is a separate yes/no decision.
+    cv: folds used to collect out-of-fold scores for calibration (fewer if a class has fewer examples).
+    random_state: seed for the folds and the SVM solver.
+    """
+
+    def __init__(self, C: float = 1.0, *, multi_label: bool = False, cv: int = 5, random_state: int = 0):
+        if C <= 0:
+            raise ValueError(f"C must be positive, got {C}")
+        if cv < 2:
+            raise ValueError(f"cv must be at least 2, got {cv}")
+        self.C = C
+        self.multi_label = multi_label
+        self.cv = cv
+        self.random_state = random_state
+
+    # --- learning -------------------------------------------------------------------------------------------
+
+    def fit(self, X: np.ndarray, y: Sequence, sample_weight: Sequence[float] | None = None) -> LinearSVMClassifier:
+        """Learn from vectors `X` (n, d) and labels `y` (one per row, or a sequence per row if multi_label)."""
+        X = _check_vectors(X)
+        if len(y) != len(X):
+            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels; give one label per row")
+        weights = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        if weights.shape != (len(X),) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ValueError(f"sample_weight must hold {len(X)} finite non-negative numbers")
+        if self.multi_label:
+            self._fit_multi_label(X, y, weights)
+        else:
+            self._fit_single_label(X, np.asarray(y, dtype=object).astype(str), weights)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _fit_single_label(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray) -> None:
+        classes, y_index, counts = np.unique(y, return_inverse=True, return_counts=True)
+        if len(classes) < 2:
+            raise ValueError(f"need examples of at least 2 labels to fit, got only {list(classes)}")
+        n_splits = min(self.cv, int(counts.min()))
+        if n_splits >= 2:
+            folds = StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state).split(X, y_index)
+            scores = np.empty((len(X), len(classes)))
+            for train, test in folds:
+                coef, intercept = self._fit_svm(X[train], y_index[train], weights[train])
+                scores[test] = _single_label_scores(X[test], coef, intercept)
+            self.temperature_ = fit_temperature(scores, y_index, weights)
+        else:
+            self.temperature_ = UNCALIBRATED_TEMPERATURE
+        self.classes_ = classes
+        self.coef_, self.intercept_ = self._fit_svm(X, y_index, weights)
+
+    def _fit_multi_label(self, X: np.ndarray, y: Sequence[Sequence[str]], weights: np.ndarray) -> None:
+        rows = [(row,) if isinstance(row, str) else tuple(row) for row in y]
+        binarizer = MultiLabelBinarizer()
+        Y = binarizer.fit_transform(rows)
+        if Y.shape[1] < 1:
+            raise ValueError("need at least one label among the examples to fit")
+        n_splits = min(self.cv, len(X))
+        if n_splits >= 2:
+            scores = np.empty(Y.shape)
+            for train, test in KFold(n_splits, shuffle=True, random_state=self.random_state).split(X):
+                coef, intercept = self._fit_one_vs_rest(X[train], Y[train], weights[train])
+                scores[test] = X[test] @ coef.T + intercept
+            self.platt_ = fit_platt(scores.ravel(), Y.ravel()) if 0 < Y.mean() < 1 else (1.0, 0.0)
+        else:
+            self.platt_ = (1.0, 0.0)
+        self.classes_ = np.asarray(binarizer.classes_)
+        self.coef_, self.intercept_ = self._fit_one_vs_rest(X, Y, weights)
+
+    def _fit_svm(self, X: np.ndarray, y_index: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # The dual solver: with a few thousand examples it was twice as fast as the primal one that dual='auto'
+        # picks (1.5 s vs 3.4 s on 3,206 x 384 vectors, 77 classes).
+        svm = LinearSVC(C=self.C, dual=True, random_state=self.random_state).fit(X, y_index, sample_weight=weights)
+        return svm.coef_.astype(np.float32), svm.intercept_.astype(np.float32)
+
+    def _fit_one_vs_rest(self, X: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One binary SVM per label; a label that is always (or never) present gets a constant score of +1 (or -1)."""
+        coef = np.zeros((Y.shape[1], X.shape[1]), dtype=np.float32)
+        intercept = np.zeros(Y.shape[1], dtype=np.float32)
+        for j in range(Y.shape[1]):
+            if Y[:, j].min() == Y[:, j].max():
+                intercept[j] = 1.0 if Y[0, j] else -1.0
+                continue
+            svm_coef, svm_intercept = self._fit_svm(X, Y[:, j], weights)
+            coef[j], intercept[j] = svm_coef[0], svm_intercept[0]
+        return coef, intercept
+
+    # --- answering ------------------------------------------------------------------------------------------
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Raw SVM scores, one column per class in `classes_` order."""
+        self._check_fitted()
+        X = _check_vectors(X, dim=self.n_features_in_)
+        if self.multi_label:
+            return X @ self.coef_.T + self.intercept_
+        return _single_label_scores(X, self.coef_, self.intercept_)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (n, n_classes): rows sum to 1 for single-label, each cell is P(label) for multi-label."""
+        scores = self.decision_function(X)
+        if self.multi_label:
+            return sigmoid(scores, *self.platt_)
+        return softmax_with_temperature(scores, self.temperature_)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """The most probable label per row; for multi-label, an indicator matrix of labels with P >= 0.5."""
+        proba = self.predict_proba(X)
+        if self.multi_label:
+            return (proba >= 0.5).astype(int)
+        return self.classes_[proba.argmax(axis=1)]
+
+    # --- persistence ----------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Write `model.npz` (weights) and `model.json` (everything else) into `folder`."""
+        self._check_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "model.npz", coef=self.coef_, intercept=self.intercept_)
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "C": self.C,
+            "multi_label": self.multi_label,
+            "cv": self.cv,
+            "random_state": self.random_state,
+            "classes": [str(label) for label in self.classes_],
+            "n_features_in": int(self.n_features_in_),
+            "temperature": getattr(self, "temperature_", None),
+            "platt": list(getattr(self, "platt_", ())) or None,
+        }
+        (folder / "model.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> LinearSVMClassifier:
+        """Read a model written by `save`; arrays are loaded with pickling disabled."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+            with np.load(folder / "model.npz", allow_pickle=False) as arrays:
+                coef, intercept = arrays["coef"], arrays["intercept"]
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{folder}: no saved fallback model ({Path(error.filename).name} missing)") from None
+        except (ValueError, KeyError, OSError) as error:
+            raise ValueError(f"{folder}: the saved fallback model is damaged ({error}); retrain it") from None
+        if meta.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"{folder}/model.json: unsupported format_version {meta.get('format_version')!r}")
+        model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"])
+        model.classes_ = np.asarray(meta["classes"])
+        model.n_features_in_ = meta["n_features_in"]
+        rows = 1 if len(model.classes_) == 2 and not model.multi_label else len(model.classes_)
+        if coef.shape != (rows, model.n_features_in_) or intercept.shape != (rows,):
+            raise ValueError(f"{folder}: the saved fallback model is damaged (weights of shape {coef.shape}); retrain it")
+        model.coef_, model.intercept_ = coef, intercept
+        if model.multi_label:
+            model.platt_ = tuple(meta["platt"])
+        else:
+            model.temperature_ = meta["temperature"]
+        return model
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("this fallback classifier is not fitted yet; call fit() with labelled examples first")
+
+
+def _single_label_scores(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    """Decision scores with one column per class; a binary SVM's single score s becomes the pair (-s/2, s/2)."""
+    scores = X @ coef.T + intercept
+    if scores.shape[1] == 1:
+        return np.hstack([-scores / 2, scores / 2])
+    return scores
+
+
+def _check_vectors(X: np.ndarray, dim: int | None = None) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-D array of embedding vectors (n_texts, dim), got shape {X.shape}")
+    if dim is not None and X.shape[1] != dim:
+        raise ValueError(f"vectors have {X.shape[1]} dimensions but the classifier was fitted on {dim}; use the same embedder")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("vectors contain NaN or infinite values")
+    return X
