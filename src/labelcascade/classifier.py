@@ -1,0 +1,216 @@
+"""The Python API: `Classifier`, with scikit-learn's contract plus `classify()` for full predictions.
+
+    clf = Classifier("examples/banking/task.yaml")        # trains on the task's seed examples
+    clf.classify("my card hasn't arrived")                 # -> Prediction(label=..., confidence=..., route=...)
+    clf.fit(texts, labels)                                 # add gold examples and retrain
+    clf.predict(texts), clf.predict_proba(texts), clf.classes_
+    clf.save("my-workspace"); Classifier.open("my-workspace")
+
+A classifier lives in a workspace folder (a temporary one until you `save`), which holds its task, examples
+and models. Unlike a plain scikit-learn estimator, `fit` adds to what the workspace already knows rather than
+starting over: the examples are the model, and they accumulate.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from labelcascade.agent import Cascade
+from labelcascade.fallback import LinearSVMClassifier, NotFittedError, sample_weights
+from labelcascade.records import Prediction, Source
+from labelcascade.retrieval import Embedder, ExampleStore, load_embedder
+from labelcascade.task import Task, TaskError
+from labelcascade.workspace import Settings, Workspace
+
+Labels = Sequence[str] | Sequence[Sequence[str]]
+
+
+class Classifier:
+    """Classifies texts for one task; see the module docstring for a tour.
+
+    Parameters
+    ----------
+    task: a `Task`, the path of a task YAML file, or None to take the labels from the first `fit`.
+    workspace: folder to keep the state in (must be new or empty); None uses a temporary folder until `save`.
+    embedder: 'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or an `Embedder`.
+    """
+
+    def __init__(
+        self,
+        task: Task | str | Path | None = None,
+        *,
+        workspace: str | Path | None = None,
+        embedder: str | Embedder = "default",
+    ):
+        self._temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
+        self._workspace_path = Path(workspace if workspace is not None else self._temporary.name)
+        self.embedder = load_embedder(embedder)
+        self._settings = Settings(embedder=embedder if isinstance(embedder, str) else self.embedder.id)
+        self._workspace: Workspace | None = None
+        self._store: ExampleStore | None = None
+        self._cascade: Cascade | None = None
+        if task is not None:
+            self._start(task if isinstance(task, Task) else Task.from_yaml(task))
+            seeds = self._workspace.task.seed_examples()
+            if seeds:
+                texts, labels = zip(*seeds, strict=True)
+                self.add_examples(texts, labels)
+                if len(self._store.labels()) >= 2:
+                    self.retrain()
+
+    @classmethod
+    def open(cls, path: str | Path, *, embedder: str | Embedder | None = None) -> Classifier:
+        """Resume from a saved workspace; the embedder must be the one its vectors were made with."""
+        workspace = Workspace.open(path)
+        classifier = cls.__new__(cls)
+        classifier._temporary = None
+        classifier._workspace_path = workspace.path
+        classifier.embedder = load_embedder(embedder if embedder is not None else workspace.settings.embedder)
+        classifier._settings = workspace.settings
+        classifier._attach(workspace)
+        fallback = workspace.load_fallback()
+        classifier._cascade = Cascade(workspace.task, classifier.embedder, fallback) if fallback else None
+        return classifier
+
+    def _start(self, task: Task) -> None:
+        self._attach(Workspace.create(self._workspace_path, task, self._settings))
+
+    def _attach(self, workspace: Workspace) -> None:
+        self._workspace = workspace
+        self._store = workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
+
+    # --- learning -------------------------------------------------------------------------------------------
+
+    def fit(self, texts: Sequence[str], labels: Labels) -> Classifier:
+        """Add labelled texts as gold examples and retrain the fallback on everything the workspace holds."""
+        if self._workspace is None:
+            self._start(Task.from_labels(sorted({label for row in _label_rows(labels) for label in row})))
+        self.add_examples(texts, labels)
+        return self.retrain()
+
+    def add_examples(
+        self,
+        texts: Sequence[str],
+        labels: Labels,
+        *,
+        source: Source | str = Source.GOLD,
+        confidence: float | Sequence[float] = 1.0,
+    ) -> list[int]:
+        """Store labelled texts without retraining; returns their ids. A text already stored is not added twice."""
+        task = self.task
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+        rows = _label_rows(labels)
+        if len(rows) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(rows)} labels; give one label (or list of labels) per text")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"row {i}: text is empty or not a string")
+        task.check_labels(rows)
+        return self._store.add(texts, rows, self.embedder.embed(texts), source=source, confidence=confidence)
+
+    def retrain(self) -> Classifier:
+        """Train a new fallback on all stored examples (weighted by source) and swap it in."""
+        vectors, labels, sources, confidences = self._store.training_data()
+        task = self.task
+        y = labels if task.multi_label else [row[0] for row in labels]
+        fallback = LinearSVMClassifier(self._settings.svm_C, multi_label=task.multi_label)
+        fallback.fit(vectors, y, sample_weight=sample_weights(sources, confidences))
+        self._workspace.save_fallback(fallback)
+        self._store.save()
+        self._cascade = Cascade(task, self.embedder, fallback)
+        return self
+
+    # --- answering ------------------------------------------------------------------------------------------
+
+    def classify(self, texts: str | Sequence[str]) -> Prediction | list[Prediction]:
+        """A `Prediction` for one text, or a list of them for a sequence of texts."""
+        if isinstance(texts, str):
+            return self._fitted_cascade().classify([texts])[0]
+        return self._fitted_cascade().classify(list(texts))
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """Probabilities (n_texts, n_labels), columns in `classes_` order."""
+        predictions = self.classify(list(texts))
+        return np.array([[p.probabilities[label] for label in self.classes_] for p in predictions])
+
+    def predict(self, texts: Sequence[str]) -> np.ndarray:
+        """The answer per text; for multi-label tasks an indicator matrix over `classes_`."""
+        predictions = self.classify(list(texts))
+        if self.task.multi_label:
+            return np.array([[label in p.labels for label in self.classes_] for p in predictions], dtype=int)
+        return np.array([p.label for p in predictions], dtype=object)
+
+    # --- state ----------------------------------------------------------------------------------------------
+
+    @property
+    def task(self) -> Task:
+        if self._workspace is None:
+            raise NotFittedError("no task yet: pass a task to Classifier() or call fit(texts, labels)")
+        return self._workspace.task
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """All of the task's labels, in task order (labels without examples get probability 0)."""
+        return np.array(self.task.label_names)
+
+    @property
+    def store(self) -> ExampleStore:
+        """The labelled examples this classifier has seen."""
+        self.task  # noqa: B018 - raises the helpful error before any store exists
+        return self._store
+
+    @property
+    def workspace_path(self) -> Path:
+        return self._workspace_path
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Make the workspace durable; with `path`, copy it there (a new or empty folder) and keep working there."""
+        self.task  # noqa: B018
+        self._store.save()
+        if path is None or Path(path).resolve() == self._workspace_path.resolve():
+            if self._temporary is not None:
+                raise ValueError("this classifier lives in a temporary folder: save(path) needs a path")
+            return self._workspace_path
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"{path}: folder is not empty; save into a new or empty folder")
+        self._store.close()
+        shutil.copytree(self._workspace_path, path, dirs_exist_ok=True)
+        reopened = Classifier.open(path, embedder=self.embedder)
+        self.__dict__.update(reopened.__dict__)
+        return path
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        if self._temporary is not None:
+            self._temporary.cleanup()
+
+    def _fitted_cascade(self) -> Cascade:
+        if self._cascade is None:
+            raise NotFittedError(
+                "the classifier has no trained fallback yet: call fit(texts, labels) or give the task seed examples "
+                "for at least 2 labels"
+            )
+        return self._cascade
+
+    def __repr__(self) -> str:
+        task = self._workspace.task.name if self._workspace else None
+        return f"Classifier(task={task!r}, workspace={str(self._workspace_path)!r}, embedder={self.embedder.id!r})"
+
+
+def _label_rows(labels: Labels) -> list[tuple[str, ...]]:
+    """One tuple of labels per text, from either one label per text or a sequence of labels per text."""
+    if isinstance(labels, str):
+        raise TypeError("labels must be a sequence with one label (or list of labels) per text, not a single string")
+    rows = [(label,) if isinstance(label, str) else tuple(label) for label in labels]
+    for i, row in enumerate(rows):
+        if not row or any(not isinstance(label, str) or not label.strip() for label in row):
+            raise TaskError(f"row {i}: label is empty or not a string")
+    return rows

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real embedding model (loaded once) and the public datasets in ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labelcascade.retrieval import load_embedder
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+EXAMPLES = REPO / "examples"
+
+
+def load_split(dataset: str, split: str) -> list[dict]:
+    path = DATA / dataset / f"{split}.jsonl"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the tests read the public datasets from ../shared/data beside the checkout")
+    with path.open(encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+def few_shot(dataset: str, per_class: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`per_class` training examples of every label, drawn with a fixed seed."""
+    by_label: dict[str, list[str]] = {}
+    for row in load_split(dataset, "train"):
+        by_label.setdefault(row["label"], []).append(row["text"])
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for label in sorted(by_label):
+        for text in rng.sample(by_label[label], per_class):
+            texts.append(text)
+            labels.append(label)
+    return texts, labels
+
+
+def held_out(dataset: str, size: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`size` texts of the test split, drawn with a fixed seed."""
+    rows = random.Random(seed).sample(load_split(dataset, "test"), size)
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    return load_embedder("default")
+
+
+@pytest.fixture(scope="session")
+def embed(embedder):
+    """Embed with a cache, so datasets shared by several tests are embedded once per session."""
+    cache: dict[str, np.ndarray] = {}
+
+    def run(texts: list[str]) -> np.ndarray:
+        missing = [text for text in dict.fromkeys(texts) if text not in cache]
+        if missing:
+            cache.update(zip(missing, embedder.embed(missing), strict=True))
+        return np.stack([cache[text] for text in texts])
+
+    return run
