@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +16,9 @@ import numpy as np
 
 DEFAULT_EMBEDDER = "default"
 DEFAULT_BATCH_SIZE = 32  # measured best on 2 cores for news-length texts (178 texts/s vs 153 at 64)
+# Batches up to this size run on one torch thread. A chat message is one text, and on a busy 2-core machine a
+# two-thread encode of it waited for the second core: p50 496 ms, against 9.7 ms on one thread (bench/fallback.py).
+SMALL_BATCH = 4
 
 
 @runtime_checkable
@@ -53,13 +57,29 @@ class SentenceTransformerEmbedder:
             raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self._model.encode(
-            list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
-        )
+        with _torch_threads(1 if len(texts) <= SMALL_BATCH else None):
+            vectors = self._model.encode(
+                list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+            )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def __repr__(self) -> str:
         return f"SentenceTransformerEmbedder(id={self.id!r}, dim={self.dim})"
+
+
+@contextmanager
+def _torch_threads(count: int | None):
+    """Run with `count` torch threads (None: leave as is), restoring the previous setting afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None and count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def default_model_dir() -> Path:
