@@ -67,7 +67,7 @@ class Classifier:
     def open(cls, path: str | Path, *, embedder: str | Embedder | None = None) -> Classifier:
         """Resume from a saved workspace; the embedder must be the one its vectors were made with."""
         workspace = Workspace.open(path)
-        classifier = cls.__new__(cls)
+        classifier = cls.__new__(cls)  # not __init__: that starts a new workspace
         classifier._temporary = None
         classifier._workspace_path = workspace.path
         classifier.embedder = load_embedder(embedder if embedder is not None else workspace.settings.embedder)
@@ -182,8 +182,11 @@ class Classifier:
             raise FileExistsError(f"{path}: folder is not empty; save into a new or empty folder")
         self._store.close()
         shutil.copytree(self._workspace_path, path, dirs_exist_ok=True)
-        reopened = Classifier.open(path, embedder=self.embedder)
-        self.__dict__.update(reopened.__dict__)
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+        self._workspace_path = path
+        self._attach(Workspace.open(path))
         return path
 
     def close(self) -> None:
