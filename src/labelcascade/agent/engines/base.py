@@ -1,0 +1,76 @@
+"""The engine protocol: score candidate continuations of prompts, batched; nothing else.
+
+Every backend (llama.cpp, a vLLM server, vLLM in-process, transformers) is one small adapter that implements
+`score`. Engines never generate free text that must be parsed: for each prompt they return the log-probability of
+each candidate continuation (the whole continuation, every token of it), and `normalize` turns those into
+probabilities over the candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from scipy.special import softmax
+
+
+class EngineError(RuntimeError):
+    """The engine could not answer (down, broken, refused); the cascade answers from the fallback instead."""
+
+
+class EngineTimeout(EngineError):
+    """The engine did not answer in time."""
+
+
+@dataclass
+class EngineStats:
+    """Token counts since the engine started, to see what prefix caching saves."""
+
+    prompts: int = 0
+    prompt_tokens: int = 0  # tokens in the prompts scored
+    computed_tokens: int = 0  # tokens the model actually evaluated (prompt suffixes not cached + candidate tokens)
+    candidate_tokens: int = 0  # tokens in the candidates scored (each trie node counted once)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Scores candidate continuations; see the module docstring."""
+
+    spec: str
+    stats: EngineStats
+
+    def score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, timeout: float | None = None
+    ) -> list[dict[str, float]]:
+        """For each prompt, the total log-probability of each of its candidates as the continuation.
+
+        `candidates[i]` are the continuations for `prompts[i]`. Raises EngineError (EngineTimeout past `timeout`
+        seconds for the whole batch) when it cannot answer.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the model or the connection."""
+        ...
+
+
+def normalize(logprobs: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
+    """Probabilities over the candidates from their log-probabilities, optionally softened by a temperature."""
+    keys = list(logprobs)
+    probabilities = softmax(np.array([logprobs[key] for key in keys]) / temperature)
+    return dict(zip(keys, probabilities.tolist(), strict=True))
+
+
+def check_batch(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> None:
+    """Refuse malformed batches the same way in every engine."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings; wrap a single prompt in a list")
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists; give one list per prompt")
+    for i, options in enumerate(candidates):
+        if isinstance(options, str) or not options:
+            raise ValueError(f"prompt {i}: candidates must be a non-empty list of strings")
+        if len(set(options)) != len(options):
+            raise ValueError(f"prompt {i}: duplicate candidates")
