@@ -150,9 +150,7 @@ class Classifier:
 
     @property
     def task(self) -> Task:
-        if self._workspace is None:
-            raise NotFittedError("no task yet: pass a task to Classifier() or call fit(texts, labels)")
-        return self._workspace.task
+        return self._started().task
 
     @property
     def classes_(self) -> np.ndarray:
@@ -162,7 +160,7 @@ class Classifier:
     @property
     def store(self) -> ExampleStore:
         """The labelled examples this classifier has seen."""
-        self.task  # noqa: B018 - raises the helpful error before any store exists
+        self._started()
         return self._store
 
     @property
@@ -171,7 +169,7 @@ class Classifier:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Make the workspace durable; with `path`, copy it there (a new or empty folder) and keep working there."""
-        self.task  # noqa: B018
+        self._started()
         self._store.save()
         if path is None or Path(path).resolve() == self._workspace_path.resolve():
             if self._temporary is not None:
@@ -194,6 +192,12 @@ class Classifier:
             self._store.close()
         if self._temporary is not None:
             self._temporary.cleanup()
+
+    def _started(self) -> Workspace:
+        """The workspace, which exists once there is a task; before that, an error that says how to start."""
+        if self._workspace is None:
+            raise NotFittedError("no task yet: pass a task to Classifier() or call fit(texts, labels)")
+        return self._workspace
 
     def _fitted_cascade(self) -> Cascade:
         if self._cascade is None:

@@ -100,7 +100,6 @@ class LlamaCppEngine:
         # The prompt: evaluate only what follows the cached prefix (at least its last token, for its logits).
         reuse = min(_common_prefix(self._cached, prompt_tokens), len(prompt_tokens) - 1)
         after_prompt = self._evaluate(prompt_tokens[reuse:], reuse, deadline)[-1]
-        self._cached = list(prompt_tokens)
 
         # The candidates, in token order: `branch` holds candidate tokens already evaluated after the prompt, and
         # `rows[i]` the log-probabilities that follow branch[: i + 1].
@@ -117,14 +116,14 @@ class LlamaCppEngine:
                 rows += list(self._evaluate(needed, base + keep, deadline, all_rows=True))
                 branch += needed
                 self.stats.candidate_tokens += len(needed)
-            self._cached = prompt_tokens + branch
             contexts = [after_prompt] + rows[: len(tokens) - 1]
             scores[option] = float(sum(row[token] for row, token in zip(contexts, tokens, strict=True)))
         self.stats.candidate_tokens += len(options)  # the last token of each candidate
         return {option: scores[option] for option in options}
 
     def _evaluate(self, tokens: list[int], start: int, deadline: float | None, *, all_rows: bool = False) -> list[np.ndarray]:
-        """Run `tokens` at positions start.. (dropping whatever the cache held from `start` on).
+        """Run `tokens` at positions start.. (dropping whatever the cache held from `start` on); keeps `_cached`
+        equal to what the KV cache holds, so the next prompt reuses exactly what is there.
 
         Returns log-probability rows: one per token if `all_rows`, else only the last token's.
         """
