@@ -44,16 +44,14 @@ from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.fallback.calibration import expected_calibration_error
 from labelcascade.retrieval import load_embedder
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import (
+    DATASETS, DEFAULT_DATA, DRAW_PER_CLASS, MARKDOWN, REPO, TEST_SEED, TRAIN_SEED_BASE, log, per_class_draw, read_jsonl,
+    test_sample, write_markdown_section,
+)
+
 DEFAULT_OUT = REPO / "bench" / "results" / "fallback.json"
-DEFAULT_MARKDOWN = REPO / "BENCHMARKS.md"
 SECTION_HEADING = "## Fallback classifier (bench/fallback.py)"
 
-DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec"]
-TRAIN_SEED_BASE = 1000  # seed s draws its training examples with random.Random(1000 + s)
-TEST_SEED = 20240607  # fixed sample of the test split when it is larger than --test-size
-DRAW_PER_CLASS = 16  # every seed draws at least 16 per class; smaller shot counts take a prefix (nested sets)
 SVM_C = 1.0
 KNN_K = 8
 ECE_BINS = 15
@@ -70,16 +68,7 @@ LATENCY_BAR_P50_MS = 15.0
 THROUGHPUT_BAR_RATIO = 0.8
 
 
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
 # --- data ----------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def load_dataset(data: Path, name: str, test_size: int, draw: int, seeds: list[int]) -> dict:
@@ -87,22 +76,8 @@ def load_dataset(data: Path, name: str, test_size: int, draw: int, seeds: list[i
     train = read_jsonl(folder / "train.jsonl")
     test = read_jsonl(folder / "test.jsonl")
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))["labels"]
-    if len(test) > test_size:
-        keep = sorted(random.Random(TEST_SEED).sample(range(len(test)), test_size))
-        test = [test[i] for i in keep]
-    by_label: dict[str, list[int]] = {}
-    for i, row in enumerate(train):
-        by_label.setdefault(row["label"], []).append(i)
-    draws = {}
-    for seed in seeds:
-        rng = random.Random(TRAIN_SEED_BASE + seed)
-        picked = {}
-        for label in sorted(by_label):
-            pool = by_label[label]
-            if len(pool) < draw:
-                raise SystemExit(f"{name}: label {label!r} has only {len(pool)} training examples, need {draw}")
-            picked[label] = rng.sample(pool, draw)
-        draws[seed] = picked
+    test = test_sample(test, test_size)
+    draws = {seed: per_class_draw(train, seed, name, draw) for seed in seeds}
     return {
         "name": name,
         "labels": labels,
@@ -538,21 +513,6 @@ def markdown_section(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_HEADING), None)
-    if start is None:
-        body = text if text.endswith("\n") else text + "\n"
-        if not body.endswith("\n\n"):
-            body += "\n"
-        path.write_text(body + section, encoding="utf-8")
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), encoding="utf-8")
-
-
 # --- main ----------------------------------------------------------------------------------------------------
 
 
@@ -588,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=1000, help="test texts per dataset (sampled when larger)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN, help="file whose section to regenerate")
+    parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose section to regenerate")
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--no-classifier", action="store_true", help="skip the throughput/latency part")
     parser.add_argument("--throughput-texts", type=int, default=THROUGHPUT_N, help="ag_news texts per throughput rep")
@@ -667,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not args.no_markdown:
-        write_markdown(args.markdown, markdown_section(result))
+        write_markdown_section(args.markdown, SECTION_HEADING, markdown_section(result))
     print_report(result)
     return 0
 

@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import os
 import platform
-import random
 import socket
 import subprocess
 import sys
@@ -34,29 +33,21 @@ from labelcascade.prompts.render import PromptRenderer
 from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import (
+    DATASETS, DEFAULT_DATA, DRAW_PER_CLASS, MARKDOWN, REPO, TEST_SEED, TRAIN_SEED_BASE, log, per_class_draw, read_jsonl,
+    test_sample, write_markdown_section,
+)
+
 DEFAULT_OUT = REPO / "bench" / "results" / "llm.json"
-MARKDOWN = REPO / "BENCHMARKS.md"
 SECTION_HEADING = "## LLM engines (bench/llm.py)"
-DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec"]
 ENGINES = ["llamacpp", "vllm"]
 MODES = ["zero-shot", "few-shot"]
-POOL_SEED_BASE, POOL_DRAW, SHOTS, K, TEST_SEED = 1000, 16, 8, 8, 20240607
+SHOTS, K = 8, 8
 TEMPLATE = "completion"
 BATCH = {"llamacpp": 8, "vllm": 16}  # llama.cpp scores one text at a time; vLLM runs a batch's requests concurrently
 VLLM_CAP_MANY_LABELS, MANY_LABELS = 20, 6  # vLLM recomputes the prompt per candidate: ~60 s/text on banking77
 RATIO_BAR, WIN_BAR = 1.2, 4
 PROBE = "our probe (200 texts, 8/class) saw few-shot 83.5% on sst2 and 70% on ag_news with this model"
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def prepare(data: Path, name: str, test_size: int, seed: int, embedder) -> dict:
@@ -66,13 +57,8 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedder) -> dict:
     descriptions = meta.get("descriptions") or {}
     task = Task.build({"name": name, "labels": [{"name": n, "description": descriptions.get(n, "")} for n in meta["labels"]]})
     train, test = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl")
-    if len(test) > test_size:
-        test = [test[i] for i in sorted(random.Random(TEST_SEED).sample(range(len(test)), test_size))]
-    by_label: dict[str, list[int]] = {}
-    for i, row in enumerate(train):
-        by_label.setdefault(row["label"], []).append(i)
-    rng = random.Random(POOL_SEED_BASE + seed)
-    pool = [train[i] for label in sorted(by_label) for i in rng.sample(by_label[label], POOL_DRAW)[:SHOTS]]
+    test = test_sample(test, test_size)
+    pool = [train[i] for indices in per_class_draw(train, seed, name).values() for i in indices[:SHOTS]]
     store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
     store.add([r["text"] for r in pool], [r["label"] for r in pool], embedder.embed([r["text"] for r in pool]))
     texts = [r["text"] for r in test]
@@ -212,8 +198,8 @@ def settings_lines(result: dict) -> list[str]:
     s, m = result["settings"], result["settings"]["machine"]
     lines = [f"engine {name}: " + ", ".join(f"{k} {v}" for k, v in e.items()) for name, e in s["engines"].items()]
     return lines + [
-        f"template {s['template']}, k {s['k']} nearest of a pool of {s['shots']}/class (seed {s['seed']}: random.Random({POOL_SEED_BASE}+seed), "
-        f"labels sorted, {POOL_DRAW} drawn, first {s['shots']} kept = bench/fallback.py's 8/class set), embedder {s['embedder']}, in-memory ExampleStore (FAISS flat)",
+        f"template {s['template']}, k {s['k']} nearest of a pool of {s['shots']}/class (seed {s['seed']}: random.Random({TRAIN_SEED_BASE}+seed), "
+        f"labels sorted, {DRAW_PER_CLASS} drawn, first {s['shots']} kept = bench/fallback.py's 8/class set), embedder {s['embedder']}, in-memory ExampleStore (FAISS flat)",
         f"test: up to {s['test_size']} texts per dataset (fixed sample, random.Random({TEST_SEED})); per-engine text caps: {', '.join(f'{k}={v}' for k, v in s['caps'].items()) or 'none'}"
         + (f"; --limit {s['limit']} (smoke run)" if s["limit"] else ""),
         f"batches: {BATCH}; texts/s = texts / wall time of engine.score() only (embedding, rendering excluded); tokens per text from engine.stats deltas",
@@ -240,18 +226,6 @@ def markdown_section(result: dict) -> str:
         verdict = "n/a (not all 5 datasets run)" if bar["pass"] is None else ("**PASS**" if bar["pass"] else "**FAIL**")
         lines.append(f"| {bar['bar']} | {bar['measured']} | {verdict} |")
     return "\n".join(lines + ["", f"Reference: {PROBE}.", ""])
-
-
-def write_markdown(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_HEADING), None)
-    if start is None:
-        path.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), encoding="utf-8")
 
 
 def print_report(result: dict) -> None:
@@ -282,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown-only", action="store_true", help="only regenerate the BENCHMARKS.md section from --out")
     args = parser.parse_args(argv)
     if args.markdown_only:
-        write_markdown(args.markdown, markdown_section(json.loads(args.out.read_text(encoding="utf-8"))))
+        write_markdown_section(args.markdown, SECTION_HEADING, markdown_section(json.loads(args.out.read_text(encoding="utf-8"))))
         log(f"rewrote {SECTION_HEADING!r} in {args.markdown} from {args.out}")
         return 0
     caps = {key: int(value) for key, _, value in (c.partition("=") for c in args.cap)}
@@ -326,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print_report(result)
     if not args.no_markdown:
-        write_markdown(args.markdown, markdown_section(result))
+        write_markdown_section(args.markdown, SECTION_HEADING, markdown_section(result))
     return 0
 
 

@@ -1,0 +1,59 @@
+"""What the benchmarks share: the datasets, the seeded draws of gold examples and test texts, and the
+regeneration of one section of BENCHMARKS.md. One definition, so "the same 8/class set" means the same texts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+MARKDOWN = REPO / "BENCHMARKS.md"
+DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec"]
+TRAIN_SEED_BASE = 1000  # seed s draws its gold examples with random.Random(1000 + s)
+TEST_SEED = 20240607  # fixed sample of a test split larger than the size asked for
+DRAW_PER_CLASS = 16  # every seed draws 16 per class; fewer shots take a prefix, so the sets nest
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_sample(rows: list[dict], size: int) -> list[dict]:
+    """`size` rows in file order, the same for every benchmark; all of them when there are no more."""
+    if len(rows) <= size:
+        return rows
+    return [rows[i] for i in sorted(random.Random(TEST_SEED).sample(range(len(rows)), size))]
+
+
+def per_class_draw(train: list[dict], seed: int, name: str, draw: int = DRAW_PER_CLASS) -> dict[str, list[int]]:
+    """Indices into `train` of `draw` examples of every label (labels sorted), seeded by `seed`."""
+    by_label: dict[str, list[int]] = {}
+    for i, row in enumerate(train):
+        by_label.setdefault(row["label"], []).append(i)
+    rng = random.Random(TRAIN_SEED_BASE + seed)
+    picked = {}
+    for label in sorted(by_label):
+        if len(by_label[label]) < draw:
+            raise SystemExit(f"{name}: label {label!r} has only {len(by_label[label])} training examples, need {draw}")
+        picked[label] = rng.sample(by_label[label], draw)
+    return picked
+
+
+def write_markdown_section(path: Path, heading: str, section: str) -> None:
+    """Replace the section under `heading` (up to the next `## ` heading) with `section`, or append it."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        path.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), encoding="utf-8")
