@@ -207,7 +207,7 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
 
     def fitted(ds: dict, shots: int):
         texts, labels = training_set(ds, seed, shots)
-        clf = Classifier(Task.from_labels(ds["labels"], name=ds["name"]), embedder=embedder)
+        clf = Classifier(Task.from_labels(ds["labels"], name=ds["name"]), embedder=embedder, engine=None)
         t0 = time.perf_counter()
         clf.fit(texts, labels)
         log(f"  Classifier fitted on {ds['name']} {shots}/class ({len(texts)} texts) in {time.perf_counter() - t0:.1f} s")

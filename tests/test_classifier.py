@@ -24,7 +24,7 @@ def example_messages() -> tuple[list[str], list[str]]:
 
 @pytest.fixture(scope="module")
 def banking(embedder, tmp_path_factory):
-    return Classifier(TASK, workspace=tmp_path_factory.mktemp("ws") / "banking", embedder=embedder)
+    return Classifier(TASK, workspace=tmp_path_factory.mktemp("ws") / "banking", embedder=embedder, engine=None)
 
 
 def test_task_seed_examples_train_a_useful_classifier(banking):
@@ -54,14 +54,14 @@ def test_sklearn_contract_is_consistent_with_classify(banking):
 
 def test_fit_without_a_task_takes_the_labels_from_the_data(embedder):
     texts, labels = few_shot("sst2", 8)
-    classifier = Classifier(embedder=embedder).fit(texts, labels)
+    classifier = Classifier(embedder=embedder, engine=None).fit(texts, labels)
     assert list(classifier.classes_) == ["negative", "positive"]
     test_texts, test_labels = held_out("sst2", 100)
     assert (classifier.predict(test_texts) == np.array(test_labels)).mean() > 0.5
 
 
 def test_fit_adds_examples_and_changes_answers(embedder, tmp_path):
-    classifier = Classifier(TASK, workspace=tmp_path / "ws", embedder=embedder)
+    classifier = Classifier(TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
     text = "Can I get a virtual card for online shopping?"
     before = classifier.classify(text)
     classifier.fit([text, "I want a virtual card", "how do I get a disposable virtual card"], ["change_pin"] * 3)
@@ -74,18 +74,18 @@ def test_save_and_open_give_identical_answers(banking, embedder, tmp_path):
     texts, _ = example_messages()
     expected = banking.predict_proba(texts)
     banking.save()
-    reopened = Classifier.open(banking.workspace_path, embedder=embedder)
+    reopened = Classifier.open(banking.workspace_path, embedder=embedder, engine=None)
     assert np.array_equal(reopened.predict_proba(texts), expected)
     assert [e.text for e in reopened.store.examples()] == [e.text for e in banking.store.examples()]
 
 
 def test_a_temporary_classifier_saves_to_a_new_folder(embedder, tmp_path):
-    classifier = Classifier(TASK, embedder=embedder)
+    classifier = Classifier(TASK, embedder=embedder, engine=None)
     with pytest.raises(ValueError, match="needs a path"):
         classifier.save()
     classifier.save(tmp_path / "kept")
     assert classifier.workspace_path == tmp_path / "kept"
-    assert Classifier.open(tmp_path / "kept", embedder=embedder).classify("my card is lost").label == "lost_or_stolen_card"
+    assert Classifier.open(tmp_path / "kept", embedder=embedder, engine=None).classify("my card is lost").label == "lost_or_stolen_card"
     with pytest.raises(FileExistsError, match="not empty"):
         classifier.save(tmp_path / "kept" / "..")
 
@@ -99,8 +99,8 @@ def test_opening_with_another_embedder_is_refused(banking, tmp_path):
 
 def test_mistakes_get_errors_that_say_what_to_do(embedder, tmp_path):
     with pytest.raises(NotFittedError, match="fit"):
-        Classifier(embedder=embedder).classify("hello")
-    classifier = Classifier(TASK, embedder=embedder)
+        Classifier(embedder=embedder, engine=None).classify("hello")
+    classifier = Classifier(TASK, embedder=embedder, engine=None)
     with pytest.raises(TaskError, match="row 1: unknown label 'weather'"):
         classifier.fit(["my card is lost", "is it raining"], ["lost_or_stolen_card", "weather"])
     with pytest.raises(ValueError, match="row 0: text is empty"):

@@ -3,12 +3,13 @@
     clf = Classifier("examples/banking/task.yaml")        # trains on the task's seed examples
     clf.classify("my card hasn't arrived")                 # -> Prediction(label=..., confidence=..., route=...)
     clf.fit(texts, labels)                                 # add gold examples and retrain
+    clf.calibrate(dev_texts, dev_labels)                   # thresholds and LLM weight from a labelled dev set
     clf.predict(texts), clf.predict_proba(texts), clf.classes_
     clf.save("my-workspace"); Classifier.open("my-workspace")
 
 A classifier lives in a workspace folder (a temporary one until you `save`), which holds its task, examples
 and models. Unlike a plain scikit-learn estimator, `fit` adds to what the workspace already knows rather than
-starting over: the examples are the model, and they accumulate.
+starting over: the examples are the model, and they accumulate, also from the LLM's confident answers.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade.agent import Cascade
-from labelcascade.fallback import LinearSVMClassifier, NotFittedError, sample_weights
+from labelcascade.agent import Calibration, Cascade, EngineSlot, Learner, Policy, calibrate
+from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
+from labelcascade.fallback import LinearSVMClassifier, NotFittedError
+from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
 from labelcascade.retrieval import Embedder, ExampleStore, load_embedder
 from labelcascade.task import Task, TaskError
@@ -38,6 +41,10 @@ class Classifier:
     task: a `Task`, the path of a task YAML file, or None to take the labels from the first `fit`.
     workspace: folder to keep the state in (must be new or empty); None uses a temporary folder until `save`.
     embedder: 'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or an `Embedder`.
+    engine: the LLM asked when the fallback is unsure: a spec string (default: the embedded Gemma 3 270M through
+        llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone. It is loaded on
+        first need; while it cannot answer, answers come from the fallback marked `degraded`.
+    policy: thresholds and LLM settings (`agent.Policy`); `calibrate` chooses them from a labelled dev set.
     """
 
     def __init__(
@@ -46,13 +53,21 @@ class Classifier:
         *,
         workspace: str | Path | None = None,
         embedder: str | Embedder = "default",
+        engine: str | Engine | None = DEFAULT_ENGINE,
+        policy: Policy | None = None,
     ):
         self._temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
         self._workspace_path = Path(workspace if workspace is not None else self._temporary.name)
         self.embedder = load_embedder(embedder)
-        self._settings = Settings(embedder=embedder if isinstance(embedder, str) else self.embedder.id)
+        self._engine = None if engine is None else EngineSlot(engine)
+        self._settings = Settings(
+            embedder=embedder if isinstance(embedder, str) else self.embedder.id,
+            engine=None if self._engine is None else self._engine.spec,
+            policy=policy or Policy(),
+        )
         self._workspace: Workspace | None = None
         self._store: ExampleStore | None = None
+        self._learner: Learner | None = None
         self._cascade: Cascade | None = None
         if task is not None:
             self._start(task if isinstance(task, Task) else Task.from_yaml(task))
@@ -64,17 +79,25 @@ class Classifier:
                     self.retrain()
 
     @classmethod
-    def open(cls, path: str | Path, *, embedder: str | Embedder | None = None) -> Classifier:
-        """Resume from a saved workspace; the embedder must be the one its vectors were made with."""
+    def open(
+        cls, path: str | Path, *, embedder: str | Embedder | None = None, engine: str | Engine | None = "saved"
+    ) -> Classifier:
+        """Resume from a saved workspace; the embedder must be the one its vectors were made with. The engine is
+        the saved one unless another (or None) is given."""
         workspace = Workspace.open(path)
         classifier = cls.__new__(cls)  # not __init__: that starts a new workspace
         classifier._temporary = None
         classifier._workspace_path = workspace.path
         classifier.embedder = load_embedder(embedder if embedder is not None else workspace.settings.embedder)
+        if engine == "saved":
+            engine = workspace.settings.engine
+        classifier._engine = None if engine is None else EngineSlot(engine)
         classifier._settings = workspace.settings
+        classifier._cascade = None
         classifier._attach(workspace)
         fallback = workspace.load_fallback()
-        classifier._cascade = Cascade(workspace.task, classifier.embedder, fallback) if fallback else None
+        if fallback is not None:
+            classifier._install(fallback)
         return classifier
 
     def _start(self, task: Task) -> None:
@@ -82,7 +105,31 @@ class Classifier:
 
     def _attach(self, workspace: Workspace) -> None:
         self._workspace = workspace
+        self._settings = workspace.settings
         self._store = workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
+        self._learner = Learner(
+            self._store,
+            multi_label=workspace.task.multi_label,
+            C=workspace.settings.svm_C,
+            save=workspace.save_fallback,
+            trained_at=workspace.fallback_trained_at(),
+        )
+        if self._cascade is not None:  # moved to another folder: same model, new store and learner
+            self._install(self._cascade.fallback)
+
+    def _install(self, fallback: LinearSVMClassifier) -> None:
+        """Answer with `fallback` from now on, through a cascade wired to this workspace."""
+        workspace = self._workspace
+        self._cascade = Cascade(
+            workspace.task,
+            self.embedder,
+            fallback,
+            store=self._store,
+            engine=self._engine,
+            renderer=PromptRenderer(workspace.task, workspace.settings.template),
+            policy=workspace.settings.policy,
+            learner=self._learner,
+        )
 
     # --- learning -------------------------------------------------------------------------------------------
 
@@ -116,15 +163,41 @@ class Classifier:
 
     def retrain(self) -> Classifier:
         """Train a new fallback on all stored examples (weighted by source) and swap it in."""
-        vectors, labels, sources, confidences = self._store.training_data()
-        task = self.task
-        y = labels if task.multi_label else [row[0] for row in labels]
-        fallback = LinearSVMClassifier(self._settings.svm_C, multi_label=task.multi_label)
-        fallback.fit(vectors, y, sample_weight=sample_weights(sources, confidences))
-        self._workspace.save_fallback(fallback)
-        self._store.save()
-        self._cascade = Cascade(task, self.embedder, fallback)
+        self._started()
+        self._install(self._learner.train())
         return self
+
+    def calibrate(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str | None] | Sequence[Sequence[str]],
+        *,
+        target_precision: float = 0.95,
+        llm_budget: float | None = None,
+    ) -> Calibration:
+        """Choose the accept and abstain thresholds, the LLM's temperature, weight and candidate count from
+        labelled dev texts (not stored), and use them from now on. `llm_budget` caps the share of texts sent to
+        the LLM. Returns the report; `print(report.table())` shows the coverage/precision table."""
+        report = calibrate(
+            self._fitted_cascade(), list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget
+        )
+        self.policy = report.policy
+        self._workspace.save_calibration(report)
+        return report
+
+    @property
+    def policy(self) -> Policy:
+        """The cascade's thresholds and LLM settings, as stored in the workspace."""
+        return self._started().settings.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        workspace = self._started()
+        workspace.settings = workspace.settings.model_copy(update={"policy": policy})
+        workspace.save_settings()
+        self._settings = workspace.settings
+        if self._cascade is not None:
+            self._cascade.policy = policy
 
     # --- answering ------------------------------------------------------------------------------------------
 
@@ -188,6 +261,8 @@ class Classifier:
         return path
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
         if self._store is not None:
             self._store.close()
         if self._temporary is not None:

@@ -2,9 +2,10 @@
 
     <workspace>/
       task.yaml        the task (labels, descriptions, seed examples)
-      settings.json    which embedder made the vectors, index kind, fallback settings
+      settings.json    which embedder made the vectors, index kind, fallback settings, engine, cascade policy
       store/           the example store: examples.sqlite (metadata + vectors) and examples.faiss
       fallback/        the fallback classifier: model.npz + model.json (no pickle)
+      calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from labelcascade.agent.calibration import Calibration
+from labelcascade.agent.policy import Policy
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.retrieval import ExampleStore
 from labelcascade.task import Task
@@ -22,6 +25,7 @@ TASK_FILE = "task.yaml"
 SETTINGS_FILE = "settings.json"
 STORE_DIR = "store"
 FALLBACK_DIR = "fallback"
+CALIBRATION_FILE = "calibration.json"
 
 
 class WorkspaceError(RuntimeError):
@@ -36,6 +40,9 @@ class Settings(BaseModel):
     embedder: str = Field("default", description="Embedder spec: 'default' or a local sentence-transformers folder.")
     index: str = Field("auto", description="Example index: 'flat' (exact), 'ivf' (approximate) or 'auto' (by size).")
     svm_C: float = Field(1.0, gt=0, description="Inverse regularisation of the fallback SVM.")
+    engine: str | None = Field(None, description="LLM engine spec (see agent.engines.load_engine); None: fallback only.")
+    template: str = Field("completion", description="Prompt template: 'completion', 'chat' or the path of a .j2 file.")
+    policy: Policy = Field(default_factory=Policy, description="The cascade's thresholds and LLM settings.")
 
 
 class Workspace:
@@ -96,6 +103,19 @@ class Workspace:
             shutil.rmtree(old)
         else:
             new.rename(folder)
+
+    def fallback_trained_at(self) -> float | None:
+        """When the current fallback was written (epoch seconds), or None before the first training."""
+        model = self._recover_fallback() / "model.json"
+        return model.stat().st_mtime if model.exists() else None
+
+    def save_calibration(self, calibration: Calibration) -> None:
+        """Keep the report of the last calibration (its policy goes into the settings separately)."""
+        (self.path / CALIBRATION_FILE).write_text(calibration.model_dump_json(indent=2), encoding="utf-8")
+
+    def load_calibration(self) -> Calibration | None:
+        path = self.path / CALIBRATION_FILE
+        return Calibration.model_validate_json(path.read_text(encoding="utf-8")) if path.exists() else None
 
     def _recover_fallback(self) -> Path:
         """Finish a swap that a crash interrupted: the previous model in `.old` is whole, a `.new` may not be."""

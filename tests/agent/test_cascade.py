@@ -1,9 +1,16 @@
-import numpy as np
+import socket
+import time
 
-from labelcascade.agent import Cascade
+import numpy as np
+import pytest
+
+from labelcascade.agent import Cascade, EngineSlot, Learner, Policy
 from labelcascade.fallback import LinearSVMClassifier
-from labelcascade.records import Route
+from labelcascade.records import Route, Source
+from labelcascade.retrieval import ExampleStore
 from labelcascade.task import Task
+
+from .conftest import BANKING_TASK, banking_messages
 
 
 def test_labels_without_examples_get_zero_probability_and_task_order(embedder):
@@ -30,3 +37,130 @@ def test_multi_label_answers_every_label_above_one_half(embedder):
         assert sorted(prediction.labels) == sorted(above)
         assert prediction.label == (prediction.labels[0] if prediction.labels else None)
     assert np.mean([p.labels == ["sport"] or sorted(p.labels) == ["money", "sport"] for p in predictions[:2]]) == 1.0
+
+
+# --- the LLM branch, on the real embedded model ----------------------------------------------------------------
+
+CHEAP = Policy(examples=2, max_candidates=3)  # short prompts and few candidates keep the real LLM quick
+
+
+def banking_cascade(embedder, engine, policy: Policy, task: Task | None = None) -> Cascade:
+    task = task or Task.from_yaml(BANKING_TASK)
+    texts, labels = zip(*task.seed_examples(), strict=True)
+    vectors = embedder.embed(list(texts))
+    store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
+    store.add(texts, labels, vectors)
+    fallback = LinearSVMClassifier().fit(vectors, [row[0] for row in labels])
+    return Cascade(task, embedder, fallback, store=store, engine=EngineSlot(engine), policy=policy)
+
+
+def test_the_accept_threshold_routes_between_fallback_and_llm(embedder, gemma):
+    texts, _ = banking_messages()
+    texts = texts[:3]
+    never = banking_cascade(embedder, "llamacpp:default", CHEAP.model_copy(update={"accept_threshold": 0.0}))
+    assert {p.route for p in never.classify(texts)} == {Route.FALLBACK}
+    assert never.engine.loaded is None  # an engine nobody needs is never loaded
+
+    always = banking_cascade(embedder, gemma, CHEAP.model_copy(update={"accept_threshold": 1.0}))
+    fallback_only = always.probabilities(embedder.embed(texts))
+    prompts_before = gemma.stats.prompts
+    predictions = always.classify(texts)
+    assert gemma.stats.prompts - prompts_before == len(texts)
+    for prediction, fallback in zip(predictions, fallback_only, strict=True):
+        assert prediction.route is Route.LLM and prediction.label in always.task.label_names
+        assert len(prediction.evidence) == 2 and abs(sum(prediction.probabilities.values()) - 1) < 1e-6
+        assert not np.allclose(list(prediction.probabilities.values()), fallback)  # the LLM's vote was pooled in
+
+    halfway = float(np.median(always.certainty(fallback_only)))
+    split = banking_cascade(embedder, gemma, CHEAP.model_copy(update={"accept_threshold": halfway}))
+    for prediction, fallback in zip(split.classify(texts), fallback_only, strict=True):
+        assert prediction.route is (Route.FALLBACK if fallback.max() >= halfway else Route.LLM)
+
+
+def test_an_llm_weight_of_zero_never_asks_the_llm(embedder):
+    cascade = banking_cascade(embedder, "llamacpp:default", Policy(accept_threshold=1.0, llm_weight=0.0))
+    assert {p.route for p in cascade.classify(["my card is lost"])} == {Route.FALLBACK}
+    assert cascade.engine.loaded is None
+
+
+def test_an_unreachable_engine_degrades_to_the_fallback(embedder):
+    with socket.socket() as sock:  # a port nobody listens on: a real connection failure, not a mock
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cascade = banking_cascade(embedder, f"vllm:http://127.0.0.1:{port}/v1#gemma", Policy(accept_threshold=1.0))
+    texts, _ = banking_messages()
+    expected = cascade.probabilities(embedder.embed(texts[:4])).argmax(axis=1)
+    predictions = cascade.classify(texts[:4])
+    assert [p.route for p in predictions] == [Route.DEGRADED] * 4
+    assert [p.label for p in predictions] == [cascade.task.label_names[i] for i in expected]
+    started = time.perf_counter()
+    assert cascade.classify(texts[4:5])[0].route is Route.DEGRADED
+    assert time.perf_counter() - started < 1.0  # while the engine is known to be down it is not tried again
+
+
+def test_abstains_under_the_threshold_only_when_the_task_allows_it(embedder):
+    task = Task.from_yaml(BANKING_TASK)
+    allowing = task.model_copy(update={"allow_abstain": True})
+    policy = Policy(accept_threshold=0.0, abstain_threshold=0.999999)
+    texts = ["what is the meaning of life", "my card is lost"]
+    abstaining = banking_cascade(embedder, "llamacpp:default", policy, allowing).classify(texts)
+    answering = banking_cascade(embedder, "llamacpp:default", policy, task).classify(texts)
+    assert abstaining[0].route is Route.ABSTAIN and abstaining[0].label is None and abstaining[0].labels == []
+    assert abstaining[0].probabilities == answering[0].probabilities  # the probabilities are still reported
+    assert all(p.route is Route.FALLBACK and p.label for p in answering)
+
+
+def test_llm_answers_are_learned_and_the_retrained_fallback_answers_differently(embedder, gemma):
+    policy = CHEAP.model_copy(
+        update={"accept_threshold": 1.0, "llm_weight": 1.0, "learn_threshold": 0.0, "retrain_every": 3}
+    )
+    cascade = banking_cascade(embedder, gemma, policy)
+    saved = []
+    cascade.learner = Learner(cascade.store, multi_label=False, C=1.0, save=saved.append)
+    texts, _ = banking_messages()
+    vectors = embedder.embed(texts[:3])
+    first_model = cascade.fallback
+
+    learned = cascade.classify(texts[:2])
+    assert cascade.learner.pending == 2 and cascade.fallback is first_model and not saved
+    stored = {example.text: example for example in cascade.store.examples(Source.LLM)}
+    assert [stored[t].labels for t in texts[:2]] == [(p.label,) for p in learned]
+    assert [stored[t].confidence for t in texts[:2]] == pytest.approx([p.confidence for p in learned])
+
+    learned.append(cascade.classify(texts[2:3])[0])  # the third LLM label triggers the retraining
+    assert cascade.fallback is not first_model and saved == [cascade.fallback] and cascade.learner.pending == 0
+    # The retrained fallback leans towards what the LLM taught it: for each learned text, the SVM's margin of the
+    # LLM's label over the best other label grew (raw decision scores: the probabilities' temperature is refitted).
+    for i, prediction in enumerate(learned):
+        before, after = (margin(model, vectors[i], prediction.label) for model in (first_model, cascade.fallback))
+        assert after > before
+    assert not np.allclose(cascade.fallback.predict_proba(vectors), first_model.predict_proba(vectors))
+
+
+def margin(model: LinearSVMClassifier, vector: np.ndarray, label: str) -> float:
+    scores = model.decision_function(vector[None])[0]
+    j = list(model.classes_).index(label)
+    return float(scores[j] - np.delete(scores, j).max())
+
+
+def test_multi_label_tasks_ask_the_llm_one_question_per_unsure_label(embedder, gemma):
+    task = Task.from_labels(["sport", "money"], multi_label=True)
+    texts = ["the team won the final", "the striker scored twice", "shares fell sharply", "the bank raised rates",
+             "the club was sold for a record fee", "the player signed a huge contract"]
+    labels = [("sport",), ("sport",), ("money",), ("money",), ("sport", "money"), ("sport", "money")]
+    vectors = embedder.embed(texts)
+    store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
+    store.add(texts, labels, vectors)
+    fallback = LinearSVMClassifier(multi_label=True).fit(vectors, labels)
+    policy = Policy(accept_threshold=1.0, examples=2)
+    cascade = Cascade(task, embedder, fallback, store=store, engine=EngineSlot(gemma), policy=policy)
+    prompts_before = gemma.stats.prompts
+    query = ["the goalkeeper was fined by the league", "interest rates went up again"]
+    predictions = cascade.classify(query)
+    assert gemma.stats.prompts - prompts_before == 2 * len(query)  # one yes/no question per label
+    fallback_only = cascade.probabilities(embedder.embed(query))
+    for prediction, alone in zip(predictions, fallback_only, strict=True):
+        assert prediction.route is Route.LLM
+        assert sorted(prediction.labels) == sorted(l for l, p in prediction.probabilities.items() if p >= 0.5)
+        assert all(0 <= p <= 1 for p in prediction.probabilities.values())
+        assert not np.allclose(list(prediction.probabilities.values()), alone)

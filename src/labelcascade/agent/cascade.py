@@ -1,49 +1,195 @@
 """The cascade: one embedding per text, the fallback first, the LLM only when the fallback is unsure.
 
-This is where the classification policy of DESIGN.md ("One classification") lives. The LLM side (retrieval of
-few-shot examples, engine scoring, abstaining, degrading, learning) joins here as engines are added; with no
-engine configured every answer comes from the fallback, marked with route `fallback`.
+This is the classification policy of DESIGN.md ("One classification"):
+1. embed the texts once; the fallback gives probabilities over all of the task's labels;
+2. a text whose answer clears the policy's accept threshold is answered by the fallback (route `fallback`);
+3. the others get their k nearest stored examples, their candidate labels narrowed to the most plausible m, and
+   a prompt; the engine scores the candidates and its probabilities are pooled with the fallback's (route `llm`);
+   for multi-label tasks the LLM answers a yes/no question for each unsure label instead;
+4. an answer under the abstain threshold, in a task that allows it, becomes no answer (route `abstain`);
+5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N;
+6. when the engine fails or times out, the fallback's answer stands, marked `degraded`; nothing is raised.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import expit, softmax
 
+from labelcascade.agent.candidates import top_candidates
+from labelcascade.agent.engine_slot import EngineSlot
+from labelcascade.agent.engines import EngineError
+from labelcascade.agent.learning import Learner
+from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier
-from labelcascade.records import Prediction, Route
-from labelcascade.retrieval import Embedder
+from labelcascade.prompts import PromptRenderer
+from labelcascade.prompts.render import NO, YES
+from labelcascade.records import Neighbor, Prediction, Route
+from labelcascade.retrieval import Embedder, ExampleStore
 from labelcascade.task import Task
 
 
-class Cascade:
-    """Answers texts for one task from an embedder and a fitted fallback classifier."""
+@dataclass
+class LLMScores:
+    """What the LLM said about some texts, before temperature and pooling.
 
-    def __init__(self, task: Task, embedder: Embedder, fallback: LinearSVMClassifier):
+    Single-label: `logprobs[i, j]` is label j's log-probability as the answer to text i, -inf where j was not a
+    candidate. Multi-label: the yes-minus-no log-odds that label j applies, NaN where j was not asked.
+    """
+
+    logprobs: np.ndarray
+    evidence: list[list[int]] = field(default_factory=list)
+
+
+class Cascade:
+    """Answers texts for one task; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        task: Task,
+        embedder: Embedder,
+        fallback: LinearSVMClassifier,
+        *,
+        store: ExampleStore | None = None,
+        engine: EngineSlot | None = None,
+        renderer: PromptRenderer | None = None,
+        policy: Policy | None = None,
+        learner: Learner | None = None,
+    ):
+        """Without an engine every answer comes from the fallback; without a store the LLM gets no examples."""
         self.task = task
         self.embedder = embedder
-        self.fallback = fallback
+        self.store = store
+        self.engine = engine
+        self.renderer = renderer or PromptRenderer(task)
+        self.policy = policy or Policy()
+        self.learner = learner
+        self._labels = task.label_names
+        self.install(fallback)
+
+    def install(self, fallback: LinearSVMClassifier) -> None:
+        """Start answering with another fallback model (after a retrain)."""
         # Columns of the fallback's probabilities, placed among all of the task's labels (a label with no
         # examples yet gets probability 0), so callers always see the same label order.
-        self._labels = task.label_names
-        self._columns = np.array([self._labels.index(label) for label in fallback.classes_])
+        columns = np.array([self._labels.index(label) for label in fallback.classes_])
+        self.fallback, self._columns = fallback, columns
+
+    # --- the two arms ---------------------------------------------------------------------------------------
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        """Probabilities (n, n_task_labels) in task label order, from the fallback."""
+        """The fallback's probabilities (n, n_task_labels) in task label order."""
+        fallback, columns = self.fallback, self._columns  # read together: `install` may swap them
         proba = np.zeros((len(vectors), len(self._labels)))
-        proba[:, self._columns] = self.fallback.predict_proba(vectors)
+        proba[:, columns] = fallback.predict_proba(vectors)
         return proba
 
-    def classify(self, texts: Sequence[str]) -> list[Prediction]:
-        """One prediction per text; the texts are embedded together in batches."""
-        start = time.perf_counter()
-        proba = self.probabilities(self.embedder.embed(texts))
-        latency_ms = (time.perf_counter() - start) * 1000 / max(len(texts), 1)
-        return [self._prediction(row, latency_ms) for row in proba]
+    def certainty(self, proba: np.ndarray) -> np.ndarray:
+        """How sure each answer is: the top probability; for multi-label, the least sure of the yes/no decisions."""
+        if self.task.multi_label:
+            return np.maximum(proba, 1.0 - proba).min(axis=1)
+        return proba.max(axis=1)
 
-    def _prediction(self, proba: np.ndarray, latency_ms: float) -> Prediction:
+    def neighbors(self, vectors: np.ndarray) -> list[list[Neighbor]]:
+        """The `policy.examples` nearest stored examples of each text (none without a store)."""
+        if self.store is None or self.policy.examples == 0 or len(self.store) == 0:
+            return [[] for _ in vectors]
+        return self.store.search(vectors, k=self.policy.examples)
+
+    def llm_scores(
+        self,
+        texts: Sequence[str],
+        proba: np.ndarray,
+        neighbors: Sequence[Sequence[Neighbor]],
+        policy: Policy | None = None,
+    ) -> LLMScores:
+        """Ask the engine about these texts (one engine call for all of them) under `policy` (default: the
+        cascade's), given their fallback probabilities and neighbours; raises EngineError."""
+        engine = self.engine.get()
+        policy = policy or self.policy
+        m = policy.max_candidates
+        logprobs = np.full(proba.shape, np.nan if self.task.multi_label else -np.inf)
+        prompts, options, cells = [], [], []  # cells: which (text, labels) each prompt answers
+        for i, (text, row) in enumerate(zip(texts, neighbors, strict=True)):
+            examples = [neighbor.example for neighbor in row]
+            if self.task.multi_label:
+                order = np.argsort(np.abs(proba[i] - 0.5), kind="stable")
+                sure = policy.accepts(np.maximum(proba[i], 1 - proba[i]))
+                unsure = [j for j in order if not sure[j]][:m]
+                for j in unsure:
+                    prompts.append(self.renderer.render_question(text, self._labels[j], examples).text)
+                    options.append([YES, NO])
+                    cells.append((i, [j]))
+            else:
+                chosen = top_candidates(proba[i], row, self._labels, m)
+                prompts.append(self.renderer.render(text, examples).text)
+                options.append(self.renderer.candidates([self._labels[j] for j in chosen]))
+                cells.append((i, chosen))
+        try:
+            scores = engine.score(prompts, options, timeout=policy.timeout_s)
+        except EngineError as error:
+            self.engine.failed(error)
+            raise
+        for (i, chosen), option, score in zip(cells, options, scores, strict=True):
+            if self.task.multi_label:
+                logprobs[i, chosen[0]] = score[YES] - score[NO]
+            else:
+                logprobs[i, chosen] = [score[candidate] for candidate in option]
+        return LLMScores(logprobs, [[neighbor.example.id for neighbor in row] for row in neighbors])
+
+    def llm_probabilities(self, logprobs: np.ndarray, temperature: float) -> np.ndarray:
+        """Probabilities from LLM scores: softmax over candidates, or P(yes) per asked label (NaN elsewhere)."""
+        if self.task.multi_label:
+            return expit(logprobs / temperature)
+        return softmax(logprobs / temperature, axis=1)
+
+    def pool(self, proba: np.ndarray, llm_proba: np.ndarray, weight: float) -> np.ndarray:
+        """The fallback's and the LLM's probabilities pooled; multi-label labels not asked keep the fallback's."""
+        if self.task.multi_label:
+            return np.where(np.isnan(llm_proba), proba, mix(proba, np.nan_to_num(llm_proba), weight))
+        return mix(proba, llm_proba, weight)
+
+    # --- answering ------------------------------------------------------------------------------------------
+
+    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+        """One prediction per text. Texts are embedded together; unsure ones go to the LLM in batches."""
+        start = time.perf_counter()
+        vectors = self.embedder.embed(texts)
+        proba = self.probabilities(vectors)
+        routes = [Route.FALLBACK] * len(texts)
+        evidence: list[list[int]] = [[] for _ in texts]
+        spent = np.full(len(texts), (time.perf_counter() - start) / max(len(texts), 1))
+        policy = self.policy
+        unsure = np.flatnonzero(~policy.accepts(self.certainty(proba)))
+        if self.engine is not None and policy.asks_llm and len(unsure):
+            for batch in np.array_split(unsure, int(np.ceil(len(unsure) / policy.llm_batch))):
+                began = time.perf_counter()
+                self._ask_llm(batch, texts, vectors, proba, routes, evidence)
+                spent[batch] += (time.perf_counter() - began) / len(batch)
+        predictions = [
+            self._prediction(proba[i], routes[i], evidence[i], spent[i] * 1000) for i in range(len(texts))
+        ]
+        self._learn(texts, vectors, predictions)
+        return predictions
+
+    def _ask_llm(self, batch, texts, vectors, proba, routes, evidence) -> None:
+        """Pool the LLM's answer into `proba` for the texts in `batch` (in place), or mark them degraded."""
+        neighbors = self.neighbors(vectors[batch])
+        try:
+            scores = self.llm_scores([texts[i] for i in batch], proba[batch], neighbors)
+        except EngineError:
+            for i in batch:
+                routes[i] = Route.DEGRADED
+            return
+        llm_proba = self.llm_probabilities(scores.logprobs, self.policy.llm_temperature)
+        proba[batch] = self.pool(proba[batch], llm_proba, self.policy.llm_weight)
+        for i, ids in zip(batch, scores.evidence, strict=True):
+            routes[i], evidence[i] = Route.LLM, ids
+
+    def _prediction(self, proba: np.ndarray, route: Route, evidence: list[int], latency_ms: float) -> Prediction:
         probabilities = dict(zip(self._labels, proba.tolist(), strict=True))
         if self.task.multi_label:
             chosen = [i for i in np.argsort(-proba) if proba[i] >= 0.5]
@@ -53,11 +199,34 @@ class Cascade:
         else:
             best = int(proba.argmax())
             labels, confidence = [self._labels[best]], float(proba[best])
+        if self.task.allow_abstain and confidence < self.policy.abstain_threshold:
+            labels, route = [], Route.ABSTAIN
         return Prediction(
             label=labels[0] if labels else None,
             labels=labels,
             confidence=confidence,
             probabilities=probabilities,
-            route=Route.FALLBACK,
+            route=route,
+            evidence=evidence,
             latency_ms=latency_ms,
         )
+
+    def _learn(self, texts: Sequence[str], vectors: np.ndarray, predictions: Sequence[Prediction]) -> None:
+        """Hand confident LLM answers to the learner; install the retrained fallback it may return."""
+        if self.learner is None:
+            return
+        keep = [
+            i for i, p in enumerate(predictions)
+            if p.route is Route.LLM and p.labels and p.confidence >= self.policy.learn_threshold
+        ]
+        if not keep:
+            return
+        retrained = self.learner.learn(
+            [texts[i] for i in keep],
+            [predictions[i].labels for i in keep],
+            [predictions[i].confidence for i in keep],
+            vectors[keep],
+            retrain_every=self.policy.retrain_every,
+        )
+        if retrained is not None:
+            self.install(retrained)

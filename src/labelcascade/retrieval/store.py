@@ -240,6 +240,11 @@ class ExampleStore:
                 raise
             self._index_dirty = False
 
+    def commit(self) -> None:
+        """Make the examples durable without rewriting the FAISS file (cheap; a stale index is rebuilt on open)."""
+        with self._lock:
+            self._db.commit()
+
     def close(self) -> None:
         """Save and release the database; closing twice is harmless."""
         with self._lock:
@@ -321,6 +326,18 @@ class ExampleStore:
         sources = [Source(row[2]) for row in rows]
         confidences = np.array([row[3] for row in rows], dtype=np.float64)
         return vectors, labels, sources, confidences
+
+    def count(self, source: Source | str | None = None, *, since: float | None = None) -> int:
+        """How many examples there are, optionally only from one source and created after `since` (epoch seconds)."""
+        query, parameters = "SELECT COUNT(*) FROM examples WHERE 1", []
+        if source is not None:
+            query += " AND source = ?"
+            parameters.append(_as_source(source).value)
+        if since is not None:
+            query += " AND created_at > ?"
+            parameters.append(since)
+        with self._lock:
+            return self._db.execute(query, parameters).fetchone()[0]
 
     def labels(self) -> list[str]:
         """The distinct labels of the stored examples, sorted."""

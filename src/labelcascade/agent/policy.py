@@ -1,0 +1,55 @@
+"""The cascade's knobs: when to trust the fallback, how to ask and weigh the LLM, when to abstain, when to learn.
+
+A `Policy` is stored in the workspace's settings.json. The defaults are reasonable for an uncalibrated task;
+`calibrate` (agent/calibration.py) replaces the thresholds, the LLM temperature and weight, and the number of
+candidates with values measured on a labelled dev set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Policy(BaseModel):
+    """How one task's texts are routed between the fallback and the LLM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accept_threshold: float = Field(
+        0.9, ge=0, le=1,
+        description="The fallback answers alone when its answer's probability is at least this (1: never).",
+    )
+    abstain_threshold: float = Field(
+        0.0, ge=0, le=1, description="Tasks that allow abstaining answer none under this probability."
+    )
+    llm_weight: float = Field(
+        0.5, ge=0, le=1,
+        description="Weight of the LLM's probabilities in the mix with the fallback's; 0 never asks the LLM.",
+    )
+    llm_temperature: float = Field(1.0, gt=0, description="Divides the LLM's log-probabilities before normalising.")
+    examples: int = Field(8, ge=0, description="Retrieved examples shown to the LLM (0: zero-shot).")
+    max_candidates: int = Field(
+        10, ge=2, description="Labels the LLM scores per text at most: the most likely by fallback and neighbours."
+    )
+    learn_threshold: float = Field(
+        0.9, ge=0, le=1, description="LLM answers at least this probable are stored as `llm` examples."
+    )
+    retrain_every: int = Field(50, ge=1, description="Retrain the fallback after this many new `llm` examples.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one engine call (up to `llm_batch` texts) may take.")
+    llm_batch: int = Field(8, ge=1, description="Texts sent to the engine per call.")
+
+    @property
+    def asks_llm(self) -> bool:
+        return self.llm_weight > 0 and self.accept_threshold > 0
+
+    def accepts(self, certainty: np.ndarray) -> np.ndarray:
+        """Which answers the fallback gives alone. A threshold of 1 accepts none, even saturated ones."""
+        return (certainty >= self.accept_threshold) & (self.accept_threshold < 1.0)
+
+
+def mix(fallback: np.ndarray, llm: np.ndarray, weight: float) -> np.ndarray:
+    """Linear pool of the two probability vectors (rows): the fallback's over all labels, the LLM's over the
+    candidates it scored (zero elsewhere). Pooling rather than switching keeps the fallback's view of labels the
+    LLM never saw, and the weight says how much the LLM has earned on this task (calibrated)."""
+    return weight * llm + (1.0 - weight) * fallback
