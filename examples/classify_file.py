@@ -2,12 +2,15 @@
 
     python examples/classify_file.py examples/banking/task.yaml examples/banking/messages.jsonl
 
-Each input line is {"text": ...}; when it also has a "label", the script ends with the accuracy.
+Each input line is {"text": ...}; when it also has a "label", the script ends with the accuracy. The classifier
+uses the embedded LLM (Gemma 3 270M through llama.cpp) for the messages its fallback is unsure of; the summary
+counts the answers per route.
 """
 
 import json
 import sys
 import time
+from collections import Counter
 
 from labelcascade import Classifier
 
@@ -22,6 +25,8 @@ def main(task_path: str, messages_path: str) -> None:
     for row, prediction in zip(rows, predictions, strict=True):
         print(json.dumps({"text": row["text"], "label": prediction.label, "confidence": round(prediction.confidence, 3),
                           "route": prediction.route.value}))
+    routes = Counter(prediction.route.value for prediction in predictions)
+    print(f"# {len(rows)} messages in {time.perf_counter() - start:.1f} s; routes: {dict(routes)}", file=sys.stderr)
     labelled = [(row["label"], p.label) for row, p in zip(rows, predictions, strict=True) if "label" in row]
     if labelled:
         correct = sum(truth == answer for truth, answer in labelled)

@@ -93,3 +93,20 @@ def test_a_budget_caps_the_share_sent_to_the_llm(embedder, gemma):
     assert np.mean(~report.policy.accepts(certainty)) <= budget
     assert report.policy.accept_threshold < unbudgeted.policy.accept_threshold
     assert any(f"at most {budget:.0%}" in note for note in report.notes)
+
+
+def test_multi_label_calibration_fits_the_yes_no_questions(embedder, gemma):
+    from labelcascade import Task
+
+    task = Task.build({"name": "topics", "multi_label": True, "labels": [
+        {"name": "sport", "examples": ["the team won the final", "the striker scored twice"]},
+        {"name": "money", "examples": ["shares fell sharply", "the bank raised rates"]},
+    ]})
+    classifier = Classifier(task, embedder=embedder, engine=gemma, policy=Policy(examples=2))
+    dev = ["the club was sold for a record fee", "the goalkeeper was fined", "inflation rose again",
+           "the player signed a huge contract", "a new stadium tax was approved", "the runner broke the record"]
+    truth = [("sport", "money"), ("sport", "money"), ("money",), ("sport", "money"), ("sport", "money"), ("sport",)]
+    report = classifier.calibrate(dev, truth, target_precision=1.0)
+    assert report.dev_texts == 6 and report.llm_accuracy_on_unsure is not None  # the LLM was asked about the unsure
+    assert report.policy.llm_temperature > 0 and 0 <= report.policy.llm_weight <= 1
+    assert report.candidate_recall is None  # multi-label asks per label instead of narrowing candidates

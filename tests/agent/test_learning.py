@@ -47,3 +47,14 @@ def test_pending_llm_examples_are_counted_again_after_a_restart(embedder, tmp_pa
     reopened = ExampleStore(tmp_path / "store", embedder_id=embedder.id, dim=embedder.dim)
     assert Learner(reopened, multi_label=False, C=1.0, save=saved.append, trained_at=trained_at).pending == 1
     assert Learner(reopened, multi_label=False, C=1.0, save=saved.append, trained_at=time.time()).pending == 0
+
+
+def test_a_review_outranks_the_llm_and_is_not_undone_by_it(embedder, tmp_path):
+    saved = []
+    store, learner = make(embedder, tmp_path, saved)
+    text, vector = "the card I ordered is missing", embedder.embed(["the card I ordered is missing"])
+    learner.learn([text], [("lost",)], [0.9], vector, retrain_every=10)
+    store.add([text], [("arrival",)], vector, source=Source.REVIEW)  # a person corrects the LLM
+    learner.learn([text], [("lost",)], [0.99], vector, retrain_every=10)  # the LLM says it again
+    example = next(e for e in store.examples() if e.text == text)
+    assert example.labels == ("arrival",) and example.source is Source.REVIEW

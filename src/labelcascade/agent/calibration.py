@@ -8,6 +8,8 @@ From the dev texts (never stored, never learned from) `calibrate` measures and c
 - the LLM's temperature, by likelihood, and its weight in the pool with the fallback: the weight with the best dev
   accuracy on the texts the LLM sees. When no weight beats the fallback alone, the weight is 0 and the cascade
   sends nothing to the LLM: on some tasks a small LLM does not help, and then it should cost nothing;
+- the learn threshold: the lowest probability at which the cascade's LLM answers on the dev set keep the same
+  target precision, so the labels the fallback learns from are as trustworthy as the answers it gives alone;
 - the abstain threshold, for tasks that allow it: answering gains 1 when right and loses 1 when wrong, abstaining
   gains 1 on a dev text that has no label and 0 otherwise; the threshold with the best total is kept.
 It also reports a coverage/precision table of the fallback.
@@ -64,7 +66,8 @@ class Calibration(BaseModel):
             f"dev texts: {self.dev_texts}; fallback accuracy {self.fallback_accuracy:.3f}; "
             f"cascade accuracy {self.cascade_accuracy:.3f}; sent to the LLM {self.llm_share:.1%}",
             f"chosen: accept {p.accept_threshold:.3f}, LLM weight {p.llm_weight:.1f}, LLM temperature "
-            f"{p.llm_temperature:.3f}, candidates {p.max_candidates}, abstain {p.abstain_threshold:.3f}",
+            f"{p.llm_temperature:.3f}, candidates {p.max_candidates}, learn from {p.learn_threshold:.3f}, "
+            f"abstain {p.abstain_threshold:.3f}",
             *self.notes,
         ]
         return "\n".join(lines)
@@ -109,7 +112,7 @@ def calibrate(
             m = smallest_m_for_recall(ranks[ranks >= 0], len(names), CANDIDATE_RECALL)
             recall = float(np.mean((ranks >= 0) & (ranks < m)))
             policy = policy.model_copy(update={"max_candidates": m})
-        policy, final, on_unsure = _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth)
+        policy, final, on_unsure = _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, target_precision)
         if policy.llm_weight == 0:
             notes.append("the LLM did not beat the fallback on the unsure dev texts: nothing will be sent to it")
     elif cascade.engine is None:
@@ -168,8 +171,9 @@ def abstain_threshold(proba: np.ndarray, truth: np.ndarray) -> float:
     return best
 
 
-def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth):
-    """LLM temperature by likelihood, then the pooling weight by accuracy, on the unsure dev texts."""
+def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, target_precision):
+    """LLM temperature by likelihood, the pooling weight by accuracy, then the learn threshold by precision, on the
+    unsure dev texts."""
     multi = cascade.task.multi_label
     logprobs = np.concatenate([
         cascade.llm_scores([texts[i] for i in batch], proba[batch], [neighbors[k] for k in positions], policy).logprobs
@@ -186,6 +190,9 @@ def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth):
     final = proba.copy()
     if weight > 0:
         final[unsure] = cascade.pool(proba[unsure], llm, weight)
+        pooled_right = _correct(final[unsure], truth[unsure], multi)
+        learn = accept_threshold(cascade.certainty(final[unsure]), pooled_right, target_precision)
+        policy = policy.model_copy(update={"learn_threshold": learn})
     llm_alone = _correct(np.nan_to_num(llm), truth[unsure], multi).mean() if not multi else accuracy[1.0]
     return policy, final, (float(llm_alone), float(fallback_right))
 

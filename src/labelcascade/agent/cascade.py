@@ -129,7 +129,7 @@ class Cascade:
                 options.append(self.renderer.candidates([self._labels[j] for j in chosen]))
                 cells.append((i, chosen))
         try:
-            scores = engine.score(prompts, options, timeout=policy.timeout_s)
+            scores = engine.score(prompts, options, timeout=policy.timeout_s * len(texts))
         except EngineError as error:
             self.engine.failed(error)
             raise
@@ -213,7 +213,7 @@ class Cascade:
 
     def _learn(self, texts: Sequence[str], vectors: np.ndarray, predictions: Sequence[Prediction]) -> None:
         """Hand confident LLM answers to the learner; install the retrained fallback it may return."""
-        if self.learner is None:
+        if self.learner is None or not self.policy.learn:
             return
         keep = [
             i for i, p in enumerate(predictions)

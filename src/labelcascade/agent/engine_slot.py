@@ -17,7 +17,9 @@ class EngineSlot:
     """Holds an engine, or the spec to load one, and the time of its last failure."""
 
     def __init__(self, engine: str | Engine, *, retry_after_s: float = 10.0):
+        """`engine` is a spec to load when first needed (and close with the slot), or an engine the caller owns."""
         self._engine: Engine | None = None if isinstance(engine, str) else engine
+        self._owned = isinstance(engine, str)
         self.spec = engine if isinstance(engine, str) else engine.spec
         self.retry_after_s = retry_after_s
         self._failed_at: float | None = None
@@ -45,6 +47,7 @@ class EngineSlot:
         return self._engine
 
     def close(self) -> None:
-        if self._engine is not None:
+        """Close the engine if the slot loaded it; an engine handed in stays open for its owner."""
+        if self._engine is not None and self._owned:
             self._engine.close()
             self._engine = None

@@ -32,11 +32,14 @@ class Policy(BaseModel):
     max_candidates: int = Field(
         10, ge=2, description="Labels the LLM scores per text at most: the most likely by fallback and neighbours."
     )
+    learn: bool = Field(True, description="Store confident LLM answers as examples and retrain from them.")
     learn_threshold: float = Field(
         0.9, ge=0, le=1, description="LLM answers at least this probable are stored as `llm` examples."
     )
     retrain_every: int = Field(50, ge=1, description="Retrain the fallback after this many new `llm` examples.")
-    timeout_s: float = Field(60.0, gt=0, description="Seconds one engine call (up to `llm_batch` texts) may take.")
+    timeout_s: float = Field(
+        30.0, gt=0, description="Seconds the engine may take per text; past it the batch is answered `degraded`."
+    )
     llm_batch: int = Field(8, ge=1, description="Texts sent to the engine per call.")
 
     @property

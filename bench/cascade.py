@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Benchmark of the cascade against its parts and a peer, and of how it learns from a stream.
+
+    .venv/bin/python bench/cascade.py                               # everything (about an hour on 2 CPU cores)
+    .venv/bin/python bench/cascade.py --datasets sst2 --limit 20 --stream-size 100 --no-setfit   # smoke run
+    .venv/bin/python bench/cascade.py --markdown-only               # rebuild the BENCHMARKS.md sections from the JSON
+
+Per dataset (seed 0): a pool of 8 gold examples per class (bench/fallback.py's 8/class set), a dev set of
+--dev-size training texts outside the pool (random.Random(7)), and --test-size test texts (the fixed sample of
+bench/common.py). The task is labels.json (names + descriptions); the engine is the embedded default (Gemma 3 270M
+Q4_K_M through llama.cpp). Arms, each on the same test texts:
+- svm: the fallback alone (`Classifier(engine=None)`), k-NN: 8 nearest pool examples by cosine, majority vote;
+- llm zero-shot / few-shot (k=8): the LLM alone over every label, through the cascade with accept threshold 1 and
+  LLM weight 1 (capped at --llm-texts texts: it is the slow arm);
+- cascade: the classifier calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4)`), learning
+  switched off so every test text meets the same model;
+- setfit: SetFit with the same MiniLM body on the same pool (bench/setfit_anchor.py; `pip install -e '.[bench]'`).
+Stream (one dataset, default ag_news): the calibrated classifier, learning on (retrain every 50 LLM labels), is fed
+--stream-size unlabelled training texts (outside pool and dev) in order, 20 at a time; per 200-text window the
+share sent to the LLM; test accuracy of the cascade and of its fallback before and after.
+texts/s is wall time of `classify` (embedding included). Results: bench/results/cascade.json and two sections of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from labelcascade import Classifier, Route
+from labelcascade.agent import Policy
+from labelcascade.agent.engines.llamacpp import LlamaCppEngine
+from labelcascade.retrieval import load_embedder
+from labelcascade.task import Task
+
+from common import (
+    DATASETS, DEFAULT_DATA, MARKDOWN, REPO, TEST_SEED, log, per_class_draw, read_jsonl, test_sample, write_markdown_section,
+)
+
+DEFAULT_OUT = REPO / "bench" / "results" / "cascade.json"
+ARMS_HEADING = "## Cascade (bench/cascade.py)"
+STREAM_HEADING = "## Learning from a stream (bench/cascade.py)"
+SHOTS, K, SEED, DEV_SEED, STREAM_SEED = 8, 8, 0, 7, 11
+TARGET_PRECISION, LLM_BUDGET = 0.95, 0.4
+TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
+STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
+WIN_BAR = 3
+
+
+def prepare(data: Path, name: str, args) -> dict:
+    folder = data / name
+    meta = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    descriptions = meta.get("descriptions") or {}
+    task = Task.build({"name": name, "labels": [{"name": n, "description": descriptions.get(n, "")} for n in meta["labels"]]})
+    train, test = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl")
+    picked = per_class_draw(train, SEED, name)
+    pool = [train[i] for label in sorted(picked) for i in picked[label][:SHOTS]]
+    used = {row["text"] for row in pool}
+    rest = [row for row in train if row["text"] not in used]
+    order = random.Random(DEV_SEED).sample(range(len(rest)), min(len(rest), args.dev_size + args.stream_size))
+    dev = [rest[i] for i in order[: args.dev_size]]
+    stream = [rest[i] for i in order[args.dev_size :]]
+    test = test_sample(test, args.test_size)[: args.limit]
+    return {"name": name, "task": task, "pool": pool, "dev": dev, "stream": stream, "test": test}
+
+
+def texts_labels(rows: list[dict]) -> tuple[list[str], list[str]]:
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def scores(gold: list[str], predicted: list, seconds: float, routes: list | None = None) -> dict:
+    result = {
+        "n": len(gold), "accuracy": accuracy_score(gold, predicted),
+        "macro_f1": f1_score(gold, predicted, average="macro", zero_division=0), "texts_per_s": len(gold) / seconds,
+    }
+    if routes is not None:
+        result["llm_share"] = float(np.mean([route is Route.LLM for route in routes]))
+        result["degraded"] = int(sum(route is Route.DEGRADED for route in routes))
+    return result
+
+
+def timed_classify(classifier: Classifier, texts: list[str]) -> tuple[list, float]:
+    began = time.perf_counter()
+    predictions = classifier.classify(texts)
+    return predictions, time.perf_counter() - began
+
+
+def run_classifier(classifier: Classifier, texts: list[str], gold: list[str]) -> dict:
+    predictions, seconds = timed_classify(classifier, texts)
+    return scores(gold, [p.label for p in predictions], seconds, [p.route for p in predictions])
+
+
+def new_classifier(ds: dict, embedder, engine, policy: Policy | None = None) -> Classifier:
+    policy = (policy or Policy()).model_copy(update={"timeout_s": TIMEOUT_S})
+    classifier = Classifier(ds["task"], embedder=embedder, engine=engine, policy=policy)
+    return classifier.fit(*texts_labels(ds["pool"]))
+
+
+def run_dataset(ds: dict, embedder, engine, args) -> dict:
+    name, labels = ds["name"], ds["task"].label_names
+    test_texts, test_gold = texts_labels(ds["test"])
+    n_llm = min(len(test_texts), args.llm_texts)
+    arms, extra = {}, {}
+
+    log(f"  {name}: svm")
+    predictions, seconds = timed_classify(new_classifier(ds, embedder, None), test_texts)
+    answered = [p.label for p in predictions]
+    arms["svm"] = scores(test_gold, answered, seconds)
+    extra["svm_on_llm_texts"] = scores(test_gold[:n_llm], answered[:n_llm], seconds)
+
+    log(f"  {name}: k-NN")
+    pool_texts, pool_gold = texts_labels(ds["pool"])
+    began = time.perf_counter()
+    knn = KNeighborsClassifier(n_neighbors=K, metric="cosine").fit(embedder.embed(pool_texts), pool_gold)
+    arms["knn"] = scores(test_gold, knn.predict(embedder.embed(test_texts)).tolist(), time.perf_counter() - began)
+
+    for arm, examples in (("llm zero-shot", 0), ("llm few-shot", K)):
+        log(f"  {name}: {arm} on {n_llm} texts")
+        alone = Policy(accept_threshold=1.0, llm_weight=1.0, examples=examples, max_candidates=len(labels), learn=False)
+        arms[arm] = run_classifier(new_classifier(ds, embedder, engine, alone), test_texts[:n_llm], test_gold[:n_llm])
+
+    log(f"  {name}: calibrating on {len(ds['dev'])} dev texts")
+    cascade = new_classifier(ds, embedder, engine, Policy(learn=False))
+    began = time.perf_counter()
+    report = cascade.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET)
+    extra["calibration"] = report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
+    log("    " + report.table().replace("\n", "\n    "))
+    log(f"  {name}: cascade on {len(test_texts)} texts")
+    predictions, seconds = timed_classify(cascade, test_texts)
+    answered = [p.label for p in predictions]
+    arms["cascade"] = scores(test_gold, answered, seconds, [p.route for p in predictions])
+    extra["cascade_on_llm_texts"] = scores(test_gold[:n_llm], answered[:n_llm], seconds, [p.route for p in predictions[:n_llm]])
+    extra["candidate_recall_test"] = candidate_recall(cascade, test_texts, test_gold)
+
+    if not args.no_setfit:
+        from setfit_anchor import setfit_predict
+
+        log(f"  {name}: SetFit")
+        result = setfit_predict(pool_texts, pool_gold, test_texts, seed=SEED)
+        arms["setfit"] = scores(test_gold, result["predictions"], result["predict_seconds"])
+        arms["setfit"]["train_seconds"] = result["train_seconds"]
+        extra["setfit_settings"] = result["settings"]
+    log(f"  {name}: " + ", ".join(f"{arm} {100 * r['accuracy']:.1f}%" for arm, r in arms.items()))
+    return {"dataset": name, "labels": len(labels), "pool": len(ds["pool"]), "dev": len(ds["dev"]), "llm_texts": n_llm,
+            "arms": arms, **extra, "_classifier": cascade}
+
+
+def candidate_recall(classifier: Classifier, texts: list[str], gold: list[str]) -> float | None:
+    """Share of the test texts the cascade sends to the LLM whose true label is among the candidates it narrows to."""
+    from labelcascade.agent.candidates import top_candidates
+
+    cascade = classifier._fitted_cascade()
+    vectors = cascade.embedder.embed(texts)
+    proba = cascade.probabilities(vectors)
+    sent = np.flatnonzero(~cascade.policy.accepts(cascade.certainty(proba)))
+    if not cascade.policy.asks_llm or not len(sent):
+        return None
+    neighbors = cascade.neighbors(vectors[sent])
+    names = cascade.task.label_names
+    hits = [names.index(gold[i]) in top_candidates(proba[i], row, names, cascade.policy.max_candidates)
+            for i, row in zip(sent, neighbors, strict=True)]
+    return float(np.mean(hits))
+
+
+def run_stream(ds: dict, classifier: Classifier, before: dict) -> dict:
+    """Feed unlabelled texts to the calibrated classifier with learning on; measure what it sends to the LLM."""
+    test_texts, test_gold = texts_labels(ds["test"])
+    fallback_before = fallback_accuracy(classifier, test_texts, test_gold)
+    classifier.policy = classifier.policy.model_copy(update={"learn": True, "retrain_every": RETRAIN_EVERY})
+    texts = [row["text"] for row in ds["stream"]]
+    windows, routes, began = [], [], time.perf_counter()
+    for start in range(0, len(texts), STREAM_CHUNK):
+        routes += [p.route for p in classifier.classify(texts[start : start + STREAM_CHUNK])]
+        if len(routes) % STREAM_WINDOW == 0 or len(routes) == len(texts):
+            window = routes[len(windows) * STREAM_WINDOW :]
+            windows.append({"texts": len(window), "llm_share": float(np.mean([r is Route.LLM for r in window])),
+                            "llm_examples": classifier.store.count("llm"), "seconds": time.perf_counter() - began})
+            log(f"    stream window {len(windows)}: LLM share {windows[-1]['llm_share']:.1%}, "
+                f"{windows[-1]['llm_examples']} LLM examples stored")
+    classifier.policy = classifier.policy.model_copy(update={"learn": False})
+    after = run_classifier(classifier, test_texts, test_gold)
+    return {"dataset": ds["name"], "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": RETRAIN_EVERY,
+            "policy": classifier.policy.model_dump(), "windows": windows, "cascade_before": before, "cascade_after": after,
+            "fallback_before": fallback_before, "fallback_after": fallback_accuracy(classifier, test_texts, test_gold)}
+
+
+def fallback_accuracy(classifier: Classifier, texts: list[str], gold: list[str]) -> float:
+    cascade = classifier._fitted_cascade()
+    proba = cascade.probabilities(cascade.embedder.embed(texts))
+    return accuracy_score(gold, [cascade.task.label_names[i] for i in proba.argmax(axis=1)])
+
+
+def evaluate_bars(result: dict) -> list[dict]:
+    bars, wins, measured = [], 0, []
+    for row in result["datasets"]:
+        arms = row["arms"]
+        same = row["cascade_on_llm_texts"]  # the cascade on the texts the LLM arms saw, so the comparison is fair
+        best = max(row["svm_on_llm_texts"]["accuracy"], arms["llm few-shot"]["accuracy"])
+        ok = same["accuracy"] >= best and arms["cascade"]["llm_share"] <= LLM_BUDGET
+        wins += ok
+        measured.append(f"{row['dataset']} {100 * same['accuracy']:.1f} vs {100 * best:.1f} at {arms['cascade']['llm_share']:.0%} LLM")
+    complete = len(result["datasets"]) == len(DATASETS)
+    bars.append({"bar": f"cascade accuracy >= max(svm, llm few-shot) with <= {LLM_BUDGET:.0%} sent to the LLM, on >= {WIN_BAR} of 5 datasets",
+                 "measured": f"{wins}/{len(result['datasets'])}: " + "; ".join(measured), "pass": wins >= WIN_BAR if complete else None})
+    stream = result.get("stream")
+    if stream and len(stream["windows"]) >= 2:
+        first, last = stream["windows"][0]["llm_share"], stream["windows"][-1]["llm_share"]
+        holds = last <= first / 2 and stream["cascade_after"]["accuracy"] >= stream["cascade_before"]["accuracy"]
+        bars.append({"bar": "stream: LLM share in the last window <= half the first, test accuracy not lower",
+                     "measured": f"{first:.1%} -> {last:.1%}; cascade accuracy {100 * stream['cascade_before']['accuracy']:.1f} -> "
+                                 f"{100 * stream['cascade_after']['accuracy']:.1f}", "pass": holds})
+    return bars
+
+
+ARM_ORDER = ["svm", "knn", "setfit", "llm zero-shot", "llm few-shot", "cascade"]
+
+
+def arms_section(result: dict) -> str:
+    s = result["settings"]
+    lines = [ARMS_HEADING, "", f"Generated by `.venv/bin/python bench/cascade.py` on {result['date']} (run time {result['run_seconds']:.0f} s); "
+             "raw numbers in `bench/results/cascade.json`. Do not edit by hand: the script rewrites this section.", "",
+             f"Settings: pool {SHOTS}/class (seed {SEED}, = bench/fallback.py's 8/class set); dev {s['dev_size']} training texts outside the pool "
+             f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED})); LLM-only arms on the first "
+             f"--llm-texts {s['llm_texts']} of them; engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
+             f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
+             f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end')} at end.",
+             "", "| dataset | arm | n | acc % | macro-F1 % | sent to LLM | texts/s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["datasets"]:
+        for arm in [a for a in ARM_ORDER if a in row["arms"]]:
+            r = row["arms"][arm]
+            share = f"{r['llm_share']:.0%}" if "llm_share" in r else "—"
+            lines.append(f"| {row['dataset']} | {arm} | {r['n']} | {100 * r['accuracy']:.1f} | {100 * r['macro_f1']:.1f} | {share} | {r['texts_per_s']:.2f} |")
+        same = row["cascade_on_llm_texts"]
+        lines.append(f"| {row['dataset']} | cascade, first {same['n']} | {same['n']} | {100 * same['accuracy']:.1f} | {100 * same['macro_f1']:.1f} "
+                     f"| {same['llm_share']:.0%} | — |")
+    lines += ["", "Calibration (dev set) per dataset:", "", "| dataset | accept | LLM weight | LLM temp | candidates | dev: fallback acc | dev: cascade acc "
+              "| dev: sent to LLM | candidate recall dev / test |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["datasets"]:
+        c, p = row["calibration"], row["calibration"]["policy"]
+        recall = "/".join("—" if v is None else f"{v:.3f}" for v in (c["candidate_recall"], row["candidate_recall_test"]))
+        lines.append(f"| {row['dataset']} | {p['accept_threshold']:.3f} | {p['llm_weight']:.1f} | {p['llm_temperature']:.2f} | {p['max_candidates']} "
+                     f"| {100 * c['fallback_accuracy']:.1f} | {100 * c['cascade_accuracy']:.1f} | {c['llm_share']:.0%} | {recall} |")
+    lines += ["", "| bar | measured | result |", "|---|---|---|"]
+    for bar in result["bars"]:
+        verdict = "n/a (not all 5 datasets run)" if bar["pass"] is None else ("**PASS**" if bar["pass"] else "**FAIL**")
+        lines.append(f"| {bar['bar']} | {bar['measured']} | {verdict} |")
+    return "\n".join(lines + [""])
+
+
+def stream_section(result: dict) -> str:
+    stream = result["stream"]
+    lines = [STREAM_HEADING, "", f"Generated with the section above. {stream['dataset']}: {stream['stream_texts']} unlabelled training texts "
+             f"(outside pool and dev, random.Random({DEV_SEED}) order), {stream['chunk']} per classify call, retrain every "
+             f"{stream['retrain_every']} LLM labels, starting from the calibrated classifier.", "",
+             "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
+    for i, w in enumerate(stream["windows"], 1):
+        lines.append(f"| {i} | {w['texts']} | {w['llm_share']:.1%} | {w['llm_examples']} | {w['seconds']:.0f} |")
+    b, a = stream["cascade_before"], stream["cascade_after"]
+    lines += ["", f"Test ({b['n']} texts): cascade accuracy {100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}% "
+              f"(sent to LLM {b['llm_share']:.0%} -> {a['llm_share']:.0%}); fallback alone {100 * stream['fallback_before']:.1f}% -> "
+              f"{100 * stream['fallback_after']:.1f}%.", ""]
+    return "\n".join(lines)
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    write_markdown_section(path, ARMS_HEADING, arms_section(result))
+    if result.get("stream"):
+        write_markdown_section(path, STREAM_HEADING, stream_section(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--dev-size", type=int, default=200)
+    parser.add_argument("--llm-texts", type=int, default=200, help="test texts for the LLM-only arms (the first n)")
+    parser.add_argument("--stream-dataset", default="ag_news", choices=DATASETS)
+    parser.add_argument("--stream-size", type=int, default=2000)
+    parser.add_argument("--limit", type=int, help="at most this many test texts (smoke runs)")
+    parser.add_argument("--no-setfit", action="store_true")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--markdown", type=Path, default=MARKDOWN)
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--markdown-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.markdown_only:
+        write_markdown(json.loads(args.out.read_text(encoding="utf-8")), args.markdown)
+        return 0
+    t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine()
+    settings = {"datasets": args.datasets, "test_size": args.test_size, "dev_size": args.dev_size, "llm_texts": args.llm_texts,
+                "limit": args.limit, "engine": engine.spec + " (Gemma 3 270M Q4_K_M)", "embedder": embedder.id,
+                "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
+                            "platform": platform.platform(), "python": platform.python_version()}}
+    result = {"date": dt.date.today().isoformat(), "settings": settings, "datasets": []}
+    for name in args.datasets:
+        ds = prepare(args.data, name, args)
+        log(f"{name}: {len(ds['task'].labels)} labels, pool {len(ds['pool'])}, dev {len(ds['dev'])}, test {len(ds['test'])}")
+        row = run_dataset(ds, embedder, engine, args)
+        classifier = row.pop("_classifier")
+        result["datasets"].append(row)
+        if name == args.stream_dataset and args.stream_size:
+            log(f"{name}: stream of {len(ds['stream'])} texts")
+            result["stream"] = run_stream(ds, classifier, row["arms"]["cascade"])
+        classifier.close()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
+    settings["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]
+    result["run_seconds"] = time.monotonic() - t0
+    result["bars"] = evaluate_bars(result)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    for bar in result["bars"]:
+        log(f"{'n/a' if bar['pass'] is None else 'PASS' if bar['pass'] else 'FAIL'}: {bar['bar']}\n  {bar['measured']}")
+    if not args.no_markdown:
+        write_markdown(result, args.markdown)
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
