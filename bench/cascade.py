@@ -55,6 +55,7 @@ TARGET_PRECISION, LLM_BUDGET = 0.95, 0.4
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
 STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
 WIN_BAR = 3
+MANY_LABELS = 10  # scoring every label is the LLM arms' cost: 77 labels take several seconds per text on 2 cores
 
 
 def prepare(data: Path, name: str, args) -> dict:
@@ -109,7 +110,7 @@ def new_classifier(ds: dict, embedder, engine, policy: Policy | None = None) -> 
 def run_dataset(ds: dict, embedder, engine, args) -> dict:
     name, labels = ds["name"], ds["task"].label_names
     test_texts, test_gold = texts_labels(ds["test"])
-    n_llm = min(len(test_texts), args.llm_texts)
+    n_llm = min(len(test_texts), args.llm_texts if len(labels) <= MANY_LABELS else args.llm_texts_many_labels)
     arms, extra = {}, {}
 
     log(f"  {name}: svm")
@@ -143,16 +144,36 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
     extra["candidate_recall_test"] = candidate_recall(cascade, test_texts, test_gold)
 
     if not args.no_setfit:
-        from setfit_anchor import setfit_predict
-
-        log(f"  {name}: SetFit")
-        result = setfit_predict(pool_texts, pool_gold, test_texts, seed=SEED)
-        arms["setfit"] = scores(test_gold, result["predictions"], result["predict_seconds"])
-        arms["setfit"]["train_seconds"] = result["train_seconds"]
-        extra["setfit_settings"] = result["settings"]
+        extra.update(run_setfit(ds))
+        arms["setfit"] = extra.pop("setfit")
     log(f"  {name}: " + ", ".join(f"{arm} {100 * r['accuracy']:.1f}%" for arm, r in arms.items()))
     return {"dataset": name, "labels": len(labels), "pool": len(ds["pool"]), "dev": len(ds["dev"]), "llm_texts": n_llm,
             "arms": arms, **extra, "_classifier": cascade}
+
+
+def run_setfit(ds: dict) -> dict:
+    from setfit_anchor import setfit_predict  # needs the bench extra: pip install -e '.[bench]'
+
+    log(f"  {ds['name']}: SetFit")
+    (pool_texts, pool_gold), (test_texts, test_gold) = texts_labels(ds["pool"]), texts_labels(ds["test"])
+    result = setfit_predict(pool_texts, pool_gold, test_texts, seed=SEED)
+    arm = scores(test_gold, result["predictions"], result["predict_seconds"]) | {"train_seconds": result["train_seconds"]}
+    return {"setfit": arm, "setfit_settings": result["settings"]}
+
+
+def add_setfit(args) -> None:
+    """Add the SetFit arm to the datasets of an earlier run (same pool and test texts), then redo bars and markdown."""
+    result = json.loads(args.out.read_text(encoding="utf-8"))
+    args.test_size, args.limit = result["settings"]["test_size"], result["settings"]["limit"]  # the same test texts
+    for row in result["datasets"]:
+        found = run_setfit(prepare(args.data, row["dataset"], args))
+        row["arms"]["setfit"] = found["setfit"]
+        row["setfit_settings"] = found["setfit_settings"]
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    result["bars"] = evaluate_bars(result)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    if not args.no_markdown:
+        write_markdown(result, args.markdown)
 
 
 def candidate_recall(classifier: Classifier, texts: list[str], gold: list[str]) -> float | None:
@@ -231,7 +252,7 @@ def arms_section(result: dict) -> str:
              "raw numbers in `bench/results/cascade.json`. Do not edit by hand: the script rewrites this section.", "",
              f"Settings: pool {SHOTS}/class (seed {SEED}, = bench/fallback.py's 8/class set); dev {s['dev_size']} training texts outside the pool "
              f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED})); LLM-only arms on the first "
-             f"--llm-texts {s['llm_texts']} of them; engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
+             f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
              f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
              f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end')} at end.",
              "", "| dataset | arm | n | acc % | macro-F1 % | sent to LLM | texts/s |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -284,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--dev-size", type=int, default=200)
     parser.add_argument("--llm-texts", type=int, default=200, help="test texts for the LLM-only arms (the first n)")
+    parser.add_argument("--llm-texts-many-labels", type=int, default=100,
+                        help=f"the same for datasets with more than {MANY_LABELS} labels")
     parser.add_argument("--stream-dataset", default="ag_news", choices=DATASETS)
     parser.add_argument("--stream-size", type=int, default=2000)
     parser.add_argument("--limit", type=int, help="at most this many test texts (smoke runs)")
@@ -293,12 +316,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=MARKDOWN)
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
     args = parser.parse_args(argv)
+    if args.add_setfit:
+        add_setfit(args)
+        return 0
     if args.markdown_only:
         write_markdown(json.loads(args.out.read_text(encoding="utf-8")), args.markdown)
         return 0
     t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine()
     settings = {"datasets": args.datasets, "test_size": args.test_size, "dev_size": args.dev_size, "llm_texts": args.llm_texts,
+                "llm_texts_many_labels": args.llm_texts_many_labels,
                 "limit": args.limit, "engine": engine.spec + " (Gemma 3 270M Q4_K_M)", "embedder": embedder.id,
                 "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
                             "platform": platform.platform(), "python": platform.python_version()}}
