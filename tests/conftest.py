@@ -14,6 +14,7 @@ from labelcascade.retrieval import load_embedder
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "examples"
+BANKING_TASK = EXAMPLES / "banking" / "task.yaml"
 
 
 def load_split(dataset: str, split: str) -> list[dict]:
@@ -36,6 +37,13 @@ def few_shot(dataset: str, per_class: int, seed: int = 0) -> tuple[list[str], li
             texts.append(text)
             labels.append(label)
     return texts, labels
+
+
+def banking_messages() -> tuple[list[str], list[str]]:
+    """The banking example's 40 held-out messages (BANKING77 test texts) and their labels."""
+    with (EXAMPLES / "banking" / "messages.jsonl").open(encoding="utf-8") as file:
+        rows = [json.loads(line) for line in file]
+    return [row["text"] for row in rows], [row["label"] for row in rows]
 
 
 def held_out(dataset: str, size: int, seed: int = 0) -> tuple[list[str], list[str]]:

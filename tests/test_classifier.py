@@ -1,7 +1,5 @@
 """The Python API end to end: real embedder, real FAISS + SQLite store, real fallback, real files."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -11,24 +9,17 @@ from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmb
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.workspace import WorkspaceError
 
-from .conftest import EXAMPLES, few_shot, held_out
+from .conftest import BANKING_TASK, banking_messages, few_shot, held_out
 
-TASK = EXAMPLES / "banking" / "task.yaml"
-
-
-def example_messages() -> tuple[list[str], list[str]]:
-    with (EXAMPLES / "banking" / "messages.jsonl").open(encoding="utf-8") as file:
-        rows = [json.loads(line) for line in file]
-    return [row["text"] for row in rows], [row["label"] for row in rows]
 
 
 @pytest.fixture(scope="module")
 def banking(embedder, tmp_path_factory):
-    return Classifier(TASK, workspace=tmp_path_factory.mktemp("ws") / "banking", embedder=embedder, engine=None)
+    return Classifier(BANKING_TASK, workspace=tmp_path_factory.mktemp("ws") / "banking", embedder=embedder, engine=None)
 
 
 def test_task_seed_examples_train_a_useful_classifier(banking):
-    texts, labels = example_messages()
+    texts, labels = banking_messages()
     predictions = banking.classify(texts)
     assert all(isinstance(p, Prediction) and p.route is Route.FALLBACK for p in predictions)
     assert np.mean([p.label == truth for p, truth in zip(predictions, labels, strict=True)]) >= 0.8
@@ -44,7 +35,7 @@ def test_one_text_gives_one_prediction_with_all_fields(banking):
 
 
 def test_sklearn_contract_is_consistent_with_classify(banking):
-    texts, _ = example_messages()
+    texts, _ = banking_messages()
     proba = banking.predict_proba(texts)
     assert proba.shape == (len(texts), 10) and np.allclose(proba.sum(axis=1), 1.0)
     assert list(banking.classes_) == banking.task.label_names
@@ -61,7 +52,7 @@ def test_fit_without_a_task_takes_the_labels_from_the_data(embedder):
 
 
 def test_fit_adds_examples_and_changes_answers(embedder, tmp_path):
-    classifier = Classifier(TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    classifier = Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
     text = "Can I get a virtual card for online shopping?"
     before = classifier.classify(text)
     classifier.fit([text, "I want a virtual card", "how do I get a disposable virtual card"], ["change_pin"] * 3)
@@ -71,7 +62,7 @@ def test_fit_adds_examples_and_changes_answers(embedder, tmp_path):
 
 
 def test_save_and_open_give_identical_answers(banking, embedder, tmp_path):
-    texts, _ = example_messages()
+    texts, _ = banking_messages()
     expected = banking.predict_proba(texts)
     banking.save()
     reopened = Classifier.open(banking.workspace_path, embedder=embedder, engine=None)
@@ -80,7 +71,7 @@ def test_save_and_open_give_identical_answers(banking, embedder, tmp_path):
 
 
 def test_a_temporary_classifier_saves_to_a_new_folder(embedder, tmp_path):
-    classifier = Classifier(TASK, embedder=embedder, engine=None)
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
     with pytest.raises(ValueError, match="needs a path"):
         classifier.save()
     classifier.save(tmp_path / "kept")
@@ -100,7 +91,7 @@ def test_opening_with_another_embedder_is_refused(banking, tmp_path):
 def test_mistakes_get_errors_that_say_what_to_do(embedder, tmp_path):
     with pytest.raises(NotFittedError, match="fit"):
         Classifier(embedder=embedder, engine=None).classify("hello")
-    classifier = Classifier(TASK, embedder=embedder, engine=None)
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
     with pytest.raises(TaskError, match="row 1: unknown label 'weather'"):
         classifier.fit(["my card is lost", "is it raining"], ["lost_or_stolen_card", "weather"])
     with pytest.raises(ValueError, match="row 0: text is empty"):

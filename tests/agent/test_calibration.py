@@ -10,7 +10,7 @@ from labelcascade.agent import Policy
 from labelcascade.agent.calibration import abstain_threshold, accept_threshold
 from labelcascade.agent.candidates import smallest_m_for_recall
 
-from .conftest import BANKING_TASK, banking_messages
+from ..conftest import BANKING_TASK, banking_messages
 
 
 def test_accept_threshold_is_the_lowest_that_keeps_the_precision():

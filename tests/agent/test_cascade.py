@@ -10,7 +10,7 @@ from labelcascade.records import Route, Source
 from labelcascade.retrieval import ExampleStore
 from labelcascade.task import Task
 
-from .conftest import BANKING_TASK, banking_messages
+from ..conftest import BANKING_TASK, banking_messages
 
 
 def test_labels_without_examples_get_zero_probability_and_task_order(embedder):
