@@ -1,4 +1,5 @@
-"""A real vLLM server for the vLLM engine's tests, started once per session from tools/vllm_server.sh."""
+"""Real models for the engines' tests: a vLLM server started once per session from tools/vllm_server.sh, and the
+Hugging Face checkpoint that `tools/vllm_server.sh setup` converts from the packaged GGUF."""
 
 import os
 import socket
@@ -31,3 +32,26 @@ def vllm_url():
         pytest.fail(f"the vLLM server did not start:\n{started.stdout}\n{started.stderr}")
     yield f"http://127.0.0.1:{port}/v1"
     subprocess.run(["bash", str(script), "stop", str(port)], timeout=60)
+
+
+@pytest.fixture(scope="session")
+def hf_model() -> Path:
+    """Gemma 3 270M as a Hugging Face checkpoint (converted from the llama.cpp engine's GGUF, with <bos> fixed).
+    Outside CI, skipped until `tools/vllm_server.sh setup` has made it."""
+    path = REPO / ".cache" / "gemma3-270m-bf16"
+    if not (path / "config.json").is_file():
+        message = f"no {path}: run `tools/vllm_server.sh setup` (make test does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def transformers_engine(hf_model):
+    """One transformers engine on that checkpoint (float32, CPU) for the session; loads in ~5 s."""
+    from labelcascade.agent.engines import load_engine
+
+    engine = load_engine(f"transformers:{hf_model}")
+    yield engine
+    engine.close()

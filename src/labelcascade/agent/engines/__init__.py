@@ -3,6 +3,11 @@
     llamacpp:default            the packaged Gemma 3 270M GGUF, in-process (the embedded default)
     llamacpp:/path/model.gguf   any local GGUF model
     vllm:http://127.0.0.1:8000/v1#model   a vLLM OpenAI-compatible server (the model may be left out if it serves one)
+    transformers:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with transformers (PyTorch)
+    vllm-offline:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with vLLM (`vllm.LLM`)
+
+Keyword options of `load_engine` go to the engine's constructor: `device="cuda"` for transformers, vllm.LLM's own
+options (dtype, gpu_memory_utilization, max_model_len, enforce_eager, ...) for vllm-offline.
 
 Each backend is one small adapter module, imported only when its spec is used, so the optional extras a backend
 needs are never required by the others.
@@ -13,21 +18,29 @@ from labelcascade.agent.engines.base import Engine, EngineError, EngineStats, En
 DEFAULT_ENGINE = "llamacpp:default"
 
 
-def load_engine(spec: str = DEFAULT_ENGINE) -> Engine:
-    """Build the engine a spec string names; see the module docstring for the forms."""
+def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
+    """Build the engine a spec string names, passing `options` to its constructor; see the module docstring."""
     scheme, _, target = spec.partition(":")
     if scheme == "llamacpp":
         from labelcascade.agent.engines.llamacpp import LlamaCppEngine
 
-        return LlamaCppEngine(None if target in ("", "default") else target)
+        return LlamaCppEngine(None if target in ("", "default") else target, **options)
     if scheme == "vllm" and target:
         from labelcascade.agent.engines.vllm_server import VLLMServerEngine
 
         url, _, model = target.partition("#")
-        return VLLMServerEngine(url, model or None)
+        return VLLMServerEngine(url, model or None, **options)
+    if scheme == "transformers" and target:
+        from labelcascade.agent.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(target, **options)
+    if scheme == "vllm-offline" and target:
+        from labelcascade.agent.engines.vllm_offline import VLLMOfflineEngine
+
+        return VLLMOfflineEngine(target, **options)
     raise ValueError(
         f"unknown engine spec {spec!r}; supported: 'llamacpp:default', 'llamacpp:/path/model.gguf', "
-        "'vllm:http://HOST:PORT/v1#MODEL'"
+        "'vllm:http://HOST:PORT/v1#MODEL', 'transformers:/path/to/hf-model', 'vllm-offline:/path/to/hf-model'"
     )
 
 

@@ -1,0 +1,139 @@
+"""The transformers engine on the real Gemma 3 270M checkpoint (converted from the llama.cpp engine's GGUF)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from labelcascade.agent.engines import EngineError, EngineTimeout, load_engine, normalize
+from labelcascade.agent.engines.transformers_engine import TransformersEngine
+from labelcascade.prompts import PromptRenderer
+from labelcascade.records import Example
+from labelcascade.task import Task
+
+from ...conftest import DATA, EXAMPLES, few_shot
+
+BANKING = Task.from_yaml(EXAMPLES / "banking" / "task.yaml")
+SHOTS = [Example(1, "where is my new card?", ("card_arrival",)), Example(2, "please close my account", ("terminate_account",))]
+
+
+def banking77() -> Task:
+    """All 77 labels: with 8 examples the prompt is longer than Gemma 3's 512-token sliding window."""
+    meta = json.loads((DATA / "banking77" / "labels.json").read_text(encoding="utf-8"))
+    descriptions = meta.get("descriptions") or {}
+    return Task.build({"name": "banking77", "labels": [{"name": n, "description": descriptions.get(n, "")} for n in meta["labels"]]})
+
+
+def from_scratch(engine: TransformersEngine, prompt: str, candidate: str) -> float:
+    """Log-likelihood of the candidate after the prompt: one forward over prompt + candidate, no cache (logits only
+    for the positions that predict the candidate's tokens, as computing all of them would only cost time)."""
+    import torch
+
+    prompt_ids, ids = engine.tokenize(prompt, bos=True), engine.tokenize(candidate, bos=False)
+    with torch.inference_mode():
+        output = engine._model(input_ids=torch.tensor([prompt_ids + ids]), use_cache=False, logits_to_keep=len(ids) + 1)
+    logprobs = torch.log_softmax(output.logits[0].float(), dim=-1)  # rows: positions len(prompt_ids) - 1 ..
+    return sum(float(logprobs[i, token]) for i, token in enumerate(ids))
+
+
+def test_scores_equal_a_forward_from_scratch(transformers_engine):
+    """Every candidate scored, multi-token labels included, and each equal to a from-scratch log-likelihood: prefix
+    reuse (the second prompt shares the first's static part) and the batched candidates change nothing."""
+    engine = transformers_engine
+    renderer = PromptRenderer(BANKING)
+    candidates = renderer.candidates(BANKING.label_names)
+    assert max(len(engine.tokenize(c, bos=False)) for c in candidates) >= 6
+    for text in ("my card still hasn't come", "I want to close my account"):
+        prompt = renderer.render(text, SHOTS).text
+        scores = engine.score([prompt], [candidates])[0]
+        assert list(scores) == candidates
+        for candidate in candidates:
+            assert scores[candidate] == pytest.approx(from_scratch(engine, prompt, candidate), abs=1e-3)
+
+
+def test_prompts_longer_than_the_sliding_window_stay_exact(transformers_engine):
+    """77 labels and 8 examples: ~850 tokens, evaluated in two steps, the second prompt reusing ~600 cached tokens.
+    A sliding-window cache could not be cut back to a shared prefix; this engine's full cache with windowed masks is
+    checked against a forward from scratch on a sample of candidates (all 77 would take minutes)."""
+    engine = transformers_engine
+    task = banking77()
+    renderer = PromptRenderer(task)
+    candidates = renderer.candidates(task.label_names)
+    texts, labels = few_shot("banking77", 1)
+    shots = [Example(i, text, (label,)) for i, (text, label) in enumerate(zip(texts, labels, strict=True))]
+    by_length = sorted(candidates, key=lambda c: len(engine.tokenize(c, bos=False)))
+    for text, examples in (("my card still hasn't come", shots[:8]), ("how do I top up by cheque?", shots[8:16])):
+        prompt = renderer.render(text, examples).text
+        assert len(engine.tokenize(prompt, bos=True)) > 800
+        scores = engine.score([prompt], [candidates])[0]
+        assert set(scores) == set(candidates)
+        sample = {by_length[0], by_length[-1], max(scores, key=scores.get)}
+        for candidate in sample:
+            assert scores[candidate] == pytest.approx(from_scratch(engine, prompt, candidate), abs=1e-3)
+
+
+def test_the_static_prefix_is_computed_once(transformers_engine):
+    engine = transformers_engine
+    renderer = PromptRenderer(BANKING)
+    candidates = renderer.candidates(BANKING.label_names)
+    first, second = (renderer.render(text, SHOTS).text for text in ("lost my card", "what is the exchange rate?"))
+    engine.score([first], [candidates])
+    before = engine.stats.computed_tokens
+    engine.score([second], [candidates])
+    computed = engine.stats.computed_tokens - before
+    encoded = [engine.tokenize(c, bos=False) for c in candidates]
+    batch = len(candidates) * (max(map(len, encoded)) - 1)  # every candidate but its last token, padded
+    static = len(engine.tokenize(renderer.static, bos=True))
+    suffix = len(engine.tokenize(second, bos=True)) - static
+    assert static > 150
+    assert computed - batch <= suffix + 1  # the prompt part: what follows the static part (+1 at the boundary)
+
+
+def test_batches_and_probabilities(transformers_engine):
+    renderer = PromptRenderer(BANKING)
+    prompt = renderer.render("new pin please", SHOTS).text
+    candidates = renderer.candidates(BANKING.label_names)
+    alone = transformers_engine.score([prompt], [candidates])[0]
+    batch = transformers_engine.score([prompt, "The capital of France is", prompt], [candidates, [" Paris", " a city"], candidates])
+    assert batch[0] == pytest.approx(alone, abs=1e-4) and batch[2] == pytest.approx(alone, abs=1e-4)
+    assert batch[1][" Paris"] > batch[1][" a city"]
+    probabilities = normalize(batch[0])
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_timeout_raises_and_leaves_the_engine_usable(transformers_engine):
+    renderer = PromptRenderer(BANKING)
+    candidates = renderer.candidates(BANKING.label_names)
+    known = renderer.render("card declined at the shop", SHOTS).text
+    before = transformers_engine.score([known], [candidates])[0]
+    with pytest.raises(EngineTimeout):
+        transformers_engine.score([renderer.render("a brand new text " * 30).text], [candidates], timeout=0)
+    after = transformers_engine.score([known], [candidates])[0]
+    assert after == pytest.approx(before, abs=1e-4)
+    assert all(np.isfinite(v) and v < 0 for v in after.values())
+
+
+def test_a_gemma_tokenizer_without_bos_is_refused(hf_model, tmp_path):
+    """The GGUF's own tokenizer adds no <bos> (tools/convert_gguf_to_hf.py repairs it); refused before loading."""
+    for name in ("config.json", "tokenizer_config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(hf_model / name)
+    tokenizer = json.loads((hf_model / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["post_processor"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    with pytest.raises(EngineError, match="does not prepend <bos>"):
+        TransformersEngine(tmp_path)
+
+
+def test_specs_and_malformed_input(transformers_engine, tmp_path):
+    assert transformers_engine.spec.startswith("transformers:") and transformers_engine.spec.endswith("gemma3-270m-bf16")
+    with pytest.raises(ValueError, match="'transformers:/path/to/hf-model'"):
+        load_engine("transformers:")
+    with pytest.raises(EngineError, match="no Hugging Face checkpoint"):
+        load_engine(f"transformers:{tmp_path / 'absent'}")
+    import torch
+
+    if not torch.cuda.is_available():  # checked before anything is loaded
+        with pytest.raises(EngineError, match="no CUDA GPU"):
+            load_engine(transformers_engine.spec, device="cuda")
+    with pytest.raises(ValueError, match="duplicate candidates"):
+        transformers_engine.score(["p"], [[" a\n", " a\n"]])
