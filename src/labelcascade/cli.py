@@ -1,0 +1,180 @@
+"""The `labelcascade` command: one entry point over a workspace folder.
+
+    labelcascade init WS --task task.yaml        a workspace from a task (trains on its seed examples)
+    labelcascade add WS examples.csv             gold examples from CSV / JSONL / Parquet, then retrain
+    labelcascade classify WS "text" ...          JSON lines out (texts from arguments, or one per stdin line)
+    labelcascade label WS in.csv out.parquet     a resumable job: every row labelled once, in input order
+    labelcascade calibrate WS dev.jsonl          thresholds from a labelled dev file; prints the coverage table
+    labelcascade retrain WS                      retrain the fallback on everything stored
+
+Exit codes: 0 done, 1 the input or the workspace is wrong (the message says what to do), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from labelcascade.classifier import Classifier
+from labelcascade.fallback import NotFittedError
+from labelcascade.jobs import LabelJob
+from labelcascade.records import Prediction, Source
+from labelcascade.retrieval import EmbedderMismatchError
+from labelcascade.tables import InputError, read_rows
+from labelcascade.task import Task, TaskError
+from labelcascade.workspace import WorkspaceError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
+
+# What a user can fix gets a one-line message and exit code 1, never a traceback.
+USER_ERRORS = (InputError, TaskError, WorkspaceError, EmbedderMismatchError, NotFittedError, FileNotFoundError, ValueError)
+
+Workspace = Annotated[Path, typer.Argument(help="The workspace folder.")]
+TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
+LabelColumn = Annotated[str, typer.Option(help="Column holding the label (CSV: several joined by '|').")]
+Engine = Annotated[
+    str | None,
+    typer.Option(help="LLM engine spec, e.g. llamacpp:default, vllm:http://127.0.0.1:8000/v1#model; 'none': fallback only."),
+]
+
+
+def _engine(spec: str | None) -> str | None:
+    return None if spec is None or spec.lower() == "none" else spec
+
+
+def _open(workspace: Path, engine: str | None = None) -> Classifier:
+    return Classifier.open(workspace) if engine is None else Classifier.open(workspace, engine=_engine(engine))
+
+
+def _labelled(path: Path, classifier: Classifier, text_column: str, label_column: str) -> tuple[list[str], list]:
+    rows = list(read_rows(path, text_column=text_column, label_column=label_column, known_labels=classifier.task.label_names))
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    labels = [row.labels if classifier.task.multi_label else row.labels[0] for row in rows]
+    return [row.text for row in rows], labels
+
+
+@app.command()
+def init(
+    workspace: Workspace,
+    task: Annotated[Path, typer.Option(help="Task YAML file (labels, descriptions, seed examples).")],
+    engine: Engine = "llamacpp:default",
+    embedder: Annotated[str, typer.Option(help="'default' or a local sentence-transformers folder.")] = "default",
+) -> None:
+    """Create a workspace from a task and train the fallback on its seed examples."""
+    classifier = Classifier(Task.from_yaml(task), workspace=workspace, embedder=embedder, engine=_engine(engine))
+    trained = "trained on" if classifier.store.labels() else "no seed examples yet;"
+    typer.echo(f"created {workspace}: task {classifier.task.name!r}, {len(classifier.classes_)} labels, "
+               f"{trained} {len(classifier.store)} examples, engine {_engine(engine) or 'none (fallback only)'}")
+    classifier.close()
+
+
+@app.command()
+def add(
+    workspace: Workspace,
+    file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file of labelled texts.")],
+    text_column: TextColumn = "text",
+    label_column: LabelColumn = "label",
+    review: Annotated[bool, typer.Option(help="The labels are corrections: they outrank gold and LLM labels.")] = False,
+) -> None:
+    """Add labelled examples (gold, or --review corrections) and retrain the fallback."""
+    classifier = _open(workspace, "none")
+    texts, labels = _labelled(file, classifier, text_column, label_column)
+    before = len(classifier.store)
+    classifier.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
+    classifier.retrain()
+    typer.echo(f"added {len(classifier.store) - before} new examples ({len(texts)} rows); "
+               f"{len(classifier.store)} stored; fallback retrained")
+    classifier.close()
+
+
+@app.command()
+def classify(
+    workspace: Workspace,
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify; none: one text per line of stdin.")] = None,
+    engine: Engine = None,
+    top: Annotated[int, typer.Option(help="How many label probabilities to print per text.")] = 3,
+) -> None:
+    """Classify texts; prints one JSON object per text."""
+    texts = texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise InputError("no texts: give them as arguments or one per line on stdin")
+    classifier = _open(workspace, engine)
+    for text, prediction in zip(texts, classifier.classify(texts), strict=True):
+        typer.echo(json.dumps({"text": text, **answer(prediction, top)}, ensure_ascii=False))
+    classifier.close()
+
+
+@app.command()
+def label(
+    workspace: Workspace,
+    source: Annotated[Path, typer.Argument(help="Input file: CSV, JSONL or Parquet; its other columns pass through.")],
+    destination: Annotated[Path, typer.Argument(help="Output file: CSV, JSONL or Parquet (by its suffix).")],
+    text_column: TextColumn = "text",
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows classified (and committed) together.")] = 64,
+    engine: Engine = None,
+    prefix: Annotated[str, typer.Option(help="Put before the answer's column names (label, confidence, route, top).")] = "",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with counts per route.")] = True,
+) -> None:
+    """Label every row of a file; rerun the same command after an interruption to resume where it stopped."""
+    classifier = _open(workspace, engine)
+    job = LabelJob(classifier, source, destination, text_column=text_column, batch_size=batch_size, prefix=prefix)
+    summary = job.run(progress=progress)
+    resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
+    typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}", err=True)
+    classifier.close()
+
+
+@app.command()
+def calibrate(
+    workspace: Workspace,
+    file: Annotated[Path, typer.Argument(help="Labelled dev file (CSV, JSONL or Parquet), not used for training.")],
+    text_column: TextColumn = "text",
+    label_column: LabelColumn = "label",
+    target_precision: Annotated[float, typer.Option(help="Precision the fallback must keep on what it answers alone.")] = 0.95,
+    llm_budget: Annotated[float | None, typer.Option(help="At most this share of texts goes to the LLM.")] = None,
+    engine: Engine = None,
+) -> None:
+    """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table."""
+    classifier = _open(workspace, engine)
+    texts, labels = _labelled(file, classifier, text_column, label_column)
+    report = classifier.calibrate(texts, labels, target_precision=target_precision, llm_budget=llm_budget)
+    typer.echo(report.table())
+    classifier.close()
+
+
+@app.command()
+def retrain(workspace: Workspace) -> None:
+    """Retrain the fallback on every stored example (gold, review and LLM labels, weighted by source)."""
+    classifier = _open(workspace, "none")
+    classifier.retrain()
+    typer.echo(f"retrained on {len(classifier.store)} examples")
+    classifier.close()
+
+
+def answer(prediction: Prediction, top: int) -> dict:
+    """A prediction as the CLI prints it: the answer, its route and the `top` most probable labels."""
+    best = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[:top]
+    return {
+        "label": prediction.label,
+        "labels": prediction.labels,
+        "confidence": round(prediction.confidence, 4),
+        "route": prediction.route.value,
+        "top": [{"label": label, "probability": round(p, 4)} for label, p in best],
+    }
+
+
+def main() -> None:
+    try:
+        app()
+    except USER_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

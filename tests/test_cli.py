@@ -1,0 +1,73 @@
+"""The `labelcascade` command end to end: real workspace, embedder, store and fallback; errors through the real
+entry point (exit code 1 and a one-line message, never a traceback)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from labelcascade.cli import app
+
+from .conftest import BANKING_TASK, EXAMPLES
+
+MESSAGES = EXAMPLES / "banking" / "messages.jsonl"
+runner = CliRunner()
+
+
+def run(*args: str, stdin: str | None = None) -> str:
+    result = runner.invoke(app, [str(arg) for arg in args], input=stdin)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.stdout
+
+
+def command(*args: str) -> subprocess.CompletedProcess:
+    """The installed entry point, as a user runs it."""
+    script = Path(sys.executable).with_name("labelcascade")
+    return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "ws"
+    assert "10 labels, trained on 80 examples" in run("init", path, "--task", BANKING_TASK, "--engine", "none")
+    return path
+
+
+def test_classify_texts_from_arguments_and_stdin(workspace):
+    lines = run("classify", workspace, "my card got stolen", "what is the exchange rate for euros").splitlines()
+    answers = [json.loads(line) for line in lines]
+    assert [a["label"] for a in answers] == ["lost_or_stolen_card", "exchange_rate"]
+    assert all(a["route"] == "fallback" and len(a["top"]) == 3 and a["top"][0]["label"] == a["label"] for a in answers)
+    piped = [json.loads(line) for line in run("classify", workspace, "--top", "1", stdin="my card got stolen\n\n").splitlines()]
+    assert len(piped) == 1 and piped[0]["label"] == "lost_or_stolen_card" and len(piped[0]["top"]) == 1
+
+
+def test_add_csv_and_jsonl_then_retrain_and_calibrate(workspace, tmp_path):
+    csv_file = tmp_path / "more.csv"
+    csv_file.write_text('message,intent\n"can I change my PIN at an ATM?",change_pin\n"my card never came",card_arrival\n')
+    assert "added 2 new examples" in run("add", workspace, csv_file, "--text-column", "message", "--label-column", "intent")
+    assert "added 40 new examples" in run("add", workspace, MESSAGES)
+    assert "retrained on 122 examples" in run("retrain", workspace)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in [
+        ("someone took my card", "lost_or_stolen_card"), ("my new card is late", "card_arrival"),
+        ("how much for a cash withdrawal", "cash_withdrawal_charge"), ("close my account", "terminate_account")]))
+    table = run("calibrate", workspace, dev, "--engine", "none")
+    assert "| accept threshold | coverage | precision |" in table and "no engine" in table
+
+
+def test_mistakes_exit_1_with_a_message_that_names_the_problem(workspace, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "change_pin"}\n{"text": "hello", "label": "weather"}\n')
+    result = command("add", workspace, bad)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{bad}: line 2: label: unknown label 'weather'" in result.stderr
+    result = command("classify", tmp_path / "nowhere", "hello")
+    assert result.returncode == 1 and "not a labelcascade workspace" in result.stderr
+    broken = tmp_path / "task.yaml"
+    broken.write_text("name: t\nlabels:\n  - name: a\n    colour: red\n  - b\n")
+    result = command("init", tmp_path / "ws2", "--task", broken)
+    assert result.returncode == 1 and "line 4" in result.stderr and "colour" in result.stderr
