@@ -1,0 +1,100 @@
+"""Labelling jobs: every row exactly once and in order, through SIGKILLs at three points, with the real CLI."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from labelcascade import Classifier
+from labelcascade.jobs import LabelJob
+from labelcascade.tables import InputError
+
+from .conftest import BANKING_TASK, load_split
+
+ROWS = 1200
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, embedder):
+    path = tmp_path_factory.mktemp("jobs") / "ws"
+    Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("input") / "messages.jsonl"
+    rows = load_split("banking77", "test")[:ROWS]
+    path.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
+    return path
+
+
+def label_command(workspace: Path, source: Path, destination: Path) -> list[str]:
+    script = Path(sys.executable).with_name("labelcascade")
+    return [str(script), "label", str(workspace), str(source), str(destination), "--engine", "none", "--batch-size", "16",
+            "--no-progress"]
+
+
+def rows_done(state: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=0.1) as db:
+            return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupted_rows(workspace, source, tmp_path):
+    whole = tmp_path / "whole.jsonl"
+    subprocess.run(label_command(workspace, source, whole), check=True, timeout=600)
+    expected = whole.read_text()
+    assert [json.loads(line)["id"] for line in expected.splitlines()] == list(range(ROWS))
+
+    resumed = tmp_path / "resumed.jsonl"
+    state = resumed.with_name(resumed.name + ".state.sqlite")
+    for kill_at in (0.1, 0.5, 0.9):
+        process = subprocess.Popen(label_command(workspace, source, resumed), stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while rows_done(state) < kill_at * ROWS and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the job finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not resumed.exists()  # no output until every row is done
+        done = rows_done(state)
+        assert done >= kill_at * ROWS and done % 16 == 0  # whole batches only
+    finished = subprocess.run(label_command(workspace, source, resumed), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0 and "done by an earlier run" in finished.stderr
+    assert resumed.read_text() == expected
+
+
+def test_outputs_in_every_format_keep_the_input_columns(workspace, source, tmp_path, embedder):
+    classifier = Classifier.open(workspace, embedder=embedder)
+    small = tmp_path / "small.csv"
+    small.write_text('id,message\n1,"my card got stolen"\n2,"what is the exchange rate"\n')
+    for name in ("out.csv", "out.jsonl", "out.parquet"):
+        summary = LabelJob(classifier, small, tmp_path / name, text_column="message").run(progress=False)
+        assert summary.rows == 2 and summary.routes == {"fallback": 2}
+    table = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [row["label"] for row in table] == ["lost_or_stolen_card", "exchange_rate"]
+    assert [row["id"] for row in table] == ["1", "2"] and {"confidence", "route", "top", "message"} <= set(table[0])
+    assert (tmp_path / "out.csv").read_text().splitlines()[0] == "id,message,label,confidence,route,top"
+
+
+def test_a_bad_row_stops_the_job_before_any_work_and_names_its_line(workspace, tmp_path, embedder):
+    classifier = Classifier.open(workspace, embedder=embedder)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": ""}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: line 2: text: empty"):
+        LabelJob(classifier, bad, tmp_path / "out.jsonl").run(progress=False)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text('{"text": "fine", "label": "x"}\n')
+    with pytest.raises(InputError, match="--prefix"):
+        LabelJob(classifier, labelled, tmp_path / "out2.jsonl").run(progress=False)
+    assert LabelJob(classifier, labelled, tmp_path / "out3.jsonl", prefix="pred_").run(progress=False).rows == 1
