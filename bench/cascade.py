@@ -255,6 +255,7 @@ def arms_section(result: dict) -> str:
              f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
              f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
              f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end')} at end.",
+             *(["", f"**Note:** {s['note']}"] if s.get("note") else []),
              "", "| dataset | arm | n | acc % | macro-F1 % | sent to LLM | texts/s |", "|---|---|---:|---:|---:|---:|---:|"]
     for row in result["datasets"]:
         for arm in [a for a in ARM_ORDER if a in row["arms"]]:
