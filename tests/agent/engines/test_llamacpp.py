@@ -1,15 +1,17 @@
 """The embedded default engine on the real Gemma 3 270M GGUF through llama.cpp."""
 
+import json
+
 import numpy as np
 import pytest
 
 from labelcascade.agent.engines import EngineTimeout, load_engine, normalize
-from labelcascade.agent.engines.llamacpp import LlamaCppEngine, default_model_path
+from labelcascade.agent.engines.llamacpp import LlamaCppEngine, _groups, default_model_path
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Example
 from labelcascade.task import Task
 
-from ...conftest import EXAMPLES, few_shot
+from ...conftest import DATA, EXAMPLES, few_shot
 
 BANKING = Task.from_yaml(EXAMPLES / "banking" / "task.yaml")
 
@@ -51,13 +53,17 @@ def banking_prompts(n: int) -> list[str]:
 
 
 def test_scoring_is_exact_with_sequential_evaluation():
-    """Prefix reuse, the candidate trie and the sort order change nothing: one token per step, the engine's scores
-    equal a from-scratch log-likelihood of each candidate alone (multi-token labels included)."""
+    """Prefix reuse, the candidate trie, its sequences and the sort order change nothing: one token per step, the
+    engine's scores equal a from-scratch log-likelihood of each candidate alone (multi-token labels and trie nodes
+    shared by several candidates included), to the bit in every logit; only the float64 sums of log-probabilities
+    run in another order."""
     engine = LlamaCppEngine(n_batch=1)
     llm, log_likelihood = brute_force(n_batch=1)
     renderer = PromptRenderer(BANKING)
     candidates = renderer.candidates(BANKING.label_names)
-    assert max(len(engine.tokenize(c, bos=False)) for c in candidates) >= 6  # multi-token labels are in the test
+    candidates += [" card_linking\n", " top_up_limits\n", " change_pin_code\n"]  # sharing the start of others
+    lengths = [len(engine.tokenize(c, bos=False)) for c in candidates]
+    assert max(lengths) >= 6  # multi-token labels are in the test
     shots = [Example(1, "card not here yet", ("card_arrival",))]
     prompts = [f"Label the message.\nText: {text}\nLabel:" for text in ("my card is late", "close my account")]
     prompts.append(renderer.render("new pin please", shots).dynamic)  # examples, then the text
@@ -66,7 +72,8 @@ def test_scoring_is_exact_with_sequential_evaluation():
             scores = engine.score([prompt], [candidates])[0]
             assert list(scores) == candidates
             for candidate in candidates:
-                assert scores[candidate] == pytest.approx(log_likelihood(prompt, candidate), abs=1e-3)
+                assert scores[candidate] == pytest.approx(log_likelihood(prompt, candidate), abs=1e-9)
+        assert engine.stats.candidate_tokens < len(prompts) * sum(lengths)  # some trie nodes were shared
     finally:
         engine.close()
         llm.close()
@@ -113,11 +120,74 @@ def test_the_static_prefix_is_computed_once(engine):
     assert computed <= 1.2 * (suffix + label_tokens)
 
 
+def banking77_candidates() -> list[str]:
+    """The continuations for banking77's 77 labels: a trie of 348 nodes, many of them shared ("card_", "top_up_")."""
+    labels = json.loads((DATA / "banking77" / "labels.json").read_text(encoding="utf-8"))["labels"]
+    task = Task.build({"name": "banking77", "labels": [{"name": label} for label in labels]})
+    return PromptRenderer(task).candidates(task.label_names)
+
+
+def test_the_whole_candidate_trie_is_one_decode_call(engine):
+    """banking77's 77 labels are evaluated in one llama_decode call rather than one per trie branch. Afterwards the
+    cache holds the prompt alone: scored again, the prompt costs one token (its last, for its logits)."""
+    candidates = banking77_candidates()
+    prompt = "Label the message.\nText: my card still hasn't come\nLabel:"
+    engine.score([prompt], [candidates])
+    before = vars(engine.stats).copy()
+    scores = engine.score([prompt], [candidates])[0]
+    delta = {key: value - before[key] for key, value in vars(engine.stats).items()}
+    nodes = delta["candidate_tokens"] - len(candidates)
+    assert len(scores) == len(candidates) == 77 and nodes > 300
+    assert delta["decode_calls"] == 2  # the prompt's last token, then the trie
+    assert delta["computed_tokens"] == 1 + nodes
+
+
+def test_a_trie_larger_than_the_free_cells_goes_in_groups():
+    """Beside a prompt of 180 tokens in a context of 256, the 348 nodes of banking77's trie find no room at once
+    (llama_decode fails): groups of leaves that fit go one after the other."""
+    engine = LlamaCppEngine(n_ctx=256)
+    prompt = "Label the message.\nText: " + "my card still hasn't come and I am worried. " * 14 + "\nLabel:"
+    candidates = banking77_candidates()
+    try:
+        scores = engine.score([prompt], [candidates])[0]
+        free = 256 - len(engine.tokenize(prompt, bos=True))
+        nodes = engine.stats.candidate_tokens - len(candidates)
+        assert engine.stats.decode_calls - 1 >= nodes / free > 4  # the prompt, then a call per group
+        assert len(scores) == 77 and all(np.isfinite(v) and v < 0 for v in scores.values())
+    finally:
+        engine.close()
+
+
+def test_groups_change_no_score():
+    """One token per step, scores do not depend on how the trie's leaves were grouped."""
+    prompt = "Label the message.\nText: my card is late\nLabel:"
+    candidates = PromptRenderer(BANKING).candidates(BANKING.label_names) + [" card_linking\n", " top_up_limits\n"]
+    small, large = LlamaCppEngine(n_ctx=40, n_batch=1), LlamaCppEngine(n_batch=1)
+    try:
+        assert small.score([prompt], [candidates]) == large.score([prompt], [candidates])
+        nodes = small.stats.candidate_tokens - len(candidates)
+        assert nodes > 40 - len(small.tokenize(prompt, bos=True))  # so two groups at least
+    finally:
+        small.close()
+        large.close()
+
+
+def test_groups_respect_the_sequence_and_cell_limits():
+    leaves = [(1, 2), (1, 3, 4), (1, 3, 5), (6,)]  # sorted trie leaves; (1, 3, 5) needs one cell beside (1, 3, 4)
+    assert list(_groups(leaves, max_seqs=2, cells=100)) == [[(1, 2), (1, 3, 4)], [(1, 3, 5), (6,)]]
+    assert list(_groups(leaves, max_seqs=10, cells=5)) == [[(1, 2), (1, 3, 4), (1, 3, 5)], [(6,)]]
+    assert list(_groups(leaves, max_seqs=10, cells=6)) == [leaves]
+
+
 def test_identical_prompt_twice_gives_identical_scores(engine):
+    """A cached prompt is scored again from its last token alone, the same way every time, and the candidates'
+    sequences are gone from the cache in between. (Its first evaluation batches that token with the rest of the
+    prompt, which rounds differently.)"""
     prompt = banking_prompts(1)[0]
     candidates = [" yes\n", " no\n"]
-    assert engine.score([prompt, prompt], [candidates, candidates])[0] == pytest.approx(
-        engine.score([prompt], [candidates])[0], abs=1e-4)
+    engine.score([prompt], [candidates])
+    twice = engine.score([prompt, prompt], [candidates, candidates])
+    assert twice[0] == twice[1] == engine.score([prompt], [candidates])[0]
 
 
 def test_timeout_raises_and_leaves_the_engine_usable(engine):

@@ -26,12 +26,13 @@ class EngineTimeout(EngineError):
 
 @dataclass
 class EngineStats:
-    """Token counts since the engine started, to see what prefix caching saves."""
+    """Counts since the engine started, to see what prefix caching and batching save."""
 
     prompts: int = 0
     prompt_tokens: int = 0  # tokens in the prompts scored
     computed_tokens: int = 0  # tokens the model actually evaluated (prompt suffixes not cached + candidate tokens)
     candidate_tokens: int = 0  # tokens in the candidates scored (each trie node counted once)
+    decode_calls: int = 0  # forward passes (llama_decode calls) of an in-process engine: each has a fixed cost
 
 
 @runtime_checkable
