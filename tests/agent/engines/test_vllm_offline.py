@@ -41,18 +41,6 @@ def import_engine_alone(src: Path):
         package = types.ModuleType(name)
         package.__path__ = [str(src.joinpath(*name.split(".")))]
         sys.modules[name] = package
-    shimmed = False
-    try:
-        import scipy.special  # noqa: F401
-    except ImportError:  # base.py imports scipy at its top for normalize(), which the engine never calls
-        import numpy as np
-
-        special = types.ModuleType("scipy.special")
-        special.softmax = lambda x: np.exp(x - np.max(x)) / np.exp(x - np.max(x)).sum()
-        sys.modules["scipy"], sys.modules["scipy.special"], shimmed = types.ModuleType("scipy"), special, True
-    importlib.import_module("labelcascade.agent.engines.base")
-    if shimmed:  # gone again before vLLM and transformers look for scipy
-        del sys.modules["scipy"], sys.modules["scipy.special"]
     return importlib.import_module("labelcascade.agent.engines.vllm_offline")
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from scipy.special import softmax
 
 
 class EngineError(RuntimeError):
@@ -60,7 +59,9 @@ class Engine(Protocol):
 def normalize(logprobs: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
     """Probabilities over the candidates from their log-probabilities, optionally softened by a temperature."""
     keys = list(logprobs)
-    probabilities = softmax(np.array([logprobs[key] for key in keys]) / temperature)
+    scaled = np.array([logprobs[key] for key in keys]) / temperature
+    weights = np.exp(scaled - scaled.max())
+    probabilities = weights / weights.sum()
     return dict(zip(keys, probabilities.tolist(), strict=True))
 
 
@@ -75,3 +76,12 @@ def check_batch(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> 
             raise ValueError(f"prompt {i}: candidates must be a non-empty list of strings")
         if len(set(options)) != len(options):
             raise ValueError(f"prompt {i}: duplicate candidates")
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences (what a prompt cache can reuse)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch
+from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch, common_prefix
 
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaBatch
@@ -140,7 +140,7 @@ class LlamaCppEngine:
 
         `_cached` only ever claims what the KV cache holds: the next prompt drops whatever lies past it.
         """
-        reuse = min(_common_prefix(self._cached, tokens), len(tokens) - 1)
+        reuse = min(common_prefix(self._cached, tokens), len(tokens) - 1)
         self._ctx.kv_cache_seq_rm(0, reuse, -1)
         self._cached = tokens[:reuse]
         last = len(tokens) - 1
@@ -244,7 +244,7 @@ def _groups(leaves: list[tuple[int, ...]], max_seqs: int, cells: int) -> Iterato
     group: list[tuple[int, ...]] = []
     used = 0
     for leaf in leaves:
-        new = len(leaf) - (_common_prefix(group[-1], leaf) if group else 0)  # sorted: the previous shares the most
+        new = len(leaf) - (common_prefix(group[-1], leaf) if group else 0)  # sorted: the previous shares the most
         if group and (len(group) == max_seqs or used + new > cells):
             yield group
             group, used, new = [], 0, len(leaf)
@@ -260,11 +260,3 @@ def _log_probabilities(logits: np.ndarray, tokens: Iterable[int]) -> dict[int, f
     shifted = np.subtract(logits, top, dtype=np.float64)
     log_total = np.log(np.exp(shifted, out=shifted).sum())
     return {token: float(logits[token]) - float(top) - log_total for token in tokens}
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch
+from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch, common_prefix
 
 MIN_TRANSFORMERS_VERSION = (4, 56)  # `dtype=` in from_pretrained, DynamicCache made of layers
 INSTALL = "pip install 'labelcascade[transformers]'"
@@ -121,7 +121,7 @@ class TransformersEngine:
         self.stats.prompt_tokens += len(prompt_ids)
 
         # The prompt: evaluate only what follows the cached prefix (at least its last token, for its logits).
-        reuse = min(_common_prefix(self._cached, prompt_ids), len(prompt_ids) - 1)
+        reuse = min(common_prefix(self._cached, prompt_ids), len(prompt_ids) - 1)
         self._kv = [(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in self._kv] if reuse else []
         self._cached = self._cached[:reuse]
         for start in range(reuse, len(prompt_ids), self._n_batch):
@@ -192,11 +192,3 @@ class TransformersEngine:
 def _check(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
         raise EngineTimeout("transformers did not finish scoring in time")
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
