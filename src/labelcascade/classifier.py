@@ -92,7 +92,6 @@ class Classifier:
         if engine == "saved":
             engine = workspace.settings.engine
         classifier._engine = None if engine is None else EngineSlot(engine)
-        classifier._settings = workspace.settings
         classifier._cascade = None
         classifier._attach(workspace)
         fallback = workspace.load_fallback()
@@ -105,7 +104,6 @@ class Classifier:
 
     def _attach(self, workspace: Workspace) -> None:
         self._workspace = workspace
-        self._settings = workspace.settings
         self._store = workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
         self._learner = Learner(
             self._store,
@@ -195,7 +193,6 @@ class Classifier:
         workspace = self._started()
         workspace.settings = workspace.settings.model_copy(update={"policy": policy})
         workspace.save_settings()
-        self._settings = workspace.settings
         if self._cascade is not None:
             self._cascade.policy = policy
 
