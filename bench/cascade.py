@@ -12,7 +12,8 @@ Q4_K_M through llama.cpp). Arms, each on the same test texts:
 - svm: the fallback alone (`Classifier(engine=None)`), k-NN: 8 nearest pool examples by cosine, majority vote;
 - llm zero-shot / few-shot (k=8): the LLM alone over every label, through the cascade with accept threshold 1 and
   LLM weight 1 (capped at --llm-texts texts: it is the slow arm);
-- cascade: the classifier calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4)`), learning
+- cascade: the classifier calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4,
+  learn_precision=0.85)`), learning
   switched off so every test text meets the same model;
 - setfit: SetFit with the same MiniLM body on the same pool (bench/setfit_anchor.py; `pip install -e '.[bench]'`).
 Stream (one dataset, default ag_news): the calibrated classifier, learning on (retrain every 50 LLM labels), is fed
@@ -51,7 +52,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "cascade.json"
 ARMS_HEADING = "## Cascade (bench/cascade.py)"
 STREAM_HEADING = "## Learning from a stream (bench/cascade.py)"
 SHOTS, K, SEED, DEV_SEED, STREAM_SEED = 8, 8, 0, 7, 11
-TARGET_PRECISION, LLM_BUDGET = 0.95, 0.4
+TARGET_PRECISION, LLM_BUDGET, LEARN_PRECISION = 0.95, 0.4, 0.85
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
 STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
 WIN_BAR = 3
@@ -133,7 +134,8 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
     log(f"  {name}: calibrating on {len(ds['dev'])} dev texts")
     cascade = new_classifier(ds, embedder, engine, Policy(learn=False))
     began = time.perf_counter()
-    report = cascade.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET)
+    report = cascade.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
+                                learn_precision=LEARN_PRECISION)
     extra["calibration"] = report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
     log("    " + report.table().replace("\n", "\n    "))
     log(f"  {name}: cascade on {len(test_texts)} texts")
@@ -253,7 +255,7 @@ def arms_section(result: dict) -> str:
              f"Settings: pool {SHOTS}/class (seed {SEED}, = bench/fallback.py's 8/class set); dev {s['dev_size']} training texts outside the pool "
              f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED})); LLM-only arms on the first "
              f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
-             f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
+             f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}, learn_precision={LEARN_PRECISION}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
              f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end')} at end.",
              *(["", f"**Note:** {s['note']}"] if s.get("note") else []),
              "", "| dataset | arm | n | acc % | macro-F1 % | sent to LLM | texts/s |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -266,17 +268,25 @@ def arms_section(result: dict) -> str:
         lines.append(f"| {row['dataset']} | cascade, first {same['n']} | {same['n']} | {100 * same['accuracy']:.1f} | {100 * same['macro_f1']:.1f} "
                      f"| {same['llm_share']:.0%} | — |")
     lines += ["", "Calibration (dev set) per dataset:", "", "| dataset | accept | LLM weight | LLM temp | candidates | dev: fallback acc | dev: cascade acc "
-              "| dev: sent to LLM | candidate recall dev / test |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| dev: sent to LLM | candidate recall dev / test | learn from (dev: share of LLM answers, precision) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in result["datasets"]:
         c, p = row["calibration"], row["calibration"]["policy"]
         recall = "/".join("—" if v is None else f"{v:.3f}" for v in (c["candidate_recall"], row["candidate_recall_test"]))
         lines.append(f"| {row['dataset']} | {p['accept_threshold']:.3f} | {p['llm_weight']:.1f} | {p['llm_temperature']:.2f} | {p['max_candidates']} "
-                     f"| {100 * c['fallback_accuracy']:.1f} | {100 * c['cascade_accuracy']:.1f} | {c['llm_share']:.0%} | {recall} |")
+                     f"| {100 * c['fallback_accuracy']:.1f} | {100 * c['cascade_accuracy']:.1f} | {c['llm_share']:.0%} | {recall} | {learn_cell(c)} |")
     lines += ["", "| bar | measured | result |", "|---|---|---|"]
     for bar in result["bars"]:
         verdict = "n/a (not all 5 datasets run)" if bar["pass"] is None else ("**PASS**" if bar["pass"] else "**FAIL**")
         lines.append(f"| {bar['bar']} | {bar['measured']} | {verdict} |")
     return "\n".join(lines + [""])
+
+
+def learn_cell(calibration: dict) -> str:
+    threshold = calibration["policy"]["learn_threshold"]
+    if calibration.get("learned_precision") is None:
+        return f"{threshold:.3f} (learns nothing)" if calibration["policy"]["llm_weight"] > 0 else "—"
+    return f"{threshold:.3f} ({calibration['learned_share']:.0%}, {calibration['learned_precision']:.3f})"
 
 
 def stream_section(result: dict) -> str:

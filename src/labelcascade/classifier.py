@@ -172,12 +172,19 @@ class Classifier:
         *,
         target_precision: float = 0.95,
         llm_budget: float | None = None,
+        learn_precision: float = 0.85,
     ) -> Calibration:
-        """Choose the accept and abstain thresholds, the LLM's temperature, weight and candidate count from
+        """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
         labelled dev texts (not stored), and use them from now on. `llm_budget` caps the share of texts sent to
-        the LLM. Returns the report; `print(report.table())` shows the coverage/precision table."""
+        the LLM; `learn_precision` is the precision the LLM labels the fallback learns from must keep on the dev
+        texts. Returns the report; `print(report.table())` shows the coverage/precision table."""
         report = calibrate(
-            self._fitted_cascade(), list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget
+            self._fitted_cascade(),
+            list(texts),
+            list(labels),
+            target_precision=target_precision,
+            llm_budget=llm_budget,
+            learn_precision=learn_precision,
         )
         self.policy = report.policy
         self._workspace.save_calibration(report)

@@ -137,12 +137,17 @@ def calibrate(
     label_column: LabelColumn = "label",
     target_precision: Annotated[float, typer.Option(help="Precision the fallback must keep on what it answers alone.")] = 0.95,
     llm_budget: Annotated[float | None, typer.Option(help="At most this share of texts goes to the LLM.")] = None,
+    learn_precision: Annotated[
+        float, typer.Option(help="Precision the LLM labels the fallback learns from must keep on the dev file.")
+    ] = 0.85,
     engine: Engine = None,
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table."""
     classifier = _open(workspace, engine)
     texts, labels = _labelled(file, classifier, text_column, label_column)
-    report = classifier.calibrate(texts, labels, target_precision=target_precision, llm_budget=llm_budget)
+    report = classifier.calibrate(
+        texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision
+    )
     typer.echo(report.table())
     classifier.close()
 

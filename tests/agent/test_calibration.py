@@ -62,6 +62,8 @@ def test_calibration_chooses_measures_and_stores_the_policy(calibrated):
     assert 2 <= policy.max_candidates <= len(classifier.classes_) and policy.llm_temperature > 0
     assert report.candidate_recall >= 0.98
     assert report.llm_share == pytest.approx(sent.mean() if policy.llm_weight > 0 else 0.0)
+    if report.learned_precision is not None:  # the LLM labels it will learn from keep their own precision target
+        assert report.learn_precision == 0.85 and report.learned_precision >= 0.85 and policy.learn_threshold < 1
     assert "| accept threshold | coverage | precision |" in report.table()
     assert any(row.threshold == pytest.approx(policy.accept_threshold) for row in report.coverage)
 

@@ -8,8 +8,10 @@ From the dev texts (never stored, never learned from) `calibrate` measures and c
 - the LLM's temperature, by likelihood, and its weight in the pool with the fallback: the weight with the best dev
   accuracy on the texts the LLM sees. When no weight beats the fallback alone, the weight is 0 and the cascade
   sends nothing to the LLM: on some tasks a small LLM does not help, and then it should cost nothing;
-- the learn threshold: the lowest probability at which the cascade's LLM answers on the dev set keep the same
-  target precision, so the labels the fallback learns from are as trustworthy as the answers it gives alone;
+- the learn threshold: the lowest probability at which the cascade's LLM answers on the dev set keep
+  `learn_precision` (default 0.85). It is lower than the answering target on purpose: an LLM label weighs at most
+  half a gold example in training (fallback/weights.py), and the texts the LLM sees are the hard ones, on which
+  the pooled answers rarely reach 0.95 precision at any threshold; at 0.95 our ag_news run learned nothing at all;
 - the abstain threshold, for tasks that allow it: answering gains 1 when right and loses 1 when wrong, abstaining
   gains 1 on a dev text that has no label and 0 otherwise; the threshold with the best total is kept.
 It also reports a coverage/precision table of the fallback.
@@ -44,6 +46,7 @@ class Calibration(BaseModel):
     policy: Policy
     dev_texts: int
     target_precision: float
+    learn_precision: float
     llm_budget: float | None
     fallback_accuracy: float
     cascade_accuracy: float
@@ -51,6 +54,8 @@ class Calibration(BaseModel):
     candidate_recall: float | None = Field(description="Share of LLM-bound dev texts whose true label is a candidate.")
     llm_accuracy_on_unsure: float | None = None
     fallback_accuracy_on_unsure: float | None = None
+    learned_share: float | None = Field(None, description="Share of LLM-bound dev texts the cascade would learn from.")
+    learned_precision: float | None = Field(None, description="Accuracy of the LLM answers it would learn from.")
     coverage: list[CoverageRow]
     notes: list[str] = Field(default_factory=list)
 
@@ -68,6 +73,8 @@ class Calibration(BaseModel):
             f"chosen: accept {p.accept_threshold:.3f}, LLM weight {p.llm_weight:.1f}, LLM temperature "
             f"{p.llm_temperature:.3f}, candidates {p.max_candidates}, learn from {p.learn_threshold:.3f}, "
             f"abstain {p.abstain_threshold:.3f}",
+            *([f"learns from {self.learned_share:.0%} of the LLM answers (dev precision {self.learned_precision:.3f})"]
+              if self.learned_precision is not None else []),
             *self.notes,
         ]
         return "\n".join(lines)
@@ -80,6 +87,7 @@ def calibrate(
     *,
     target_precision: float = 0.95,
     llm_budget: float | None = None,
+    learn_precision: float = 0.85,
 ) -> Calibration:
     """Choose the cascade's policy from labelled dev texts (see the module docstring); the cascade is unchanged.
 
@@ -104,7 +112,7 @@ def calibrate(
         notes.append(f"accept threshold lowered to send at most {llm_budget:.0%} of texts to the LLM")
     unsure = np.flatnonzero(~policy.accepts(certainty))
 
-    final, recall, on_unsure = proba, None, (None, None)
+    final, recall, on_unsure, learned = proba, None, (None, None), None
     if cascade.engine is not None and len(unsure):
         neighbors = cascade.neighbors(vectors[unsure])
         if not task.multi_label:
@@ -112,9 +120,13 @@ def calibrate(
             m = smallest_m_for_recall(ranks[ranks >= 0], len(names), CANDIDATE_RECALL)
             recall = float(np.mean((ranks >= 0) & (ranks < m)))
             policy = policy.model_copy(update={"max_candidates": m})
-        policy, final, on_unsure = _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, target_precision)
+        policy, final, on_unsure, learned = _fit_llm(
+            cascade, policy, texts, proba, unsure, neighbors, truth, learn_precision
+        )
         if policy.llm_weight == 0:
             notes.append("the LLM did not beat the fallback on the unsure dev texts: nothing will be sent to it")
+        elif policy.learn_threshold >= 1.0:
+            notes.append(f"no LLM answer on the dev set kept {learn_precision:.0%} precision: nothing will be learned")
     elif cascade.engine is None:
         notes.append("no engine: only the fallback was calibrated")
 
@@ -125,6 +137,7 @@ def calibrate(
         policy=policy,
         dev_texts=len(texts),
         target_precision=target_precision,
+        learn_precision=learn_precision,
         llm_budget=llm_budget,
         fallback_accuracy=float(fallback_right.mean()),
         cascade_accuracy=float(answered.mean()),
@@ -132,6 +145,8 @@ def calibrate(
         candidate_recall=recall,
         llm_accuracy_on_unsure=on_unsure[0],
         fallback_accuracy_on_unsure=on_unsure[1],
+        learned_share=None if learned is None else learned[0],
+        learned_precision=None if learned is None else learned[1],
         coverage=coverage_table(certainty, fallback_right, (*TABLE_THRESHOLDS, accept)),
         notes=notes,
     )
@@ -171,7 +186,7 @@ def abstain_threshold(proba: np.ndarray, truth: np.ndarray) -> float:
     return best
 
 
-def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, target_precision):
+def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, learn_precision):
     """LLM temperature by likelihood, the pooling weight by accuracy, then the learn threshold by precision, on the
     unsure dev texts."""
     multi = cascade.task.multi_label
@@ -188,13 +203,16 @@ def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, target_pre
         weight = 0.0
     policy = policy.model_copy(update={"llm_temperature": temperature, "llm_weight": float(weight)})
     final = proba.copy()
+    learned = None
     if weight > 0:
         final[unsure] = cascade.pool(proba[unsure], llm, weight)
-        pooled_right = _correct(final[unsure], truth[unsure], multi)
-        learn = accept_threshold(cascade.certainty(final[unsure]), pooled_right, target_precision)
+        pooled_right, pooled_certainty = _correct(final[unsure], truth[unsure], multi), cascade.certainty(final[unsure])
+        learn = accept_threshold(pooled_certainty, pooled_right, learn_precision)
         policy = policy.model_copy(update={"learn_threshold": learn})
+        kept = pooled_certainty >= learn
+        learned = (float(kept.mean()), float(pooled_right[kept].mean()) if kept.any() else None)
     llm_alone = _correct(np.nan_to_num(llm), truth[unsure], multi).mean() if not multi else accuracy[1.0]
-    return policy, final, (float(llm_alone), float(fallback_right))
+    return policy, final, (float(llm_alone), float(fallback_right)), learned
 
 
 def _fit_temperature(logprobs: np.ndarray, truth: np.ndarray, multi: bool) -> float:
