@@ -1,0 +1,467 @@
+"""The HTTP service for chat assistants: one workspace's classifier behind a small JSON API.
+
+    POST /v1/classify   {"text": "..."} or {"texts": [...]}, optional "top"  ->  {"answers": [...], "latency_ms"}
+    POST /v1/feedback   {"text", "label"} (or "labels"), optional "retrain"  ->  stored as a `review` example
+    GET  /v1/task       the task's labels, shape and the cascade's current policy
+    GET  /healthz       liveness; never needs the API key and never waits for the classifier
+    GET  /metrics       Prometheus text: requests by endpoint and status, answers by route, latencies, batch sizes
+    GET  /docs          the OpenAPI page
+
+`create_app(classifier)` builds the app around a classifier you own; `serve(workspace)` opens a workspace and runs
+it with uvicorn on 127.0.0.1 (another host only when asked: the service is for the assistant beside it).
+
+Why one worker thread: a `Classifier` is not thread-safe (its llama.cpp context, SQLite connection and FAISS index
+each expect one caller at a time). Every call into it, classifying or not, runs on one single-thread executor, in
+the order it was asked for; the event loop only parses, validates and answers HTTP.
+
+Why micro-batching: one embedding call for 16 texts costs far less than 16 calls, and the LLM engine scores a batch
+of prompts in one call too. Classify requests therefore wait in a queue; whenever the worker is free it takes
+every request waiting (up to `max_texts` texts, a request is never split), answers them in one
+`classifier.classify(texts)` call and hands each request its own slice. There is no waiting window: an idle service
+answers a lone request at once, and a busy one batches exactly the requests that arrived during the previous batch.
+
+Feedback is stored at once (and committed to the workspace's database) but does not retrain the fallback unless
+the request says `"retrain": true`: retraining reads every stored example, which is cheap for hundreds of examples
+but not for tens of thousands, so the caller decides. Otherwise the correction counts from the next retrain: the
+cascade's own after every `retrain_every` LLM labels, or the next feedback with `"retrain": true` (a
+`labelcascade retrain` run beside the service reaches it only when the service is restarted).
+
+Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its body is the plain text "Content Too
+Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
+`max_text_chars` characters, get 422. Other errors are JSON (`{"detail": ...}`) and never carry a traceback: a
+classifier failure is logged with its traceback and answered 500. The cascade itself never raises for a failing
+LLM; it answers with route `degraded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from labelcascade import __version__
+from labelcascade.agent import Policy
+from labelcascade.classifier import Classifier
+from labelcascade.records import Prediction, Route, Source
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# --- the API's models ---------------------------------------------------------------------------------------
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text is empty")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class ClassifyRequest(BaseModel):
+    """One text or a list of texts to classify; give exactly one of `text` and `texts`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text | None = Field(None, description="A single text.")
+    texts: list[Text] | None = Field(None, min_length=1, description="Several texts, answered in order.")
+    top: int = Field(3, ge=0, description="How many of the most probable labels to return per text.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ClassifyRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' (a string) or 'texts' (a list of strings)")
+        return self
+
+    @property
+    def all_texts(self) -> list[str]:
+        return [self.text] if self.text is not None else self.texts
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class Answer(BaseModel):
+    """One text's answer: the fields of `labelcascade.Prediction`, with the `top` labels for its probabilities."""
+
+    label: str | None = Field(description="The answer; null when the cascade abstained or a multi-label answer is empty.")
+    labels: list[str] = Field(description="All labels answered (one for single-label tasks, any number for multi-label).")
+    confidence: float = Field(description="Probability of the answer (multi-label: of the least sure label answered).")
+    route: Route = Field(description="Who answered: fallback, llm, degraded (the LLM failed; fallback answer) or abstain.")
+    top: list[LabelProbability] = Field(description="The most probable labels, most probable first.")
+    evidence: list[int] = Field(description="Ids of the stored examples shown to the LLM.")
+    latency_ms: float = Field(description="The classifier's time spent on this text, in milliseconds.")
+
+    @classmethod
+    def of(cls, prediction: Prediction, top: int) -> Answer:
+        best = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[:top]
+        return cls(
+            label=prediction.label,
+            labels=prediction.labels,
+            confidence=prediction.confidence,
+            route=prediction.route,
+            top=[LabelProbability(label=label, probability=p) for label, p in best],
+            evidence=prediction.evidence,
+            latency_ms=prediction.latency_ms,
+        )
+
+
+class ClassifyResponse(BaseModel):
+    answers: list[Answer] = Field(description="One answer per text, in the order given.")
+    latency_ms: float = Field(description="Wall time of the request in the service, waiting for its batch included.")
+
+
+class FeedbackRequest(BaseModel):
+    """A person's label for a text, e.g. a corrected answer; give exactly one of `label` and `labels`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text
+    label: str | None = Field(None, description="The right label.")
+    labels: list[str] | None = Field(None, min_length=1, description="The right labels (multi-label tasks).")
+    retrain: bool = Field(False, description="Retrain the fallback on every stored example now.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FeedbackRequest:
+        if (self.label is None) == (self.labels is None):
+            raise ValueError("give exactly one of 'label' (a string) or 'labels' (a list of strings)")
+        return self
+
+    @property
+    def all_labels(self) -> list[str]:
+        return [self.label] if self.label is not None else self.labels
+
+
+class FeedbackResponse(BaseModel):
+    id: int = Field(description="The stored example's id; a text already stored keeps its id and takes these labels.")
+    labels: list[str]
+    source: Source = Field(description="Always `review`: a person's label outranks gold and LLM labels.")
+    retrained: bool
+
+
+class LabelInfo(BaseModel):
+    name: str
+    description: str
+
+
+class TaskInfo(BaseModel):
+    name: str
+    instructions: str
+    labels: list[LabelInfo]
+    multi_label: bool
+    allow_abstain: bool
+    policy: Policy = Field(description="The cascade's current thresholds and LLM settings.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+# --- the one worker -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Waiting:
+    """A classify request in the queue: its texts and where its predictions go."""
+
+    texts: list[str]
+    predictions: asyncio.Future[list[Prediction]]
+
+
+class ClassifierWorker:
+    """Runs every call into the classifier on one thread, and joins waiting classify requests into one call."""
+
+    def __init__(self, classifier: Classifier, *, max_batch: int, batch_texts: Histogram):
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self._batch_texts = batch_texts
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Waiting] | None = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The worker thread and the batching loop, for the lifetime of the app."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelcascade-classifier")
+        self._queue = asyncio.Queue()
+        batching = asyncio.create_task(self._batch_forever())
+        try:
+            yield
+        finally:
+            batching.cancel()
+            await asyncio.gather(batching, return_exceptions=True)
+            self._executor.shutdown(wait=True)
+
+    async def call(self, function: Callable[[], T]) -> T:
+        """Run `function` (which may touch the classifier) on the worker thread, in turn with everything else."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _guarded(function))
+
+    async def classify(self, texts: list[str]) -> list[Prediction]:
+        """Predictions for `texts`, classified together with whatever other requests are waiting."""
+        waiting = _Waiting(texts, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(waiting)
+        return await waiting.predictions
+
+    async def _batch_forever(self) -> None:
+        held: _Waiting | None = None  # the request that did not fit in the previous batch
+        while True:
+            batch = [held or await self._queue.get()]
+            held = None
+            size = len(batch[0].texts)
+            while not self._queue.empty():
+                waiting = self._queue.get_nowait()
+                if size + len(waiting.texts) > self.max_batch:
+                    held = waiting
+                    break
+                batch.append(waiting)
+                size += len(waiting.texts)
+            await self._answer([waiting for waiting in batch if not waiting.predictions.cancelled()])
+
+    async def _answer(self, batch: list[_Waiting]) -> None:
+        if not batch:
+            return
+        texts = [text for waiting in batch for text in waiting.texts]
+        self._batch_texts.observe(len(texts))
+        try:
+            predictions = await self.call(lambda: self.classifier.classify(texts))
+        except HTTPException as error:
+            for waiting in batch:
+                if not waiting.predictions.done():
+                    waiting.predictions.set_exception(error)
+            return
+        start = 0
+        for waiting in batch:
+            if not waiting.predictions.done():
+                waiting.predictions.set_result(predictions[start : start + len(waiting.texts)])
+            start += len(waiting.texts)
+
+
+def _guarded(function: Callable[[], T]) -> Callable[[], T]:
+    """`function`, with any error it raises logged with its traceback and turned into a 500 that names it."""
+
+    def run() -> T:
+        try:
+            return function()
+        except Exception as error:
+            logger.exception("the classifier failed")
+            raise HTTPException(500, detail=f"the classifier failed: {type(error).__name__}: {error}") from None
+
+    return run
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """The service's Prometheus instruments, in a registry of its own (so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "labelcascade_http_requests", "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "labelcascade_http_request_duration_seconds", "Time to answer an HTTP request, by endpoint.",
+            ["endpoint"], registry=self.registry,
+        )
+        self.answers = Counter(
+            "labelcascade_answers", "Texts answered, by the route that answered them.", ["route"], registry=self.registry
+        )
+        self.batch_texts = Histogram(
+            "labelcascade_classify_batch_texts", "Texts per classifier call (several requests joined into one).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry,
+        )
+        for route in Route:
+            self.answers.labels(route.value)
+
+    def observe(self, request: Request, status: int, seconds: float) -> None:
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"  # unknown paths must not grow the label set
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def exposition(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+
+def create_app(
+    classifier: Classifier,
+    *,
+    api_key: str | None = None,
+    max_texts: int = 256,
+    max_text_chars: int = 4_000,
+    max_body_bytes: int = 1_000_000,
+) -> FastAPI:
+    """The HTTP app over `classifier`, which stays yours to close. With `api_key`, every endpoint but /healthz (and
+    the /docs page) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`. `max_texts` caps the texts per
+    request (and per classifier call), `max_text_chars` the length of one text, `max_body_bytes` the request body."""
+    metrics = Metrics()
+    worker = ClassifierWorker(classifier, max_batch=max_texts, batch_texts=metrics.batch_texts)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with worker.running():
+            yield
+
+    app = FastAPI(
+        title="labelcascade",
+        version=__version__,
+        summary="Classify texts with a cascade: an embedding + SVM fallback, a local LLM when it is unsure.",
+        lifespan=lifespan,
+        max_body_size=max_body_bytes,
+    )
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(request, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        logger.error("unexpected error", exc_info=error)
+        return JSONResponse({"detail": "internal error; see the service's log"}, status_code=500)
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> Health:
+        """The service is up. Needs no API key and does not wait for the classifier."""
+        return Health()
+
+    api = APIRouter(dependencies=[Depends(_key_check(api_key))] if api_key is not None else [])
+
+    @api.post("/v1/classify", tags=["classify"])
+    async def classify(request: ClassifyRequest) -> ClassifyResponse:
+        """Classify one text or a list of texts; requests that arrive together are classified in one batch."""
+        start = time.perf_counter()
+        texts = request.all_texts
+        field = "text" if request.text is not None else "texts"
+        if len(texts) > max_texts:
+            raise _invalid(field, f"{len(texts)} texts; at most {max_texts} per request")
+        for i, text in enumerate(texts):
+            if len(text) > max_text_chars:
+                where = field if request.text is not None else f"texts[{i}]"
+                raise _invalid(where, f"{where} has {len(text)} characters; at most {max_text_chars}")
+        predictions = await worker.classify(texts)
+        for prediction in predictions:
+            metrics.answers.labels(prediction.route.value).inc()
+        return ClassifyResponse(
+            answers=[Answer.of(prediction, request.top) for prediction in predictions],
+            latency_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    @api.post("/v1/feedback", tags=["learn"])
+    async def feedback(request: FeedbackRequest) -> FeedbackResponse:
+        """Store a person's label for a text as a `review` example (it outranks gold and LLM labels of the same
+        text). The fallback learns from it at its next retrain, or now with `"retrain": true`."""
+        task = await worker.call(lambda: classifier.task)
+        labels = request.all_labels
+        field = "label" if request.label is not None else "labels"
+        for label in labels:
+            if label not in task.label_names:
+                raise _invalid(field, f"unknown label {label!r}; the task {task.name!r} has labels {task.label_names}")
+        if len(labels) > 1 and not task.multi_label:
+            raise _invalid(field, f"{len(labels)} labels given but the task {task.name!r} is single-label")
+        if len(text := request.text) > max_text_chars:
+            raise _invalid("text", f"text has {len(text)} characters; at most {max_text_chars}")
+
+        def store() -> int:
+            [example_id] = classifier.add_examples([text], [labels], source=Source.REVIEW)
+            classifier.store.commit()
+            if request.retrain:
+                classifier.retrain()
+            return example_id
+
+        example_id = await worker.call(store)
+        return FeedbackResponse(id=example_id, labels=labels, source=Source.REVIEW, retrained=request.retrain)
+
+    @api.get("/v1/task", tags=["task"])
+    async def task_info() -> TaskInfo:
+        """The task's labels and answer shape, and the thresholds the cascade routes by."""
+        task, policy = await worker.call(lambda: (classifier.task, classifier.policy))
+        return TaskInfo(
+            name=task.name,
+            instructions=task.instructions,
+            labels=[LabelInfo(name=label.name, description=label.description) for label in task.labels],
+            multi_label=task.multi_label,
+            allow_abstain=task.allow_abstain,
+            policy=policy,
+        )
+
+    @api.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: requests by endpoint and status, answers by route, latencies, batch sizes."""
+        return metrics.exposition()
+
+    app.include_router(api)
+    return app
+
+
+def _key_check(api_key: str) -> Callable[..., None]:
+    """A dependency that accepts `Authorization: Bearer <api_key>` or `X-API-Key: <api_key>` and nothing else."""
+    expected = api_key.encode()
+
+    def check(
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(HTTPBearer(auto_error=False))],
+        header: Annotated[str | None, Security(APIKeyHeader(name="X-API-Key", auto_error=False))],
+    ) -> None:
+        given = bearer.credentials if bearer is not None else header
+        if given is None or not secrets.compare_digest(given.encode(), expected):
+            raise HTTPException(
+                401,
+                detail="missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+def _invalid(field: str, message: str) -> RequestValidationError:
+    """A 422 in FastAPI's own shape, for limits that depend on the app's settings or the task."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}])
+
+
+def serve(
+    workspace: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    engine: str | None = "saved",
+    max_texts: int = 256,
+    max_text_chars: int = 4_000,
+    max_body_bytes: int = 1_000_000,
+) -> None:
+    """Open `workspace` and serve it over HTTP until interrupted. `engine` is the workspace's saved LLM engine
+    ("saved"), another engine spec, or None for the fallback alone; the other options are `create_app`'s."""
+    classifier = Classifier.open(workspace, engine=engine)
+    try:
+        app = create_app(
+            classifier, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes
+        )
+        uvicorn.run(app, host=host, port=port)
+    finally:
+        classifier.close()

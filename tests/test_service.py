@@ -1,0 +1,235 @@
+"""The HTTP service over real HTTP: a uvicorn server on 127.0.0.1 in a background thread, httpx as the client, and
+the real embedder, store and fallback behind it (the embedded LLM too, in the test named so)."""
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from labelcascade import Classifier
+from labelcascade.agent import Policy
+from labelcascade.service import create_app, serve
+
+from .conftest import BANKING_TASK, banking_messages
+
+MESSAGES, _ = banking_messages()
+
+
+@contextmanager
+def running(app: FastAPI) -> Iterator[str]:
+    """`app` served by uvicorn on a free port of 127.0.0.1 in a background thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped before it started"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def post_concurrently(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    """POST every body to /v1/classify, at most `concurrency` requests in flight at once."""
+
+    async def send_all() -> list[httpx.Response]:
+        slots = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+            async def send(body: dict) -> httpx.Response:
+                async with slots:
+                    return await client.post("/v1/classify", json=body)
+
+            return await asyncio.gather(*(send(body) for body in bodies))
+
+    return asyncio.run(send_all())
+
+
+def metric(exposition: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text."""
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise KeyError(f"no sample {name}{labels}")
+
+
+@pytest.fixture(scope="module")
+def banking(embedder):
+    """The banking task's fallback alone (no LLM): fast, and never changes while the tests read it."""
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    yield classifier
+    classifier.close()
+
+
+@pytest.fixture(scope="module")
+def direct(banking):
+    """What the classifier answers for each banking message when called directly, one text at a time."""
+    return {text: banking.classify(text) for text in MESSAGES}
+
+
+def test_200_concurrent_requests_are_batched_and_answer_as_the_classifier_does(banking, direct):
+    texts = [MESSAGES[i % len(MESSAGES)] for i in range(200)]
+    with running(create_app(banking)) as url:
+        responses = post_concurrently(url, [{"text": text} for text in texts], concurrency=16)
+        exposition = httpx.get(f"{url}/metrics").text
+    assert [r.status_code for r in responses] == [200] * 200
+    for text, response in zip(texts, responses, strict=True):
+        [answer] = response.json()["answers"]
+        expected = direct[text]
+        assert (answer["label"], answer["route"]) == (expected.label, expected.route.value) == (expected.label, "fallback")
+        assert answer["confidence"] == pytest.approx(expected.confidence, abs=1e-4)
+        assert answer["top"][0] == {"label": answer["label"], "probability": answer["confidence"]} and len(answer["top"]) == 3
+    assert metric(exposition, "labelcascade_classify_batch_texts_sum") == 200
+    assert metric(exposition, "labelcascade_classify_batch_texts_count") < 200  # waiting requests were joined
+
+
+def test_a_list_of_texts_is_answered_in_order_with_the_top_labels_asked_for(banking, direct):
+    with running(create_app(banking)) as url:
+        response = httpx.post(f"{url}/v1/classify", json={"texts": MESSAGES[:5], "top": 1})
+    assert response.status_code == 200
+    answers = response.json()["answers"]
+    assert [a["label"] for a in answers] == [direct[text].label for text in MESSAGES[:5]]
+    assert all(len(a["top"]) == 1 and a["latency_ms"] >= 0 for a in answers) and response.json()["latency_ms"] > 0
+
+
+def test_metrics_count_requests_by_endpoint_and_status_and_answers_by_route(banking):
+    with running(create_app(banking)) as url, httpx.Client(base_url=url) as client:
+        for text in MESSAGES[:5]:
+            assert client.post("/v1/classify", json={"text": text}).status_code == 200
+        assert client.post("/v1/classify", json={"texts": MESSAGES[5:8]}).status_code == 200
+        assert client.post("/v1/classify", json={}).status_code == 422
+        assert client.get("/nowhere").status_code == 404
+        response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    exposition = response.text
+    assert metric(exposition, "labelcascade_http_requests_total", endpoint="/v1/classify", status="200") == 6
+    assert metric(exposition, "labelcascade_http_requests_total", endpoint="/v1/classify", status="422") == 1
+    assert metric(exposition, "labelcascade_http_requests_total", endpoint="unmatched", status="404") == 1
+    assert metric(exposition, "labelcascade_http_request_duration_seconds_count", endpoint="/v1/classify") == 7
+    assert metric(exposition, "labelcascade_answers_total", route="fallback") == 8
+    assert metric(exposition, "labelcascade_answers_total", route="llm") == 0
+    assert metric(exposition, "labelcascade_classify_batch_texts_sum") == 8
+
+
+def test_task_health_and_docs(banking):
+    with running(create_app(banking)) as url, httpx.Client(base_url=url) as client:
+        task = client.get("/v1/task").json()
+        health = client.get("/healthz")
+        docs, schema = client.get("/docs"), client.get("/openapi.json").json()
+    assert task["name"] == "banking-support" and not task["multi_label"] and not task["allow_abstain"]
+    assert [label["name"] for label in task["labels"]] == list(banking.classes_)
+    assert task["labels"][0]["description"] == "The customer is waiting for a card that has not arrived yet."
+    assert task["policy"]["accept_threshold"] == banking.policy.accept_threshold
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert {"/v1/classify", "/v1/feedback", "/v1/task", "/healthz", "/metrics"} <= schema["paths"].keys()
+
+
+def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder):
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    text = "My card's frozen, what can I do?"  # the seed examples alone answer lost_or_stolen_card
+    with running(create_app(classifier)) as url, httpx.Client(base_url=url) as client:
+        before = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
+        stored = client.post("/v1/feedback", json={"text": text, "label": "pin_blocked"})
+        unchanged = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
+        retrained = client.post("/v1/feedback", json={"text": text, "labels": ["pin_blocked"], "retrain": True})
+        after = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
+        unknown = client.post("/v1/feedback", json={"text": "what is the weather", "label": "weather"})
+        two = client.post("/v1/feedback", json={"text": text, "labels": ["pin_blocked", "change_pin"]})
+    assert stored.status_code == 200 and stored.json()["source"] == "review" and not stored.json()["retrained"]
+    assert retrained.json()["retrained"] and retrained.json()["id"] == stored.json()["id"]
+    [example] = classifier.store.get([stored.json()["id"]])
+    assert (example.text, example.labels, example.source.value) == (text, ("pin_blocked",), "review")
+    assert (before, unchanged, after) == ("lost_or_stolen_card", "lost_or_stolen_card", "pin_blocked")
+    assert unknown.status_code == 422
+    message = unknown.json()["detail"][0]["msg"]
+    assert "unknown label 'weather'" in message and "card_arrival" in message and "terminate_account" in message
+    assert two.status_code == 422 and "single-label" in two.json()["detail"][0]["msg"]
+    assert len(classifier.store) == 81  # the 80 seed examples and the one reviewed text
+    classifier.close()
+
+
+def test_api_key_guards_every_endpoint_but_healthz(banking):
+    with running(create_app(banking, api_key="s3cret")) as url, httpx.Client(base_url=url) as client:
+        assert client.get("/healthz").status_code == 200
+        for method, path in [("GET", "/v1/task"), ("GET", "/metrics"), ("POST", "/v1/classify"), ("POST", "/v1/feedback")]:
+            assert client.request(method, path, json={"text": "hi"}).status_code == 401
+        assert client.get("/v1/task", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/v1/task", headers={"X-API-Key": "wrong"}).status_code == 401
+        refused = client.post("/v1/classify", json={"text": "my card got stolen"})
+        assert refused.status_code == 401 and "Bearer" in refused.json()["detail"]
+        assert client.get("/v1/task", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.get("/metrics", headers={"X-API-Key": "s3cret"}).status_code == 200
+        answered = client.post("/v1/classify", json={"text": "my card got stolen"}, headers={"X-API-Key": "s3cret"})
+        assert answered.json()["answers"][0]["label"] == "lost_or_stolen_card"
+
+
+def test_limits_and_malformed_requests_are_refused_with_the_reason(banking):
+    with running(create_app(banking, max_texts=4, max_text_chars=100)) as url, httpx.Client(base_url=url) as client:
+
+        def refused(body: dict, status: int = 422) -> str:
+            response = client.post("/v1/classify", json=body)
+            assert response.status_code == status, response.text
+            return response.text
+
+        assert "exactly one of 'text'" in refused({"text": "a card", "texts": ["a card"]})
+        assert "exactly one of 'text'" in refused({"top": 2})
+        assert "5 texts; at most 4" in refused({"texts": ["my card"] * 5})
+        assert "texts[1] has 101 characters; at most 100" in refused({"texts": ["my card", "x" * 101]})
+        assert "text is empty" in refused({"text": "   "})
+        assert "extra" in refused({"text": "my card", "language": "en"})
+        assert "Content Too Large" in refused({"text": "x" * 1_100_000}, status=413)
+        malformed = client.post("/v1/classify", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert malformed.status_code == 422
+
+
+def test_a_failing_classifier_answers_500_with_a_message_and_no_traceback(embedder):
+    untrained = Classifier(embedder=embedder, engine=None)  # no task: every call into it raises
+    with running(create_app(untrained)) as url:
+        response = httpx.post(f"{url}/v1/classify", json={"text": "my card got stolen"})
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    assert response.status_code == 500
+    assert "NotFittedError" in response.json()["detail"] and "Traceback" not in response.text
+    untrained.close()
+
+
+def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_path, monkeypatch):
+    Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
+    monkeypatch.setattr("labelcascade.classifier.load_embedder", lambda spec: embedder)  # not a second model load
+    seen = {}
+
+    def run_instead(app: FastAPI, *, host: str, port: int) -> None:
+        seen.update(host=host, port=port)
+        with running(app) as url:
+            seen["task"] = httpx.get(f"{url}/v1/task").json()["name"]
+
+    monkeypatch.setattr(uvicorn, "run", run_instead)
+    serve(tmp_path / "ws")
+    assert seen == {"host": "127.0.0.1", "port": 8000, "task": "banking-support"}
+
+
+def test_unsure_texts_are_answered_by_the_embedded_llm_through_the_service(embedder):
+    """Loads Gemma 3 270M through llama.cpp; an accept threshold of 1 sends every text to it."""
+    classifier = Classifier(
+        BANKING_TASK, embedder=embedder, engine="llamacpp:default", policy=Policy(accept_threshold=1.0, learn=False)
+    )
+    texts = MESSAGES[:6]
+    with running(create_app(classifier)) as url:
+        responses = post_concurrently(url, [{"text": text} for text in texts], concurrency=6)
+        exposition = httpx.get(f"{url}/metrics").text
+    answers = [response.json()["answers"][0] for response in responses]
+    assert [a["route"] for a in answers] == ["llm"] * len(texts)
+    assert all(a["label"] in classifier.classes_ and a["evidence"] for a in answers)
+    assert metric(exposition, "labelcascade_answers_total", route="llm") == len(texts)
+    classifier.close()
