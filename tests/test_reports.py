@@ -1,0 +1,171 @@
+"""Evaluation reports end to end: real embedder, store and fallback; real files, decoded back as images.
+
+The numbers are checked against values recomputed here from the classifier's own predictions. The LLM route is
+driven by `AnswerKey`, an engine that knows the right answers: not a model of an LLM, but a way to know exactly
+which texts the LLM should fix, so that the replayed accuracy-against-LLM-share curve can be checked point by point.
+"""
+
+import re
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from labelcascade import Classifier, Route, Task
+from labelcascade.agent import Policy
+from labelcascade.agent.engines import EngineStats
+from labelcascade.prompts import PromptRenderer, clean_text
+from labelcascade.reports import evaluate
+
+from .conftest import BANKING_TASK, banking_messages
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("confusion_png", "reliability_png", "llm_share_png")
+
+
+class AnswerKey:
+    """An engine that gives the true label of each known text all the probability (see the module docstring)."""
+
+    spec = "answer-key"
+
+    def __init__(self, task: Task, texts: list[str], labels: list[str]):
+        renderer = PromptRenderer(task)
+        self.answers = {clean_text(t): renderer.candidates([label])[0] for t, label in zip(texts, labels, strict=True)}
+        self.stats = EngineStats()
+
+    def score(self, prompts, candidates, *, timeout=None):
+        scores = []
+        for prompt, options in zip(prompts, candidates, strict=True):
+            text = max(self.answers, key=prompt.rfind)  # the text being asked about comes last in the prompt
+            scores.append({option: 0.0 if option == self.answers[text] else -30.0 for option in options})
+        return scores
+
+    def close(self) -> None:
+        pass
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    return image
+
+
+@pytest.fixture(scope="module")
+def banking(embedder):
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    yield classifier
+    classifier.close()
+
+
+def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
+    texts, labels = banking_messages()
+    out = tmp_path / "new" / "eval"
+    report = evaluate(banking, texts, labels, out, title="Banking check")
+
+    predictions = banking.classify(texts)
+    right = np.array([p.label == truth for p, truth in zip(predictions, labels, strict=True)])
+    assert report.accuracy == pytest.approx(right.mean()) == pytest.approx(report.fallback_accuracy)
+    assert report.texts == 40 and report.llm_share == 0 and report.abstained == 0 and report.engine is None
+    assert {r.route: r.answers for r in report.routes} == {Route.FALLBACK: 40, Route.LLM: 0, Route.DEGRADED: 0, Route.ABSTAIN: 0}
+    assert [s.label for s in report.labels] == list(banking.classes_)
+    assert sum(s.support for s in report.labels) == 40
+    assert report.coverage[0].threshold == 0 and report.coverage[0].precision == pytest.approx(right.mean())
+    # nothing was sent to the LLM: the curve is the one measured point, which is the fallback alone
+    assert [(p.llm_share, p.accuracy) for p in report.llm_curve] == [(0.0, pytest.approx(right.mean()))]
+
+    assert report.report_md == out / "report.md"
+    assert sorted(path.name for path in out.iterdir()) == ["confusion.png", "llm_share.png", "reliability.png", "report.md"]
+    for plot in PLOTS:
+        assert_png(getattr(report, plot))
+    md = report.report_md.read_text()
+    assert md.startswith("# Banking check\n")
+    assert f"| accuracy | {right.mean():.3f} |" in md
+    for label in banking.classes_:
+        assert re.search(rf"^\| {label} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| \d+ \|$", md, re.MULTILINE), label
+    assert "| confidence at least | coverage | accuracy |" in md and "| 0.90 |" in md
+    for plot in PLOTS:
+        assert f"]({getattr(report, plot).name})" in md
+
+
+def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embedder, banking, tmp_path):
+    texts, labels = banking_messages()
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=AnswerKey(banking.task, texts, labels),
+                            policy=Policy(accept_threshold=0.0))
+    fallback = classifier.classify(texts)  # accepting every answer: the fallback's answers
+    classifier.policy = Policy(accept_threshold=0.99, learn_threshold=0.5, retrain_every=1)
+    stored = len(classifier.store)
+    report = evaluate(classifier, texts, labels, tmp_path)
+
+    certainty = np.array([p.confidence for p in fallback])
+    fallback_right = np.array([p.label == truth for p, truth in zip(fallback, labels, strict=True)])
+    sent = certainty < 0.99
+    assert 0 < sent.sum() < 40
+    assert report.llm_share == pytest.approx(sent.mean())
+    assert {r.route: r.answers for r in report.routes}[Route.LLM] == sent.sum()
+    assert report.accuracy == pytest.approx(np.mean(sent | fallback_right))  # the answer key fixes every sent text
+    assert report.fallback_accuracy == pytest.approx(fallback_right.mean())
+    assert len(classifier.store) == stored  # evaluating never learns from the test texts
+
+    curve = report.llm_curve
+    assert (curve[0].llm_share, curve[0].accuracy) == (0.0, pytest.approx(fallback_right.mean()))
+    assert (curve[-1].llm_share, curve[-1].accuracy) == (pytest.approx(sent.mean()), pytest.approx(report.accuracy))
+    assert len(curve) == sent.sum() + 1 and np.all(np.diff([p.llm_share for p in curve]) > 0)
+    for point in curve:  # the texts under the threshold take the answer key's answer, the others the fallback's
+        asked = certainty < point.accept_threshold
+        assert point.accuracy == pytest.approx(np.mean(np.where(asked, True, fallback_right)))
+    assert_png(report.llm_share_png)
+    classifier.close()
+
+
+def test_multi_label_task_gets_a_report(embedder, tmp_path):
+    task = Task.build({"name": "topics", "multi_label": True, "labels": [
+        {"name": "sport", "examples": ["the team won the final", "the striker scored twice"]},
+        {"name": "money", "examples": ["shares fell sharply", "the bank raised rates"]},
+        {"name": "weather", "examples": ["heavy rain is expected", "a heatwave hit the city"]},
+    ]})
+    classifier = Classifier(task, embedder=embedder, engine=None)
+    texts = ["the club was sold for a record fee", "the goalkeeper was fined", "inflation rose again",
+             "storms delayed the match", "the runner broke the record", "snow closed the stock exchange"]
+    truth = [("sport", "money"), ("sport", "money"), "money", ["sport", "weather"], ["sport"], ("weather", "money")]
+    report = evaluate(classifier, texts, truth, tmp_path)
+
+    answers = [set(p.labels) for p in classifier.classify(texts)]
+    exact = np.mean([a == ({t} if isinstance(t, str) else set(t)) for a, t in zip(answers, truth, strict=True)])
+    assert report.multi_label and report.accuracy == pytest.approx(exact)
+    assert {s.label: s.support for s in report.labels} == {"sport": 4, "money": 4, "weather": 2}
+    assert 0 <= report.calibration_error <= 1
+    for plot in PLOTS:
+        assert_png(getattr(report, plot))
+    assert "exact match" in report.report_md.read_text()
+    classifier.close()
+
+
+def test_bad_input_is_refused_naming_the_row(banking, tmp_path):
+    texts, labels = banking_messages()
+    with pytest.raises(ValueError, match="40 texts and 39 labels"):
+        evaluate(banking, texts, labels[:-1], tmp_path)
+    with pytest.raises(ValueError, match="row 2: unknown label 'weather'"):
+        evaluate(banking, texts[:3], [labels[0], labels[1], "weather"], tmp_path)
+    with pytest.raises(ValueError, match="row 1: no label"):
+        evaluate(banking, texts[:2], [labels[0], None], tmp_path)
+    with pytest.raises(ValueError, match="row 0: text is empty"):
+        evaluate(banking, ["  ", texts[1]], labels[:2], tmp_path)
+    with pytest.raises(ValueError, match="got 0 texts"):
+        evaluate(banking, [], [], tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written for input that was refused
+
+
+def test_77_labels_give_a_confusion_matrix_with_every_label_named(embedder, tmp_path):
+    names = [f"intent_{i:02d}_with_a_long_name" for i in range(77)]
+    seeds = ["question number {i} about topic {n}", "topic {n}: question {i}", "about {n}, question {i}"]
+    task = Task.build({"name": "many", "labels": [
+        {"name": n, "examples": [seed.format(i=i, n=n) for seed in seeds]} for i, n in enumerate(names)
+    ]})
+    classifier = Classifier(task, embedder=embedder, engine=None)
+    texts = [f"a question number {i} about topic {n}" for i, n in enumerate(names)]
+    report = evaluate(classifier, texts, names, tmp_path)
+    height, width, _ = assert_png(report.confusion_png).shape
+    assert height >= 77 * 20 and width >= 77 * 20  # at least 20 pixels per label row: tick labels do not overlap
+    assert len(report.labels) == 77
+    classifier.close()
