@@ -69,3 +69,13 @@ def embed(embedder):
         return np.stack([cache[text] for text in texts])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real embedded LLM (Gemma 3 270M through llama.cpp), loaded once."""
+    from labelcascade.agent.engines.llamacpp import LlamaCppEngine
+
+    engine = LlamaCppEngine()
+    yield engine
+    engine.close()

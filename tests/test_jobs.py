@@ -1,5 +1,7 @@
-"""Labelling jobs: every row exactly once and in order, through SIGKILLs at three points, with the real CLI."""
+"""Labelling jobs: every row exactly once and in order, through SIGKILLs at three points, with the real CLI; the LLM
+budget, the answer cache, the review file and the plan with the real embedded LLM."""
 
+import csv
 import json
 import os
 import signal
@@ -13,10 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from labelcascade import Classifier
+from labelcascade.agent import Policy
+from labelcascade.answer_cache import AnswerCache
 from labelcascade.jobs import LabelJob
 from labelcascade.tables import InputError
 
-from .conftest import BANKING_TASK, load_split
+from .conftest import BANKING_TASK, banking_messages, load_split
 
 ROWS = 1200
 
@@ -98,3 +102,64 @@ def test_a_bad_row_stops_the_job_before_any_work_and_names_its_line(workspace, t
     with pytest.raises(InputError, match="--prefix"):
         LabelJob(classifier, labelled, tmp_path / "out2.jsonl").run(progress=False)
     assert LabelJob(classifier, labelled, tmp_path / "out3.jsonl", prefix="pred_").run(progress=False).rows == 1
+
+
+@pytest.fixture()
+def llm_workspace(tmp_path, embedder, gemma):
+    """A banking workspace that sends every text to the real embedded LLM, and a 12-row input."""
+    classifier = Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
+                            policy=Policy(accept_threshold=1.0, examples=2, learn=False))
+    source = tmp_path / "in.jsonl"
+    texts = banking_messages()[0][:12]
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    yield classifier, source
+    classifier.close()
+
+
+def test_a_budget_caps_llm_calls_over_the_job_and_its_resumed_runs(llm_workspace, tmp_path):
+    classifier, source = llm_workspace
+    out = tmp_path / "out.jsonl"
+    summary = LabelJob(classifier, source, out, batch_size=4, max_llm_calls=5, cache=False).run(progress=False)
+    assert summary.rows == 12 and summary.llm_calls == 5 and summary.routes == {"llm": 5, "fallback": 7}
+    assert [json.loads(line)["route"] for line in out.read_text().splitlines()] == ["llm"] * 5 + ["fallback"] * 7
+    # a rerun of a finished job asks nothing more, and counts what the earlier run spent
+    again = LabelJob(classifier, source, out, batch_size=4, max_llm_calls=5, cache=False).run(progress=False)
+    assert again.done_before == 12 and again.llm_calls == 5
+
+
+def test_the_answer_cache_makes_a_second_job_on_the_same_texts_ask_the_llm_nothing(llm_workspace, tmp_path, gemma):
+    classifier, source = llm_workspace
+    first = LabelJob(classifier, source, tmp_path / "first.jsonl").run(progress=False)
+    assert first.llm_calls == 12 and first.cached == 0
+    prompts = gemma.stats.prompts
+    second = LabelJob(classifier, source, tmp_path / "second.csv").run(progress=False)
+    assert second.llm_calls == 0 and second.cached == 12 and gemma.stats.prompts == prompts
+    labels = [json.loads(line)["label"] for line in (tmp_path / "first.jsonl").read_text().splitlines()]
+    with (tmp_path / "second.csv").open(newline="") as file:
+        assert [row["label"] for row in csv.DictReader(file)] == labels
+    # another task version (a label described differently) is another question: not answered from the cache
+    assert classifier.answer_cache()._scope != AnswerCache(tmp_path / "x.sqlite", task_version="other",
+                                                           engine=gemma.spec)._scope
+
+
+def test_the_review_file_holds_the_low_confidence_rows_with_their_row_numbers(llm_workspace, tmp_path):
+    classifier, source = llm_workspace
+    summary = LabelJob(classifier, source, tmp_path / "out.jsonl", review=tmp_path / "review.jsonl",
+                       review_below=0.6).run(progress=False)
+    answered = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    review = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text().splitlines()]
+    expected = [i + 1 for i, row in enumerate(answered) if row["confidence"] < 0.6]
+    assert [row["row"] for row in review] == expected and summary.review_rows == len(expected)
+    assert all(row["label"] == answered[row["row"] - 1]["label"] for row in review)
+
+
+def test_a_plan_estimates_llm_calls_and_time_without_storing_or_learning(llm_workspace, tmp_path):
+    classifier, source = llm_workspace
+    stored = len(classifier.store)
+    out = tmp_path / "out.jsonl"
+    plan = LabelJob(classifier, source, out, max_llm_calls=7, cache=False).plan(sample=12, llm_sample=3)
+    assert plan.rows == 12 and plan.sampled == 12 and plan.llm_share == 1.0 and plan.llm_calls == 7
+    assert plan.llm_s_per_call > 0 and plan.estimated_s >= 7 * plan.llm_s_per_call
+    assert "7 LLM calls" in plan.describe()
+    assert not out.exists() and not out.with_name(out.name + ".state.sqlite").exists()
+    assert len(classifier.store) == stored

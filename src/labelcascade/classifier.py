@@ -23,6 +23,7 @@ import numpy as np
 
 from labelcascade.agent import Calibration, Cascade, EngineSlot, Learner, Policy, calibrate
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
+from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
@@ -205,11 +206,25 @@ class Classifier:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def classify(self, texts: str | Sequence[str]) -> Prediction | list[Prediction]:
-        """A `Prediction` for one text, or a list of them for a sequence of texts."""
+    def classify(
+        self, texts: str | Sequence[str], *, llm_limit: int | None = None, learn: bool = True
+    ) -> Prediction | list[Prediction]:
+        """A `Prediction` for one text, or a list of them for a sequence of texts.
+
+        `llm_limit`: send at most this many of the texts to the LLM (the others keep the fallback's answer);
+        `learn=False`: do not learn from the LLM's answers (for estimates and dry runs).
+        """
         if isinstance(texts, str):
-            return self._fitted_cascade().classify([texts])[0]
-        return self._fitted_cascade().classify(list(texts))
+            return self._fitted_cascade().classify([texts], llm_limit=llm_limit, learn=learn)[0]
+        return self._fitted_cascade().classify(list(texts), llm_limit=llm_limit, learn=learn)
+
+    def unsure(self, texts: Sequence[str]) -> np.ndarray:
+        """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
+        nothing is asked). All False when there is no engine or the policy sends nothing to it."""
+        cascade = self._fitted_cascade()
+        if self._engine is None or not cascade.policy.asks_llm:
+            return np.zeros(len(texts), dtype=bool)
+        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(list(texts)))))
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Probabilities (n_texts, n_labels), columns in `classes_` order."""
@@ -243,6 +258,14 @@ class Classifier:
     @property
     def workspace_path(self) -> Path:
         return self._workspace_path
+
+    def answer_cache(self) -> AnswerCache | None:
+        """The workspace's cache of LLM answers for this task and engine (None without an engine)."""
+        workspace = self._started()
+        if self._engine is None:
+            return None
+        version = task_version(workspace.task, workspace.settings.template)
+        return AnswerCache(workspace.path / CACHE_FILE, task_version=version, engine=self._engine.spec)
 
     def save(self, path: str | Path | None = None) -> Path:
         """Make the workspace durable; with `path`, copy it there (a new or empty folder) and keep working there."""

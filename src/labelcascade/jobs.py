@@ -8,6 +8,12 @@ then renamed into place: the output is either absent or complete, never half wri
 
 The state remembers which input it belongs to (path, size, modification time, text column); rerunning with another
 input and the same state is refused rather than mixed.
+
+Cost control: the LLM's answers are looked up in the workspace's answer cache first (answer_cache.py), so labelling
+the same texts again asks the LLM nothing; `max_llm_calls` caps the texts sent to the LLM over the whole job (resumed
+runs included: the state counts them), after which the fallback answers alone; `plan` estimates the LLM calls and
+the time from a sample before anything runs. The rows a person should look at (abstained, degraded, or answered
+with low confidence) can be written to a review file beside the output.
 """
 
 from __future__ import annotations
@@ -16,20 +22,29 @@ import csv
 import json
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from labelcascade.answer_cache import AnswerCache
 from labelcascade.classifier import Classifier
-from labelcascade.records import Prediction
+from labelcascade.records import Prediction, Route
 from labelcascade.tables import InputError, Row, file_format, read_rows
 
 STATE_SUFFIX = ".state.sqlite"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rows (position INTEGER PRIMARY KEY, route TEXT NOT NULL, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    position INTEGER PRIMARY KEY, route TEXT NOT NULL, cached INTEGER NOT NULL, confidence REAL NOT NULL,
+    record TEXT NOT NULL
+);
 """
+REVIEW_ROUTES = ("abstain", "degraded")
 
 
 @dataclass
@@ -37,7 +52,30 @@ class JobSummary:
     rows: int
     done_before: int  # rows already labelled by an earlier, interrupted run
     routes: dict[str, int]
+    llm_calls: int  # texts the LLM answered for this job (earlier runs included), not counting cached answers
+    cached: int  # LLM answers taken from the answer cache
     output: Path
+    review: Path | None = None
+    review_rows: int = 0
+
+
+@dataclass
+class JobPlan:
+    """What a job is expected to cost, measured on a sample of its rows."""
+
+    rows: int  # rows still to label
+    sampled: int
+    llm_share: float  # share of the sampled rows the cascade would send to the LLM (cached answers excluded)
+    llm_calls: int  # expected LLM calls, within the budget
+    fallback_s_per_row: float
+    llm_s_per_call: float | None  # None when no sampled row needed the LLM
+    estimated_s: float
+
+    def describe(self) -> str:
+        llm = "-" if self.llm_s_per_call is None else f"{self.llm_s_per_call:.2f} s"
+        return (f"{self.rows} rows to label; from a sample of {self.sampled}: {self.llm_share:.1%} need the LLM -> "
+                f"about {self.llm_calls} LLM calls; {1000 * self.fallback_s_per_row:.1f} ms per row, {llm} per LLM "
+                f"call; estimated {self.estimated_s / 60:.1f} min")
 
 
 class LabelJob:
@@ -53,42 +91,132 @@ class LabelJob:
         batch_size: int = 64,
         top: int = 3,
         prefix: str = "",
+        max_llm_calls: int | None = None,
+        cache: bool = True,
+        review: str | Path | None = None,
+        review_below: float = 0.5,
     ):
         """The output has the input's columns plus `label`, `confidence`, `route` and `top` (a JSON object of the
-        `top` most probable labels), each name preceded by `prefix` (needed when the input has such a column)."""
+        `top` most probable labels), each name preceded by `prefix` (needed when the input has such a column).
+
+        `max_llm_calls`: at most this many texts answered by the LLM over the whole job; `cache`: reuse and keep
+        the LLM's answers in the workspace's answer cache; `review`: a file (CSV, JSONL or Parquet) for the rows
+        that abstained, degraded or whose confidence is under `review_below`, with their 1-based `row` number.
+        """
+        if max_llm_calls is not None and max_llm_calls < 0:
+            raise ValueError(f"max_llm_calls must be 0 or more, got {max_llm_calls}")
         self.classifier = classifier
         self.source, self.destination = Path(source), Path(destination)
         self.text_column = text_column
         self.batch_size = batch_size
         self.top = top
         self.prefix = prefix
-        file_format(self.source)
-        self.output_format = file_format(self.destination)
+        self.max_llm_calls = max_llm_calls
+        self.review, self.review_below = (None if review is None else Path(review)), review_below
+        for path in (self.source, self.destination, self.review):
+            if path is not None:
+                file_format(path)  # refuses an unknown suffix before any work
         self.state_path = self.destination.with_name(self.destination.name + STATE_SUFFIX)
+        self.use_cache = cache
+        self.cache: AnswerCache | None = None
 
     def run(self, *, progress: bool = True) -> JobSummary:
-        """Label what is not done yet, then write the output; safe to rerun after a kill."""
-        with sqlite3.connect(self.state_path) as state:
+        """Label what is not done yet, then write the output (and the review file); safe to rerun after a kill."""
+        with self._answer_cache(), sqlite3.connect(self.state_path) as state:
             state.executescript(_SCHEMA)
             self._check_input(state)
             done = {position for (position,) in state.execute("SELECT position FROM rows")}
-            routes = Counter(route for (route,) in state.execute("SELECT route FROM rows"))
+            routes = Counter(dict(state.execute("SELECT route, COUNT(*) FROM rows GROUP BY route")))
+            llm_calls, cached = self._llm_counts(state)
             total = self._count_rows()
             bar = _progress(total, len(done), progress)
             for batch in self._pending_batches(done):
-                predictions = self.classifier.classify([row.text for _, row in batch])
-                records = [(position, p.route.value, json.dumps(self._record(row, p), ensure_ascii=False))
-                           for (position, row), p in zip(batch, predictions, strict=True)]
+                predictions, from_cache = self._answer([row.text for _, row in batch], llm_calls)
+                records = [
+                    (position, p.route.value, int(hit), p.confidence, json.dumps(self._record(row, p), ensure_ascii=False))
+                    for (position, row), p, hit in zip(batch, predictions, from_cache, strict=True)
+                ]
                 with state:  # one transaction per batch: all of it is done, or none of it
-                    state.executemany("INSERT INTO rows (position, route, record) VALUES (?, ?, ?)", records)
-                routes.update(route for _, route, _ in records)
+                    state.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?)", records)
+                routes.update(p.route.value for p in predictions)
+                llm_calls += sum(p.route is Route.LLM and not hit for p, hit in zip(predictions, from_cache, strict=True))
+                cached += sum(from_cache)
                 if bar is not None:
                     bar.update(len(batch))
-                    bar.set_postfix(routes)
+                    bar.set_postfix({**routes, "llm calls": llm_calls, "cached": cached})
             if bar is not None:
                 bar.close()
             self._write_output(state, total)
-        return JobSummary(rows=total, done_before=len(done), routes=dict(routes), output=self.destination)
+            review_rows = self._write_review(state)
+        return JobSummary(rows=total, done_before=len(done), routes=dict(routes), llm_calls=llm_calls, cached=cached,
+                          output=self.destination, review=self.review, review_rows=review_rows)
+
+    def _answer(self, texts: list[str], llm_calls: int) -> tuple[list[Prediction], list[bool]]:
+        """Answers for one batch: cached LLM answers first, the classifier for the rest within the budget."""
+        hits = self.cache.get(texts) if self.cache is not None else {}
+        misses = [i for i in range(len(texts)) if i not in hits]
+        left = None if self.max_llm_calls is None else max(0, self.max_llm_calls - llm_calls)
+        fresh = self.classifier.classify([texts[i] for i in misses], llm_limit=left) if misses else []
+        if self.cache is not None:
+            self.cache.put([texts[i] for i in misses], fresh)
+        answers = {**hits, **dict(zip(misses, fresh, strict=True))}
+        return [answers[i] for i in range(len(texts))], [i in hits for i in range(len(texts))]
+
+    def plan(self, *, sample: int = 200, llm_sample: int = 8) -> JobPlan:
+        """Estimate the job's LLM calls and time from `sample` rows spread over the input; nothing is stored or
+        learned. `llm_sample` of the rows that need the LLM are sent to it to time a call."""
+        with self._answer_cache():
+            return self._plan(sample, llm_sample)
+
+    @contextmanager
+    def _answer_cache(self):
+        self.cache = self.classifier.answer_cache() if self.use_cache else None
+        try:
+            yield
+        finally:
+            if self.cache is not None:
+                self.cache.close()
+            self.cache = None
+
+    def _plan(self, sample: int, llm_sample: int) -> JobPlan:
+        done = 0
+        if self.state_path.exists():
+            with sqlite3.connect(self.state_path) as state:
+                done = state.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+                llm_calls = self._llm_counts(state)[0]
+        else:
+            llm_calls = 0
+        total = self._count_rows()
+        step = max(1, total // sample)
+        texts = [row.text for i, row in enumerate(read_rows(self.source, text_column=self.text_column))
+                 if i % step == 0][:sample]
+        hits = self.cache.get(texts) if self.cache is not None else {}
+        need = self.classifier.unsure(texts) & ~np.isin(np.arange(len(texts)), list(hits))
+        began = time.perf_counter()
+        self.classifier.classify(texts, llm_limit=0, learn=False)
+        fallback_s = (time.perf_counter() - began) / len(texts)
+        llm_s = None
+        asked = [texts[i] for i in np.flatnonzero(need)[: llm_sample + 1]]
+        if len(asked) >= 2:
+            self.classifier.classify(asked[:1], learn=False)  # loads the engine: not a cost per call
+            began = time.perf_counter()
+            self.classifier.classify(asked[1:], learn=False)
+            llm_s = max(0.0, (time.perf_counter() - began) / len(asked[1:]) - fallback_s)
+        pending = total - done
+        calls = round(float(need.mean()) * pending)
+        if self.max_llm_calls is not None:
+            calls = min(calls, max(0, self.max_llm_calls - llm_calls))
+        return JobPlan(rows=pending, sampled=len(texts), llm_share=float(need.mean()), llm_calls=calls,
+                       fallback_s_per_row=fallback_s, llm_s_per_call=llm_s,
+                       estimated_s=pending * fallback_s + calls * (llm_s or 0.0))
+
+    @staticmethod
+    def _llm_counts(state: sqlite3.Connection) -> tuple[int, int]:
+        """(LLM answers not from the cache, answers from the cache) among the rows done."""
+        fresh, cached = state.execute(
+            "SELECT COALESCE(SUM(route = 'llm' AND cached = 0), 0), COALESCE(SUM(cached), 0) FROM rows"
+        ).fetchone()
+        return int(fresh), int(cached)
 
     def _pending_batches(self, done: set[int]) -> Iterator[list[tuple[int, Row]]]:
         batch: list[tuple[int, Row]] = []
@@ -107,12 +235,11 @@ class LabelJob:
         return sum(1 for _ in read_rows(self.source, text_column=self.text_column))
 
     def _record(self, row: Row, prediction: Prediction) -> dict:
-        best = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[: self.top]
         answer = {
             self.prefix + "label": prediction.label if not self.classifier.task.multi_label else "|".join(prediction.labels),
             self.prefix + "confidence": round(prediction.confidence, 4),
             self.prefix + "route": prediction.route.value,
-            self.prefix + "top": json.dumps({label: round(p, 4) for label, p in best}),
+            self.prefix + "top": json.dumps({label: round(p, 4) for label, p in prediction.top(self.top)}),
         }
         clash = sorted(set(answer) & set(row.columns))
         if clash:
@@ -137,11 +264,25 @@ class LabelJob:
         if count != total:
             raise RuntimeError(f"{self.state_path}: {count} rows labelled but the input has {total}")
         records = (json.loads(record) for (record,) in state.execute("SELECT record FROM rows ORDER BY position"))
-        temporary = self.destination.with_name(self.destination.name + ".tmp")
-        _WRITERS[self.output_format](temporary, records)
-        with temporary.open("rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, self.destination)
+        _write_atomically(self.destination, records)
+
+    def _write_review(self, state: sqlite3.Connection) -> int:
+        if self.review is None:
+            return 0
+        query = (f"SELECT position, record FROM rows WHERE route IN {REVIEW_ROUTES} OR confidence < ? "
+                 "ORDER BY position")
+        rows = state.execute(query, (self.review_below,)).fetchall()
+        _write_atomically(self.review, ({"row": position + 1, **json.loads(record)} for position, record in rows))
+        return len(rows)
+
+
+def _write_atomically(path: Path, records: Iterator[dict]) -> None:
+    """Write to a temporary file, flush it to disk, then rename it into place: `path` is absent or complete."""
+    temporary = path.with_name(path.name + ".tmp")
+    _WRITERS[file_format(path)](temporary, records)
+    with temporary.open("rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 def _write_jsonl(path: Path, records: Iterator[dict]) -> None:

@@ -8,10 +8,10 @@ From the dev texts (never stored, never learned from) `calibrate` measures and c
 - the LLM's temperature, by likelihood, and its weight in the pool with the fallback: the weight with the best dev
   accuracy on the texts the LLM sees. When no weight beats the fallback alone, the weight is 0 and the cascade
   sends nothing to the LLM: on some tasks a small LLM does not help, and then it should cost nothing;
-- the learn threshold: the lowest probability at which the cascade's LLM answers on the dev set keep
-  `learn_precision` (default 0.85). It is lower than the answering target on purpose: an LLM label weighs at most
-  half a gold example in training (fallback/weights.py), and the texts the LLM sees are the hard ones, on which
-  the pooled answers rarely reach 0.95 precision at any threshold; at 0.95 our ag_news run learned nothing at all;
+- the learn threshold: the lowest probability at which the cascade's (pooled) LLM answers on the dev set keep
+  `learn_precision` (default 0.85). It is lower than the answering target on purpose:
+  an LLM label weighs at most half a gold example in training (fallback/weights.py), and the texts the LLM sees
+  are the hard ones, where answers rarely reach 0.95 precision; at 0.95 our ag_news run learned nothing at all;
 - the abstain threshold, for tasks that allow it: answering gains 1 when right and loses 1 when wrong, abstaining
   gains 1 on a dev text that has no label and 0 otherwise; the threshold with the best total is kept.
 It also reports a coverage/precision table of the fallback.

@@ -154,8 +154,12 @@ class Cascade:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def classify(self, texts: Sequence[str]) -> list[Prediction]:
-        """One prediction per text. Texts are embedded together; unsure ones go to the LLM in batches."""
+    def classify(self, texts: Sequence[str], *, llm_limit: int | None = None, learn: bool = True) -> list[Prediction]:
+        """One prediction per text. Texts are embedded together; unsure ones go to the LLM in batches.
+
+        `llm_limit` caps how many of these texts are sent to the LLM (a job's budget); the unsure texts beyond it,
+        in order, keep the fallback's answer. `learn=False` answers without learning (estimates, dry runs).
+        """
         start = time.perf_counter()
         vectors = self.embedder.embed(texts)
         proba = self.probabilities(vectors)
@@ -163,7 +167,7 @@ class Cascade:
         evidence: list[list[int]] = [[] for _ in texts]
         spent = np.full(len(texts), (time.perf_counter() - start) / max(len(texts), 1))
         policy = self.policy
-        unsure = np.flatnonzero(~policy.accepts(self.certainty(proba)))
+        unsure = np.flatnonzero(~policy.accepts(self.certainty(proba)))[:llm_limit]
         if self.engine is not None and policy.asks_llm and len(unsure):
             for batch in np.array_split(unsure, int(np.ceil(len(unsure) / policy.llm_batch))):
                 began = time.perf_counter()
@@ -172,7 +176,8 @@ class Cascade:
         predictions = [
             self._prediction(proba[i], routes[i], evidence[i], spent[i] * 1000) for i in range(len(texts))
         ]
-        self._learn(texts, vectors, predictions)
+        if learn:
+            self._learn(texts, vectors, predictions)
         return predictions
 
     def _ask_llm(self, batch, texts, vectors, proba, routes, evidence) -> None:

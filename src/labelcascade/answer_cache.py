@@ -1,0 +1,67 @@
+"""A cache of the LLM's answers, so that labelling the same texts again costs no LLM call.
+
+An answer is keyed by the text, the task's version and the engine: the same question (labels, descriptions,
+instructions, prompt template) put to the same model. Only answers the LLM gave are kept. Fallback answers are
+cheap, and recomputing them lets a retrained fallback improve them; degraded answers are exactly the ones that
+should be asked again once the engine is back.
+
+The cache is an SQLite file in the workspace, shared by every job (and process) that uses the workspace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from labelcascade.records import Prediction, Route
+from labelcascade.task import Task
+
+CACHE_FILE = "answers.sqlite"
+
+
+def task_version(task: Task, template: str) -> str:
+    """A digest of everything that defines the question asked of the LLM: the task, and the prompt template (its
+    text, when it is a file)."""
+    if template.endswith(".j2") and Path(template).is_file():
+        template = Path(template).read_text(encoding="utf-8")
+    definition = json.dumps({"task": task.model_dump(mode="json"), "template": template}, sort_keys=True)
+    return hashlib.sha256(definition.encode()).hexdigest()[:16]
+
+
+class AnswerCache:
+    """LLM answers by (text, task version, engine)."""
+
+    def __init__(self, path: str | Path, *, task_version: str, engine: str):
+        self.path = Path(path)
+        self._scope = f"{task_version}\0{engine}\0"
+        self._db = sqlite3.connect(self.path, timeout=30)
+        with self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, prediction TEXT NOT NULL)")
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256((self._scope + text).encode()).hexdigest()
+
+    def get(self, texts: Sequence[str]) -> dict[int, Prediction]:
+        """The cached answers, by position in `texts`."""
+        found = {}
+        for i, text in enumerate(texts):
+            row = self._db.execute("SELECT prediction FROM answers WHERE key = ?", (self._key(text),)).fetchone()
+            if row is not None:
+                found[i] = Prediction.model_validate_json(row[0])
+        return found
+
+    def put(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
+        """Keep the answers the LLM gave; others are ignored."""
+        rows = [(self._key(text), p.model_dump_json()) for text, p in zip(texts, predictions, strict=True)
+                if p.route is Route.LLM]
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO answers (key, prediction) VALUES (?, ?)", rows)
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
