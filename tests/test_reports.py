@@ -1,8 +1,8 @@
 """Evaluation reports end to end: real embedder, store and fallback; real files, decoded back as images.
 
-The numbers are checked against values recomputed here from the classifier's own predictions. The LLM route is
-driven by `AnswerKey`, an engine that knows the right answers: not a model of an LLM, but a way to know exactly
-which texts the LLM should fix, so that the replayed accuracy-against-LLM-share curve can be checked point by point.
+The numbers are checked against values recomputed here from the classifier's own predictions; the LLM route uses
+the real embedded LLM, whose answers are deterministic, so the replayed accuracy-against-LLM-share curve can be
+checked point by point.
 """
 
 import re
@@ -13,35 +13,12 @@ from matplotlib.image import imread
 
 from labelcascade import Classifier, Route, Task
 from labelcascade.agent import Policy
-from labelcascade.agent.engines import EngineStats
-from labelcascade.prompts import PromptRenderer, clean_text
 from labelcascade.reports import evaluate
 
 from .conftest import BANKING_TASK, banking_messages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("confusion_png", "reliability_png", "llm_share_png")
-
-
-class AnswerKey:
-    """An engine that gives the true label of each known text all the probability (see the module docstring)."""
-
-    spec = "answer-key"
-
-    def __init__(self, task: Task, texts: list[str], labels: list[str]):
-        renderer = PromptRenderer(task)
-        self.answers = {clean_text(t): renderer.candidates([label])[0] for t, label in zip(texts, labels, strict=True)}
-        self.stats = EngineStats()
-
-    def score(self, prompts, candidates, *, timeout=None):
-        scores = []
-        for prompt, options in zip(prompts, candidates, strict=True):
-            text = max(self.answers, key=prompt.rfind)  # the text being asked about comes last in the prompt
-            scores.append({option: 0.0 if option == self.answers[text] else -30.0 for option in options})
-        return scores
-
-    def close(self) -> None:
-        pass
 
 
 def assert_png(path):
@@ -88,22 +65,23 @@ def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
         assert f"]({getattr(report, plot).name})" in md
 
 
-def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embedder, banking, tmp_path):
+def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embedder, gemma, banking, tmp_path):
     texts, labels = banking_messages()
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=AnswerKey(banking.task, texts, labels),
-                            policy=Policy(accept_threshold=0.0))
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=0.0))
     fallback = classifier.classify(texts)  # accepting every answer: the fallback's answers
-    classifier.policy = Policy(accept_threshold=0.99, learn_threshold=0.5, retrain_every=1)
+    classifier.policy = Policy(accept_threshold=0.9, examples=2, llm_weight=1.0, learn_threshold=0.0, retrain_every=1)
     stored = len(classifier.store)
     report = evaluate(classifier, texts, labels, tmp_path)
+    final = classifier.classify(texts, learn=False)  # the real LLM is deterministic: the same answers again
 
     certainty = np.array([p.confidence for p in fallback])
     fallback_right = np.array([p.label == truth for p, truth in zip(fallback, labels, strict=True)])
-    sent = certainty < 0.99
-    assert 0 < sent.sum() < 40
+    final_right = np.array([p.label == truth for p, truth in zip(final, labels, strict=True)])
+    sent = certainty < 0.9
+    assert 0 < sent.sum() < 40 and [p.route is Route.LLM for p in final] == list(sent)
     assert report.llm_share == pytest.approx(sent.mean())
     assert {r.route: r.answers for r in report.routes}[Route.LLM] == sent.sum()
-    assert report.accuracy == pytest.approx(np.mean(sent | fallback_right))  # the answer key fixes every sent text
+    assert report.accuracy == pytest.approx(final_right.mean())
     assert report.fallback_accuracy == pytest.approx(fallback_right.mean())
     assert len(classifier.store) == stored  # evaluating never learns from the test texts
 
@@ -111,9 +89,9 @@ def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embed
     assert (curve[0].llm_share, curve[0].accuracy) == (0.0, pytest.approx(fallback_right.mean()))
     assert (curve[-1].llm_share, curve[-1].accuracy) == (pytest.approx(sent.mean()), pytest.approx(report.accuracy))
     assert len(curve) == sent.sum() + 1 and np.all(np.diff([p.llm_share for p in curve]) > 0)
-    for point in curve:  # the texts under the threshold take the answer key's answer, the others the fallback's
+    for point in curve:  # the texts under the threshold take the cascade's answer, the others the fallback's
         asked = certainty < point.accept_threshold
-        assert point.accuracy == pytest.approx(np.mean(np.where(asked, True, fallback_right)))
+        assert point.accuracy == pytest.approx(np.mean(np.where(asked, final_right, fallback_right)))
     assert_png(report.llm_share_png)
     classifier.close()
 

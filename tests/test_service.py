@@ -219,11 +219,9 @@ def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_
     assert seen == {"host": "127.0.0.1", "port": 8000, "task": "banking-support"}
 
 
-def test_unsure_texts_are_answered_by_the_embedded_llm_through_the_service(embedder):
-    """Loads Gemma 3 270M through llama.cpp; an accept threshold of 1 sends every text to it."""
-    classifier = Classifier(
-        BANKING_TASK, embedder=embedder, engine="llamacpp:default", policy=Policy(accept_threshold=1.0, learn=False)
-    )
+def test_unsure_texts_are_answered_by_the_embedded_llm_through_the_service(embedder, gemma):
+    """The real Gemma 3 270M through llama.cpp; an accept threshold of 1 sends every text to it."""
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=1.0, learn=False))
     texts = MESSAGES[:6]
     with running(create_app(classifier)) as url:
         responses = post_concurrently(url, [{"text": text} for text in texts], concurrency=6)

@@ -5,7 +5,9 @@
     labelcascade classify WS "text" ...          JSON lines out (texts from arguments, or one per stdin line)
     labelcascade label WS in.csv out.parquet     a resumable job: every row labelled once, in input order
     labelcascade calibrate WS dev.jsonl          thresholds from a labelled dev file; prints the coverage table
+    labelcascade eval WS test.jsonl report/      accuracy, per-label scores and plots from a labelled test file
     labelcascade retrain WS                      retrain the fallback on everything stored
+    labelcascade serve WS                        the HTTP service on 127.0.0.1:8000 (docs at /docs)
 
 Exit codes: 0 done, 1 the input or the workspace is wrong (the message says what to do), 2 a usage error.
 """
@@ -22,8 +24,10 @@ import typer
 from labelcascade.classifier import Classifier
 from labelcascade.fallback import NotFittedError
 from labelcascade.jobs import LabelJob
-from labelcascade.records import Prediction, Source
+from labelcascade.records import Source
+from labelcascade.reports import evaluate
 from labelcascade.retrieval import EmbedderMismatchError
+from labelcascade.service import serve as run_service
 from labelcascade.tables import InputError, read_rows
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import WorkspaceError
@@ -105,7 +109,7 @@ def classify(
         raise InputError("no texts: give them as arguments or one per line on stdin")
     classifier = _open(workspace, engine)
     for text, prediction in zip(texts, classifier.classify(texts), strict=True):
-        typer.echo(json.dumps({"text": text, **answer(prediction, top)}, ensure_ascii=False))
+        typer.echo(json.dumps({"text": text, **prediction.summary(top)}, ensure_ascii=False))
     classifier.close()
 
 
@@ -119,13 +123,28 @@ def label(
     engine: Engine = None,
     prefix: Annotated[str, typer.Option(help="Put before the answer's column names (label, confidence, route, top).")] = "",
     progress: Annotated[bool, typer.Option(help="Show a progress bar with counts per route.")] = True,
+    max_llm_calls: Annotated[
+        int | None, typer.Option(min=0, help="At most this many texts answered by the LLM over the whole job.")
+    ] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Only estimate LLM calls and time from a sample; label nothing.")] = False,
+    review: Annotated[
+        Path | None, typer.Option(help="Also write the rows to review (abstained, degraded, low confidence) here.")
+    ] = None,
+    review_below: Annotated[float, typer.Option(help="Confidence under which a row goes to the review file.")] = 0.5,
+    cache: Annotated[bool, typer.Option(help="Reuse the LLM's earlier answers to the same texts (and keep new ones).")] = True,
 ) -> None:
     """Label every row of a file; rerun the same command after an interruption to resume where it stopped."""
     classifier = _open(workspace, engine)
-    job = LabelJob(classifier, source, destination, text_column=text_column, batch_size=batch_size, prefix=prefix)
-    summary = job.run(progress=progress)
-    resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
-    typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}", err=True)
+    job = LabelJob(classifier, source, destination, text_column=text_column, batch_size=batch_size, prefix=prefix,
+                   max_llm_calls=max_llm_calls, cache=cache, review=review, review_below=review_below)
+    if plan:
+        typer.echo(job.plan().describe())
+    else:
+        summary = job.run(progress=progress)
+        resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
+        reviewed = f"; {summary.review_rows} rows to review -> {summary.review}" if summary.review else ""
+        typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}; "
+                   f"LLM calls {summary.llm_calls}, cached answers {summary.cached}{reviewed}", err=True)
     classifier.close()
 
 
@@ -152,6 +171,43 @@ def calibrate(
     classifier.close()
 
 
+@app.command("eval")
+def evaluate_file(
+    workspace: Workspace,
+    file: Annotated[Path, typer.Argument(help="Labelled test file (CSV, JSONL or Parquet), not used for training.")],
+    out: Annotated[Path, typer.Argument(help="Folder for report.md, confusion.png, reliability.png, llm_share.png.")],
+    text_column: TextColumn = "text",
+    label_column: LabelColumn = "label",
+    title: Annotated[str | None, typer.Option(help="Heading of report.md (default: the task's name).")] = None,
+    engine: Engine = None,
+) -> None:
+    """Evaluate on a labelled file (without learning from it): a report folder with scores, routes and plots."""
+    classifier = _open(workspace, engine)
+    texts, labels = _labelled(file, classifier, text_column, label_column)
+    report = evaluate(classifier, texts, labels, out, title=title)
+    typer.echo(report.summary())
+    classifier.close()
+
+
+@app.command()
+def serve(
+    workspace: Workspace,
+    host: Annotated[str, typer.Option(help="Address to bind; the default keeps the service on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="LABELCASCADE_API_KEY", help="Require 'Authorization: Bearer KEY' (or X-API-Key).")
+    ] = None,
+    engine: Engine = None,
+    max_texts: Annotated[int, typer.Option(min=1, help="Texts per request at most.")] = 256,
+) -> None:
+    """Serve the workspace over HTTP for chat assistants: POST /v1/classify, /v1/feedback; GET /v1/task, /healthz,
+    /metrics; OpenAPI page at /docs."""
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        typer.echo(f"warning: serving on {host} without an API key; anyone who can reach it can use it", err=True)
+    run_service(workspace, host=host, port=port, api_key=api_key, engine="saved" if engine is None else _engine(engine),
+                max_texts=max_texts)
+
+
 @app.command()
 def retrain(workspace: Workspace) -> None:
     """Retrain the fallback on every stored example (gold, review and LLM labels, weighted by source)."""
@@ -159,18 +215,6 @@ def retrain(workspace: Workspace) -> None:
     classifier.retrain()
     typer.echo(f"retrained on {len(classifier.store)} examples")
     classifier.close()
-
-
-def answer(prediction: Prediction, top: int) -> dict:
-    """A prediction as the CLI prints it: the answer, its route and the `top` most probable labels."""
-    best = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[:top]
-    return {
-        "label": prediction.label,
-        "labels": prediction.labels,
-        "confidence": round(prediction.confidence, 4),
-        "route": prediction.route.value,
-        "top": [{"label": label, "probability": round(p, 4)} for label, p in best],
-    }
 
 
 def main() -> None:

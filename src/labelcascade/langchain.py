@@ -110,7 +110,7 @@ def as_tool(classifier: Classifier, name: str | None = None, description: str | 
     returns {"label", "labels", "confidence", "route", "top": [{"label", "probability"}, ...]}."""
     task = classifier.task
     return StructuredTool.from_function(
-        func=lambda text: _result(classifier.classify(text)),
+        func=lambda text: classifier.classify(text).summary(TOP),
         name=name or _tool_name(task),
         description=description or _describe(task),
         args_schema=ClassifyArgs,
@@ -123,19 +123,6 @@ def _text(value: str | TextInput) -> str:
     if isinstance(value, dict) and isinstance(value.get("text"), str):
         return value["text"]
     raise TypeError(f"expected a text or a dict with a 'text' string, got {type(value).__name__}: {value!r:.80}")
-
-
-def _result(prediction: Prediction) -> dict:
-    """A prediction as a JSON-ready dict: the answer, how sure, which part of the cascade answered, and the
-    `TOP` most probable labels (the same shape the command line prints)."""
-    best = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[:TOP]
-    return {
-        "label": prediction.label,
-        "labels": prediction.labels,
-        "confidence": round(prediction.confidence, 4),
-        "route": prediction.route.value,
-        "top": [{"label": label, "probability": round(p, 4)} for label, p in best],
-    }
 
 
 def _tool_name(task: Task) -> str:

@@ -72,3 +72,17 @@ class Prediction(BaseModel):
     route: Route
     evidence: list[int] = Field(default_factory=list, description="Ids of the stored examples shown to the LLM.")
     latency_ms: float = Field(description="Wall time spent on this text, in milliseconds.")
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The `k` most probable labels with their probabilities, most probable first."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])[:k]
+
+    def summary(self, top: int = 3) -> dict:
+        """The answer as plain JSON: what the command line prints and the LangChain tool returns."""
+        return {
+            "label": self.label,
+            "labels": self.labels,
+            "confidence": round(self.confidence, 4),
+            "route": self.route.value,
+            "top": [{"label": label, "probability": round(p, 4)} for label, p in self.top(top)],
+        }

@@ -128,15 +128,9 @@ def evaluate(
     """
     task = classifier.task
     truth = _truth(task.label_names, texts, labels, task.multi_label, task.allow_abstain)
-    # The cascade itself, not `classifier.classify`: its learning is switched off in memory (the workspace's
-    # settings are untouched) while the test texts pass, and restored after, even on error.
+    predictions = classifier.classify(list(texts), learn=False)
     cascade = classifier._fitted_cascade()
     policy = cascade.policy
-    cascade.policy = policy.model_copy(update={"learn": False})
-    try:
-        predictions = cascade.classify(list(texts))
-    finally:
-        cascade.policy = policy
 
     names, multi = task.label_names, task.multi_label
     answers = _answers(predictions, names, multi)

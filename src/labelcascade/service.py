@@ -114,13 +114,12 @@ class Answer(BaseModel):
 
     @classmethod
     def of(cls, prediction: Prediction, top: int) -> Answer:
-        best = sorted(prediction.probabilities.items(), key=lambda item: -item[1])[:top]
         return cls(
             label=prediction.label,
             labels=prediction.labels,
             confidence=prediction.confidence,
             route=prediction.route,
-            top=[LabelProbability(label=label, probability=p) for label, p in best],
+            top=[LabelProbability(label=label, probability=p) for label, p in prediction.top(top)],
             evidence=prediction.evidence,
             latency_ms=prediction.latency_ms,
         )
