@@ -53,6 +53,7 @@ ARMS_HEADING = "## Cascade (bench/cascade.py)"
 STREAM_HEADING = "## Learning from a stream (bench/cascade.py)"
 SHOTS, K, SEED, DEV_SEED, STREAM_SEED = 8, 8, 0, 7, 11
 TARGET_PRECISION, LLM_BUDGET, LEARN_PRECISION = 0.95, 0.4, 0.85
+LEARN_RULE = "the pooled probability of the answer (fallback probabilities fitted on all labels)"
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
 STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
 WIN_BAR = 3
@@ -131,13 +132,7 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
         alone = Policy(accept_threshold=1.0, llm_weight=1.0, examples=examples, max_candidates=len(labels), learn=False)
         arms[arm] = run_classifier(new_classifier(ds, embedder, engine, alone), test_texts[:n_llm], test_gold[:n_llm])
 
-    log(f"  {name}: calibrating on {len(ds['dev'])} dev texts")
-    cascade = new_classifier(ds, embedder, engine, Policy(learn=False))
-    began = time.perf_counter()
-    report = cascade.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
-                                learn_precision=LEARN_PRECISION)
-    extra["calibration"] = report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
-    log("    " + report.table().replace("\n", "\n    "))
+    cascade, extra["calibration"] = calibrated_classifier(ds, embedder, engine)
     log(f"  {name}: cascade on {len(test_texts)} texts")
     predictions, seconds = timed_classify(cascade, test_texts)
     answered = [p.label for p in predictions]
@@ -151,6 +146,40 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
     log(f"  {name}: " + ", ".join(f"{arm} {100 * r['accuracy']:.1f}%" for arm, r in arms.items()))
     return {"dataset": name, "labels": len(labels), "pool": len(ds["pool"]), "dev": len(ds["dev"]), "llm_texts": n_llm,
             "arms": arms, **extra, "_classifier": cascade}
+
+
+def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Classifier, dict]:
+    """The pool's classifier calibrated on the dev set (learning off), and the calibration report."""
+    log(f"  {ds['name']}: calibrating on {len(ds['dev'])} dev texts")
+    classifier = new_classifier(ds, embedder, engine, Policy(learn=False))
+    began = time.perf_counter()
+    report = classifier.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
+                                  learn_precision=LEARN_PRECISION)
+    log("    " + report.table().replace("\n", "\n    "))
+    return classifier, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
+
+
+def rerun_stream(args) -> None:
+    """Redo only the stream of an earlier run (same pool, dev, stream and test texts), then bars and markdown."""
+    result = json.loads(args.out.read_text(encoding="utf-8"))
+    for key in ("test_size", "dev_size", "limit"):
+        setattr(args, key, result["settings"][key])
+    t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine()
+    ds = prepare(args.data, args.stream_dataset, args)
+    classifier, calibration = calibrated_classifier(ds, embedder, engine)
+    before = run_classifier(classifier, *texts_labels(ds["test"]))
+    log(f"{ds['name']}: stream of {len(ds['stream'])} texts")
+    stream = run_stream(ds, classifier, before) | {
+        "calibration": calibration, "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0}
+    result["streams"] = [s for s in streams(result) if (s["dataset"], s["learn_rule"]) != (stream["dataset"], LEARN_RULE)]
+    result["streams"].append(stream)
+    result.pop("stream", None)
+    classifier.close()
+    engine.close()
+    result["bars"] = evaluate_bars(result)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    if not args.no_markdown:
+        write_markdown(result, args.markdown)
 
 
 def run_setfit(ds: dict) -> dict:
@@ -212,7 +241,7 @@ def run_stream(ds: dict, classifier: Classifier, before: dict) -> dict:
                 f"{windows[-1]['llm_examples']} LLM examples stored")
     classifier.policy = classifier.policy.model_copy(update={"learn": False})
     after = run_classifier(classifier, test_texts, test_gold)
-    return {"dataset": ds["name"], "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": RETRAIN_EVERY,
+    return {"dataset": ds["name"], "learn_rule": LEARN_RULE, "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": RETRAIN_EVERY,
             "policy": classifier.policy.model_dump(), "windows": windows, "cascade_before": before, "cascade_after": after,
             "fallback_before": fallback_before, "fallback_after": fallback_accuracy(classifier, test_texts, test_gold)}
 
@@ -235,11 +264,13 @@ def evaluate_bars(result: dict) -> list[dict]:
     complete = len(result["datasets"]) == len(DATASETS)
     bars.append({"bar": f"cascade accuracy >= max(svm, llm few-shot) with <= {LLM_BUDGET:.0%} sent to the LLM, on >= {WIN_BAR} of 5 datasets",
                  "measured": f"{wins}/{len(result['datasets'])}: " + "; ".join(measured), "pass": wins >= WIN_BAR if complete else None})
-    stream = result.get("stream")
-    if stream and len(stream["windows"]) >= 2:
+    for stream in streams(result):
+        if len(stream["windows"]) < 2:
+            continue
         first, last = stream["windows"][0]["llm_share"], stream["windows"][-1]["llm_share"]
         holds = last <= first / 2 and stream["cascade_after"]["accuracy"] >= stream["cascade_before"]["accuracy"]
-        bars.append({"bar": "stream: LLM share in the last window <= half the first, test accuracy not lower",
+        bars.append({"bar": f"stream ({stream['dataset']}, learning from {stream['learn_rule']}): LLM share in the last window "
+                            "<= half the first, test accuracy not lower",
                      "measured": f"{first:.1%} -> {last:.1%}; cascade accuracy {100 * stream['cascade_before']['accuracy']:.1f} -> "
                                  f"{100 * stream['cascade_after']['accuracy']:.1f}", "pass": holds})
     return bars
@@ -289,24 +320,34 @@ def learn_cell(calibration: dict) -> str:
     return f"{threshold:.3f} ({calibration['learned_share']:.0%}, {calibration['learned_precision']:.3f})"
 
 
+def streams(result: dict) -> list[dict]:
+    """The streams of a result (older results kept one, under "stream", learning from the pooled probability)."""
+    if "stream" in result:
+        return [{"learn_rule": "the pooled probability of the answer"} | result["stream"]]
+    return result.get("streams", [])
+
+
 def stream_section(result: dict) -> str:
-    stream = result["stream"]
-    lines = [STREAM_HEADING, "", f"Generated with the section above. {stream['dataset']}: {stream['stream_texts']} unlabelled training texts "
-             f"(outside pool and dev, random.Random({DEV_SEED}) order), {stream['chunk']} per classify call, retrain every "
-             f"{stream['retrain_every']} LLM labels, starting from the calibrated classifier.", "",
-             "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
-    for i, w in enumerate(stream["windows"], 1):
-        lines.append(f"| {i} | {w['texts']} | {w['llm_share']:.1%} | {w['llm_examples']} | {w['seconds']:.0f} |")
-    b, a = stream["cascade_before"], stream["cascade_after"]
-    lines += ["", f"Test ({b['n']} texts): cascade accuracy {100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}% "
-              f"(sent to LLM {b['llm_share']:.0%} -> {a['llm_share']:.0%}); fallback alone {100 * stream['fallback_before']:.1f}% -> "
-              f"{100 * stream['fallback_after']:.1f}%.", ""]
+    lines = [STREAM_HEADING, "", "Generated with the section above. Each stream: unlabelled training texts (outside pool and dev, "
+             f"random.Random({DEV_SEED}) order) fed {STREAM_CHUNK} per classify call to the calibrated classifier with learning on, "
+             f"retraining every {RETRAIN_EVERY} LLM labels; test accuracy before and after on the section's test texts.", ""]
+    for stream in streams(result):
+        rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") else ""
+        lines += [f"**{stream['dataset']}**, {stream['stream_texts']} texts, learning from LLM answers where {stream['learn_rule']} is at "
+                  f"least {stream['policy']['learn_threshold']:.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){rerun}:", "",
+                  "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
+        for i, w in enumerate(stream["windows"], 1):
+            lines.append(f"| {i} | {w['texts']} | {w['llm_share']:.1%} | {w['llm_examples']} | {w['seconds']:.0f} |")
+        b, a = stream["cascade_before"], stream["cascade_after"]
+        lines += ["", f"Test ({b['n']} texts): cascade accuracy {100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}% "
+                  f"(sent to LLM {b['llm_share']:.0%} -> {a['llm_share']:.0%}); fallback alone {100 * stream['fallback_before']:.1f}% -> "
+                  f"{100 * stream['fallback_after']:.1f}%.", ""]
     return "\n".join(lines)
 
 
 def write_markdown(result: dict, path: Path) -> None:
     write_markdown_section(path, ARMS_HEADING, arms_section(result))
-    if result.get("stream"):
+    if streams(result):
         write_markdown_section(path, STREAM_HEADING, stream_section(result))
 
 
@@ -328,9 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--markdown-only", action="store_true")
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
+    parser.add_argument("--stream-only", action="store_true",
+                        help="only redo the stream (calibrating again) for the results in --out")
     args = parser.parse_args(argv)
     if args.add_setfit:
         add_setfit(args)
+        return 0
+    if args.stream_only:
+        rerun_stream(args)
         return 0
     if args.markdown_only:
         write_markdown(json.loads(args.out.read_text(encoding="utf-8")), args.markdown)
@@ -350,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         result["datasets"].append(row)
         if name == args.stream_dataset and args.stream_size:
             log(f"{name}: stream of {len(ds['stream'])} texts")
-            result["stream"] = run_stream(ds, classifier, row["arms"]["cascade"])
+            result["streams"] = [run_stream(ds, classifier, row["arms"]["cascade"])]
         classifier.close()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
