@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Benchmark of a labelling job as a user runs it: `labelcascade label` over a JSONL file of ag_news texts.
+
+    .venv/bin/python bench/job.py                  # 10,000 rows (the LLM arm takes about an hour on 2 cores)
+    .venv/bin/python bench/job.py --rows 500       # a shorter run
+
+Setup: a workspace with 8 gold examples per class of ag_news (bench/fallback.py's 8/class set, seed 0), calibrated
+on 200 labelled training texts outside the pool (random.Random(7); target precision 0.95, LLM budget 0.4, the
+embedded Gemma 3 270M through llama.cpp). The job's rows are --rows further texts: the rest of the training split in
+a fixed random order, then the test split in file order (ag_news has 10,001 training texts), as JSONL with an id.
+
+Two arms, each in its own copy of the workspace (so neither sees the other's answer cache or learned examples),
+run one after the other in the same session: the cascade as calibrated (learning on, as a user gets it) and the
+fallback alone (`--engine none`: the ceiling of what a job can do without the LLM). Each is a separate
+`labelcascade label` process; rows/s is its wall time (model loading included), peak memory its maximum resident
+set size (from wait4), the LLM share the routes in its output. Results: bench/results/job.json and a section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from labelcascade import Classifier, Task
+
+from common import DEFAULT_DATA, MARKDOWN, REPO, log, per_class_draw, read_jsonl, write_markdown_section
+
+DEFAULT_OUT = REPO / "bench" / "results" / "job.json"
+HEADING = "## Labelling job (bench/job.py)"
+DATASET, SHOTS, SEED, DEV_SEED, DEV_SIZE = "ag_news", 8, 0, 7, 200
+TARGET_PRECISION, LLM_BUDGET = 0.95, 0.4
+LABELCASCADE = Path(sys.executable).with_name("labelcascade")
+
+
+def prepare(data: Path, rows: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(pool, dev, job rows): pool and dev from the ag_news training split, the job's rows from the rest of it
+    and, past its 10,001 texts, from the test split (a job reads texts, not labels)."""
+    train = read_jsonl(data / DATASET / "train.jsonl")
+    picked = per_class_draw(train, SEED, DATASET)
+    pool = [train[i] for label in sorted(picked) for i in picked[label][:SHOTS]]
+    used = {row["text"] for row in pool}
+    rest = [row for row in train if row["text"] not in used]
+    order = random.Random(DEV_SEED).sample(range(len(rest)), len(rest))
+    dev = [rest[i] for i in order[:DEV_SIZE]]
+    unlabelled = [rest[i] for i in order[DEV_SIZE:]] + read_jsonl(data / DATASET / "test.jsonl")
+    if rows > len(unlabelled):
+        raise SystemExit(f"--rows {rows}: {DATASET} has only {len(unlabelled)} texts outside pool and dev")
+    return pool, dev, unlabelled[:rows]
+
+
+def build_workspace(path: Path, pool: list[dict], dev: list[dict]) -> dict:
+    """A calibrated workspace on the embedded default engine; returns the calibration's choices."""
+    labels = json.loads((DEFAULT_DATA / DATASET / "labels.json").read_text(encoding="utf-8"))["labels"]
+    classifier = Classifier(Task.from_labels(labels, name=DATASET), workspace=path)
+    classifier.fit([row["text"] for row in pool], [row["label"] for row in pool])
+    report = classifier.calibrate([row["text"] for row in dev], [row["label"] for row in dev],
+                                  target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET)
+    classifier.close()
+    return report.policy.model_dump()
+
+
+def run_job(workspace: Path, source: Path, destination: Path, engine: str | None) -> dict:
+    """One `labelcascade label` process: wall time, peak memory and the routes of its output."""
+    command = [str(LABELCASCADE), "label", str(workspace), str(source), str(destination), "--no-progress"]
+    if engine is not None:
+        command += ["--engine", engine]
+    began = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - began
+    stderr = process.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr}")
+    routes = Counter(json.loads(line)["route"] for line in destination.read_text(encoding="utf-8").splitlines())
+    rows = sum(routes.values())
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "routes": dict(routes), "llm_share": routes.get("llm", 0) / rows, "summary": stderr.strip().splitlines()[-1]}
+
+
+def section(result: dict) -> str:
+    cascade, ceiling = result["arms"]["cascade"], result["arms"]["fallback only"]
+    lines = [HEADING, "", f"Generated by `bench/job.py` on {result['date']}; raw numbers in `bench/results/job.json`. "
+             f"{result['rows']} rows of {DATASET} texts (training texts outside pool and dev, then test texts); workspace: {SHOTS} gold/class, calibrated "
+             f"on {DEV_SIZE} dev texts (target precision {TARGET_PRECISION}, LLM budget {LLM_BUDGET}; chosen accept "
+             f"{result['policy']['accept_threshold']:.3f}, LLM weight {result['policy']['llm_weight']:.1f}); each arm a separate "
+             f"`labelcascade label` process in its own copy of the workspace, run back to back; {result['machine']['cpu_count']} "
+             f"shared CPU cores, load {result['machine']['load_start']} at start.", "",
+             "| arm | rows | rows/s | sent to LLM | routes | peak memory MB | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
+    for name, arm in result["arms"].items():
+        routes = ", ".join(f"{route} {count}" for route, count in sorted(arm["routes"].items()))
+        lines.append(f"| {name} | {arm['rows']} | {arm['rows_per_s']:.1f} | {arm['llm_share']:.1%} | {routes} "
+                     f"| {arm['peak_rss_mb']:.0f} | {arm['seconds']:.0f} |")
+    lines += ["", f"Cascade / fallback-only throughput: {cascade['rows_per_s'] / ceiling['rows_per_s']:.3f} "
+              f"(the fallback-only job is {ceiling['rows_per_s'] / cascade['rows_per_s']:.1f}x faster).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--markdown", type=Path, default=MARKDOWN)
+    parser.add_argument("--no-markdown", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"date": dt.date.today().isoformat(), "rows": args.rows, "arms": {},
+              "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()]}}
+    pool, dev, rows = prepare(args.data, args.rows)
+    with tempfile.TemporaryDirectory(prefix="labelcascade-job-") as folder:
+        folder = Path(folder)
+        source = folder / "rows.jsonl"
+        source.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
+        log(f"calibrating a workspace on {len(pool)} gold examples and {len(dev)} dev texts")
+        result["policy"] = build_workspace(folder / "ws", pool, dev)
+        for name, engine in (("cascade", None), ("fallback only", "none")):
+            workspace = folder / f"ws-{name.replace(' ', '-')}"
+            shutil.copytree(folder / "ws", workspace)
+            log(f"{name}: labelling {args.rows} rows")
+            result["arms"][name] = run_job(workspace, source, folder / f"{workspace.name}.jsonl", engine)
+            log(f"  {result['arms'][name]['summary']}")
+    result["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(section(result))
+    if not args.no_markdown:
+        write_markdown_section(args.markdown, HEADING, section(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
