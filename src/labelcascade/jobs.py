@@ -191,10 +191,10 @@ class LabelJob:
         texts = [row.text for i, row in enumerate(read_rows(self.source, text_column=self.text_column))
                  if i % step == 0][:sample]
         hits = self.cache.get(texts) if self.cache is not None else {}
-        need = self.classifier.unsure(texts) & ~np.isin(np.arange(len(texts)), list(hits))
-        began = time.perf_counter()
-        self.classifier.classify(texts, llm_limit=0, learn=False)
+        began = time.perf_counter()  # embedding + fallback: what every row costs
+        unsure = self.classifier.unsure(texts)
         fallback_s = (time.perf_counter() - began) / len(texts)
+        need = unsure & ~np.isin(np.arange(len(texts)), list(hits))
         llm_s = None
         asked = [texts[i] for i in np.flatnonzero(need)[: llm_sample + 1]]
         if len(asked) >= 2:
