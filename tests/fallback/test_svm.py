@@ -74,6 +74,25 @@ def test_damaged_model_files_are_refused(banking, tmp_path):
         LinearSVMClassifier.load(tmp_path)
 
 
+def test_a_model_that_differs_from_what_was_saved_is_refused_not_used(banking, tmp_path):
+    """Damage that still parses (a flipped byte in the weights, a swapped class name, a changed temperature) would
+    give wrong answers: the sha256 recorded at save time catches it."""
+    X, y, _, _ = banking
+    LinearSVMClassifier().fit(X, y).save(tmp_path)
+    saved = {name: (tmp_path / name).read_bytes() for name in ("model.npz", "model.json")}
+    weights = bytearray(saved["model.npz"])
+    weights[len(weights) // 2] ^= 0x01
+    meta = json.loads(saved["model.json"])
+    swapped = {**meta, "classes": [meta["classes"][1], meta["classes"][0], *meta["classes"][2:]]}
+    for name, damaged in [("model.npz", bytes(weights)), ("model.json", json.dumps(swapped).encode()),
+                          ("model.json", json.dumps({**meta, "temperature": meta["temperature"] * 2}).encode())]:
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(ValueError, match="damaged.*sha256"):
+            LinearSVMClassifier.load(tmp_path)
+        (tmp_path / name).write_bytes(saved[name])
+    assert list(LinearSVMClassifier.load(tmp_path).classes_) == meta["classes"]
+
+
 def test_sample_weights_change_the_decision():
     X = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [0.72, 0.69]], dtype=np.float32)
     y = ["a", "b", "a", "b"]

@@ -2,7 +2,9 @@
 
 It follows scikit-learn's contract (`fit`, `predict`, `predict_proba`, `decision_function`, `classes_`), takes
 embedding vectors rather than texts (the cascade embeds each text once and shares the vector with retrieval),
-and keeps its learned state in plain arrays, so it saves as `.npz` + JSON and never needs pickle.
+and keeps its learned state in plain arrays, so it saves as `.npz` + JSON and never needs pickle. `model.json`
+records the sha256 of both files' content, and `load` refuses a model whose files do not match it: a damaged model
+must be an error, never a source of wrong answers.
 
 Probabilities: single-label answers are a softmax over the one-vs-rest decision scores with one temperature;
 multi-label answers pass each label's score through one shared sigmoid. Both are fitted on out-of-fold scores,
@@ -11,6 +13,8 @@ which keeps them honest at few shots (see `calibration`).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +26,7 @@ from sklearn.svm import LinearSVC
 
 from labelcascade.fallback.calibration import fit_platt, fit_temperature, sigmoid, softmax_with_temperature
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2 adds the sha256; models saved as version 1 (no sha256) still load
 UNCALIBRATED_TEMPERATURE = 1.0  # used when some class has a single example and cross-validation is impossible
 
 
@@ -148,11 +152,12 @@ class LinearSVMClassifier:
     # --- persistence ----------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path) -> None:
-        """Write `model.npz` (weights) and `model.json` (everything else) into `folder`."""
+        """Write `model.npz` (weights) and `model.json` (everything else, and the sha256 of both) into `folder`."""
         self._check_fitted()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "model.npz", coef=self.coef_, intercept=self.intercept_)
+        arrays = io.BytesIO()
+        np.savez(arrays, coef=self.coef_, intercept=self.intercept_)
         meta = {
             "format_version": _FORMAT_VERSION,
             "C": self.C,
@@ -164,28 +169,44 @@ class LinearSVMClassifier:
             "temperature": getattr(self, "temperature_", None),
             "platt": list(getattr(self, "platt_", ())) or None,
         }
+        meta["sha256"] = _digest(arrays.getvalue(), meta)
+        (folder / "model.npz").write_bytes(arrays.getvalue())
         (folder / "model.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, folder: str | Path) -> LinearSVMClassifier:
-        """Read a model written by `save`; arrays are loaded with pickling disabled."""
+        """Read a model written by `save`, checking its sha256; arrays are loaded with pickling disabled.
+
+        ValueError (naming the folder) when the files are damaged: truncated, unreadable or not what was saved.
+        """
         folder = Path(folder)
+        damaged = f"{folder}: the saved fallback model is damaged"
         try:
             meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-            with np.load(folder / "model.npz", allow_pickle=False) as arrays:
-                coef, intercept = arrays["coef"], arrays["intercept"]
+            arrays = (folder / "model.npz").read_bytes()
         except FileNotFoundError as error:
             raise FileNotFoundError(f"{folder}: no saved fallback model ({Path(error.filename).name} missing)") from None
-        except (ValueError, KeyError, OSError) as error:
-            raise ValueError(f"{folder}: the saved fallback model is damaged ({error}); retrain it") from None
-        if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{folder}/model.json: unsupported format_version {meta.get('format_version')!r}")
-        model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"])
-        model.classes_ = np.asarray(meta["classes"])
-        model.n_features_in_ = meta["n_features_in"]
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{damaged} ({error})") from None
+        if not isinstance(meta, dict) or meta.get("format_version") not in (1, _FORMAT_VERSION):
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise ValueError(f"{folder}/model.json: unsupported format_version {version!r}")
+        if meta["format_version"] == _FORMAT_VERSION:
+            recorded = meta.pop("sha256", None)
+            if recorded != _digest(arrays, meta):
+                raise ValueError(f"{damaged} (model.npz or model.json does not match the sha256 recorded when it "
+                                 "was saved)")
+        try:
+            with np.load(io.BytesIO(arrays), allow_pickle=False) as stored:
+                coef, intercept = stored["coef"], stored["intercept"]
+            model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"])
+            model.classes_ = np.asarray(meta["classes"])
+            model.n_features_in_ = meta["n_features_in"]
+        except (ValueError, KeyError, TypeError, OSError) as error:
+            raise ValueError(f"{damaged} ({error})") from None
         rows = 1 if len(model.classes_) == 2 and not model.multi_label else len(model.classes_)
         if coef.shape != (rows, model.n_features_in_) or intercept.shape != (rows,):
-            raise ValueError(f"{folder}: the saved fallback model is damaged (weights of shape {coef.shape}); retrain it")
+            raise ValueError(f"{damaged} (weights of shape {coef.shape})")
         model.coef_, model.intercept_ = coef, intercept
         if model.multi_label:
             model.platt_ = tuple(meta["platt"])
@@ -204,6 +225,13 @@ def _single_label_scores(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray)
     if scores.shape[1] == 1:
         return np.hstack([-scores / 2, scores / 2])
     return scores
+
+
+def _digest(arrays: bytes, meta: dict) -> str:
+    """sha256 of the weights file's bytes and of the metadata (canonical JSON, without the digest itself)."""
+    digest = hashlib.sha256(arrays)
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _check_vectors(X: np.ndarray, dim: int | None = None) -> np.ndarray:
