@@ -5,7 +5,9 @@ instructions, prompt template) put to the same model. Only answers the LLM gave 
 cheap, and recomputing them lets a retrained fallback improve them; degraded answers are exactly the ones that
 should be asked again once the engine is back.
 
-The cache is an SQLite file in the workspace, shared by every job (and process) that uses the workspace.
+The cache is an SQLite file in the workspace, shared by every job (and process) that uses the workspace; SQLite's
+lock lets them take turns. A write that fails (disk full, read-only) or a damaged file is a WorkspaceError naming
+the file: the cache is only a cache, so deleting a damaged one loses nothing but LLM time.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from labelcascade.records import Prediction, Route
+from labelcascade.retrieval.store import storage_failure
 from labelcascade.task import Task
+from labelcascade.workspace import WorkspaceError
 
 CACHE_FILE = "answers.sqlite"
 
@@ -37,9 +42,21 @@ class AnswerCache:
     def __init__(self, path: str | Path, *, task_version: str, engine: str):
         self.path = Path(path)
         self._scope = f"{task_version}\0{engine}\0"
-        self._db = sqlite3.connect(self.path, timeout=30)
-        with self._db:
-            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, prediction TEXT NOT NULL)")
+        with self._failures("open the answer cache"):
+            self._db = sqlite3.connect(self.path, timeout=30)
+            with self._db:
+                self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, prediction TEXT NOT NULL)")
+
+    @contextmanager
+    def _failures(self, doing: str) -> Iterator[None]:
+        """SQLite's errors as one-line WorkspaceErrors that name the file and what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):
+                raise WorkspaceError(storage_failure(self.path, error, doing)) from None
+            raise WorkspaceError(f"{self.path}: the answer cache is damaged ({error}); delete it (it only saves LLM "
+                                 "calls) and run the command again") from None
 
     def _key(self, text: str) -> str:
         return hashlib.sha256((self._scope + text).encode()).hexdigest()
@@ -47,17 +64,18 @@ class AnswerCache:
     def get(self, texts: Sequence[str]) -> dict[int, Prediction]:
         """The cached answers, by position in `texts`."""
         found = {}
-        for i, text in enumerate(texts):
-            row = self._db.execute("SELECT prediction FROM answers WHERE key = ?", (self._key(text),)).fetchone()
-            if row is not None:
-                found[i] = Prediction.model_validate_json(row[0])
+        with self._failures("read the answer cache"):
+            for i, text in enumerate(texts):
+                row = self._db.execute("SELECT prediction FROM answers WHERE key = ?", (self._key(text),)).fetchone()
+                if row is not None:
+                    found[i] = Prediction.model_validate_json(row[0])
         return found
 
     def put(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
         """Keep the answers the LLM gave; others are ignored."""
         rows = [(self._key(text), p.model_dump_json()) for text, p in zip(texts, predictions, strict=True)
                 if p.route is Route.LLM]
-        with self._db:
+        with self._failures("keep the LLM's answers"), self._db:
             self._db.executemany("INSERT OR REPLACE INTO answers (key, prediction) VALUES (?, ?)", rows)
 
     def __len__(self) -> int:

@@ -6,6 +6,10 @@ one transaction, so a job killed at any moment loses at most the batch in flight
 skips what is done. Only when every row is done is the output written, in input order, to a temporary file that is
 then renamed into place: the output is either absent or complete, never half written or duplicated.
 
+A full disk or a read-only folder stops the job with one line naming the file (the state or the output); the batches
+already committed are kept, so the same command resumes once there is room. A damaged state file is refused, with
+the advice to delete it and start over, rather than trusted.
+
 The state remembers which input it belongs to (path, size, modification time, text column); rerunning with another
 input and the same state is refused rather than mixed.
 
@@ -34,6 +38,7 @@ import numpy as np
 from labelcascade.answer_cache import AnswerCache
 from labelcascade.classifier import Classifier
 from labelcascade.records import Prediction, Route
+from labelcascade.retrieval.store import storage_failure
 from labelcascade.tables import InputError, Row, file_format, read_rows
 
 STATE_SUFFIX = ".state.sqlite"
@@ -122,6 +127,16 @@ class LabelJob:
 
     def run(self, *, progress: bool = True) -> JobSummary:
         """Label what is not done yet, then write the output (and the review file); safe to rerun after a kill."""
+        try:
+            return self._run(progress)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):
+                raise InputError(storage_failure(self.state_path, error, "record the job's progress")
+                                 + "; rerun the same command to resume") from None
+            raise InputError(f"{self.state_path}: the job's state is damaged ({error}); delete it to start the job "
+                             "over") from None
+
+    def _run(self, progress: bool) -> JobSummary:
         with self._answer_cache(), sqlite3.connect(self.state_path) as state:
             state.executescript(_SCHEMA)
             self._check_input(state)
@@ -279,10 +294,15 @@ class LabelJob:
 def _write_atomically(path: Path, records: Iterator[dict]) -> None:
     """Write to a temporary file, flush it to disk, then rename it into place: `path` is absent or complete."""
     temporary = path.with_name(path.name + ".tmp")
-    _WRITERS[file_format(path)](temporary, records)
-    with temporary.open("rb") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        _WRITERS[file_format(path)](temporary, records)
+        with temporary.open("rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise InputError(storage_failure(path, error, "write the output") + "; rerun the same command to write it "
+                         "(every row is labelled already)") from None
 
 
 def _write_jsonl(path: Path, records: Iterator[dict]) -> None:

@@ -6,11 +6,27 @@
       store/           the example store: examples.sqlite (metadata + vectors) and examples.faiss
       fallback/        the fallback classifier: model.npz + model.json (no pickle)
       calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json)
+      workspace.lock   an empty file; its advisory lock (flock) guards the fallback folder's swap
+
+Several processes may share a workspace (a job learning while a person adds examples). The example store takes
+turns through SQLite's own lock (see retrieval/store.py). The fallback model is a folder replaced by renames, which
+are not atomic together, so writers hold an exclusive flock on `workspace.lock` while they swap it in, and readers
+a shared one while they load it: nobody reads half a swap, and two retrains never tangle their renames. The last
+retrain wins; it was trained on everything stored when it started, and nothing stored is ever lost. JSON files are
+written to a temporary file and renamed into place, so a reader or a crash sees the old file or the new, never half.
+
+Every write that fails (disk full, read-only) raises WorkspaceError naming the file and what to do, and leaves the
+previous state whole; a damaged file is refused on open with the same kind of message, never used.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +35,7 @@ from labelcascade.agent.calibration import Calibration
 from labelcascade.agent.policy import Policy
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.retrieval import ExampleStore
+from labelcascade.retrieval.store import storage_failure
 from labelcascade.task import Task
 
 TASK_FILE = "task.yaml"
@@ -26,6 +43,7 @@ SETTINGS_FILE = "settings.json"
 STORE_DIR = "store"
 FALLBACK_DIR = "fallback"
 CALIBRATION_FILE = "calibration.json"
+LOCK_FILE = "workspace.lock"
 
 
 class WorkspaceError(RuntimeError):
@@ -59,9 +77,12 @@ class Workspace:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise WorkspaceError(f"{path}: folder is not empty; open it with Classifier.open() or choose a new folder")
-        path.mkdir(parents=True, exist_ok=True)
         workspace = cls(path, task, settings or Settings())
-        task.to_yaml(path / TASK_FILE)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            task.to_yaml(path / TASK_FILE)
+        except OSError as error:
+            raise WorkspaceError(storage_failure(path, error, "create the workspace")) from None
         workspace.save_settings()
         return workspace
 
@@ -72,50 +93,99 @@ class Workspace:
             raise WorkspaceError(f"{path}: not a labelcascade workspace ({TASK_FILE} missing)")
         task = Task.from_yaml(path / TASK_FILE)
         try:
-            settings = Settings.model_validate_json((path / SETTINGS_FILE).read_text(encoding="utf-8"))
+            settings = Settings.model_validate_json((path / SETTINGS_FILE).read_bytes())
         except FileNotFoundError:
             raise WorkspaceError(f"{path}: {SETTINGS_FILE} missing") from None
         except ValidationError as error:
-            raise WorkspaceError(f"{path / SETTINGS_FILE}: invalid settings: {error.errors()[0]['msg']}") from None
+            raise WorkspaceError(
+                f"{path / SETTINGS_FILE}: invalid settings: {error.errors()[0]['msg']}; fix the file (or copy it "
+                "from a backup): it holds the embedder, engine and thresholds"
+            ) from None
         return cls(path, task, settings)
 
     def save_settings(self) -> None:
-        (self.path / SETTINGS_FILE).write_text(self.settings.model_dump_json(indent=2), encoding="utf-8")
+        _write_atomically(self.path / SETTINGS_FILE, self.settings.model_dump_json(indent=2))
 
     def open_store(self, *, embedder_id: str, dim: int) -> ExampleStore:
         """The example store, created on first use; refuses vectors from another embedder."""
         return ExampleStore(self.path / STORE_DIR, embedder_id=embedder_id, dim=dim, index=self.settings.index)
 
     def load_fallback(self) -> LinearSVMClassifier | None:
-        """The saved fallback classifier, or None before the first training."""
-        folder = self._recover_fallback()
-        return LinearSVMClassifier.load(folder) if folder.exists() else None
+        """The saved fallback classifier, or None before the first training; WorkspaceError if it is damaged."""
+        with self._locked(exclusive=False):
+            folder = self._recover_fallback()
+            if not folder.exists():
+                return None
+            try:
+                return LinearSVMClassifier.load(folder)
+            except (ValueError, FileNotFoundError) as error:
+                raise WorkspaceError(
+                    f"{error}; delete the folder {folder} and run `labelcascade retrain {self.path}` to train it "
+                    "again from the stored examples"
+                ) from None
 
     def save_fallback(self, model: LinearSVMClassifier) -> None:
-        """Write the model beside the current one, then swap, so a crash never leaves half a model."""
-        folder = self._recover_fallback()
-        new, old = folder.with_name(FALLBACK_DIR + ".new"), folder.with_name(FALLBACK_DIR + ".old")
-        shutil.rmtree(new, ignore_errors=True)
-        model.save(new)
-        if folder.exists():
-            folder.rename(old)
-            new.rename(folder)
-            shutil.rmtree(old)
-        else:
-            new.rename(folder)
+        """Write the model beside the current one, then swap, so a crash or a full disk never leaves half a model."""
+        with self._locked(exclusive=True):
+            folder = self._recover_fallback()
+            new, old = folder.with_name(FALLBACK_DIR + ".new"), folder.with_name(FALLBACK_DIR + ".old")
+            try:
+                shutil.rmtree(new, ignore_errors=True)
+                model.save(new)
+            except OSError as error:
+                shutil.rmtree(new, ignore_errors=True)  # give the space back; the current model is untouched
+                raise WorkspaceError(storage_failure(new, error, "save the retrained fallback model")) from None
+            if folder.exists():
+                folder.rename(old)
+                new.rename(folder)
+                shutil.rmtree(old)
+            else:
+                new.rename(folder)
 
     def fallback_trained_at(self) -> float | None:
         """When the current fallback was written (epoch seconds), or None before the first training."""
-        model = self._recover_fallback() / "model.json"
-        return model.stat().st_mtime if model.exists() else None
+        with self._locked(exclusive=False):
+            model = self._recover_fallback() / "model.json"
+            return model.stat().st_mtime if model.exists() else None
 
     def save_calibration(self, calibration: Calibration) -> None:
         """Keep the report of the last calibration (its policy goes into the settings separately)."""
-        (self.path / CALIBRATION_FILE).write_text(calibration.model_dump_json(indent=2), encoding="utf-8")
+        _write_atomically(self.path / CALIBRATION_FILE, calibration.model_dump_json(indent=2))
 
     def load_calibration(self) -> Calibration | None:
         path = self.path / CALIBRATION_FILE
-        return Calibration.model_validate_json(path.read_text(encoding="utf-8")) if path.exists() else None
+        try:
+            return Calibration.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValidationError as error:
+            raise WorkspaceError(
+                f"{path}: damaged or invalid ({error.errors()[0]['msg']}); delete it and run `labelcascade "
+                f"calibrate {self.path} DEV_FILE` again (the thresholds in use are in {SETTINGS_FILE})"
+            ) from None
+
+    @contextmanager
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
+        """Hold the workspace's advisory lock: exclusive to change the fallback folder, shared to read it.
+
+        A read-only workspace that has never been locked cannot get a lock file, and needs none: nobody can
+        change it."""
+        lock_path = self.path / LOCK_FILE
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            try:
+                handle = os.open(lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                if exclusive:
+                    raise WorkspaceError(storage_failure(lock_path, error, "lock the workspace")) from None
+                yield
+                return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(handle)  # closing releases the lock
 
     def _recover_fallback(self) -> Path:
         """Finish a swap that a crash interrupted: the previous model in `.old` is whole, a `.new` may not be."""
@@ -127,3 +197,19 @@ class Workspace:
             else:
                 old.rename(folder)
         return folder
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it into place: `path` is the old file or the new."""
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        raise WorkspaceError(storage_failure(path, error, f"write {path.name}")) from None

@@ -6,10 +6,26 @@ from SQLite whenever it is missing or does not hold exactly the ids the database
 double as FAISS ids; they are never reused, so an id quoted in an old prediction never points at another example.
 
 Vectors are stored L2-normalised and searched by inner product, so every score is a cosine similarity.
+
+Several processes may use one store at once (a labelling job learning while a person adds examples). SQLite's own
+lock is the only lock: every change is one `BEGIN IMMEDIATE` transaction, committed before `add` or `remove`
+returns, so writers take turns, a text is checked and inserted in one step (never stored twice, never lost), and a
+disk-full or read-only error leaves the database as it was. Each process keeps its own FAISS index in memory and
+brings it up to date (`PRAGMA data_version`) whenever another connection has committed since it last looked, before
+it searches, changes or saves. The FAISS file is written inside the same write transaction, so the file on disk
+always matches the database as of its writing, and its sha256 is recorded beside it in the database.
+
+Damage: opening runs SQLite's `quick_check`, so a truncated or overwritten database is a `StoreError` that names
+the file, not a source of wrong answers. A FAISS file whose sha256 differs from the recorded one, that FAISS cannot
+read, or that holds other ids than the database is rebuilt from the database, which holds every vector: losing it
+costs a rebuild, never an example. (SQLite keeps no checksum of the values themselves, so a flipped bit inside a
+stored vector or text is beyond what it can detect.)
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import math
@@ -73,6 +89,7 @@ CREATE TABLE IF NOT EXISTS example_labels (
 CREATE INDEX IF NOT EXISTS example_labels_by_label ON example_labels(label);
 """
 
+LOCK_TIMEOUT_S = 60  # how long a writer waits for another process's write transaction before giving up
 _VECTOR_DTYPE = np.dtype("<f4")
 _EXAMPLE_COLUMNS = "id, text, labels, source, confidence, created_at"
 
@@ -81,10 +98,16 @@ class EmbedderMismatchError(ValueError):
     """Vectors from two different embedders are not comparable, so one store never mixes them."""
 
 
+class StoreError(ValueError):
+    """The store's files are damaged, or cannot be written (disk full, read-only); the message names the file and
+    says what to do. A ValueError, like the store's other refusals, so that front doors report it in one line."""
+
+
 class ExampleStore:
     """Labelled examples with their embeddings, searchable by cosine similarity.
 
-    Changes are visible at once but only durable after `save()` (or leaving a `with` block, or `close()`).
+    `add` and `remove` are durable when they return; `save()` (or leaving a `with` block, or `close()`) also
+    writes the FAISS file, which only saves the rebuild on the next open.
     """
 
     def __init__(self, path: str | Path | None, *, embedder_id: str, dim: int, index: str = "flat"):
@@ -104,17 +127,26 @@ class ExampleStore:
         self.path = None if path is None else Path(path)
         self._lock = threading.RLock()  # one store may serve several threads; FAISS adds and SQLite need turns
         self._ids_by_label_cache: dict[str, np.ndarray] | None = None
+        self._index: faiss.Index | None = None  # loaded once the database is known to be whole
+        self._data_version: int | None = None  # SQLite's count of other connections' commits, when last followed
 
-        if self.path is None:
-            database = ":memory:"
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            database = str(self.path / DB_FILE)
-        self._db = sqlite3.connect(database, check_same_thread=False)
+        database = ":memory:" if self.path is None else str(self.path / DB_FILE)
         try:
-            self._db.executescript(_SCHEMA)
+            if self.path is not None:
+                self.path.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; every change is an explicit BEGIN IMMEDIATE (see
+            # _writing), so the write lock is held only while a change is made, never between calls.
+            self._db = sqlite3.connect(database, check_same_thread=False, isolation_level=None, timeout=LOCK_TIMEOUT_S)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(storage_failure(database, error, "open the example store")) from None
+        try:
+            self._check_integrity()
+            if self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'examples'").fetchone()[0] == 0:
+                with self._writing("create the example store"):
+                    for statement in filter(str.strip, _SCHEMA.split(";")):  # not executescript: it commits
+                        self._db.execute(statement)
             self._check_or_record_meta()
-            self._db.commit()
+            self._data_version = self._current_data_version()
             self._index, self._index_dirty = self._load_or_rebuild_index()
         except BaseException:
             self._db.close()
@@ -136,7 +168,7 @@ class ExampleStore:
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as error:
-            raise ValueError(f"{folder / DB_FILE} is not an example store database: {error}") from error
+            raise StoreError(f"{folder / DB_FILE} is not an example store database: {error}") from error
         finally:
             db.close()
         if not {"embedder_id", "dim", "index_kind"} <= meta.keys():
@@ -166,7 +198,7 @@ class ExampleStore:
         rows = _validated_rows(texts, labels, vectors, confidence, self.dim)
         if not rows:
             return []
-        with self._lock:
+        with self._writing("store examples"):
             known = self._known_texts([text for text, *_ in rows])
             ids: list[int] = []
             new_ids: list[int] = []
@@ -201,7 +233,7 @@ class ExampleStore:
     def remove(self, ids: Iterable[int]) -> int:
         """Delete examples by id and return how many were there; unknown ids are ignored."""
         wanted = sorted({int(i) for i in ids})
-        with self._lock:
+        with self._writing("remove examples"):
             present = [
                 row[0]
                 for row in self._db.execute(
@@ -221,38 +253,44 @@ class ExampleStore:
             return len(present)
 
     def save(self) -> None:
-        """Make every change durable: commit SQLite, then replace the FAISS file in one atomic rename.
-
-        A crash between the two leaves a FAISS file that disagrees with the database, which the next open detects
-        and rebuilds.
-        """
+        """Write the FAISS file, if it changed, in one atomic rename inside a write transaction that also records
+        its sha256, so the file matches the database as of now; a crash in between leaves a file whose sha256 does
+        not match, which the next open rebuilds."""
         with self._lock:
-            self._db.commit()
-            if self.path is None or not self._index_dirty:
+            if self.path is None:
                 return
-            handle, temporary = tempfile.mkstemp(dir=self.path, prefix=INDEX_FILE + ".", suffix=".tmp")
-            os.close(handle)
-            try:
-                faiss.write_index(self._index, temporary)
-                os.replace(temporary, self.path / INDEX_FILE)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            self._follow_other_writers()
+            if not self._index_dirty:
+                return
+            index_file = self.path / INDEX_FILE
+            with self._writing("save the FAISS index"):
+                handle, temporary = tempfile.mkstemp(dir=self.path, prefix=INDEX_FILE + ".", suffix=".tmp")
+                os.close(handle)
+                try:
+                    faiss.write_index(self._index, temporary)
+                    digest = _sha256(Path(temporary).read_bytes())
+                    os.replace(temporary, index_file)
+                except RuntimeError as error:  # FAISS reports a failed write (disk full) as a RuntimeError
+                    raise OSError(errno.EIO, str(error).strip().splitlines()[-1]) from None
+                finally:
+                    Path(temporary).unlink(missing_ok=True)
+                self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('index_sha256', ?)", (digest,))
             self._index_dirty = False
 
     def commit(self) -> None:
-        """Make the examples durable without rewriting the FAISS file (cheap; a stale index is rebuilt on open)."""
-        with self._lock:
-            self._db.commit()
+        """Nothing left to do: `add` and `remove` commit before they return. Kept for callers that mark the point
+        where their examples must be durable."""
 
     def close(self) -> None:
         """Save and release the database; closing twice is harmless."""
         with self._lock:
             if self._db is None:
                 return
-            self.save()
-            self._db.close()
-            self._db = None
+            try:
+                self.save()
+            finally:
+                self._db.close()
+                self._db = None
 
     def __enter__(self) -> ExampleStore:
         return self
@@ -282,6 +320,7 @@ class ExampleStore:
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, not {k!r}")
         with self._lock, _threads_for(len(queries)):
+            self._follow_other_writers()
             by_label = self._ids_by_label()
             if labels is not None:
                 wanted = {labels} if isinstance(labels, str) else set(labels)
@@ -342,6 +381,7 @@ class ExampleStore:
     def labels(self) -> list[str]:
         """The distinct labels of the stored examples, sorted."""
         with self._lock:
+            self._follow_other_writers()
             return sorted(self._ids_by_label())
 
     def __len__(self) -> int:
@@ -364,8 +404,81 @@ class ExampleStore:
                 )
         else:
             meta = {"schema_version": SCHEMA_VERSION, "embedder_id": self.embedder_id, "dim": str(self.dim)}
-        meta["index_kind"] = self.index_kind
-        self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+        if meta.get("index_kind") != self.index_kind:  # written only when it changes: a read-only store still opens
+            meta["index_kind"] = self.index_kind
+            with self._writing("record the store's settings"):
+                self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", meta.items())
+
+    @contextmanager
+    def _writing(self, doing: str) -> Iterator[None]:
+        """One write transaction, taken before anything is read, so that no other process writes in between; the
+        FAISS index is brought up to date first. On failure the database rolls back and the in-memory index, which
+        may hold ids the database does not, is resynchronised from the database on its next use."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._follow_other_writers()
+                yield
+                self._db.execute("COMMIT")
+            except BaseException as error:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite already rolled back (it does after a disk-full error)
+                self._data_version = None
+                self._ids_by_label_cache = None
+                if isinstance(error, (sqlite3.Error, OSError)):
+                    where = self.path / DB_FILE if self.path is not None else "in-memory store"
+                    raise StoreError(storage_failure(where, error, doing)) from None
+                raise
+
+    def _current_data_version(self) -> int:
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _follow_other_writers(self) -> None:
+        """If another connection committed since we last looked, bring the in-memory index and caches up to date."""
+        version = self._current_data_version()
+        if self._index is None or version == self._data_version:
+            return
+        self._ids_by_label_cache = None
+        stored = self._stored_ids()
+        indexed = np.sort(_index_ids(self._index))
+        if not np.array_equal(stored, indexed):
+            if not self._index_fits(self._index, len(stored)):
+                self._rebuild_index()
+            else:
+                gone, missing = np.setdiff1d(indexed, stored), np.setdiff1d(stored, indexed)
+                if len(gone):
+                    self._index.remove_ids(faiss.IDSelectorBatch(gone))
+                if len(missing):
+                    self._index.add_with_ids(self._vectors_of(missing), missing)
+                self._index_dirty = True
+        self._data_version = version
+
+    def _check_integrity(self) -> None:
+        """Refuse a damaged database file (truncated, overwritten) before anything is read from it."""
+        if self.path is None:
+            return
+        damaged = (f"{self.path / DB_FILE}: the example store is damaged ({{}}); it holds every example and cannot "
+                   "be rebuilt: restore the workspace from a backup, or start a new workspace and add the examples again")
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(3)")]
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError) and "malformed" not in str(error):
+                raise StoreError(storage_failure(self.path / DB_FILE, error, "open the example store")) from None
+            raise StoreError(damaged.format(error)) from None
+        if problems != ["ok"]:
+            raise StoreError(damaged.format("; ".join(problems)))
+
+    def _stored_ids(self) -> np.ndarray:
+        return np.array([row[0] for row in self._db.execute("SELECT id FROM examples ORDER BY id")], np.int64)
+
+    def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        rows = dict(self._db.execute(
+            "SELECT id, vector FROM examples WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids.tolist()),)
+        ))
+        return np.stack([np.frombuffer(rows[int(i)], dtype=_VECTOR_DTYPE) for i in ids])
 
     def _known_texts(self, texts: list[str]) -> dict[str, tuple[int, Source]]:
         rows = self._db.execute(
@@ -426,14 +539,19 @@ class ExampleStore:
         return isinstance(index, faiss.IndexIVFFlat) and _ivf_list_count(size) < 2 * index.nlist
 
     def _load_or_rebuild_index(self) -> tuple[faiss.Index, bool]:
-        """The saved FAISS index if it holds exactly the stored ids, else a fresh one built from SQLite."""
-        stored_ids = np.array([row[0] for row in self._db.execute("SELECT id FROM examples ORDER BY id")], np.int64)
+        """The saved FAISS index if it is the file last saved (sha256) and holds exactly the stored ids, else a
+        fresh one built from SQLite."""
+        stored_ids = self._stored_ids()
         index_file = None if self.path is None else self.path / INDEX_FILE
         if index_file is not None and index_file.is_file():
+            content = index_file.read_bytes()
+            recorded = self._db.execute("SELECT value FROM meta WHERE key = 'index_sha256'").fetchone()
             try:
-                index = faiss.read_index(str(index_file))
+                if recorded is not None and recorded[0] != _sha256(content):
+                    raise RuntimeError("its sha256 differs from the one recorded when it was saved")
+                index = faiss.deserialize_index(np.frombuffer(content, dtype=np.uint8))
             except RuntimeError as error:
-                log.warning("%s is unreadable (%s); rebuilding it from %s", index_file, error, DB_FILE)
+                log.warning("%s is damaged (%s); rebuilding it from %s", index_file, error, DB_FILE)
             else:
                 if not self._index_fits(index, len(stored_ids)):
                     log.info("rebuilding %s as a %s index", index_file, self._structure_for(len(stored_ids)))
@@ -533,6 +651,23 @@ def _mismatch_message(
         f"{asked} was given; use the embedder the store was built with, or build a new store and re-embed its "
         "texts with the new embedder"
     )
+
+
+def storage_failure(path: Path | str, error: BaseException, doing: str) -> str:
+    """A one-line message for a write that failed: which file, what happened, and what to do about it."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "full" in reason or "No space" in reason:
+        hint = "free some disk space, then run the command again"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in reason or "read-only" in reason.lower():
+        hint = "the workspace is read-only here: make it writable, or work on a writable copy"
+    else:
+        hint = "check the disk and the folder's permissions, then run the command again"
+    return f"{path}: cannot {doing}: {reason}; {hint}; what was saved before is intact"
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
 
 
 def _as_source(source: Source | str) -> Source:
