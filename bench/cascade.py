@@ -13,7 +13,7 @@ Q4_K_M through llama.cpp). Arms, each on the same test texts:
 - llm zero-shot / few-shot (k=8): the LLM alone over every label, through the cascade with accept threshold 1 and
   LLM weight 1 (capped at --llm-texts texts: it is the slow arm);
 - cascade: the classifier calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4,
-  learn_precision=0.85)`), learning
+  learn_precision=0.85, tolerance=0.01)`), learning
   switched off so every test text meets the same model;
 - setfit: SetFit with the same MiniLM body on the same pool (bench/setfit_anchor.py; `pip install -e '.[bench]'`).
 Stream (one dataset, default ag_news): the calibrated classifier, learning on (retrain every 50 LLM labels), is fed
@@ -52,8 +52,8 @@ DEFAULT_OUT = REPO / "bench" / "results" / "cascade.json"
 ARMS_HEADING = "## Cascade (bench/cascade.py)"
 STREAM_HEADING = "## Learning from a stream (bench/cascade.py)"
 SHOTS, K, SEED, DEV_SEED, STREAM_SEED = 8, 8, 0, 7, 11
-TARGET_PRECISION, LLM_BUDGET, LEARN_PRECISION = 0.95, 0.4, 0.85
-LEARN_RULE = "the pooled probability of the answer (fallback probabilities fitted on all labels)"
+TARGET_PRECISION, LLM_BUDGET, LEARN_PRECISION, TOLERANCE = 0.95, 0.4, 0.85, 0.01
+LEARN_RULE = "the pooled probability of the answer; the policy chosen again on the dev set after every retrain"
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
 STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
 WIN_BAR = 3
@@ -154,7 +154,7 @@ def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Classifier, dict]
     classifier = new_classifier(ds, embedder, engine, Policy(learn=False))
     began = time.perf_counter()
     report = classifier.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
-                                  learn_precision=LEARN_PRECISION)
+                                  learn_precision=LEARN_PRECISION, tolerance=TOLERANCE)
     log("    " + report.table().replace("\n", "\n    "))
     return classifier, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
 
@@ -235,10 +235,15 @@ def run_stream(ds: dict, classifier: Classifier, before: dict) -> dict:
         routes += [p.route for p in classifier.classify(texts[start : start + STREAM_CHUNK])]
         if len(routes) % STREAM_WINDOW == 0 or len(routes) == len(texts):
             window = routes[len(windows) * STREAM_WINDOW :]
+            chosen = classifier._workspace.load_calibration()  # the policy as chosen again after the last retrain
             windows.append({"texts": len(window), "llm_share": float(np.mean([r is Route.LLM for r in window])),
-                            "llm_examples": classifier.store.count("llm"), "seconds": time.perf_counter() - began})
+                            "llm_examples": classifier.store.count("llm"), "seconds": time.perf_counter() - began,
+                            "retrains": chosen.retrains, "accept_threshold": chosen.policy.accept_threshold,
+                            "dev_fallback_accuracy": chosen.fallback_accuracy, "dev_llm_share": chosen.llm_share})
             log(f"    stream window {len(windows)}: LLM share {windows[-1]['llm_share']:.1%}, "
-                f"{windows[-1]['llm_examples']} LLM examples stored")
+                f"{windows[-1]['llm_examples']} LLM examples stored; after {chosen.retrains} retrains: accept "
+                f"{chosen.policy.accept_threshold:.3f}, dev fallback {chosen.fallback_accuracy:.3f}, dev LLM share "
+                f"{chosen.llm_share:.1%}")
     classifier.policy = classifier.policy.model_copy(update={"learn": False})
     after = run_classifier(classifier, test_texts, test_gold)
     return {"dataset": ds["name"], "learn_rule": LEARN_RULE, "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": RETRAIN_EVERY,
@@ -286,7 +291,7 @@ def arms_section(result: dict) -> str:
              f"Settings: pool {SHOTS}/class (seed {SEED}, = bench/fallback.py's 8/class set); dev {s['dev_size']} training texts outside the pool "
              f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED})); LLM-only arms on the first "
              f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
-             f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}, learn_precision={LEARN_PRECISION}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
+             f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}, learn_precision={LEARN_PRECISION}, tolerance={TOLERANCE}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
              f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end')} at end.",
              *(["", f"**Note:** {s['note']}"] if s.get("note") else []),
              "", "| dataset | arm | n | acc % | macro-F1 % | sent to LLM | texts/s |", "|---|---|---:|---:|---:|---:|---:|"]

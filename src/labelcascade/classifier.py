@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade.agent import Calibration, Cascade, EngineSlot, Learner, Policy, calibrate
+from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, choose_policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
@@ -32,6 +32,7 @@ from labelcascade.task import Task, TaskError
 from labelcascade.workspace import Settings, Workspace
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
+DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again after retrains
 
 
 class Classifier:
@@ -128,6 +129,7 @@ class Classifier:
             renderer=PromptRenderer(workspace.task, workspace.settings.template),
             policy=workspace.settings.policy,
             learner=self._learner,
+            on_retrain=self._recalibrate,
         )
 
     # --- learning -------------------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ class Classifier:
         """Train a new fallback on all stored examples (weighted by source) and swap it in."""
         self._started()
         self._install(self._learner.train())
+        self._recalibrate()
         return self
 
     def calibrate(
@@ -174,22 +177,47 @@ class Classifier:
         target_precision: float = 0.95,
         llm_budget: float | None = None,
         learn_precision: float = 0.85,
+        tolerance: float = 0.01,
     ) -> Calibration:
         """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
-        labelled dev texts (not stored), and use them from now on. `llm_budget` caps the share of texts sent to
-        the LLM; `learn_precision` is the precision the LLM labels the fallback learns from must keep on the dev
-        texts. Returns the report; `print(report.table())` shows the coverage/precision table."""
-        report = calibrate(
-            self._fitted_cascade(),
-            list(texts),
-            list(labels),
+        labelled dev texts (not stored), and use them from now on (agent/calibration.py says how). The LLM is asked
+        about every dev text once; what it said is kept in the workspace, so the policy is chosen again, without
+        the LLM, after every retrain. `llm_budget` caps the share of texts sent to the LLM; `learn_precision` is
+        the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
+        accuracy the cascade may give up to send fewer texts to the LLM. Returns the report;
+        `print(report.table())` shows the coverage/precision table."""
+        dev = DevSet.measure(
+            self._fitted_cascade(), list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget
+        )
+        report = choose_policy(
+            self._cascade,
+            dev,
             target_precision=target_precision,
             llm_budget=llm_budget,
             learn_precision=learn_precision,
+            tolerance=tolerance,
         )
+        dev.save(self._workspace_path / DEV_FILE)
         self.policy = report.policy
         self._workspace.save_calibration(report)
         return report
+
+    def _recalibrate(self) -> None:
+        """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls)."""
+        previous = self._workspace.load_calibration()
+        if previous is None or not (self._workspace_path / DEV_FILE).exists():
+            return
+        report = choose_policy(
+            self._cascade,
+            DevSet.load(self._workspace_path / DEV_FILE),
+            target_precision=previous.target_precision,
+            llm_budget=previous.llm_budget,
+            learn_precision=previous.learn_precision,
+            tolerance=previous.tolerance,
+        )
+        report.retrains = previous.retrains + 1
+        self.policy = report.policy
+        self._workspace.save_calibration(report)
 
     @property
     def policy(self) -> Policy:

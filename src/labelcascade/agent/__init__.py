@@ -1,9 +1,9 @@
 """The cascade: asks the fallback first, the LLM when unsure, and learns from the LLM's labels."""
 
-from labelcascade.agent.calibration import Calibration, calibrate
+from labelcascade.agent.calibration import Calibration, DevSet, choose_policy
 from labelcascade.agent.cascade import Cascade
 from labelcascade.agent.engine_slot import EngineSlot
 from labelcascade.agent.learning import Learner
 from labelcascade.agent.policy import Policy
 
-__all__ = ["Calibration", "Cascade", "EngineSlot", "Learner", "Policy", "calibrate"]
+__all__ = ["Calibration", "Cascade", "DevSet", "EngineSlot", "Learner", "Policy", "choose_policy"]

@@ -1,25 +1,38 @@
 """Calibrating the cascade on a labelled dev set: what the fallback may answer alone, and what the LLM is worth.
 
-From the dev texts (never stored, never learned from) `calibrate` measures and chooses:
-- the accept threshold: the lowest at which the fallback's answers keep the target precision (default 0.95),
-  optionally capped so that no more than `llm_budget` of the texts go to the LLM;
-- the number of candidates the LLM scores: the smallest that keeps the true label among them for 98% of the
-  texts it will see;
-- the LLM's temperature, by likelihood, and its weight in the pool with the fallback: the weight with the best dev
-  accuracy on the texts the LLM sees. When no weight beats the fallback alone, the weight is 0 and the cascade
-  sends nothing to the LLM: on some tasks a small LLM does not help, and then it should cost nothing;
-- the learn threshold: the lowest probability at which the cascade's (pooled) LLM answers on the dev set keep
-  `learn_precision` (default 0.85). It is lower than the answering target on purpose:
-  an LLM label weighs at most half a gold example in training (fallback/weights.py), and the texts the LLM sees
-  are the hard ones, where answers rarely reach 0.95 precision; at 0.95 our ag_news run learned nothing at all;
-- the abstain threshold, for tasks that allow it: answering gains 1 when right and loses 1 when wrong, abstaining
-  gains 1 on a dev text that has no label and 0 otherwise; the threshold with the best total is kept.
-It also reports a coverage/precision table of the fallback.
+Two steps, so the policy can be chosen again after every retrain without asking the LLM again:
+1. `DevSet.measure` asks the LLM about every dev text once (dev texts are never stored, never learned from) and
+   keeps what stays true while the fallback changes: the texts' vectors, their true labels, the LLM's
+   probabilities, its temperature (fitted by likelihood) and the number of candidates it scores (the smallest that
+   keeps the true label among them for 98% of the texts it will see). The workspace keeps it (calibration.npz).
+2. `choose_policy` takes the current fallback's probabilities on those texts and chooses:
+   - the accept threshold: the fallback answers alone where (a) its answers keep the target precision (default
+     0.95), or (b) asking the LLM would not raise the dev accuracy by more than `tolerance` (default 0.01): the
+     cheapest threshold whose accuracy is within `tolerance` of the best any threshold and pooling weight reach.
+     (b) is what lets the LLM's share fall as the fallback learns: once the retrained fallback agrees with the
+     LLM on a text, asking the LLM about it buys nothing. Optionally capped so that no more than `llm_budget` of
+     the texts go to the LLM;
+   - the LLM's weight in the pool with the fallback: the best dev accuracy on the texts the LLM will see. When no
+     weight beats the fallback alone, the weight is 0 and nothing is sent to the LLM: on some tasks a small LLM
+     does not help, and then it should cost nothing;
+   - the learn threshold: the lowest probability at which the pooled answers on the LLM-bound dev texts keep
+     `learn_precision` (default 0.85). It is lower than the answering target on purpose: an LLM label weighs at
+     most half a gold example in training (fallback/weights.py), and the texts the LLM sees are the hard ones,
+     where answers rarely reach 0.95 precision (at 0.95 our ag_news run learned nothing at all);
+   - the abstain threshold, for tasks that allow it: answering gains 1 when right and loses 1 when wrong,
+     abstaining gains 1 on a dev text that has no label and 0 otherwise; the threshold with the best total is kept.
+   It also reports a coverage/precision table of the fallback.
+The LLM's dev probabilities were measured with the examples the store held at calibration; after learning, the
+LLM sees more examples, so they are a slightly pessimistic, fixed estimate of what asking it is worth.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -41,13 +54,15 @@ class CoverageRow(BaseModel):
 
 
 class Calibration(BaseModel):
-    """What `calibrate` chose and measured; stored in the workspace as calibration.json."""
+    """What `choose_policy` chose and measured; stored in the workspace as calibration.json."""
 
     policy: Policy
     dev_texts: int
     target_precision: float
     learn_precision: float
     llm_budget: float | None
+    tolerance: float = Field(0.01, description="Dev accuracy the cascade may give up to send fewer texts to the LLM.")
+    retrains: int = Field(0, description="Retrains of the fallback since `calibrate`; the policy is chosen after each.")
     fallback_accuracy: float
     cascade_accuracy: float
     llm_share: float = Field(description="Share of dev texts the calibrated cascade sends to the LLM.")
@@ -80,69 +95,154 @@ class Calibration(BaseModel):
         return "\n".join(lines)
 
 
-def calibrate(
+@dataclass
+class DevSet:
+    """A labelled dev set as calibration measured it; see the module docstring (step 1).
+
+    `truth`: single-label, the index of each text's label (-1: no label); multi-label, an indicator matrix.
+    `llm`: the LLM's probabilities (temperature applied; single-label 0 outside a text's candidates, multi-label NaN
+    for labels not asked), or None when there is no engine.
+    """
+
+    vectors: np.ndarray
+    truth: np.ndarray
+    llm: np.ndarray | None = None
+    temperature: float | None = None
+    max_candidates: int | None = None
+    candidate_recall: float | None = None
+
+    @classmethod
+    def measure(
+        cls,
+        cascade: Cascade,
+        texts: Sequence[str],
+        labels: Sequence[str | None] | Sequence[Sequence[str]],
+        *,
+        target_precision: float = 0.95,
+        llm_budget: float | None = None,
+    ) -> DevSet:
+        """Embed the dev texts and ask the cascade's engine about all of them (raises EngineError if it cannot
+        answer: a policy calibrated without it would be wrong). Single-label dev labels may be None (or "") for
+        texts that have no label, if the task allows abstaining."""
+        task, names = cascade.task, cascade.task.label_names
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(f"calibrate needs labelled dev texts: got {len(texts)} texts and {len(labels)} labels")
+        dev = cls(cascade.embedder.embed(list(texts)), _truth(labels, names, task.multi_label, task.allow_abstain))
+        if cascade.engine is None:
+            return dev
+        proba = cascade.probabilities(dev.vectors)
+        policy = cascade.policy
+        neighbors = cascade.neighbors(dev.vectors)
+        if not task.multi_label:
+            # The candidates must hold the true label for the texts the LLM will see: those the fallback is unsure
+            # of at the target precision (and budget), or every text when it is sure of all of them.
+            certainty = cascade.certainty(proba)
+            accept = _capped(accept_threshold(certainty, _correct(proba, dev.truth, False), target_precision),
+                             certainty, llm_budget)
+            unsure = np.flatnonzero(certainty < accept) if accept < 1 else np.arange(len(texts))
+            unsure = unsure if len(unsure) else np.arange(len(texts))
+            ranks = _true_ranks(proba, neighbors, names, dev.truth)
+            m = smallest_m_for_recall(ranks[unsure][ranks[unsure] >= 0], len(names), CANDIDATE_RECALL)
+            dev.max_candidates = m
+            dev.candidate_recall = float(np.mean((ranks[unsure] >= 0) & (ranks[unsure] < m)))
+            policy = policy.model_copy(update={"max_candidates": m})
+        logprobs = np.concatenate([
+            cascade.llm_scores([texts[i] for i in batch], proba[batch], [neighbors[i] for i in batch], policy).logprobs
+            for batch in np.array_split(np.arange(len(texts)), int(np.ceil(len(texts) / policy.llm_batch)))
+        ])
+        dev.temperature = _fit_temperature(logprobs, dev.truth, task.multi_label)
+        dev.llm = cascade.llm_probabilities(logprobs, dev.temperature)
+        return dev
+
+    def save(self, path: str | Path) -> None:
+        """Plain arrays in one .npz (no pickle), written beside and renamed into place."""
+        path = Path(path)
+        arrays = {"vectors": self.vectors, "truth": self.truth}
+        if self.llm is not None:
+            arrays |= {"llm": self.llm, "temperature": np.array(self.temperature),
+                       "candidate_recall": np.array(np.nan if self.candidate_recall is None else self.candidate_recall),
+                       "max_candidates": np.array(-1 if self.max_candidates is None else self.max_candidates)}
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as file:
+            np.savez(file, **arrays)
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> DevSet:
+        with np.load(path, allow_pickle=False) as saved:
+            dev = cls(saved["vectors"], saved["truth"])
+            if "llm" in saved:
+                recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
+                dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])
+                dev.candidate_recall, dev.max_candidates = None if np.isnan(recall) else recall, None if m < 0 else m
+        return dev
+
+
+def choose_policy(
     cascade: Cascade,
-    texts: Sequence[str],
-    labels: Sequence[str | None] | Sequence[Sequence[str]],
+    dev: DevSet,
     *,
     target_precision: float = 0.95,
     llm_budget: float | None = None,
     learn_precision: float = 0.85,
+    tolerance: float = 0.01,
 ) -> Calibration:
-    """Choose the cascade's policy from labelled dev texts (see the module docstring); the cascade is unchanged.
-
-    Single-label dev labels may be None (or "") for texts that have no label, if the task allows abstaining.
-    Raises EngineError if the cascade has an engine that cannot answer: a policy calibrated without it would be wrong.
-    """
-    task, names = cascade.task, cascade.task.label_names
-    if len(texts) != len(labels) or not texts:
-        raise ValueError(f"calibrate needs labelled dev texts: got {len(texts)} texts and {len(labels)} labels")
-    truth = _truth(labels, names, task.multi_label, task.allow_abstain)
-    vectors = cascade.embedder.embed(list(texts))
-    proba = cascade.probabilities(vectors)
+    """The cascade's policy for its current fallback, chosen on `dev` (see the module docstring, step 2); the
+    cascade is unchanged. Knobs that calibration does not choose (examples, learn, retrain_every, ...) are kept."""
+    multi = cascade.task.multi_label
+    proba = cascade.probabilities(dev.vectors)
     certainty = cascade.certainty(proba)
-    fallback_right = _correct(proba, truth, task.multi_label)
-
-    accept = accept_threshold(certainty, fallback_right, target_precision)
-    notes = []
-    policy = cascade.policy.model_copy(update={"accept_threshold": accept})
-    if llm_budget is not None and np.mean(~policy.accepts(certainty)) > llm_budget:
-        accept = float(np.quantile(certainty, llm_budget, method="inverted_cdf"))
+    fallback_right = _correct(proba, dev.truth, multi)
+    precise = accept_threshold(certainty, fallback_right, target_precision)
+    policy, notes = cascade.policy, []
+    final, on_unsure, learned = proba, (None, None), None
+    if dev.llm is None:
+        accept = _capped(precise, certainty, llm_budget)
         policy = policy.model_copy(update={"accept_threshold": accept})
-        notes.append(f"accept threshold lowered to send at most {llm_budget:.0%} of texts to the LLM")
-    unsure = np.flatnonzero(~policy.accepts(certainty))
-
-    final, recall, on_unsure, learned = proba, None, (None, None), None
-    if cascade.engine is not None and len(unsure):
-        neighbors = cascade.neighbors(vectors[unsure])
-        if not task.multi_label:
-            ranks = _true_ranks(proba[unsure], neighbors, names, truth[unsure])
-            m = smallest_m_for_recall(ranks[ranks >= 0], len(names), CANDIDATE_RECALL)
-            recall = float(np.mean((ranks >= 0) & (ranks < m)))
-            policy = policy.model_copy(update={"max_candidates": m})
-        policy, final, on_unsure, learned = _fit_llm(
-            cascade, policy, texts, proba, unsure, neighbors, truth, learn_precision
-        )
-        if policy.llm_weight == 0:
-            notes.append("the LLM did not beat the fallback on the unsure dev texts: nothing will be sent to it")
-        elif policy.learn_threshold >= 1.0:
-            notes.append(f"no LLM answer on the dev set kept {learn_precision:.0%} precision: nothing will be learned")
-    elif cascade.engine is None:
         notes.append("no engine: only the fallback was calibrated")
-
-    if task.allow_abstain and not task.multi_label:
-        policy = policy.model_copy(update={"abstain_threshold": abstain_threshold(final, truth)})
-    answered = _correct(final, truth, task.multi_label)
+        if accept < precise:
+            notes.append(f"accept threshold lowered to send at most {llm_budget:.0%} of texts to the LLM")
+    else:
+        policy = policy.model_copy(update={"llm_temperature": dev.temperature,
+                                           "max_candidates": dev.max_candidates or policy.max_candidates})
+        # the cheapest threshold is chosen within the budget; the precision rule only ever sends fewer texts
+        cheapest = functools.partial(_cheapest_threshold, cascade, proba, certainty, fallback_right, dev)
+        accept = min(precise, cheapest(llm_budget, tolerance))
+        if llm_budget is not None and accept < min(precise, cheapest(None, tolerance)):
+            notes.append(f"accept threshold lowered to send at most {llm_budget:.0%} of texts to the LLM")
+        sent = ~policy.model_copy(update={"accept_threshold": accept}).accepts(certainty)
+        weight = 0.0
+        if sent.any():
+            right = {w: _correct(cascade.pool(proba[sent], dev.llm[sent], w), dev.truth[sent], multi) for w in WEIGHTS}
+            best = max(WEIGHTS, key=lambda w: (right[w].mean(), -w))  # ties: the smaller weight, which costs the same
+            weight = float(best) if right[best].mean() > fallback_right[sent].mean() else 0.0
+            on_unsure = (float(right[1.0].mean()), float(fallback_right[sent].mean()))
+        policy = policy.model_copy(update={"accept_threshold": accept, "llm_weight": weight})
+        if weight == 0:
+            notes.append("the LLM did not beat the fallback on the dev texts it would see: nothing will be sent to it")
+        else:
+            final = proba.copy()
+            final[sent] = cascade.pool(proba[sent], dev.llm[sent], weight)
+            pooled_right, pooled_certainty = _correct(final[sent], dev.truth[sent], multi), cascade.certainty(final[sent])
+            learn = accept_threshold(pooled_certainty, pooled_right, learn_precision)
+            policy = policy.model_copy(update={"learn_threshold": learn})
+            kept = pooled_certainty >= learn
+            learned = (float(kept.mean()), float(pooled_right[kept].mean()) if kept.any() else None)
+            if learn >= 1.0:
+                notes.append(f"no LLM answer on the dev set kept {learn_precision:.0%} precision: nothing will be learned")
+    if cascade.task.allow_abstain and not multi:
+        policy = policy.model_copy(update={"abstain_threshold": abstain_threshold(final, dev.truth)})
     return Calibration(
         policy=policy,
-        dev_texts=len(texts),
+        dev_texts=len(dev.truth),
         target_precision=target_precision,
         learn_precision=learn_precision,
         llm_budget=llm_budget,
+        tolerance=tolerance,
         fallback_accuracy=float(fallback_right.mean()),
-        cascade_accuracy=float(answered.mean()),
-        llm_share=float(len(unsure) / len(texts)) if policy.asks_llm and cascade.engine is not None else 0.0,
-        candidate_recall=recall,
+        cascade_accuracy=float(_correct(final, dev.truth, multi).mean()),
+        llm_share=float(np.mean(~policy.accepts(certainty))) if policy.asks_llm and dev.llm is not None else 0.0,
+        candidate_recall=dev.candidate_recall,
         llm_accuracy_on_unsure=on_unsure[0],
         fallback_accuracy_on_unsure=on_unsure[1],
         learned_share=None if learned is None else learned[0],
@@ -186,33 +286,27 @@ def abstain_threshold(proba: np.ndarray, truth: np.ndarray) -> float:
     return best
 
 
-def _fit_llm(cascade, policy, texts, proba, unsure, neighbors, truth, learn_precision):
-    """LLM temperature by likelihood, the pooling weight by accuracy, then the learn threshold by precision, on the
-    unsure dev texts."""
+def _cheapest_threshold(cascade, proba, certainty, fallback_right, dev, llm_budget, tolerance) -> float:
+    """The lowest accept threshold whose dev accuracy (at its best pooling weight) is within `tolerance` of the best
+    accuracy any threshold within the budget reaches; 0 (the fallback answers everything) when the LLM adds nothing."""
     multi = cascade.task.multi_label
-    logprobs = np.concatenate([
-        cascade.llm_scores([texts[i] for i in batch], proba[batch], [neighbors[k] for k in positions], policy).logprobs
-        for batch, positions in _batches(unsure, policy.llm_batch)
-    ])
-    temperature = _fit_temperature(logprobs, truth[unsure], multi)
-    llm = cascade.llm_probabilities(logprobs, temperature)
-    fallback_right = _correct(proba[unsure], truth[unsure], multi).mean()
-    accuracy = {w: _correct(cascade.pool(proba[unsure], llm, w), truth[unsure], multi).mean() for w in WEIGHTS}
-    weight = max(WEIGHTS, key=lambda w: (accuracy[w], -w))  # ties: the smaller weight, which costs the same
-    if accuracy[weight] <= fallback_right:
-        weight = 0.0
-    policy = policy.model_copy(update={"llm_temperature": temperature, "llm_weight": float(weight)})
-    final = proba.copy()
-    learned = None
-    if weight > 0:
-        final[unsure] = cascade.pool(proba[unsure], llm, weight)
-        pooled_right, pooled_certainty = _correct(final[unsure], truth[unsure], multi), cascade.certainty(final[unsure])
-        learn = accept_threshold(pooled_certainty, pooled_right, learn_precision)
-        policy = policy.model_copy(update={"learn_threshold": learn})
-        kept = pooled_certainty >= learn
-        learned = (float(kept.mean()), float(pooled_right[kept].mean()) if kept.any() else None)
-    llm_alone = _correct(np.nan_to_num(llm), truth[unsure], multi).mean() if not multi else accuracy[1.0]
-    return policy, final, (float(llm_alone), float(fallback_right)), learned
+    thresholds = np.unique(np.r_[0.0, certainty, 1.0])
+    sent = np.array([certainty < t if t < 1 else np.ones_like(certainty, dtype=bool) for t in thresholds])
+    pooled_right = np.array([_correct(cascade.pool(proba, dev.llm, w), dev.truth, multi) for w in WEIGHTS])
+    # accuracy[w, t]: the pooled answer where text is sent at threshold t, the fallback's elsewhere
+    accuracy = np.where(sent[None], pooled_right[:, None], fallback_right[None, None]).mean(axis=2).max(axis=0)
+    within_budget = sent.mean(axis=1) <= (1.0 if llm_budget is None else llm_budget)
+    within_budget[0] = True  # sending nothing is always affordable
+    best = accuracy[within_budget].max()
+    return float(thresholds[np.flatnonzero(within_budget & (accuracy >= best - tolerance - 1e-12))[0]])
+
+
+def _capped(threshold: float, certainty: np.ndarray, llm_budget: float | None) -> float:
+    """`threshold`, lowered if needed so that at most `llm_budget` of the texts are sent to the LLM."""
+    sent = np.mean(certainty < threshold) if threshold < 1 else 1.0
+    if llm_budget is None or sent <= llm_budget:
+        return threshold
+    return float(np.quantile(certainty, llm_budget, method="inverted_cdf"))
 
 
 def _fit_temperature(logprobs: np.ndarray, truth: np.ndarray, multi: bool) -> float:
@@ -225,11 +319,6 @@ def _fit_temperature(logprobs: np.ndarray, truth: np.ndarray, multi: bool) -> fl
     if not scored.any():
         return 1.0
     return fit_temperature(logprobs[scored], truth[scored])
-
-
-def _batches(indices: np.ndarray, size: int):
-    for start in range(0, len(indices), size):
-        yield indices[start : start + size], range(start, min(start + size, len(indices)))
 
 
 def _true_ranks(proba, neighbors, names, truth) -> np.ndarray:

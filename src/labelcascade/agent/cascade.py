@@ -7,14 +7,15 @@ This is the classification policy of DESIGN.md ("One classification"):
    a prompt; the engine scores the candidates and its probabilities are pooled with the fallback's (route `llm`);
    for multi-label tasks the LLM answers a yes/no question for each unsure label instead;
 4. an answer under the abstain threshold, in a task that allows it, becomes no answer (route `abstain`);
-5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N;
+5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N; after a
+   retrain `on_retrain` runs (the classifier chooses the policy again on its dev set there);
 6. when the engine fails or times out, the fallback's answer stands, marked `degraded`; nothing is raised.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,7 @@ class Cascade:
         renderer: PromptRenderer | None = None,
         policy: Policy | None = None,
         learner: Learner | None = None,
+        on_retrain: Callable[[], None] | None = None,
     ):
         """Without an engine every answer comes from the fallback; without a store the LLM gets no examples."""
         self.task = task
@@ -68,6 +70,7 @@ class Cascade:
         self.renderer = renderer or PromptRenderer(task)
         self.policy = policy or Policy()
         self.learner = learner
+        self.on_retrain = on_retrain
         self._labels = task.label_names
         self.install(fallback)
 
@@ -235,3 +238,5 @@ class Cascade:
         )
         if retrained is not None:
             self.install(retrained)
+            if self.on_retrain is not None:
+                self.on_retrain()
