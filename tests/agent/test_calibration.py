@@ -150,3 +150,14 @@ def test_multi_label_calibration_fits_the_yes_no_questions(embedder, gemma):
     assert report.dev_texts == 6 and report.llm_accuracy_on_unsure is not None  # the LLM was asked about the unsure
     assert report.policy.llm_temperature > 0 and 0 <= report.policy.llm_weight <= 1
     assert report.candidate_recall is None  # multi-label asks per label instead of narrowing candidates
+
+
+def test_a_damaged_dev_set_file_is_a_clear_error(embedder, tmp_path):
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    texts, labels = banking_messages()
+    path = tmp_path / "calibration.npz"
+    with_llm_answers(classifier, texts, labels, labels).save(path)
+    assert DevSet.load(path).llm.shape == (len(texts), len(classifier.classes_))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="calibration.npz: damaged calibration data"):
+        DevSet.load(path)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,12 +170,18 @@ class DevSet:
 
     @classmethod
     def load(cls, path: str | Path) -> DevSet:
-        with np.load(path, allow_pickle=False) as saved:
-            dev = cls(saved["vectors"], saved["truth"])
-            if "llm" in saved:
-                recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
-                dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])
-                dev.candidate_recall, dev.max_candidates = None if np.isnan(recall) else recall, None if m < 0 else m
+        """The saved dev set; ValueError naming the file when it is damaged (never a policy from half a file)."""
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                dev = cls(saved["vectors"], saved["truth"])
+                if "llm" in saved:
+                    recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
+                    dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])
+                    dev.candidate_recall, dev.max_candidates = None if np.isnan(recall) else recall, None if m < 0 else m
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{path}: damaged calibration data ({error}); run calibrate again") from None
+        if len(dev.vectors) != len(dev.truth) or (dev.llm is not None and len(dev.llm) != len(dev.truth)):
+            raise ValueError(f"{path}: damaged calibration data (arrays of different lengths); run calibrate again")
         return dev
 
 
