@@ -1,0 +1,212 @@
+"""Storage faults, caused for real: a full disk and a read-only workspace (a tiny tmpfs, full or remounted read-only;
+the tests run as root and skip, saying why, where mounting is not allowed), and damaged files (truncated, or bytes
+overwritten) in every file a workspace holds.
+
+Each fault must give one clear error that names the file and what to do, and leave the workspace whole: every
+example stored before is still there, and the previous model still gives the same answers. A damaged file is never
+used: the example index is rebuilt from SQLite (which holds every vector), anything else is refused on open.
+"""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labelcascade import Classifier
+from labelcascade.jobs import LabelJob
+from labelcascade.retrieval.store import DB_FILE, INDEX_FILE, StoreError
+from labelcascade.tables import InputError
+from labelcascade.workspace import CALIBRATION_FILE, FALLBACK_DIR, SETTINGS_FILE, STORE_DIR, Workspace, WorkspaceError
+
+from ..conftest import BANKING_TASK, load_split
+
+PROBES = ["my card got stolen", "what is the exchange rate", "I want my money back", "close my account please"]
+CLI_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, embedder) -> Path:
+    """A banking workspace (80 seed examples, a trained fallback), copied by each test."""
+    path = tmp_path_factory.mktemp("template") / "ws"
+    Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def more_examples() -> tuple[list[str], list[str]]:
+    names = {line.split(":", 1)[1].strip() for line in BANKING_TASK.read_text().splitlines() if line.startswith("- name:")}
+    rows = [row for row in load_split("banking77", "train") if row["label"] in names][:300]
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def snapshot(path: Path, embedder) -> tuple[list[tuple[str, tuple[str, ...]]], np.ndarray]:
+    """The stored examples and the answers to the probes: what must survive a fault unchanged."""
+    classifier = Classifier.open(path, embedder=embedder, engine=None)
+    try:
+        examples = [(e.text, e.labels) for e in classifier.store.examples()]
+        return examples, classifier.predict_proba(PROBES)
+    finally:
+        classifier.close()
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str):
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True, timeout=30)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the fault needs root and mount")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], timeout=30, check=True)
+
+
+def fill(folder: Path) -> None:
+    """Use up every free byte of the file system that holds `folder`: big writes, then single bytes."""
+    with (folder / "filler").open("wb", buffering=0) as file:
+        for chunk in (b"\0" * 65536, b"\0"):
+            try:
+                while True:
+                    file.write(chunk)
+            except OSError:
+                pass
+
+
+def one_line_cli_error(*args: str) -> str:
+    script = Path(sys.executable).with_name("labelcascade")
+    result = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_a_full_disk_gives_clear_errors_and_loses_nothing(template, embedder, more_examples, tmp_path):
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        workspace = disk / "ws"
+        shutil.copytree(template, workspace)
+        before = snapshot(workspace, embedder)
+        (tmp_path / "more.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                                                     for t, y in zip(*more_examples, strict=True)))
+        classifier = Classifier.open(workspace, embedder=embedder, engine=None)
+        fill(disk)
+
+        texts, labels = more_examples
+        with pytest.raises(StoreError, match=r"examples.sqlite: cannot store examples: .*full.*free some disk space"):
+            classifier.add_examples(texts, labels)
+        with pytest.raises(WorkspaceError, match=r"fallback.new: cannot save the retrained fallback model: No space"):
+            classifier.retrain()
+        with pytest.raises(WorkspaceError, match=rf"{SETTINGS_FILE}: cannot write {SETTINGS_FILE}: No space"):
+            classifier.policy = classifier.policy.model_copy(update={"accept_threshold": 0.1})
+        job_input = tmp_path / "job.jsonl"
+        job_input.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROBES))
+        with pytest.raises(InputError, match=r"out.jsonl.state.sqlite: cannot record the job's progress"):
+            LabelJob(classifier, job_input, disk / "out.jsonl").run(progress=False)
+        classifier.close()
+        message = one_line_cli_error("add", str(workspace), str(tmp_path / "more.jsonl"))
+        assert "examples.sqlite: cannot store examples" in message and "free some disk space" in message
+
+        (disk / "filler").unlink()
+        assert snapshot(workspace, embedder)[0] == before[0]
+        assert np.array_equal(snapshot(workspace, embedder)[1], before[1])  # the previous model, whole
+        assert sorted(p.name for p in workspace.iterdir()) == sorted(p.name for p in template.iterdir())
+        classifier = Classifier.open(workspace, embedder=embedder, engine=None)  # and it works again
+        classifier.add_examples(texts, labels)
+        classifier.retrain()
+        assert len(classifier.store) == len(before[0]) + len(set(texts) - {text for text, _ in before[0]})
+        classifier.close()
+
+
+def test_a_read_only_workspace_answers_but_refuses_changes_clearly(template, embedder, more_examples, tmp_path):
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        workspace = disk / "ws"
+        shutil.copytree(template, workspace)
+        before = snapshot(workspace, embedder)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, timeout=30)
+
+        classifier = Classifier.open(workspace, embedder=embedder, engine=None)
+        assert np.array_equal(classifier.predict_proba(PROBES), before[1])  # reading needs no writes
+        with pytest.raises(StoreError, match=r"examples.sqlite: cannot store examples: .*readonly.*read-only here"):
+            classifier.add_examples(*more_examples)
+        with pytest.raises(WorkspaceError, match=r"cannot save the retrained fallback model: Read-only file system"):
+            classifier.retrain()
+        classifier.close()
+        message = one_line_cli_error("retrain", str(workspace))
+        assert "Read-only file system" in message and "make it writable" in message
+
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True, timeout=30)
+        after = snapshot(workspace, embedder)
+        assert after[0] == before[0] and np.array_equal(after[1], before[1])
+
+
+def damage(path: Path, how: str) -> None:
+    content = bytearray(path.read_bytes())
+    if how == "truncated":
+        content = content[: len(content) // 2]
+    elif how == "garbage":  # a run of random bytes across the middle of the file, same size
+        start = len(content) // 3
+        content[start : start + 4096] = random.Random(0).randbytes(len(content[start : start + 4096]))
+    elif how == "flipped":  # one bit, past the header
+        content[len(content) * 2 // 3] ^= 0x01
+    path.write_bytes(bytes(content))
+
+
+REFUSED = [
+    (f"{STORE_DIR}/{DB_FILE}", "truncated", StoreError, "examples.sqlite: the example store is damaged"),
+    (f"{STORE_DIR}/{DB_FILE}", "garbage", StoreError, "examples.sqlite: the example store is damaged"),
+    (f"{FALLBACK_DIR}/model.npz", "truncated", WorkspaceError, "fallback model is damaged.*labelcascade retrain"),
+    (f"{FALLBACK_DIR}/model.npz", "flipped", WorkspaceError, "fallback model is damaged.*sha256"),
+    (f"{FALLBACK_DIR}/model.json", "truncated", WorkspaceError, "fallback model is damaged"),
+    (f"{FALLBACK_DIR}/model.json", "flipped", WorkspaceError, "fallback model is damaged"),
+    (SETTINGS_FILE, "truncated", WorkspaceError, f"{SETTINGS_FILE}: invalid settings"),
+    (SETTINGS_FILE, "garbage", WorkspaceError, f"{SETTINGS_FILE}: invalid settings"),
+]
+
+
+@pytest.mark.parametrize(("name", "how", "error", "message"), REFUSED, ids=[f"{n}-{h}" for n, h, *_ in REFUSED])
+def test_a_damaged_file_is_refused_on_open_naming_it(template, embedder, tmp_path, name, how, error, message):
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    damage(workspace / name, how)
+    with pytest.raises(error, match=message):
+        Classifier.open(workspace, embedder=embedder, engine=None)
+
+
+def test_a_damaged_calibration_report_is_refused_naming_it(template, tmp_path):
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    (workspace / CALIBRATION_FILE).write_text('{"policy": {"accept_thr')
+    with pytest.raises(WorkspaceError, match=rf"{CALIBRATION_FILE}: damaged or invalid.*calibrate"):
+        Workspace.open(workspace).load_calibration()
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped"])
+def test_a_damaged_faiss_index_is_rebuilt_from_sqlite_and_answers_the_same(template, embedder, tmp_path, how):
+    """The index holds nothing SQLite does not: a damaged one (even one FAISS still reads, with a flipped bit in a
+    vector) is caught by its sha256 and rebuilt, so retrieval finds exactly what an intact index finds."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    intact = Classifier.open(template, embedder=embedder, engine=None)
+    queries = embedder.embed(PROBES)
+    expected = [[(n.example.id, round(n.score, 5)) for n in row] for row in intact.store.search(queries, 8)]
+    intact.close()
+    damage(workspace / STORE_DIR / INDEX_FILE, how)
+    classifier = Classifier.open(workspace, embedder=embedder, engine=None)
+    found = [[(n.example.id, round(n.score, 5)) for n in row] for row in classifier.store.search(queries, 8)]
+    classifier.close()
+    assert found == expected
+    assert (workspace / STORE_DIR / INDEX_FILE).read_bytes() == (template / STORE_DIR / INDEX_FILE).read_bytes()
+
+
+def test_the_cli_reports_a_damaged_model_in_one_line(template, tmp_path):
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    damage(workspace / FALLBACK_DIR / "model.npz", "flipped")
+    message = one_line_cli_error("classify", str(workspace), "my card got stolen")
+    assert "model is damaged" in message and f"labelcascade retrain {workspace}" in message
