@@ -2,6 +2,7 @@
 Hugging Face checkpoint that `tools/vllm_server.sh setup` converts from the packaged GGUF."""
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
+SCRIPT = REPO / "tools" / "vllm_server.sh"
 
 
 def free_port() -> int:
@@ -17,21 +19,66 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def vllm_url():
-    """URL of a vLLM server on 127.0.0.1. Outside CI, skipped until `tools/vllm_server.sh setup` has been run."""
+def require_vllm() -> None:
+    """Skip (fail in CI) until `tools/vllm_server.sh setup` has made .venv-vllm."""
     if not (REPO / ".venv-vllm" / ".installed").is_file():
         message = "no .venv-vllm: run `tools/vllm_server.sh setup` (make test does)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    port = free_port()
-    script = REPO / "tools" / "vllm_server.sh"
-    started = subprocess.run(["bash", str(script), "start", str(port)], capture_output=True, text=True, timeout=400)
-    if started.returncode != 0:
-        pytest.fail(f"the vLLM server did not start:\n{started.stdout}\n{started.stderr}")
-    yield f"http://127.0.0.1:{port}/v1"
-    subprocess.run(["bash", str(script), "stop", str(port)], timeout=60)
+
+
+class VLLMServer:
+    """A real vLLM server on 127.0.0.1:`port`, run by tools/vllm_server.sh. The fault tests kill it the way a crash
+    would (SIGKILL to its whole process group: API server, engine core, worker) and start it again on the same port,
+    so its clients must find it again at the same URL."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self._pidfile = REPO / ".cache" / f"vllm-{port}.pid"
+
+    def start(self) -> None:
+        """Start and wait until healthy (~70 s on 2 cores); the script stops what it started if that fails."""
+        started = subprocess.run(["bash", str(SCRIPT), "start", str(self.port)], capture_output=True, text=True,
+                                 timeout=400)
+        if started.returncode != 0:
+            pytest.fail(f"the vLLM server did not start:\n{started.stdout}\n{started.stderr}")
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): it still accepts connections, as a hung server does, but never answers."""
+        os.killpg(self._group(), signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self._group(), signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the whole server, as a crash would."""
+        os.killpg(self._group(), signal.SIGKILL)
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(self.port)], timeout=60)
+
+    def _group(self) -> int:
+        return int(self._pidfile.read_text())  # the script starts the server with setsid: its pid is the group's id
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    """A vLLM server on 127.0.0.1 for one test module (a module at a time: each holds ~7 GB). Outside CI, skipped
+    until `tools/vllm_server.sh setup` has been run."""
+    require_vllm()
+    server = VLLMServer(free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_url(vllm_server):
+    return vllm_server.url
 
 
 @pytest.fixture(scope="session")

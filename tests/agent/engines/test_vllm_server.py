@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -93,3 +94,20 @@ def test_an_old_server_is_refused():
             VLLMServerEngine(f"http://127.0.0.1:{server.server_port}/v1", timeout=5, max_retries=0)
     finally:
         server.shutdown()
+
+
+def test_a_hung_server_fails_the_call_at_its_deadline(vllm_server, engine):
+    """The real server frozen (SIGSTOP) accepts connections and never answers. The openai client would wait its own
+    60 s timeout per request and retry twice; a scoring call must fail by its deadline, so the cascade answers
+    `degraded` in the time its policy allows rather than minutes later."""
+    renderer = PromptRenderer(BANKING)
+    prompt = renderer.render("a text this module has not tokenized yet").text
+    vllm_server.pause()
+    try:
+        began = time.monotonic()
+        with pytest.raises(EngineTimeout):
+            engine.score([prompt], [renderer.candidates(BANKING.label_names)], timeout=2)
+        assert time.monotonic() - began < 4
+    finally:
+        vllm_server.resume()
+    assert normalize(engine.score([prompt], [renderer.candidates(BANKING.label_names)])[0])  # answers again

@@ -3,8 +3,14 @@
 Scoring is exact: for each prompt, one completions request carries every candidate as its own token-id prompt
 (`prompt + candidate`), with `echo` and `logprobs`, so vLLM returns the log-probability of every prompt token,
 and the candidate's are summed. Token ids are used rather than text so the boundary between prompt and candidate
-is exactly where the candidate's own tokens begin. Requests for different prompts run concurrently; the `openai`
-client retries only what is retryable (connection errors, 408/409/429/5xx) and times out.
+is exactly where the candidate's own tokens begin. Requests for different prompts run concurrently.
+
+Failing in time: a scoring call with a deadline (the cascade always gives one) ends by it, whatever the server does.
+The `openai` client would give every request its full timeout and its retries the same again, so a hung server held
+one batch for minutes; under a deadline every request gets only the time left, and a failed one is not retried
+except for a connection error, at once (a keep-alive connection the server had just closed). A server that is down
+is the cascade's engine slot's business: it answers from the fallback and tries the server again later. Without a
+deadline the client's own timeout and retries apply.
 
 Cost to know: vLLM does not read its prefix cache for requests that ask for prompt log-probabilities, so every
 candidate's prompt is evaluated in full. That is cheap on a GPU and for few labels; on a CPU with dozens of
@@ -13,7 +19,6 @@ labels, prefer the llama.cpp engine.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -45,6 +50,9 @@ class VLLMServerEngine:
             raise EngineError("the vLLM engine needs the openai client: pip install 'labelcascade[vllm]'") from error
         self._openai = openai
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._bounded = self._client.with_options(max_retries=0)  # for requests under a deadline: see _call
+        self._max_retries = max_retries
+        self._candidates: dict[str, list[int]] = {}
         self._root = base_url.rstrip("/").removesuffix("/v1")  # /version and /tokenize live beside /v1
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="vllm-score")
         self.version = self._check_version()
@@ -71,7 +79,7 @@ class VLLMServerEngine:
         return version
 
     def _only_model(self) -> str:
-        models = [model.id for model in self._call(self._client.models.list).data]
+        models = [model.id for model in self._call(lambda client, options: client.models.list(**options)).data]
         if len(models) != 1:
             raise EngineError(f"the server serves {models}; name one in the spec: vllm:URL#MODEL")
         return models[0]
@@ -85,21 +93,45 @@ class VLLMServerEngine:
                 "it; serve a checkpoint whose tokenizer adds it (tools/convert_gguf_to_hf.py does)"
             )
 
-    @functools.lru_cache(maxsize=4096)  # candidates repeat for every text: tokenize each once
-    def _tokenize_cached(self, text: str, special: bool) -> tuple[int, ...]:
-        return tuple(self._tokenize(text, special=special))
+    def _candidate_ids(self, text: str, deadline: float | None) -> list[int]:
+        """A candidate's token ids. Candidates repeat for every text, so each is tokenized once (the few thousand
+        last seen are kept)."""
+        ids = self._candidates.get(text)
+        if ids is None:
+            if len(self._candidates) >= 4096:
+                self._candidates.clear()
+            ids = self._candidates[text] = self._tokenize(text, special=False, deadline=deadline)
+        return ids
 
-    def _tokenize(self, text: str, *, special: bool) -> list[int]:
+    def _tokenize(self, text: str, *, special: bool, deadline: float | None = None) -> list[int]:
         body = {"model": getattr(self, "model", None), "prompt": text, "add_special_tokens": special}
-        return self._call(self._client.post, self._root + "/tokenize", body=body, cast_to=object)["tokens"]
 
-    def _call(self, method, *args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except self._openai.APITimeoutError as error:
-            raise EngineTimeout(f"vLLM did not answer in time: {error}") from error
-        except self._openai.OpenAIError as error:
-            raise EngineError(f"vLLM request failed: {error}") from error
+        def send(client, options):
+            return client.post(self._root + "/tokenize", body=body, cast_to=object, options=options)
+
+        return self._call(send, deadline)["tokens"]
+
+    def _call(self, send, deadline: float | None = None):
+        """`send(client, options)` once, within `deadline` if given (see the module docstring), with the client's
+        errors turned into EngineTimeout and EngineError. `options` holds the request's timeout, if it has one."""
+        attempt = 0
+        while True:
+            if deadline is None:
+                client, options = self._client, {}
+            else:
+                client, options = self._bounded, {"timeout": deadline - time.monotonic()}
+                if options["timeout"] <= 0:
+                    raise EngineTimeout("vLLM scoring ran out of time")
+            try:
+                return send(client, options)
+            except self._openai.APITimeoutError as error:
+                raise EngineTimeout(f"vLLM did not answer in time: {error}") from error
+            except self._openai.APIConnectionError as error:
+                if deadline is None or attempt >= self._max_retries:
+                    raise EngineError(f"vLLM request failed: {error}") from error
+                attempt += 1
+            except self._openai.OpenAIError as error:
+                raise EngineError(f"vLLM request failed: {error}") from error
 
     # --- scoring --------------------------------------------------------------------------------------------
 
@@ -112,20 +144,19 @@ class VLLMServerEngine:
         return [future.result() for future in futures]
 
     def _score_one(self, prompt: str, options: Sequence[str], deadline: float | None) -> dict[str, float]:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise EngineTimeout("vLLM scoring ran out of time before the request was sent")
-        prompt_ids = self._tokenize(prompt, special=True)
-        encoded = [list(self._tokenize_cached(option, False)) for option in options]
+        prompt_ids = self._tokenize(prompt, special=True, deadline=deadline)
+        encoded = [self._candidate_ids(option, deadline) for option in options]
         response = self._call(
-            self._client.completions.create,
-            model=self.model,
-            prompt=[prompt_ids + ids for ids in encoded],
-            max_tokens=1,
-            temperature=0.0,
-            echo=True,
-            logprobs=0,
-            **({} if remaining is None else {"timeout": remaining}),
+            lambda client, request: client.completions.create(
+                model=self.model,
+                prompt=[prompt_ids + ids for ids in encoded],
+                max_tokens=1,
+                temperature=0.0,
+                echo=True,
+                logprobs=0,
+                **request,
+            ),
+            deadline,
         )
         start = len(prompt_ids)
         scores = {}
