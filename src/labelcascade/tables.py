@@ -13,8 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from labelcascade.task import LABEL_SEPARATOR
+
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-LABEL_SEPARATOR = "|"
 
 
 class InputError(ValueError):
@@ -51,8 +52,9 @@ def read_rows(
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     known = None if known_labels is None else set(known_labels)
-    for line, columns in _records(path, file_format(path)):
-        where = f"{path}: line {line}"
+    kind = file_format(path)
+    for line, columns in _records(path, kind):
+        where = f"{path}: {'row' if kind == 'parquet' else 'line'} {line}"
         text = columns.get(text_column)
         if text_column not in columns:
             raise InputError(f"{where}: no column {text_column!r} (columns: {', '.join(map(str, columns))}); "
@@ -81,17 +83,23 @@ def _labels(value, where: str) -> tuple[str, ...]:
 
 
 def _records(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
-    """(line number, row as a dict) for each record; CSV and JSONL count lines from 1 as an editor does."""
+    """(line number, row as a dict) for each record; CSV and JSONL count lines from 1 as an editor does.
+
+    Text files are read as UTF-8, a leading byte-order mark (as spreadsheet programs write) ignored.
+    """
     if kind == "parquet":
         yield from _parquet_records(path)
         return
+    ended = 0  # the last line of the last complete CSV record: a malformed one starts after it
     try:
-        with path.open(encoding="utf-8", newline="") as file:
+        with path.open(encoding="utf-8-sig", newline="") as file:
             if kind == "csv":
-                reader = csv.DictReader(file)
+                reader = csv.DictReader(file, strict=True)  # an unclosed quote is an error, not a text to the end
+                ended = reader.line_num if reader.fieldnames is not None else 0  # reading the header
                 for record in reader:
                     if None in record:
                         raise InputError(f"{path}: line {reader.line_num}: more fields than the header has")
+                    ended = reader.line_num
                     yield reader.line_num, record
                 return
             for number, text in enumerate(file, 1):
@@ -104,10 +112,21 @@ def _records(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
                 if not isinstance(record, dict):
                     raise InputError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
                 yield number, record
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: {_first_undecodable(path)}: not UTF-8 text; save it as UTF-8") from None
     except csv.Error as error:
-        raise InputError(f"{path}: malformed CSV ({error})") from None
+        raise InputError(f"{path}: line {ended + 1}: malformed CSV in the record that starts here ({error})") from None
+
+
+def _first_undecodable(path: Path) -> str:
+    """Where the first byte that is not UTF-8 lies, as 'line N, byte M' (the decoder only knows its own buffer)."""
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"line {number}, byte {error.start + 1}"
+    return "end of file"
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -118,7 +137,10 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise InputError(f"{path}: not a readable Parquet file ({error})") from None
     number = 0
-    for batch in parquet.iter_batches():
-        for record in batch.to_pylist():
-            number += 1
-            yield number, record
+    try:
+        for batch in parquet.iter_batches():
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+    except (OSError, ValueError) as error:  # pyarrow's errors for damaged pages (ArrowInvalid is a ValueError)
+        raise InputError(f"{path}: row {number + 1}: damaged Parquet data ({error})") from None

@@ -28,6 +28,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+LABEL_SEPARATOR = "|"  # joins the labels of a multi-label row in CSV files (tables.py)
+
+
 class TaskError(ValueError):
     """A task that cannot be used; the message names where and what."""
 
@@ -46,10 +49,17 @@ class Label(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _name_not_empty(cls, name: str) -> str:
+    def _name_is_one_short_line(cls, name: str) -> str:
         if not name:
             raise ValueError("label name is empty")
-        return name
+        return _one_short_line(name, "label name")
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _verbalizer_is_one_short_line(cls, verbalizer: str | None) -> str | None:
+        if verbalizer is not None and not verbalizer:
+            raise ValueError("verbalizer is empty")
+        return verbalizer if verbalizer is None else _one_short_line(verbalizer, "verbalizer")
 
     @field_validator("examples")
     @classmethod
@@ -58,6 +68,25 @@ class Label(_Strict):
             if not text.strip():
                 raise ValueError(f"example {i} is an empty text")
         return examples
+
+
+# A label is answered as " <name>\n" and listed on a line of its own in prompts, joined by "|" in CSV files and
+# used as a column of reports: so it is one line of printable text, short enough to score cheaply. A label that
+# reads like an instruction ("Ignore previous instructions") is allowed: it stays one item of the label list, and
+# the answer is still chosen among the task's labels by scoring, never parsed from free text.
+MAX_LABEL_CHARS = 100
+
+
+def _one_short_line(value: str, what: str) -> str:
+    """`value` if it is at most MAX_LABEL_CHARS printable characters on one line without '|'; else why not."""
+    if len(value) > MAX_LABEL_CHARS:
+        raise ValueError(f"{what} has {len(value)} characters; at most {MAX_LABEL_CHARS}")
+    bad = next((char for char in value if not char.isprintable() and char != " "), None)
+    if bad is not None:
+        raise ValueError(f"{what} {value!r} contains {bad!r}, which is not printable text; a label is one line of text")
+    if LABEL_SEPARATOR in value:
+        raise ValueError(f"{what} {value!r} contains {LABEL_SEPARATOR!r}, which separates labels in CSV files")
+    return value
 
 
 class SeedExample(_Strict):
@@ -167,6 +196,8 @@ class Task(_Strict):
             raise TaskError(f"{path}: no such task file") from None
         except UnicodeDecodeError as error:
             raise TaskError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except OSError as error:
+            raise TaskError(f"{path}: cannot read the task file ({error.strerror})") from None
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)
@@ -176,6 +207,8 @@ class Task(_Strict):
             raise TaskError(f"{path}: {where}not valid YAML: {getattr(error, 'problem', error)}") from None
         if not isinstance(data, dict):
             raise TaskError(f"{path}: a task file must be a YAML mapping with at least 'name' and 'labels'")
+        if duplicate := _duplicate_key(node):
+            raise TaskError(f"{path}: line {duplicate.start_mark.line + 1}: duplicate key {duplicate.value!r}")
         try:
             return cls.model_validate(data)
         except ValidationError as error:
@@ -206,6 +239,23 @@ def _describe(error: ValidationError, source: str, lines: yaml.Node | None) -> s
 
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.\w+)*): ")
+
+
+def _duplicate_key(node: yaml.Node) -> yaml.Node | None:
+    """The first key that appears twice in one mapping; YAML loaders keep the last silently, hiding a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if key.value in seen:
+                return key
+            seen.add(key.value)
+            if found := _duplicate_key(value):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            if found := _duplicate_key(item):
+                return found
+    return None
 
 
 def _line_of(node: yaml.Node, loc: Sequence[Any]) -> int | None:
