@@ -6,6 +6,9 @@ similar last (closest to the text); then the text. The prompt stops right before
 label is scored as a continuation: a space, the label's verbaliser, then a newline that closes the answer (so
 "card" and "card_arrival" are distinct, complete answers rather than one being a prefix of the other).
 
+Texts are shown cleaned and cut to a size in bytes (`clean_text`, MAX_TEXT_BYTES): a text of a megabyte is
+classified by its first 2,000 bytes, which always fit the engine's context.
+
 Templates are Jinja files with two blocks, `static` and `dynamic`; the built-in ones are `completion` (base models)
 and `chat` (Gemma-style turns). Pass the path of your own `.j2` file to override them.
 """
@@ -26,9 +29,14 @@ from labelcascade.task import Task
 TEMPLATES = Path(__file__).parent / "templates"
 BUILT_IN = ("completion", "chat")
 
-# Texts longer than this many characters are cut to their start in prompts (and marked with an ellipsis), so one
-# huge input cannot overflow the engine's context; 2,000 characters is about 500 tokens.
-MAX_TEXT_CHARS = 2000
+# What a prompt shows of a text, so that no input can overflow the engine's context (see `clean_text`): the text
+# classified keeps its first 2,000 UTF-8 bytes, each retrieved example its first 1,000. Bytes, not characters,
+# because a token of a byte-level or byte-fallback tokenizer covers at least one byte: 2,000 bytes are at most about
+# 2,000 tokens in any script (Gemma 3: 445 tokens of English), where 2,000 characters of Chinese were 4,230 tokens,
+# more than llama.cpp's 4,096-token context. With 8 examples, English prompts stay under ~2,500 tokens.
+MAX_TEXT_BYTES = 2000
+MAX_EXAMPLE_BYTES = 1000
+ELLIPSIS = "…"
 ANSWER_END = "\n"
 YES, NO = " yes" + ANSWER_END, " no" + ANSWER_END  # the two candidates of a multi-label yes/no question
 
@@ -75,20 +83,37 @@ class PromptRenderer:
 
     def _render(self, text: str, examples: Sequence[Example], ask: dict | None) -> Prompt:
         shown = [
-            {"text": clean_text(example.text), "answer": ", ".join(self.answer(label) for label in example.labels)}
+            {"text": clean_text(example.text, MAX_EXAMPLE_BYTES), "answer": ", ".join(self.answer(label) for label in example.labels)}
             for example in reversed(examples)
         ]
         context = self._template.new_context({**self._context, "examples": shown, "text": clean_text(text), "ask": ask})
         return Prompt(self.static, "".join(self._template.blocks["dynamic"](context)))
 
 
-def clean_text(text: str) -> str:
-    """A text as it appears in a prompt: whitespace runs (newlines too) become one space, then cut to MAX_TEXT_CHARS.
+def clean_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """A text as it appears in a prompt: on one line, without anything the tokenizer would read as a special token,
+    and at most `max_bytes` bytes of UTF-8.
 
-    Keeping each text on one line means a text cannot start a line of its own that looks like "Label: ...".
+    - Runs of whitespace (newlines too) become one space, so a text cannot start a line that looks like "Label: ...".
+    - Other non-printable characters (NUL, other control characters, lone surrogates that UTF-8 cannot encode)
+      become U+FFFD.
+    - Tag-like markers ("<end_of_turn>", "<|im_start|>") get their "<" replaced by "‹": prompts are tokenised with
+      special tokens on (for the chat template's turns), and a text must not be able to close a turn or open one.
+    - The text is cut at a character boundary to its first `max_bytes` bytes, the last character being "…".
     """
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
+    text = _WHITESPACE.sub(" ", text).strip()
+    text = _UNPRINTABLE.sub("\ufffd", text)
+    text = _MARKER.sub("‹", text)
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    room = max_bytes - len(ELLIPSIS.encode("utf-8"))
+    return encoded[:room].decode("utf-8", errors="ignore") + ELLIPSIS
+
+
+_WHITESPACE = re.compile(r"\s+")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_MARKER = re.compile(r"<(?=\|?/?[A-Za-z_][\w.|-]*>)")
 
 
 def _load_template(template: str | Path) -> Template:
