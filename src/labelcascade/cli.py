@@ -15,6 +15,7 @@ Exit codes: 0 done, 1 the input or the workspace is wrong (the message says what
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -27,15 +28,18 @@ from labelcascade.jobs import LabelJob
 from labelcascade.records import Source
 from labelcascade.reports import evaluate
 from labelcascade.retrieval import EmbedderMismatchError
+from labelcascade.service import is_loopback
 from labelcascade.service import serve as run_service
 from labelcascade.tables import InputError, read_rows
 from labelcascade.task import Task, TaskError
+from labelcascade.workspace import Workspace as WorkspaceFolder
 from labelcascade.workspace import WorkspaceError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
 
 # What a user can fix gets a one-line message and exit code 1, never a traceback.
-USER_ERRORS = (InputError, TaskError, WorkspaceError, EmbedderMismatchError, NotFittedError, FileNotFoundError, ValueError)
+# OSError covers what the system refuses (a file that cannot be read or written, a full disk); its message names it.
+USER_ERRORS = (InputError, TaskError, WorkspaceError, EmbedderMismatchError, NotFittedError, OSError, ValueError)
 
 Workspace = Annotated[Path, typer.Argument(help="The workspace folder.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
@@ -54,12 +58,48 @@ def _open(workspace: Path, engine: str | None = None) -> Classifier:
     return Classifier.open(workspace) if engine is None else Classifier.open(workspace, engine=_engine(engine))
 
 
-def _labelled(path: Path, classifier: Classifier, text_column: str, label_column: str) -> tuple[list[str], list]:
-    rows = list(read_rows(path, text_column=text_column, label_column=label_column, known_labels=classifier.task.label_names))
+def _argument_texts(texts: list[str]) -> list[str]:
+    """The texts given as arguments, each checked: an empty one is a mistake, not something to classify."""
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise InputError(f"text {number}: empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # bytes that were not UTF-8 arrive as lone surrogates
+            raise InputError(f"text {number}: not UTF-8 text (character {error.start + 1})") from None
+    return texts
+
+
+def _stdin_texts() -> list[str]:
+    """One text per line of stdin, blank lines skipped; a line that is not UTF-8 is named."""
+    texts = []
+    for number, line in enumerate(sys.stdin.buffer, 1):
+        try:
+            text = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            raise InputError(f"stdin: line {number}: not UTF-8 text (byte {error.start + 1})") from None
+        if text.strip():
+            texts.append(text)
+    return texts
+
+
+def _labelled(path: Path, task: Task, text_column: str, label_column: str) -> tuple[list[str], list]:
+    """The texts and labels of a labelled file, checked against the task before any model is loaded."""
+    rows = list(read_rows(path, text_column=text_column, label_column=label_column, known_labels=task.label_names))
     if not rows:
         raise InputError(f"{path}: no rows")
-    labels = [row.labels if classifier.task.multi_label else row.labels[0] for row in rows]
+    if not task.multi_label:
+        for row in rows:
+            if len(row.labels) > 1:
+                raise InputError(f"{path}: line {row.line}: {label_column}: {len(row.labels)} labels given but "
+                                 f"task {task.name!r} is single-label")
+    labels = [row.labels if task.multi_label else row.labels[0] for row in rows]
     return [row.text for row in rows], labels
+
+
+def _task(workspace: Path) -> Task:
+    """The workspace's task alone (no models loaded), to check input files before the slow part."""
+    return WorkspaceFolder.open(workspace).task
 
 
 @app.command()
@@ -86,8 +126,8 @@ def add(
     review: Annotated[bool, typer.Option(help="The labels are corrections: they outrank gold and LLM labels.")] = False,
 ) -> None:
     """Add labelled examples (gold, or --review corrections) and retrain the fallback."""
+    texts, labels = _labelled(file, _task(workspace), text_column, label_column)
     classifier = _open(workspace, "none")
-    texts, labels = _labelled(file, classifier, text_column, label_column)
     before = len(classifier.store)
     classifier.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
     classifier.retrain()
@@ -104,7 +144,7 @@ def classify(
     top: Annotated[int, typer.Option(help="How many label probabilities to print per text.")] = 3,
 ) -> None:
     """Classify texts; prints one JSON object per text."""
-    texts = texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = _argument_texts(texts) if texts else _stdin_texts()
     if not texts:
         raise InputError("no texts: give them as arguments or one per line on stdin")
     classifier = _open(workspace, engine)
@@ -162,8 +202,8 @@ def calibrate(
     engine: Engine = None,
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table."""
+    texts, labels = _labelled(file, _task(workspace), text_column, label_column)
     classifier = _open(workspace, engine)
-    texts, labels = _labelled(file, classifier, text_column, label_column)
     report = classifier.calibrate(
         texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision
     )
@@ -182,8 +222,8 @@ def evaluate_file(
     engine: Engine = None,
 ) -> None:
     """Evaluate on a labelled file (without learning from it): a report folder with scores, routes and plots."""
+    texts, labels = _labelled(file, _task(workspace), text_column, label_column)
     classifier = _open(workspace, engine)
-    texts, labels = _labelled(file, classifier, text_column, label_column)
     report = evaluate(classifier, texts, labels, out, title=title)
     typer.echo(report.summary())
     classifier.close()
@@ -199,13 +239,16 @@ def serve(
     ] = None,
     engine: Engine = None,
     max_texts: Annotated[int, typer.Option(min=1, help="Texts per request at most.")] = 256,
+    allow_no_key: Annotated[
+        bool, typer.Option("--allow-no-key", help="Serve another host than this machine without an API key, on purpose.")
+    ] = False,
 ) -> None:
     """Serve the workspace over HTTP for chat assistants: POST /v1/classify, /v1/feedback; GET /v1/task, /healthz,
-    /metrics; OpenAPI page at /docs."""
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    /metrics; OpenAPI page at /docs. A --host other than 127.0.0.1 needs --api-key (or --allow-no-key)."""
+    if allow_no_key and api_key is None and not is_loopback(host):
         typer.echo(f"warning: serving on {host} without an API key; anyone who can reach it can use it", err=True)
     run_service(workspace, host=host, port=port, api_key=api_key, engine="saved" if engine is None else _engine(engine),
-                max_texts=max_texts)
+                max_texts=max_texts, allow_no_key=allow_no_key)
 
 
 @app.command()
@@ -218,11 +261,16 @@ def retrain(workspace: Workspace) -> None:
 
 
 def main() -> None:
+    # The model libraries' own loading bars would bury the one line a mistake prints; the job's bar is ours.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # a label job keeps its committed batches: the same command resumes
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
     GET  /docs          the OpenAPI page
 
 `create_app(classifier)` builds the app around a classifier you own; `serve(workspace)` opens a workspace and runs
-it with uvicorn on 127.0.0.1 (another host only when asked: the service is for the assistant beside it).
+it with uvicorn on 127.0.0.1 (another host only when asked: the service is for the assistant beside it). Serving
+another address without an API key is refused unless `allow_no_key` says it is meant (e.g. behind a proxy that
+authenticates): an open classifier would let anyone who can reach it use the machine's LLM and write feedback.
 
 Why one worker thread: a `Classifier` is not thread-safe (its llama.cpp context, SQLite connection and FAISS index
 each expect one caller at a time). Every call into it, classifying or not, runs on one single-thread executor, in
@@ -36,6 +38,8 @@ LLM; it answers with route `degraded`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import logging
 import secrets
 import time
@@ -48,6 +52,7 @@ from typing import Annotated, Literal, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, Security
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -70,6 +75,10 @@ T = TypeVar("T")
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("text is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON's "\ud800" escapes decode to characters that are not text
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at character {error.start})") from None
     return text
 
 
@@ -340,6 +349,11 @@ def create_app(
         metrics.observe(request, response.status_code, time.perf_counter() - start)
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, except that an input JSON cannot carry back (a lone surrogate) is left out, not a 500."""
+        return JSONResponse({"detail": [_encodable(detail) for detail in jsonable_encoder(error.errors())]}, status_code=422)
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, error: Exception) -> JSONResponse:
         logger.error("unexpected error", exc_info=error)
@@ -438,6 +452,15 @@ def _key_check(api_key: str) -> Callable[..., None]:
     return check
 
 
+def _encodable(detail: dict) -> dict:
+    """`detail` with its echoed input (and the context that repeats it) dropped when UTF-8 cannot encode them."""
+    try:
+        json.dumps(detail, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return {key: value for key, value in detail.items() if key not in ("input", "ctx")}
+    return detail
+
+
 def _invalid(field: str, message: str) -> RequestValidationError:
     """A 422 in FastAPI's own shape, for limits that depend on the app's settings or the task."""
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}])
@@ -453,9 +476,16 @@ def serve(
     max_texts: int = 256,
     max_text_chars: int = 4_000,
     max_body_bytes: int = 1_000_000,
+    allow_no_key: bool = False,
 ) -> None:
     """Open `workspace` and serve it over HTTP until interrupted. `engine` is the workspace's saved LLM engine
-    ("saved"), another engine spec, or None for the fallback alone; the other options are `create_app`'s."""
+    ("saved"), another engine spec, or None for the fallback alone. A `host` other than this machine's loopback
+    needs an `api_key`, or `allow_no_key=True` (ValueError otherwise). The other options are `create_app`'s."""
+    if api_key is None and not allow_no_key and not is_loopback(host):
+        raise ValueError(
+            f"serving on {host} without an API key would let anyone who can reach it use it: give an API key "
+            "(--api-key KEY or LABELCASCADE_API_KEY), or --allow-no-key if something in front of it checks callers"
+        )
     classifier = Classifier.open(workspace, engine=engine)
     try:
         app = create_app(
@@ -464,3 +494,13 @@ def serve(
         uvicorn.run(app, host=host, port=port)
     finally:
         classifier.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only: 'localhost' or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
