@@ -1,6 +1,6 @@
 """Embedding texts and keeping the labelled examples (FAISS index + SQLite metadata) for few-shot retrieval."""
 
 from labelcascade.retrieval.embedders import Embedder, SentenceTransformerEmbedder, load_embedder
-from labelcascade.retrieval.store import EmbedderMismatchError, ExampleStore
+from labelcascade.retrieval.store import EmbedderMismatchError, ExampleStore, StoreError
 
-__all__ = ["Embedder", "EmbedderMismatchError", "ExampleStore", "SentenceTransformerEmbedder", "load_embedder"]
+__all__ = ["Embedder", "EmbedderMismatchError", "ExampleStore", "SentenceTransformerEmbedder", "StoreError", "load_embedder"]
