@@ -5,7 +5,9 @@
       settings.json    which embedder made the vectors, index kind, fallback settings, engine, cascade policy
       store/           the example store: examples.sqlite (metadata + vectors) and examples.faiss
       fallback/        the fallback classifier: model.npz + model.json (no pickle)
-      calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json)
+      calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json); it is
+                       chosen again after every retrain, from
+      calibration.npz  the dev set as `calibrate` measured it: vectors, true labels, the LLM's probabilities
       workspace.lock   an empty file; its advisory lock (flock) guards the fallback folder's swap
 
 Several processes may share a workspace (a job learning while a person adds examples). The example store takes
