@@ -99,7 +99,7 @@ def test_an_old_server_is_refused():
 def test_a_hung_server_fails_the_call_at_its_deadline(vllm_server, engine):
     """The real server frozen (SIGSTOP) accepts connections and never answers. The openai client would wait its own
     60 s timeout per request and retry twice; a scoring call must fail by its deadline, so the cascade answers
-    `degraded` in the time its policy allows rather than minutes later."""
+    `degraded` in the time its policy allows rather than minutes later, and loading an engine by its timeout."""
     renderer = PromptRenderer(BANKING)
     prompt = renderer.render("a text this module has not tokenized yet").text
     vllm_server.pause()
@@ -107,6 +107,10 @@ def test_a_hung_server_fails_the_call_at_its_deadline(vllm_server, engine):
         began = time.monotonic()
         with pytest.raises(EngineTimeout):
             engine.score([prompt], [renderer.candidates(BANKING.label_names)], timeout=2)
+        assert time.monotonic() - began < 4
+        began = time.monotonic()  # loading an engine on it: its checks share the client's timeout
+        with pytest.raises(EngineError, match="no vLLM server answers"):
+            VLLMServerEngine(vllm_server.url, timeout=2)
         assert time.monotonic() - began < 4
     finally:
         vllm_server.resume()

@@ -55,18 +55,22 @@ class VLLMServerEngine:
         self._candidates: dict[str, list[int]] = {}
         self._root = base_url.rstrip("/").removesuffix("/v1")  # /version and /tokenize live beside /v1
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="vllm-score")
-        self.version = self._check_version()
-        self.model = model or self._only_model()
+        # The checks below share one `timeout`: a hung server fails the load in that time, not in minutes.
+        ready_by = time.monotonic() + timeout
+        self.version = self._check_version(ready_by)
+        self.model = model or self._only_model(ready_by)
         self.spec = f"vllm:{base_url}#{self.model}"
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()  # requests for different prompts finish on different threads
-        self._check_bos()
+        self._check_bos(ready_by)
 
     # --- the server -----------------------------------------------------------------------------------------
 
-    def _check_version(self) -> str:
+    def _check_version(self, deadline: float) -> str:
         try:
-            version = self._client.get(self._root + "/version", cast_to=object)["version"]
+            version = self._call(
+                lambda client, options: client.get(self._root + "/version", cast_to=object, options=options), deadline
+            )["version"]
         except Exception as error:  # noqa: BLE001 - any failure here means "not a reachable vLLM server"
             raise EngineError(f"no vLLM server answers at {self._root} ({error})") from error
         numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
@@ -78,15 +82,16 @@ class VLLMServerEngine:
             )
         return version
 
-    def _only_model(self) -> str:
-        models = [model.id for model in self._call(lambda client, options: client.models.list(**options)).data]
+    def _only_model(self, deadline: float) -> str:
+        models = [model.id for model in self._call(lambda client, options: client.models.list(**options), deadline).data]
         if len(models) != 1:
             raise EngineError(f"the server serves {models}; name one in the spec: vllm:URL#MODEL")
         return models[0]
 
-    def _check_bos(self) -> None:
+    def _check_bos(self, deadline: float) -> None:
         """Refuse a Gemma whose tokenizer adds no <bos>: it answers garbage (tools/convert_gguf_to_hf.py fixes it)."""
-        with_special, plain = self._tokenize("Hello", special=True), self._tokenize("Hello", special=False)
+        with_special = self._tokenize("Hello", special=True, deadline=deadline)
+        plain = self._tokenize("Hello", special=False, deadline=deadline)
         if "gemma" in self.model.lower() and with_special == plain:
             raise EngineError(
                 f"the server's tokenizer for {self.model} does not prepend <bos>, and Gemma produces garbage without "
