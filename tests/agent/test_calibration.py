@@ -88,7 +88,9 @@ def test_after_a_retrain_the_policy_is_chosen_again_without_asking_the_llm(embed
     assert gemma.stats.prompts == asked
     again = classifier._workspace.load_calibration()
     assert again.retrains == first.retrains + 1 == 1
-    expected = choose_policy(classifier._fitted_cascade(), DevSet.load(tmp_path / "ws" / "calibration.npz"))
+    expected = choose_policy(classifier._fitted_cascade(), DevSet.load(tmp_path / "ws" / "calibration.npz"),
+                             accuracy_floor=first.cascade_accuracy)
+    assert again.accuracy_floor == first.accuracy_floor == first.cascade_accuracy
     assert classifier.policy == expected.policy == again.policy
     assert again.fallback_accuracy >= first.fallback_accuracy  # its own dev texts' labels are now known to it
 
@@ -122,6 +124,9 @@ def test_a_perfect_llm_gets_the_unsure_texts_within_the_budget(embedder):
     capped = choose_policy(cascade, dev, target_precision=1.0, tolerance=0.0, llm_budget=budget)
     assert capped.llm_share <= budget and capped.cascade_accuracy < 1.0
     assert any(f"at most {budget:.0%}" in note for note in capped.notes)
+    # after a retrain the calibrated accuracy is kept and the rest saved: a floor the fallback reaches sends nothing
+    floored = choose_policy(cascade, dev, target_precision=1.0, tolerance=0.0, accuracy_floor=report.fallback_accuracy)
+    assert floored.llm_share == 0 and floored.accuracy_floor == report.fallback_accuracy
 
 
 def test_a_reopened_classifier_routes_by_the_calibrated_policy(calibrated, embedder, gemma):
