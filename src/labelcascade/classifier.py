@@ -156,9 +156,9 @@ class Classifier:
         rows = _label_rows(labels)
         if len(rows) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(rows)} labels; give one label (or list of labels) per text")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"row {i}: text is empty or not a string")
+        for i, text in enumerate(_checked(texts)):
+            if not text.strip():
+                raise ValueError(f"row {i}: text is empty")
         task.check_labels(rows)
         return self._store.add(texts, rows, self.embedder.embed(texts), source=source, confidence=confidence)
 
@@ -245,8 +245,8 @@ class Classifier:
         `learn=False`: do not learn from the LLM's answers (for estimates and dry runs).
         """
         if isinstance(texts, str):
-            return self._fitted_cascade().classify([texts], llm_limit=llm_limit, learn=learn)[0]
-        return self._fitted_cascade().classify(list(texts), llm_limit=llm_limit, learn=learn)
+            return self._fitted_cascade().classify(_checked([texts]), llm_limit=llm_limit, learn=learn)[0]
+        return self._fitted_cascade().classify(_checked(texts), llm_limit=llm_limit, learn=learn)
 
     def unsure(self, texts: Sequence[str]) -> np.ndarray:
         """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
@@ -254,7 +254,7 @@ class Classifier:
         cascade = self._fitted_cascade()
         if self._engine is None or not cascade.policy.asks_llm:
             return np.zeros(len(texts), dtype=bool)
-        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(list(texts)))))
+        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(_checked(texts)))))
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Probabilities (n_texts, n_labels), columns in `classes_` order."""
@@ -342,6 +342,19 @@ class Classifier:
     def __repr__(self) -> str:
         task = self._workspace.task.name if self._workspace else None
         return f"Classifier(task={task!r}, workspace={str(self._workspace_path)!r}, embedder={self.embedder.id!r})"
+
+
+def _checked(texts: Sequence[str]) -> list[str]:
+    """The texts as a list, each a string of valid Unicode; the error names the first that is not."""
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i}: expected a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"text {i}: not valid Unicode (a lone surrogate at character {error.start})") from None
+    return texts
 
 
 def _label_rows(labels: Labels) -> list[tuple[str, ...]]:

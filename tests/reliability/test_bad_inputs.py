@@ -86,11 +86,9 @@ API_CASES: list[tuple[str, Callable[[Classifier], object], tuple[type, str] | No
      (TaskError, "2 labels given but task 'banking-support' is single-label")),
     ("fit-labels-as-one-string", lambda c: c.fit(["a"], "change_pin"), (TypeError, "not a single string")),
     ("texts-as-one-string", lambda c: c.add_examples("a text", ["change_pin"]), (TypeError, "wrap a single text")),
-]
-# Cases the Python API answers with an unclear error today; the fix lies in classifier.py (see RELIABILITY.md).
-API_GAPS = [
-    ("lone-surrogate", lambda c: c.classify("my card \ud800 got stolen"), (ValueError, "not valid Unicode")),
-    ("none-in-texts", lambda c: c.classify(["my card", None]), (TypeError, "text 1")),
+    ("lone-surrogate", lambda c: c.classify("my card \ud800 got stolen"), (ValueError, "text 0: not valid Unicode")),
+    ("none-in-texts", lambda c: c.classify(["my card", None]), (TypeError, "text 1: expected a string")),
+    ("fit-none-text", lambda c: c.fit(["my card", None], ["change_pin"] * 2), (TypeError, "text 1: expected a string")),
 ]
 
 
@@ -104,13 +102,6 @@ def test_python_api(banking, call, expected):
         call(banking)
     assert words in str(error.value) and "\n" not in str(error.value)
     assert len(banking.store) == 80  # nothing was stored by a refused call
-
-
-@pytest.mark.xfail(strict=True, reason="classify() does not check its texts: the tokenizer's error names no text")
-@pytest.mark.parametrize(("call", "expected"), [case[1:] for case in API_GAPS], ids=[case[0] for case in API_GAPS])
-def test_python_api_gaps(banking, call, expected):
-    with pytest.raises(expected[0], match=expected[1]):
-        call(banking)
 
 
 def test_labels_taken_from_the_data_are_checked_like_a_task(embedder):

@@ -75,7 +75,9 @@ class TransformersEngine:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self._check_bos(config.model_type)  # before loading the weights, which would be wasted
-            self._model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+            self._model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, dtype=torch_dtype, use_safetensors=True  # never a pickled .bin
+            )
         except (OSError, ValueError) as error:
             raise EngineError(f"transformers could not load {path}: {error}") from error
         self._model.to(device).eval()
