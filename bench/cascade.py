@@ -164,13 +164,14 @@ def rerun_stream(args) -> None:
     result = json.loads(args.out.read_text(encoding="utf-8"))
     for key in ("test_size", "dev_size", "limit"):
         setattr(args, key, result["settings"][key])
-    t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine()
+    t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine(n_threads=args.threads)
     ds = prepare(args.data, args.stream_dataset, args)
     classifier, calibration = calibrated_classifier(ds, embedder, engine)
     before = run_classifier(classifier, *texts_labels(ds["test"]))
     log(f"{ds['name']}: stream of {len(ds['stream'])} texts")
     stream = run_stream(ds, classifier, before) | {
-        "calibration": calibration, "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0}
+        "calibration": calibration, "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0,
+        "llama_threads": args.threads, "load_start": [round(x, 1) for x in os.getloadavg()]}
     result["streams"] = [s for s in streams(result) if (s["dataset"], s["learn_rule"]) != (stream["dataset"], LEARN_RULE)]
     result["streams"].append(stream)
     result.pop("stream", None)
@@ -367,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-dataset", default="ag_news", choices=DATASETS)
     parser.add_argument("--stream-size", type=int, default=2000)
     parser.add_argument("--limit", type=int, help="at most this many test texts (smoke runs)")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default 2 here); 1 keeps its speed when other "
+                        "processes share the CPU, where 2 threads collapse")
     parser.add_argument("--no-setfit", action="store_true")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -386,10 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown_only:
         write_markdown(json.loads(args.out.read_text(encoding="utf-8")), args.markdown)
         return 0
-    t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine()
+    t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine(n_threads=args.threads)
     settings = {"datasets": args.datasets, "test_size": args.test_size, "dev_size": args.dev_size, "llm_texts": args.llm_texts,
                 "llm_texts_many_labels": args.llm_texts_many_labels,
                 "limit": args.limit, "engine": engine.spec + " (Gemma 3 270M Q4_K_M)", "embedder": embedder.id,
+                "llama_threads": args.threads,
                 "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
                             "platform": platform.platform(), "python": platform.python_version()}}
     result = {"date": dt.date.today().isoformat(), "settings": settings, "datasets": []}

@@ -184,8 +184,8 @@ class Classifier:
         about every dev text once; what it said is kept in the workspace, so the policy is chosen again, without
         the LLM, after every retrain. `llm_budget` caps the share of texts sent to the LLM; `learn_precision` is
         the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
-        accuracy the cascade may give up to send fewer texts to the LLM. After a retrain the dev accuracy chosen
-        now is kept, and what the fallback learned goes to asking the LLM less. Returns the report;
+        accuracy the cascade may give up to send fewer texts to the LLM. After a retrain the best dev accuracy
+        reachable now is kept, and what the fallback learned beyond it goes to asking the LLM less. Returns the report;
         `print(report.table())` shows the coverage/precision table."""
         dev = DevSet.measure(
             self._fitted_cascade(), list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget

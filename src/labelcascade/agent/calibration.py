@@ -9,9 +9,9 @@ Two steps, so the policy can be chosen again after every retrain without asking 
    - the accept threshold: the fallback answers alone where (a) its answers keep the target precision (default
      0.95), or (b) asking the LLM would not raise the dev accuracy by more than `tolerance` (default 0.01): the
      cheapest threshold whose accuracy is within `tolerance` of the best any threshold and pooling weight reach.
-     After a retrain, (b) keeps the dev accuracy calibration chose (its `accuracy_floor`), or the best reachable
-     less `tolerance` where that is lower: what the fallback learned from the LLM is spent on asking the LLM less,
-     which is how the LLM's share falls as the cascade works. Optionally capped so that no more than `llm_budget`
+     After a retrain, (b) keeps the best dev accuracy reachable at calibration (its `accuracy_floor`), or the best
+     now reachable less `tolerance` where that is lower: what the fallback learned from the LLM beyond that is
+     spent on asking the LLM less, which is how the LLM's share falls as the cascade works. Optionally capped so that no more than `llm_budget`
      of the texts go to the LLM;
    - the LLM's weight in the pool with the fallback: the best dev accuracy on the texts the LLM will see. When no
      weight beats the fallback alone, the weight is 0 and nothing is sent to the LLM: on some tasks a small LLM
@@ -66,7 +66,7 @@ class Calibration(BaseModel):
     tolerance: float = Field(0.01, description="Dev accuracy the cascade may give up to send fewer texts to the LLM.")
     retrains: int = Field(0, description="Retrains of the fallback since `calibrate`; the policy is chosen after each.")
     accuracy_floor: float | None = Field(
-        None, description="The dev accuracy chosen at `calibrate`, which the policies chosen after retrains keep."
+        None, description="The best dev accuracy reachable at `calibrate`, which the policies chosen after retrains keep."
     )
     fallback_accuracy: float
     cascade_accuracy: float
@@ -201,14 +201,14 @@ def choose_policy(
 ) -> Calibration:
     """The cascade's policy for its current fallback, chosen on `dev` (see the module docstring, step 2); the
     cascade is unchanged. Knobs that calibration does not choose (examples, learn, retrain_every, ...) are kept.
-    `accuracy_floor`: the dev accuracy to keep after a retrain (None at `calibrate`, which sets it)."""
+    `accuracy_floor`: the dev accuracy to keep after a retrain (None at `calibrate`, which measures it)."""
     multi = cascade.task.multi_label
     proba = cascade.probabilities(dev.vectors)
     certainty = cascade.certainty(proba)
     fallback_right = _correct(proba, dev.truth, multi)
     precise = accept_threshold(certainty, fallback_right, target_precision)
     policy, notes = cascade.policy, []
-    final, on_unsure, learned = proba, (None, None), None
+    final, on_unsure, learned, reachable = proba, (None, None), None, None
     if dev.llm is None:
         accept = _capped(precise, certainty, llm_budget)
         policy = policy.model_copy(update={"accept_threshold": accept})
@@ -221,8 +221,9 @@ def choose_policy(
         # the cheapest threshold is chosen within the budget; the precision rule only ever sends fewer texts
         cheapest = functools.partial(_cheapest_threshold, cascade, proba, certainty, fallback_right, dev,
                                      tolerance=tolerance, floor=accuracy_floor)
-        accept = min(precise, cheapest(llm_budget))
-        if llm_budget is not None and accept < min(precise, cheapest(None)):
+        cheapest_accept, reachable = cheapest(llm_budget)
+        accept = min(precise, cheapest_accept)
+        if llm_budget is not None and accept < min(precise, cheapest(None)[0]):
             notes.append(f"accept threshold lowered to send at most {llm_budget:.0%} of texts to the LLM")
         sent = ~policy.model_copy(update={"accept_threshold": accept}).accepts(certainty)
         weight = 0.0
@@ -254,7 +255,7 @@ def choose_policy(
         learn_precision=learn_precision,
         llm_budget=llm_budget,
         tolerance=tolerance,
-        accuracy_floor=accuracy if accuracy_floor is None else accuracy_floor,
+        accuracy_floor=reachable if accuracy_floor is None else accuracy_floor,
         fallback_accuracy=float(fallback_right.mean()),
         cascade_accuracy=accuracy,
         llm_share=float(np.mean(~policy.accepts(certainty))) if policy.asks_llm and dev.llm is not None else 0.0,
@@ -302,10 +303,10 @@ def abstain_threshold(proba: np.ndarray, truth: np.ndarray) -> float:
     return best
 
 
-def _cheapest_threshold(cascade, proba, certainty, fallback_right, dev, llm_budget, *, tolerance, floor) -> float:
+def _cheapest_threshold(cascade, proba, certainty, fallback_right, dev, llm_budget, *, tolerance, floor):
     """The lowest accept threshold whose dev accuracy (at its best pooling weight) is within `tolerance` of the best
-    accuracy any threshold within the budget reaches, or at least `floor` if that is lower; 0 (the fallback answers
-    everything) when the LLM adds nothing."""
+    accuracy any threshold within the budget reaches, or at least `floor` if that is lower (0, the fallback answers
+    everything, when the LLM adds nothing); and that best accuracy."""
     multi = cascade.task.multi_label
     thresholds = np.unique(np.r_[0.0, certainty, 1.0])
     sent = np.array([certainty < t if t < 1 else np.ones_like(certainty, dtype=bool) for t in thresholds])
@@ -314,9 +315,9 @@ def _cheapest_threshold(cascade, proba, certainty, fallback_right, dev, llm_budg
     accuracy = np.where(sent[None], pooled_right[:, None], fallback_right[None, None]).mean(axis=2).max(axis=0)
     within_budget = sent.mean(axis=1) <= (1.0 if llm_budget is None else llm_budget)
     within_budget[0] = True  # sending nothing is always affordable
-    goal = accuracy[within_budget].max() - tolerance
-    goal = goal if floor is None else min(goal, floor)
-    return float(thresholds[np.flatnonzero(within_budget & (accuracy >= goal - 1e-12))[0]])
+    best = float(accuracy[within_budget].max())
+    goal = best - tolerance if floor is None else min(best - tolerance, floor)
+    return float(thresholds[np.flatnonzero(within_budget & (accuracy >= goal - 1e-12))[0]]), best
 
 
 def _capped(threshold: float, certainty: np.ndarray, llm_budget: float | None) -> float:
