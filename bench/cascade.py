@@ -397,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
                             "platform": platform.platform(), "python": platform.python_version()}}
     result = {"date": dt.date.today().isoformat(), "settings": settings, "datasets": []}
+    earlier = streams(json.loads(args.out.read_text(encoding="utf-8"))) if args.out.exists() else []  # other rules' runs
     for name in args.datasets:
         ds = prepare(args.data, name, args)
         log(f"{name}: {len(ds['task'].labels)} labels, pool {len(ds['pool'])}, dev {len(ds['dev'])}, test {len(ds['test'])}")
@@ -405,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         result["datasets"].append(row)
         if name == args.stream_dataset and args.stream_size:
             log(f"{name}: stream of {len(ds['stream'])} texts")
-            result["streams"] = [run_stream(ds, classifier, row["arms"]["cascade"])]
+            stream = run_stream(ds, classifier, row["arms"]["cascade"])
+            result["streams"] = [s for s in earlier if (s["dataset"], s["learn_rule"]) != (name, LEARN_RULE)] + [stream]
         classifier.close()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
