@@ -53,6 +53,8 @@ ARMS_HEADING = "## Cascade (bench/cascade.py)"
 STREAM_HEADING = "## Learning from a stream (bench/cascade.py)"
 SHOTS, K, SEED, DEV_SEED, STREAM_SEED = 8, 8, 0, 7, 11
 TARGET_PRECISION, LLM_BUDGET, LEARN_PRECISION, TOLERANCE = 0.95, 0.4, 0.85, 0.01
+CALIBRATE = (f"calibrate(target_precision={TARGET_PRECISION}, llm_budget={LLM_BUDGET}, learn_precision={LEARN_PRECISION}, "
+             f"tolerance={TOLERANCE})")
 LEARN_RULE = "the pooled probability of the answer; the policy chosen again on the dev set after every retrain"
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
 STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
@@ -291,8 +293,7 @@ def arms_section(result: dict) -> str:
              "raw numbers in `bench/results/cascade.json`. Do not edit by hand: the script rewrites this section.", "",
              f"Settings: pool {SHOTS}/class (seed {SEED}, = bench/fallback.py's 8/class set); dev {s['dev_size']} training texts outside the pool "
              f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED})); LLM-only arms on the first "
-             f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; embedder {s['embedder']}; cascade = calibrate(target_precision="
-             f"{TARGET_PRECISION}, llm_budget={LLM_BUDGET}, learn_precision={LEARN_PRECISION}, tolerance={TOLERANCE}), learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
+             f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; embedder {s['embedder']}; cascade = {s['calibrate']}, learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
              f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end')} at end.",
              *(["", f"**Note:** {s['note']}"] if s.get("note") else []),
              "", "| dataset | arm | n | acc % | macro-F1 % | sent to LLM | texts/s |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"datasets": args.datasets, "test_size": args.test_size, "dev_size": args.dev_size, "llm_texts": args.llm_texts,
                 "llm_texts_many_labels": args.llm_texts_many_labels,
                 "limit": args.limit, "engine": engine.spec + " (Gemma 3 270M Q4_K_M)", "embedder": embedder.id,
-                "llama_threads": args.threads,
+                "llama_threads": args.threads, "calibrate": CALIBRATE,
                 "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
                             "platform": platform.platform(), "python": platform.python_version()}}
     result = {"date": dt.date.today().isoformat(), "settings": settings, "datasets": []}
