@@ -402,8 +402,7 @@ def create_app(
             raise _invalid("text", f"text has {len(text)} characters; at most {max_text_chars}")
 
         def store() -> int:
-            [example_id] = classifier.add_examples([text], [labels], source=Source.REVIEW)
-            classifier.store.commit()
+            [example_id] = classifier.add_examples([text], [labels], source=Source.REVIEW)  # durable on return
             if request.retrain:
                 classifier.retrain()
             return example_id

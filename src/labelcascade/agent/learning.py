@@ -59,7 +59,6 @@ class Learner:
     ) -> LinearSVMClassifier | None:
         """Store LLM answers; returns a retrained fallback once `retrain_every` new ones have accumulated."""
         before = len(self.store)
-        self.store.add(texts, labels, vectors, source=Source.LLM, confidence=confidences)
-        self.store.commit()
+        self.store.add(texts, labels, vectors, source=Source.LLM, confidence=confidences)  # durable on return
         self.pending += len(self.store) - before  # texts already stored (by anyone) are not new examples
         return self.train() if self.pending >= retrain_every else None

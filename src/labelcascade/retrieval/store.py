@@ -277,10 +277,6 @@ class ExampleStore:
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('index_sha256', ?)", (digest,))
             self._index_dirty = False
 
-    def commit(self) -> None:
-        """Nothing left to do: `add` and `remove` commit before they return. Kept for callers that mark the point
-        where their examples must be durable."""
-
     def close(self) -> None:
         """Save and release the database; closing twice is harmless."""
         with self._lock:
