@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,28 @@ def held_out(dataset: str, size: int, seed: int = 0) -> tuple[list[str], list[st
     """`size` texts of the test split, drawn with a fixed seed."""
     rows = random.Random(seed).sample(load_split(dataset, "test"), size)
     return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def write_texts_jsonl(path: Path, rows: list[dict]) -> Path:
+    """A labelling job's input: one {"id", "text"} line per row, ids counting from 0."""
+    path.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
+    return path
+
+
+def label_command(workspace: Path, source: Path, destination: Path, *, batch_size: int) -> list[str]:
+    """The installed `labelcascade label` on the fallback alone, which is deterministic, for jobs run as processes."""
+    script = Path(sys.executable).with_name("labelcascade")
+    return [str(script), "label", str(workspace), str(source), str(destination), "--engine", "none",
+            "--batch-size", str(batch_size), "--no-progress"]
+
+
+def rows_done(state: Path) -> int:
+    """Rows a running job's state file holds (0 while it cannot be read), read without taking its lock."""
+    try:
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=0.1) as db:
+            return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 @pytest.fixture(scope="session")

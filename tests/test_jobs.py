@@ -5,9 +5,7 @@ import csv
 import json
 import os
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +18,10 @@ from labelcascade.answer_cache import AnswerCache
 from labelcascade.jobs import LabelJob
 from labelcascade.tables import InputError
 
-from .conftest import BANKING_TASK, banking_messages, load_split
+from .conftest import BANKING_TASK, banking_messages, label_command, load_split, rows_done, write_texts_jsonl
 
 ROWS = 1200
+BATCH = 16
 
 
 @pytest.fixture(scope="module")
@@ -36,34 +35,21 @@ def workspace(tmp_path_factory, embedder):
 def source(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("input") / "messages.jsonl"
     rows = load_split("banking77", "test")[:ROWS]
-    path.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
-    return path
+    return write_texts_jsonl(path, rows)
 
-
-def label_command(workspace: Path, source: Path, destination: Path) -> list[str]:
-    script = Path(sys.executable).with_name("labelcascade")
-    return [str(script), "label", str(workspace), str(source), str(destination), "--engine", "none", "--batch-size", "16",
-            "--no-progress"]
-
-
-def rows_done(state: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupted_rows(workspace, source, tmp_path):
     whole = tmp_path / "whole.jsonl"
-    subprocess.run(label_command(workspace, source, whole), check=True, timeout=600)
+    subprocess.run(label_command(workspace, source, whole, batch_size=BATCH), check=True, timeout=600)
     expected = whole.read_text()
     assert [json.loads(line)["id"] for line in expected.splitlines()] == list(range(ROWS))
 
     resumed = tmp_path / "resumed.jsonl"
     state = resumed.with_name(resumed.name + ".state.sqlite")
     for kill_at in (0.1, 0.5, 0.9):
-        process = subprocess.Popen(label_command(workspace, source, resumed), stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(label_command(workspace, source, resumed, batch_size=BATCH),
+                                   stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while rows_done(state) < kill_at * ROWS and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -73,7 +59,8 @@ def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupt
         assert not resumed.exists()  # no output until every row is done
         done = rows_done(state)
         assert done >= kill_at * ROWS and done % 16 == 0  # whole batches only
-    finished = subprocess.run(label_command(workspace, source, resumed), capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(label_command(workspace, source, resumed, batch_size=BATCH), capture_output=True,
+                              text=True, timeout=600)
     assert finished.returncode == 0 and "done by an earlier run" in finished.stderr
     assert resumed.read_text() == expected
 

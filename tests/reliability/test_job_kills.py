@@ -10,9 +10,7 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 
 from labelcascade import Classifier
 
-from ..conftest import BANKING_TASK, load_split
+from ..conftest import BANKING_TASK, label_command, load_split, rows_done, write_texts_jsonl
 from .conftest import scaled
 
 ROWS = scaled(5_000, 10_000)
@@ -42,22 +40,8 @@ def source(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("input") / "messages.jsonl"
     rows = load_split("banking77", "train")[:ROWS]
     assert len(rows) == ROWS
-    path.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
-    return path
+    return write_texts_jsonl(path, rows)
 
-
-def label_command(workspace: Path, source: Path, destination: Path) -> list[str]:
-    script = Path(sys.executable).with_name("labelcascade")
-    return [str(script), "label", str(workspace), str(source), str(destination), "--engine", "none",
-            "--batch-size", str(BATCH), "--no-progress"]
-
-
-def rows_done(state: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def kill_when(process: subprocess.Popen, state: Path, rows: int) -> None:
@@ -75,7 +59,7 @@ def test_a_job_killed_at_random_points_and_resumed_writes_every_row_once_as_if_n
 ):
     began = time.monotonic()
     whole = tmp_path / "whole.jsonl"
-    subprocess.run(label_command(workspace, source, whole), check=True, timeout=RUN_TIMEOUT_S,
+    subprocess.run(label_command(workspace, source, whole, batch_size=BATCH), check=True, timeout=RUN_TIMEOUT_S,
                    stderr=subprocess.DEVNULL)
     expected = whole.read_bytes()
     uninterrupted_s = time.monotonic() - began
@@ -84,16 +68,16 @@ def test_a_job_killed_at_random_points_and_resumed_writes_every_row_once_as_if_n
     state = resumed.with_name(resumed.name + ".state.sqlite")
     kill_points = sorted(random.Random(SEED).sample(range(1, ROWS), KILLS))
     done_after_kill = []
+    resume = label_command(workspace, source, resumed, batch_size=BATCH)
     for kill_at in kill_points:
-        process = subprocess.Popen(label_command(workspace, source, resumed), stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(resume, stderr=subprocess.DEVNULL)
         kill_when(process, state, kill_at)
         assert not resumed.exists()  # no output until every row is done
         done = rows_done(state)
         assert done >= kill_at and done % BATCH == 0  # whole batches only
         assert not done_after_kill or done >= done_after_kill[-1]  # nothing committed is ever lost
         done_after_kill.append(done)
-    finished = subprocess.run(label_command(workspace, source, resumed), capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
+    finished = subprocess.run(resume, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert finished.returncode == 0, finished.stderr
     assert f"({done_after_kill[-1]} done by an earlier run)" in finished.stderr
 
