@@ -135,6 +135,10 @@ def test_llm_answers_are_learned_and_the_retrained_fallback_answers_differently(
         before, after = (margin(model, vectors[i], prediction.label) for model in (first_model, cascade.fallback))
         assert after > before
     assert not np.allclose(cascade.fallback.predict_proba(vectors), first_model.predict_proba(vectors))
+    # The LLM's later prompts show people's labels only, never its own earlier answers (policy.examples_from_llm).
+    llm_ids = {example.id for example in cascade.store.examples(Source.LLM)}
+    asked_again = cascade.classify(texts[:3], learn=False)
+    assert all(p.evidence and not set(p.evidence) & llm_ids for p in asked_again)  # its own answers are the nearest
 
 
 def margin(model: LinearSVMClassifier, vector: np.ndarray, label: str) -> float:

@@ -107,6 +107,22 @@ def test_label_restricted_search_matches_brute_force(random_store):
     assert store.search(queries[:2], 8, labels=["no such label"]) == [[], []]
 
 
+def test_source_restricted_search_keeps_only_those_sources():
+    rng = np.random.default_rng(5)
+    store = ExampleStore(None, embedder_id="random", dim=8)
+    vectors = unit_rows(rng, 60, dim=8)
+    for start, source in ((0, "gold"), (20, "llm"), (40, "review")):
+        store.add([f"text {i}" for i in range(start, start + 20)], [(f"l{i % 3}",) for i in range(start, start + 20)],
+                  vectors[start : start + 20], source=source)
+    queries = unit_rows(rng, 5, dim=8)
+    people = store.search(queries, 10, sources=["gold", "review"])
+    assert all(len(row) == 10 and {n.example.source.value for n in row} <= {"gold", "review"} for row in people)
+    everyone = store.search(queries, 60)
+    assert [[n.example.id for n in row] for row in people] == [  # the same order, the llm examples left out
+        [n.example.id for n in row if n.example.source.value != "llm"][:10] for row in everyone]
+    assert {n.example.source.value for n in store.search(queries, 5, labels=["l1"], sources=["llm"])[0]} == {"llm"}
+
+
 @pytest.mark.parametrize(
     ("k", "allowed"),
     [

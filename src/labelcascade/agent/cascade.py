@@ -29,7 +29,7 @@ from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.prompts import PromptRenderer
 from labelcascade.prompts.render import NO, YES
-from labelcascade.records import Neighbor, Prediction, Route
+from labelcascade.records import Neighbor, Prediction, Route, Source
 from labelcascade.retrieval import Embedder, ExampleStore
 from labelcascade.task import Task
 
@@ -97,10 +97,12 @@ class Cascade:
         return proba.max(axis=1)
 
     def neighbors(self, vectors: np.ndarray) -> list[list[Neighbor]]:
-        """The `policy.examples` nearest stored examples of each text (none without a store)."""
+        """The `policy.examples` nearest stored examples of each text (none without a store); people's labels only
+        unless the policy shows the LLM its own answers too."""
         if self.store is None or self.policy.examples == 0 or len(self.store) == 0:
             return [[] for _ in vectors]
-        return self.store.search(vectors, k=self.policy.examples)
+        sources = None if self.policy.examples_from_llm else (Source.GOLD, Source.REVIEW)
+        return self.store.search(vectors, k=self.policy.examples, sources=sources)
 
     def llm_scores(
         self,

@@ -29,6 +29,11 @@ class Policy(BaseModel):
     )
     llm_temperature: float = Field(1.0, gt=0, description="Divides the LLM's log-probabilities before normalising.")
     examples: int = Field(8, ge=0, description="Retrieved examples shown to the LLM (0: zero-shot).")
+    examples_from_llm: bool = Field(
+        False,
+        description="Show the LLM its own past answers (`llm` examples) as examples too. Off: prompts show people's "
+        "labels only, so an answer the LLM got wrong is not copied into its later answers.",
+    )
     max_candidates: int = Field(
         10, ge=2, description="Labels the LLM scores per text at most: the most likely by fallback and neighbours."
     )

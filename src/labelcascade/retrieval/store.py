@@ -302,11 +302,13 @@ class ExampleStore:
         k: int = 8,
         *,
         labels: Iterable[str] | None = None,
+        sources: Iterable[Source | str] | None = None,
         balanced: bool = False,
     ) -> list[list[Neighbor]]:
         """Return, for each query row, up to `k` stored examples by decreasing cosine similarity.
 
-        `labels` keeps only examples carrying at least one of these labels. `balanced` spreads the `k` results over
+        `labels` keeps only examples carrying at least one of these labels, `sources` only examples from these
+        sources. `balanced` spreads the `k` results over
         the labels (the given ones, or all), so the LLM sees every candidate label rather than `k` near-copies of
         the most common one: each label gets up to ceil(k / labels) of its best, dealt round by round, and the
         best of the rest fill any room left. With more labels than `k`, the `k` labels whose best example scores
@@ -321,9 +323,14 @@ class ExampleStore:
             if labels is not None:
                 wanted = {labels} if isinstance(labels, str) else set(labels)
                 by_label = {label: ids for label, ids in by_label.items() if label in wanted}
+            if sources is not None:
+                kept = self._ids_from(sources)
+                by_label = {label: ids[np.isin(ids, kept)] for label, ids in by_label.items()}
+                by_label = {label: ids for label, ids in by_label.items() if len(ids)}
             if not by_label:
                 return [[] for _ in queries]
-            allowed = None if labels is None else np.unique(np.concatenate(list(by_label.values())))
+            filtered = labels is not None or sources is not None
+            allowed = np.unique(np.concatenate(list(by_label.values()))) if filtered else None
             if balanced:
                 hits = self._balanced_hits(queries, k, by_label, allowed)
             else:
@@ -500,6 +507,11 @@ class ExampleStore:
                 grouped.setdefault(label, []).append(example_id)
             self._ids_by_label_cache = {label: np.array(ids, dtype=np.int64) for label, ids in grouped.items()}
         return self._ids_by_label_cache
+
+    def _ids_from(self, sources: Iterable[Source | str]) -> np.ndarray:
+        values = sorted({_as_source(source).value for source in sources})
+        query = f"SELECT id FROM examples WHERE source IN ({', '.join('?' * len(values))})"
+        return np.array([row[0] for row in self._db.execute(query, values)], dtype=np.int64)
 
     def _examples_by_id(self, ids: list[int]) -> dict[int, Example]:
         rows = self._db.execute(
