@@ -55,7 +55,8 @@ SHOTS, K, SEED, DEV_SEED, STREAM_SEED = 8, 8, 0, 7, 11
 TARGET_PRECISION, LLM_BUDGET, LEARN_PRECISION, TOLERANCE = 0.95, 0.4, 0.85, 0.01
 CALIBRATE = (f"calibrate(target_precision={TARGET_PRECISION}, llm_budget={LLM_BUDGET}, learn_precision={LEARN_PRECISION}, "
              f"tolerance={TOLERANCE})")
-LEARN_RULE = "the pooled probability of the answer; the policy chosen again on the dev set after every retrain"
+LEARN_RULE = ("the pooled probability of the answer; the policy chosen again on the dev set after every retrain; prompts "
+              "show people's labels only")
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
 STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
 WIN_BAR = 3
