@@ -4,6 +4,8 @@
     .venv/bin/python bench/cascade.py                               # everything (about an hour on 2 CPU cores)
     .venv/bin/python bench/cascade.py --datasets sst2 --limit 20 --stream-size 100 --no-setfit   # smoke run
     .venv/bin/python bench/cascade.py --markdown-only               # rebuild the BENCHMARKS.md sections from the JSON
+    .venv/bin/python bench/cascade.py --cascade-only --threads 1    # redo only the calibrated cascade arm of the JSON's run
+    .venv/bin/python bench/cascade.py --stream-only --stream-dataset sst2 --threads 1   # redo only one stream
 
 Per dataset (seed 0): a pool of 8 gold examples per class (bench/fallback.py's 8/class set), a dev set of
 --dev-size training texts outside the pool (random.Random(7)), and --test-size test texts (the fixed sample of
@@ -135,13 +137,9 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
         alone = Policy(accept_threshold=1.0, llm_weight=1.0, examples=examples, max_candidates=len(labels), learn=False)
         arms[arm] = run_classifier(new_classifier(ds, embedder, engine, alone), test_texts[:n_llm], test_gold[:n_llm])
 
-    cascade, extra["calibration"] = calibrated_classifier(ds, embedder, engine)
-    log(f"  {name}: cascade on {len(test_texts)} texts")
-    predictions, seconds = timed_classify(cascade, test_texts)
-    answered = [p.label for p in predictions]
-    arms["cascade"] = scores(test_gold, answered, seconds, [p.route for p in predictions])
-    extra["cascade_on_llm_texts"] = scores(test_gold[:n_llm], answered[:n_llm], seconds, [p.route for p in predictions[:n_llm]])
-    extra["candidate_recall_test"] = candidate_recall(cascade, test_texts, test_gold)
+    cascade, found = run_cascade(ds, embedder, engine, n_llm)
+    arms["cascade"] = found.pop("cascade")
+    extra.update(found)
 
     if not args.no_setfit:
         extra.update(run_setfit(ds))
@@ -149,6 +147,41 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
     log(f"  {name}: " + ", ".join(f"{arm} {100 * r['accuracy']:.1f}%" for arm, r in arms.items()))
     return {"dataset": name, "labels": len(labels), "pool": len(ds["pool"]), "dev": len(ds["dev"]), "llm_texts": n_llm,
             "arms": arms, **extra, "_classifier": cascade}
+
+
+def run_cascade(ds: dict, embedder, engine, n_llm: int) -> tuple[Classifier, dict]:
+    """The calibrated cascade arm: on all test texts, on the LLM arms' first `n_llm`, and its candidate recall."""
+    cascade, calibration = calibrated_classifier(ds, embedder, engine)
+    test_texts, test_gold = texts_labels(ds["test"])
+    log(f"  {ds['name']}: cascade on {len(test_texts)} texts")
+    predictions, seconds = timed_classify(cascade, test_texts)
+    answered, routes = [p.label for p in predictions], [p.route for p in predictions]
+    return cascade, {"cascade": scores(test_gold, answered, seconds, routes), "calibration": calibration,
+                     "cascade_on_llm_texts": scores(test_gold[:n_llm], answered[:n_llm], seconds, routes[:n_llm]),
+                     "candidate_recall_test": candidate_recall(cascade, test_texts, test_gold)}
+
+
+def rerun_cascade(args) -> None:
+    """Redo only the calibrated cascade arm of an earlier run (same pool, dev and test texts), then bars and markdown:
+    the other arms (svm, k-NN, the LLM alone, SetFit) do not depend on calibration."""
+    result = json.loads(args.out.read_text(encoding="utf-8"))
+    for key in ("test_size", "dev_size", "limit"):
+        setattr(args, key, result["settings"][key])
+    embedder, engine = load_embedder("default"), LlamaCppEngine(n_threads=args.threads)
+    for row in result["datasets"]:
+        if row["dataset"] in args.datasets:
+            classifier, found = run_cascade(prepare(args.data, row["dataset"], args), embedder, engine, row["llm_texts"])
+            classifier.close()
+            row["arms"]["cascade"] = found.pop("cascade")
+            row.update(found, cascade_rerun=dt.date.today().isoformat())
+            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
+    engine.close()
+    result["settings"]["calibrate"] = (f"{CALIBRATE} (the cascade arm rerun on {dt.date.today().isoformat()} with "
+                                       f"{args.threads or 2} llama.cpp thread(s); the other arms from the first run)")
+    result["bars"] = evaluate_bars(result)
+    args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    if not args.no_markdown:
+        write_markdown(result, args.markdown)
 
 
 def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Classifier, dict]:
@@ -378,10 +411,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=MARKDOWN)
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--cascade-only", action="store_true",
+                        help="only redo the calibrated cascade arm of the run in --out, for --datasets")
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
     parser.add_argument("--stream-only", action="store_true",
                         help="only redo the stream (calibrating again) for the results in --out")
     args = parser.parse_args(argv)
+    if args.cascade_only:
+        rerun_cascade(args)
+        return 0
     if args.add_setfit:
         add_setfit(args)
         return 0
