@@ -168,13 +168,13 @@ def rerun_cascade(args) -> None:
     for key in ("test_size", "dev_size", "limit"):
         setattr(args, key, result["settings"][key])
     embedder, engine = load_embedder("default"), LlamaCppEngine(n_threads=args.threads)
-    for row in result["datasets"]:
-        if row["dataset"] in args.datasets:
-            classifier, found = run_cascade(prepare(args.data, row["dataset"], args), embedder, engine, row["llm_texts"])
-            classifier.close()
-            row["arms"]["cascade"] = found.pop("cascade")
-            row.update(found, cascade_rerun=dt.date.today().isoformat())
-            args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
+    rows = {row["dataset"]: row for row in result["datasets"]}
+    for name in args.datasets:  # in the order given
+        classifier, found = run_cascade(prepare(args.data, name, args), embedder, engine, rows[name]["llm_texts"])
+        classifier.close()
+        rows[name]["arms"]["cascade"] = found.pop("cascade")
+        rows[name].update(found, cascade_rerun=dt.date.today().isoformat())
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
     engine.close()
     result["settings"]["calibrate"] = (f"{CALIBRATE} (the cascade arm rerun on {dt.date.today().isoformat()} with "
                                        f"{args.threads or 2} llama.cpp thread(s); the other arms from the first run)")
