@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from labelcascade import Classifier
 from labelcascade.retrieval import load_embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,14 @@ def embed(embedder):
         return np.stack([cache[text] for text in texts])
 
     return run
+
+
+@pytest.fixture(scope="module")
+def banking(embedder):
+    """The banking task's fallback alone (no LLM), one per test module: fast, and a module's changes stay its own."""
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    yield classifier
+    classifier.close()
 
 
 @pytest.fixture(scope="session")

@@ -28,13 +28,6 @@ def assert_png(path):
     return image
 
 
-@pytest.fixture(scope="module")
-def banking(embedder):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
-    yield classifier
-    classifier.close()
-
-
 def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
     texts, labels = banking_messages()
     out = tmp_path / "new" / "eval"

@@ -65,14 +65,6 @@ def metric(exposition: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def banking(embedder):
-    """The banking task's fallback alone (no LLM): fast, and never changes while the tests read it."""
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
-    yield classifier
-    classifier.close()
-
-
-@pytest.fixture(scope="module")
 def direct(banking):
     """What the classifier answers for each banking message when called directly, one text at a time."""
     return {text: banking.classify(text) for text in MESSAGES}

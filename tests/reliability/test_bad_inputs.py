@@ -48,14 +48,6 @@ BINARY_TEXT = bytes(rng.randrange(256) for _ in range(4096)).decode("latin-1")  
 
 
 @pytest.fixture(scope="module")
-def banking(embedder):
-    """The banking task's fallback alone: every front door but the LLM cases runs on it."""
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
-    yield classifier
-    classifier.close()
-
-
-@pytest.fixture(scope="module")
 def workspace(embedder, tmp_path_factory):
     """A saved banking workspace for the command line (fallback only)."""
     path = tmp_path_factory.mktemp("bad-inputs") / "ws"

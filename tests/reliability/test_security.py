@@ -139,13 +139,6 @@ def test_serving_beyond_this_machine_needs_an_api_key_or_an_explicit_flag(tmp_pa
     assert "not a labelcascade workspace" not in result.stderr  # refused before anything else
 
 
-@pytest.fixture(scope="module")
-def banking(embedder):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
-    yield classifier
-    classifier.close()
-
-
 def test_request_size_limits(banking):
     with running(create_app(banking, api_key="k", max_texts=8, max_text_chars=500, max_body_bytes=20_000)) as url:
         headers = {"Authorization": "Bearer k"}
