@@ -48,7 +48,7 @@ def test_multi_label_question_per_label():
     prompt = renderer.render_question("club sold", "money", [Example(1, "big transfer fee", ("sport", "money"))]).text
     assert "Labels: sport, money\n" in prompt
     assert prompt.endswith("Text: club sold\nDoes the label money apply?\nAnswer:")
-    assert (YES, NO) == (" yes\n", " no\n")
+    assert (YES, NO) == (" yes\n\n", " no\n\n")
 
 
 def test_texts_are_kept_on_one_line_and_cut_by_a_documented_rule():

@@ -160,7 +160,7 @@ def test_a_label_that_reads_like_an_instruction_or_template_is_kept_literal(labe
     task = Task.build({"name": "t", "labels": [label, "positive"]})
     renderer = PromptRenderer(task)
     assert f"- {label}\n- positive\n" in renderer.static and "49" not in renderer.static
-    assert renderer.candidates([label]) == [f" {label}\n"]
+    assert renderer.candidates([label]) == [f" {label}\n\n"]
 
 
 # --- the command line ---------------------------------------------------------------------------------------

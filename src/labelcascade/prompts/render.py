@@ -3,8 +3,10 @@
 Layout (DESIGN.md, "One classification"): the static part (instructions, the full label list) comes first and is
 byte-identical for every text of a task, so an engine's prefix cache reuses it; then the retrieved examples, most
 similar last (closest to the text); then the text. The prompt stops right before the answer, and every candidate
-label is scored as a continuation: a space, the label's verbaliser, then a newline that closes the answer (so
+label is scored as a continuation: a space, the label's verbaliser, then the blank line that closes an answer (so
 "card" and "card_arrival" are distinct, complete answers rather than one being a prefix of the other).
+
+`CONTENT_FREE` is the text of contextual calibration's second prompt (see `Policy.contextual_calibration`).
 
 Texts are shown cleaned and cut to a size in bytes (`clean_text`, MAX_TEXT_BYTES): a text of a megabyte is
 classified by its first 2,000 bytes, which always fit the engine's context.
@@ -37,7 +39,12 @@ BUILT_IN = ("completion", "chat")
 MAX_TEXT_BYTES = 2000
 MAX_EXAMPLE_BYTES = 1000
 ELLIPSIS = "…"
-ANSWER_END = "\n"
+# What closes an answer: in the built-in templates an example's label is followed by a blank line, and Gemma's
+# tokenizer reads "\n\n" as one token. Scoring a single "\n" asked the model for a token it never saw after a label
+# in the prompt (few-shot accuracy on sms_spam 22% with "\n", 31% with "\n\n", 100 texts). A custom template should
+# end its examples' answers the same way.
+ANSWER_END = "\n\n"
+CONTENT_FREE = "N/A"
 YES, NO = " yes" + ANSWER_END, " no" + ANSWER_END  # the two candidates of a multi-label yes/no question
 
 

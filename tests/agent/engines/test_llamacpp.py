@@ -127,6 +127,19 @@ def banking77_candidates() -> list[str]:
     return PromptRenderer(task).candidates(task.label_names)
 
 
+@pytest.mark.parametrize("template", ["completion", "chat"])
+def test_a_candidate_is_scored_as_the_tokens_that_follow_an_example_answer(engine, template):
+    """The model is asked for exactly the tokens it saw after each example's label: Gemma reads the blank line that
+    closes an example's answer as one token, so a candidate ending in a single newline would ask for another."""
+    renderer = PromptRenderer(BANKING, template=template)
+    shots = [Example(1, "where is my new card?", ("card_arrival",)), Example(2, "close my account", ("terminate_account",))]
+    prompt = engine.tokenize(renderer.render("my card never came", shots).text, bos=True)
+    for label in ("card_arrival", "terminate_account"):
+        [candidate] = renderer.candidates([label])
+        label_tokens = engine.tokenize("Label:" + candidate, bos=False)
+        assert any(prompt[i : i + len(label_tokens)] == label_tokens for i in range(len(prompt))), label
+
+
 def test_the_whole_candidate_trie_is_one_decode_call(engine):
     """banking77's 77 labels are evaluated in one llama_decode call rather than one per trie branch. Afterwards the
     cache holds the prompt alone: scored again, the prompt costs one token (its last, for its logits)."""
