@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 from labelcascade.agent import Cascade, EngineSlot, Learner, Policy
+from labelcascade.agent.candidates import top_candidates
+from labelcascade.agent.engines.base import common_prefix
 from labelcascade.fallback import LinearSVMClassifier
+from labelcascade.prompts import CONTENT_FREE
 from labelcascade.records import Route, Source
 from labelcascade.retrieval import ExampleStore
 from labelcascade.task import Task
@@ -75,6 +78,34 @@ def test_the_accept_threshold_routes_between_fallback_and_llm(embedder, gemma):
     split = banking_cascade(embedder, gemma, CHEAP.model_copy(update={"accept_threshold": halfway}))
     for prediction, fallback in zip(split.classify(texts), fallback_only, strict=True):
         assert prediction.route is (Route.FALLBACK if fallback.max() >= halfway else Route.LLM)
+
+
+def test_contextual_calibration_subtracts_the_content_free_prompts_scores(embedder, gemma):
+    """Each label's LLM score is its log-probability for the text less that for "N/A" in the same prompt, which
+    shares everything up to the text: the twin costs the engine little beyond its own tokens and the labels."""
+    text = "my card still hasn't arrived"
+    calibrated = banking_cascade(embedder, gemma, CHEAP.model_copy(update={"contextual_calibration": True}))
+    vectors = embedder.embed([text])
+    proba, neighbors = calibrated.probabilities(vectors), calibrated.neighbors(vectors)
+    chosen = top_candidates(proba[0], neighbors[0], calibrated.task.label_names, CHEAP.max_candidates)
+    examples = [neighbor.example for neighbor in neighbors[0]]
+    renderer = calibrated.renderer
+    candidates = renderer.candidates([calibrated.task.label_names[j] for j in chosen])
+    prompt, twin = renderer.render(text, examples).text, renderer.render(CONTENT_FREE, examples).text
+    answer, baseline = gemma.score([prompt, twin], [candidates, candidates])
+
+    before = vars(gemma.stats).copy()
+    scores = calibrated.llm_scores([text], proba, neighbors).logprobs[0]
+    computed = gemma.stats.computed_tokens - before["computed_tokens"]
+    expected = [answer[c] - baseline[c] for c in candidates]
+    np.testing.assert_allclose(scores[chosen], expected, atol=1e-4)
+    assert np.isneginf(np.delete(scores, chosen)).all()
+    shared = common_prefix(gemma.tokenize(prompt, bos=True), gemma.tokenize(twin, bos=True))
+    assert computed < len(gemma.tokenize(prompt, bos=True)) + len(gemma.tokenize(twin, bos=True)) - shared + 2 * 30
+
+    plain = banking_cascade(embedder, gemma, CHEAP)  # off by default
+    np.testing.assert_allclose(plain.llm_scores([text], proba, neighbors).logprobs[0][chosen],
+                               [answer[c] for c in candidates], atol=1e-4)
 
 
 def test_an_llm_weight_of_zero_never_asks_the_llm(embedder):

@@ -4,7 +4,8 @@ This is the classification policy of DESIGN.md ("One classification"):
 1. embed the texts once; the fallback gives probabilities over all of the task's labels;
 2. a text whose answer clears the policy's accept threshold is answered by the fallback (route `fallback`);
 3. the others get their k nearest stored examples, their candidate labels narrowed to the most plausible m, and
-   a prompt; the engine scores the candidates and its probabilities are pooled with the fallback's (route `llm`);
+   a prompt; the engine scores the candidates (under `contextual_calibration`, again with the content-free text
+   "N/A" in the text's place) and its probabilities are pooled with the fallback's (route `llm`);
    for multi-label tasks the LLM answers a yes/no question for each unsure label instead;
 4. an answer under the abstain threshold, in a task that allows it, becomes no answer (route `abstain`);
 5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N; after a
@@ -28,7 +29,7 @@ from labelcascade.agent.learning import Learner
 from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.prompts import PromptRenderer
-from labelcascade.prompts.render import NO, YES
+from labelcascade.prompts.render import CONTENT_FREE, NO, YES
 from labelcascade.records import Neighbor, Prediction, Route, Source
 from labelcascade.retrieval import Embedder, ExampleStore
 from labelcascade.task import Task
@@ -39,7 +40,8 @@ class LLMScores:
     """What the LLM said about some texts, before temperature and pooling.
 
     Single-label: `logprobs[i, j]` is label j's log-probability as the answer to text i, -inf where j was not a
-    candidate. Multi-label: the yes-minus-no log-odds that label j applies, NaN where j was not asked.
+    candidate. Multi-label: the yes-minus-no log-odds that label j applies, NaN where j was not asked. Under
+    contextual calibration, less the same for the content-free text (a log-ratio; the softmax normalises it).
     """
 
     logprobs: np.ndarray
@@ -117,32 +119,37 @@ class Cascade:
         policy = policy or self.policy
         m = policy.max_candidates
         logprobs = np.full(proba.shape, np.nan if self.task.multi_label else -np.inf)
-        prompts, options, cells = [], [], []  # cells: which (text, labels) each prompt answers
+        twins = 2 if policy.contextual_calibration else 1  # each prompt, then its content-free twin
+        prompts, options, cells = [], [], []  # cells: which (text, labels) each prompt (and twin) answers
         for i, (text, row) in enumerate(zip(texts, neighbors, strict=True)):
             examples = [neighbor.example for neighbor in row]
+            shown = (text, CONTENT_FREE)[:twins]
             if self.task.multi_label:
                 order = np.argsort(np.abs(proba[i] - 0.5), kind="stable")
                 sure = policy.accepts(np.maximum(proba[i], 1 - proba[i]))
                 unsure = [j for j in order if not sure[j]][:m]
                 for j in unsure:
-                    prompts.append(self.renderer.render_question(text, self._labels[j], examples).text)
-                    options.append([YES, NO])
+                    prompts += [self.renderer.render_question(t, self._labels[j], examples).text for t in shown]
+                    options += [[YES, NO]] * twins
                     cells.append((i, [j]))
             else:
                 chosen = top_candidates(proba[i], row, self._labels, m)
-                prompts.append(self.renderer.render(text, examples).text)
-                options.append(self.renderer.candidates([self._labels[j] for j in chosen]))
+                prompts += [self.renderer.render(t, examples).text for t in shown]
+                options += [self.renderer.candidates([self._labels[j] for j in chosen])] * twins
                 cells.append((i, chosen))
         try:
             scores = engine.score(prompts, options, timeout=policy.timeout_s * len(texts))
         except EngineError as error:
             self.engine.failed(error)
             raise
-        for (i, chosen), option, score in zip(cells, options, scores, strict=True):
+        answers = scores[::twins]
+        baselines = scores[1::twins] if twins == 2 else [{}] * len(answers)
+        for (i, chosen), option, answer, baseline in zip(cells, options[::twins], answers, baselines, strict=True):
+            calibrated = {candidate: answer[candidate] - baseline.get(candidate, 0.0) for candidate in option}
             if self.task.multi_label:
-                logprobs[i, chosen[0]] = score[YES] - score[NO]
+                logprobs[i, chosen[0]] = calibrated[YES] - calibrated[NO]
             else:
-                logprobs[i, chosen] = [score[candidate] for candidate in option]
+                logprobs[i, chosen] = [calibrated[candidate] for candidate in option]
         return LLMScores(logprobs, [[neighbor.example.id for neighbor in row] for row in neighbors])
 
     def llm_probabilities(self, logprobs: np.ndarray, temperature: float) -> np.ndarray:
