@@ -9,8 +9,10 @@ Per dataset: a pool of 8 gold examples per class (the 8/class set of bench/fallb
 random.Random(1000+seed), labels sorted, 16 drawn, first 8 kept) and a fixed sample of --test-size test texts
 (random.Random(20240607)). The task is labels.json (names + descriptions), template "completion". Modes: zero-shot
 (no examples) and few-shot (the k=8 nearest pool examples by all-MiniLM-L6-v2, in-memory ExampleStore, most
-similar last). Every label is scored as a candidate; the answer is the argmax. Only engine.score() is timed.
-Token counts come from engine.stats deltas. Results: bench/results/llm.json and the "## LLM engines (bench/llm.py)"
+similar last). Every label is scored as a candidate, for the text and, right after it, for its content-free twin
+(the same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade
+gives it by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration),
+reported beside it. Only engine.score() is timed, twins included. Token counts come from engine.stats deltas. Results: bench/results/llm.json and the "## LLM engines (bench/llm.py)"
 section of BENCHMARKS.md (other sections are left alone).
 """
 
@@ -29,7 +31,8 @@ from pathlib import Path
 
 from sklearn.metrics import accuracy_score, f1_score
 
-from labelcascade.prompts.render import PromptRenderer
+from labelcascade.agent.engines.base import common_prefix
+from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer
 from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
@@ -64,13 +67,12 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedder) -> dict:
     texts = [r["text"] for r in test]
     neighbours = store.search(embedder.embed(texts), k=K)
     renderer = PromptRenderer(task, template=TEMPLATE)
-    prompts = {
-        "zero-shot": [renderer.render(t).text for t in texts],
-        "few-shot": [renderer.render(t, [n.example for n in row]).text for t, row in zip(texts, neighbours, strict=True)],
-    }
+    shots = {"zero-shot": [[] for _ in texts], "few-shot": [[n.example for n in row] for row in neighbours]}
+    prompts = {mode: [renderer.render(t, examples).text for t, examples in zip(texts, rows, strict=True)] for mode, rows in shots.items()}
+    twins = {mode: [renderer.render(CONTENT_FREE, examples).text for examples in rows] for mode, rows in shots.items()}
     pool_texts = {r["text"] for r in pool}
     return {"name": name, "task": task, "renderer": renderer, "texts": texts, "labels": [r["label"] for r in test],
-            "prompts": prompts, "pool_size": len(pool), "test_in_pool": sum(t in pool_texts for t in texts)}
+            "prompts": prompts, "twins": twins, "pool_size": len(pool), "test_in_pool": sum(t in pool_texts for t in texts)}
 
 
 def text_cap(engine: str, ds: dict, caps: dict[str, int]) -> int | None:
@@ -80,33 +82,42 @@ def text_cap(engine: str, ds: dict, caps: dict[str, int]) -> int | None:
 
 
 def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
-    prompts, gold = ds["prompts"][mode][:n], ds["labels"][:n]
+    prompts, twins, gold = ds["prompts"][mode][:n], ds["twins"][mode][:n], ds["labels"][:n]
     candidates = ds["renderer"].candidates(ds["task"].label_names)
-    answer_of = dict(zip(candidates, ds["task"].label_names, strict=True))
-    before, predicted, seconds, last_print = vars(engine.stats).copy(), [], 0.0, time.monotonic()
+    labels = ds["task"].label_names
+    before, raw, calibrated, kept, seconds, last_print = vars(engine.stats).copy(), [], [], [], 0.0, time.monotonic()
     load_start = round(os.getloadavg()[0], 1)  # other processes on a shared machine slow llama.cpp's threads a lot
     for start in range(0, n, BATCH[kind]):
-        batch = prompts[start : start + BATCH[kind]]
+        pairs = [p for pair in zip(prompts[start : start + BATCH[kind]], twins[start : start + BATCH[kind]], strict=True) for p in pair]
         began = time.perf_counter()
-        scores = engine.score(batch, [candidates] * len(batch))
+        scores = engine.score(pairs, [candidates] * len(pairs))  # each text, then its twin (which reuses its prefix)
         seconds += time.perf_counter() - began
-        predicted += [answer_of[max(s, key=s.get)] for s in scores]
-        done = len(predicted)
-        if done // 50 > (done - len(batch)) // 50 or done == n or time.monotonic() - last_print > 60:
+        for text, twin in zip(scores[::2], scores[1::2], strict=True):
+            kept.append([[text[c] for c in candidates], [twin[c] for c in candidates]])
+            raw.append(labels[max(range(len(labels)), key=lambda j: text[candidates[j]])])
+            calibrated.append(labels[max(range(len(labels)), key=lambda j: text[candidates[j]] - twin[candidates[j]])])
+        done = len(calibrated)
+        if done // 50 > (done - len(pairs) // 2) // 50 or done == n or time.monotonic() - last_print > 60:
             last_print = time.monotonic()
-            log(f"    {ds['name']} {kind} {mode}: {done}/{n} texts, running acc {100 * accuracy_score(gold[:done], predicted):.1f}%, "
-                f"{seconds / done:.2f} s/text")
+            log(f"    {ds['name']} {kind} {mode}: {done}/{n} texts, running acc {100 * accuracy_score(gold[:done], raw):.1f}% "
+                f"(cc {100 * accuracy_score(gold[:done], calibrated):.1f}%), {seconds / done:.2f} s/text")
     delta = {key: getattr(engine.stats, key) - before[key] for key in before}
     result = {
-        "n": n, "accuracy": accuracy_score(gold, predicted), "macro_f1": f1_score(gold, predicted, average="macro", zero_division=0),
+        "n": n, "accuracy": accuracy_score(gold, raw), "macro_f1": f1_score(gold, raw, average="macro", zero_division=0),
+        "cc_accuracy": accuracy_score(gold, calibrated), "cc_macro_f1": f1_score(gold, calibrated, average="macro", zero_division=0),
         "seconds": seconds, "texts_per_s": n / seconds, "prompt_tokens_per_text": delta["prompt_tokens"] / n,
         "computed_tokens_per_text": delta["computed_tokens"] / n, "candidate_tokens_per_text": delta["candidate_tokens"] / n,
         "load_1min_start": load_start, "load_1min_end": round(os.getloadavg()[0], 1),
+        "scores": kept,  # per text: [log-probabilities of the labels for the text, for its twin]; --scores-out keeps them
     }
     if kind == "llamacpp":  # the prefix-cache bar: computed <= 1.2 x (uncached suffix + label tokens)
         static = len(engine.tokenize(ds["renderer"].static, bos=True))
+        uncached = 0  # what no cache could spare: a text's prompt after the static part, its twin after the text's prompt
+        for prompt, twin in zip(prompts, twins, strict=True):
+            text_tokens, twin_tokens = engine.tokenize(prompt, bos=True), engine.tokenize(twin, bos=True)
+            uncached += len(text_tokens) - static + len(twin_tokens) - common_prefix(text_tokens, twin_tokens)
         result["static_tokens"] = static
-        result["suffix_tokens_per_text"] = result["prompt_tokens_per_text"] - static
+        result["suffix_tokens_per_text"] = uncached / n
         result["ratio"] = result["computed_tokens_per_text"] / (result["suffix_tokens_per_text"] + result["candidate_tokens_per_text"])
     return result
 
@@ -173,7 +184,11 @@ def evaluate_bars(result: dict) -> list[dict]:
         wins = [d for d in names if acc[(d, "few-shot")]["accuracy"] > acc[(d, "zero-shot")]["accuracy"]]
         measured = f"{len(wins)}/{len(names)} wins: " + ", ".join(
             f"{d} {100 * acc[(d, 'few-shot')]['accuracy']:.1f} vs {100 * acc[(d, 'zero-shot')]['accuracy']:.1f} (n {acc[(d, 'few-shot')]['n']})" for d in names)
-        bars.append({"bar": f"{engine}: few-shot accuracy > zero-shot on >= {WIN_BAR} of 5 datasets", "measured": measured + " (% acc, few vs zero)",
+        measured += " (% acc, few vs zero)"
+        if all("cc_accuracy" in acc[(d, m)] for d in names for m in MODES):
+            cc_wins = sum(acc[(d, "few-shot")]["cc_accuracy"] > acc[(d, "zero-shot")]["cc_accuracy"] for d in names)
+            measured += f"; with contextual calibration {cc_wins}/{len(names)} wins"
+        bars.append({"bar": f"{engine}: few-shot accuracy > zero-shot on >= {WIN_BAR} of 5 datasets", "measured": measured,
                      "pass": len(wins) >= WIN_BAR if len(names) == 5 else None})
     return bars
 
@@ -182,16 +197,17 @@ def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for c in result["cells"]:
         if "error" in c:
-            rows.append([c["engine"], c["dataset"], c["mode"], str(c["n"]), "error: " + c["error"][:80]] + [""] * 7)
+            rows.append([c["engine"], c["dataset"], c["mode"], str(c["n"]), "error: " + c["error"][:80]] + [""] * 8)
             continue
         rows.append([c["engine"], c["dataset"], c["mode"], str(c["n"]), f"{100 * c['accuracy']:.1f}", f"{100 * c['macro_f1']:.1f}",
+                     f"{100 * c['cc_accuracy']:.1f}" if "cc_accuracy" in c else "—",
                      f"{c['texts_per_s']:.2f}", f"{c['prompt_tokens_per_text']:.0f}", f"{c['computed_tokens_per_text']:.0f}",
                      f"{c['candidate_tokens_per_text']:.0f}", f"{c['ratio']:.2f}" if "ratio" in c else "—",
                      f"{c['load_1min_start']}/{c['load_1min_end']}"])
     return rows
 
 
-HEADER = ["engine", "dataset", "mode", "n", "acc %", "macro-F1 %", "texts/s", "prompt tok", "computed tok", "label tok", "ratio", "load"]
+HEADER = ["engine", "dataset", "mode", "n", "acc %", "macro-F1 %", "cc acc %", "texts/s", "prompt tok", "computed tok", "label tok", "ratio", "load"]
 
 
 def settings_lines(result: dict) -> list[str]:
@@ -212,12 +228,17 @@ def markdown_section(result: dict) -> str:
     lines = [SECTION_HEADING, "", f"Generated by `.venv/bin/python bench/llm.py` on {result['date']} (run time {result['run_seconds']:.0f} s); "
              "raw numbers in `bench/results/llm.json`. Do not edit by hand: the script rewrites this section.", "", "Settings:", ""]
     lines += [f"- {line}" for line in settings_lines(result)]
-    lines += ["", "### Accuracy, speed and tokens per text", "", "| " + " | ".join(HEADER) + " |", "|---|---|---|" + "---:|" * 9]
+    lines += ["", "### Accuracy, speed and tokens per text", "", "| " + " | ".join(HEADER) + " |", "|---|---|---|" + "---:|" * 10]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
-    lines += ["", "n is the number of test texts scored (vLLM is capped: without prefix-cache reads on CPU it recomputes the whole prompt "
+    lines += ["", "acc and macro-F1: the argmax of the labels' log-probabilities, as the cascade answers by default. cc acc: with "
+              "contextual calibration (Policy.contextual_calibration, off by default), each label's log-probability for the text less "
+              "that for its twin, the same prompt with \"N/A\" as the text. Both come from the same scores; texts/s and the token "
+              "columns count both prompts of a text, so the default, which skips the twin, costs less than shown. "
+              "n is the number of test texts scored (vLLM is capped: without prefix-cache reads on CPU it recomputes the whole prompt "
               "for every candidate). label tok = candidate tokens evaluated per text (llama.cpp: trie nodes; vLLM: every candidate token). "
               "macro-F1 averages over the labels present in the gold or predicted answers (sklearn's default). "
-              "ratio = mean computed / mean(prompt tokens - tokens of the static part with <bos> + label tokens), llama.cpp only; "
+              "ratio = mean computed / mean(uncached suffix + label tokens), llama.cpp only, where the uncached suffix is the text's prompt "
+              "after the static part (with <bos>) plus its twin after what it shares with the text's prompt; "
               "computed includes the static part evaluated once for each dataset's first text, amortised over n. "
               f"load = 1-min load average at the start/end of the cell ({result['settings']['machine']['cpu_count']} cores): "
               "llama.cpp's threads slow down many times over when other processes share the cores.",
@@ -253,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose section to regenerate")
     parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--scores-out", type=Path, help="also write every text's label log-probabilities here (JSON)")
     parser.add_argument("--markdown-only", action="store_true", help="only regenerate the BENCHMARKS.md section from --out")
     args = parser.parse_args(argv)
     if args.markdown_only:
@@ -296,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     settings["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]
     result["run_seconds"] = time.monotonic() - t0
     result["bars"] = evaluate_bars(result)
+    scores = {f"{c['engine']}:{c['dataset']}:{c['mode']}": {"labels": prepared[c["dataset"]]["labels"][: c["n"]], "scores": c.pop("scores")}
+              for c in result["cells"] if "scores" in c}
+    if args.scores_out:
+        args.scores_out.write_text(json.dumps(scores) + "\n", encoding="utf-8")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print_report(result)
