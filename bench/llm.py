@@ -168,6 +168,19 @@ def open_engine(kind: str, args, settings: dict):
     return engine, (port if started is not None else None)  # the port of a server this run started
 
 
+def keep_other_engines(result: dict, earlier: dict) -> None:
+    """Add the cells of engines this run did not run from an earlier result, with where they came from."""
+    ran = {c["engine"] for c in result["cells"]}
+    kept = [c for c in earlier["cells"] if c["engine"] not in ran]
+    result["cells"] = kept + result["cells"]
+    for engine in sorted({c["engine"] for c in kept}):
+        result["settings"]["engines"][engine] = earlier["settings"]["engines"][engine]
+        result["settings"]["caps"] |= {k: v for k, v in earlier["settings"]["caps"].items() if k.startswith(f"{engine}:")}
+        previous = earlier.get("kept", {}).get(engine) or {
+            "date": earlier["date"], "run_seconds": round(earlier["run_seconds"]), "machine": earlier["settings"]["machine"]}
+        result.setdefault("kept", {})[engine] = previous
+
+
 def evaluate_bars(result: dict) -> list[dict]:
     bars, cells = [], result["cells"]
     llama = [c for c in cells if c["engine"] == "llamacpp" and "ratio" in c]
@@ -221,7 +234,8 @@ def settings_lines(result: dict) -> list[str]:
         f"batches: {BATCH}; texts/s = texts / wall time of engine.score() only (embedding, rendering excluded); tokens per text from engine.stats deltas",
         "test texts also present verbatim in the pool: " + ", ".join(f"{d} {v}" for d, v in s["test_in_pool"].items()),
         f"machine: {m['cpu_count']} CPU cores (shared; 1/5/15-min load {m['load_start']} at start, {m.get('load_end')} at end), {m['platform']}, Python {m['python']}",
-    ]
+    ] + [f"{engine} cells kept from the run of {k['date']} (run time {k['run_seconds']} s, load {k['machine']['load_start']} at start, "
+         f"{k['machine'].get('load_end')} at end)" for engine, k in result.get("kept", {}).items()]
 
 
 def markdown_section(result: dict) -> str:
@@ -274,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose section to regenerate")
     parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--keep-other-engines", action="store_true",
+                        help="keep the cells of engines not run now from --out (run llama.cpp and vLLM at different times)")
     parser.add_argument("--scores-out", type=Path, help="also write every text's label log-probabilities here (JSON)")
     parser.add_argument("--markdown-only", action="store_true", help="only regenerate the BENCHMARKS.md section from --out")
     args = parser.parse_args(argv)
@@ -317,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(started)
     settings["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]
     result["run_seconds"] = time.monotonic() - t0
+    if args.keep_other_engines and args.out.is_file():
+        keep_other_engines(result, json.loads(args.out.read_text(encoding="utf-8")))
     result["bars"] = evaluate_bars(result)
     scores = {f"{c['engine']}:{c['dataset']}:{c['mode']}": {"labels": prepared[c["dataset"]]["labels"][: c["n"]], "scores": c.pop("scores")}
               for c in result["cells"] if "scores" in c}
