@@ -170,12 +170,14 @@ def open_engine(kind: str, args, settings: dict):
 
 def keep_other_engines(result: dict, earlier: dict) -> None:
     """Add the cells of engines this run did not run from an earlier result, with where they came from."""
-    ran = {c["engine"] for c in result["cells"]}
+    ran, settings = {c["engine"] for c in result["cells"]}, result["settings"]
     kept = [c for c in earlier["cells"] if c["engine"] not in ran]
     result["cells"] = kept + result["cells"]
+    settings["datasets"] = [d for d in DATASETS if d in settings["datasets"] or d in earlier["settings"]["datasets"]]
+    settings["test_in_pool"] = earlier["settings"]["test_in_pool"] | settings["test_in_pool"]
     for engine in sorted({c["engine"] for c in kept}):
-        result["settings"]["engines"][engine] = earlier["settings"]["engines"][engine]
-        result["settings"]["caps"] |= {k: v for k, v in earlier["settings"]["caps"].items() if k.startswith(f"{engine}:")}
+        settings["engines"][engine] = earlier["settings"]["engines"][engine]
+        settings["caps"] |= {k: v for k, v in earlier["settings"]["caps"].items() if k.startswith(f"{engine}:")}
         previous = earlier.get("kept", {}).get(engine) or {
             "date": earlier["date"], "run_seconds": round(earlier["run_seconds"]), "machine": earlier["settings"]["machine"]}
         result.setdefault("kept", {})[engine] = previous
