@@ -12,8 +12,9 @@ random.Random(1000+seed), labels sorted, 16 drawn, first 8 kept) and a fixed sam
 similar last). Every label is scored as a candidate, for the text and, right after it, for its content-free twin
 (the same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade
 gives it by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration),
-reported beside it. Only engine.score() is timed, twins included. Token counts come from engine.stats deltas. Results: bench/results/llm.json and the "## LLM engines (bench/llm.py)"
-section of BENCHMARKS.md (other sections are left alone).
+reported beside it. Only engine.score() is timed, twins included. Token counts come from engine.stats deltas.
+Results: bench/results/llm.json and the "## LLM engines (bench/llm.py)" section of BENCHMARKS.md (other sections
+are left alone).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from labelcascade.agent.engines.base import common_prefix
@@ -93,9 +95,10 @@ def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
         scores = engine.score(pairs, [candidates] * len(pairs))  # each text, then its twin (which reuses its prefix)
         seconds += time.perf_counter() - began
         for text, twin in zip(scores[::2], scores[1::2], strict=True):
-            kept.append([[text[c] for c in candidates], [twin[c] for c in candidates]])
-            raw.append(labels[max(range(len(labels)), key=lambda j: text[candidates[j]])])
-            calibrated.append(labels[max(range(len(labels)), key=lambda j: text[candidates[j]] - twin[candidates[j]])])
+            text_row, twin_row = [text[c] for c in candidates], [twin[c] for c in candidates]
+            kept.append([text_row, twin_row])
+            raw.append(labels[int(np.argmax(text_row))])
+            calibrated.append(labels[int(np.argmax(np.subtract(text_row, twin_row)))])
         done = len(calibrated)
         if done // 50 > (done - len(pairs) // 2) // 50 or done == n or time.monotonic() - last_print > 60:
             last_print = time.monotonic()
