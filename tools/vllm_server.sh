@@ -33,7 +33,7 @@ start() {
   HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=2 VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
     setsid "$VENV/bin/python" -m vllm.entrypoints.launchers.api_server.entry --host 127.0.0.1 --port "$port" \
     --model "$MODEL" --served-model-name gemma-3-270m --dtype "${VLLM_DTYPE:-float32}" --max-model-len 4096 \
-    --enforce-eager --block-size 32 >"$LOG" 2>&1 &
+    --enforce-eager --block-size 32 --enable-prompt-tokens-details >"$LOG" 2>&1 &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 300); do
     if curl -sf "http://127.0.0.1:$port/health" >/dev/null; then

@@ -8,7 +8,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from labelcascade.agent.engines import EngineError, EngineTimeout, normalize
-from labelcascade.agent.engines.vllm_server import VLLMServerEngine
+from labelcascade.agent.engines.base import common_prefix
+from labelcascade.agent.engines.vllm_server import CandidateTrie, VLLMServerEngine
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Example
 from labelcascade.task import Task
@@ -16,6 +17,7 @@ from labelcascade.task import Task
 from ...conftest import EXAMPLES
 
 BANKING = Task.from_yaml(EXAMPLES / "banking" / "task.yaml")
+BLOCK = 32  # vLLM's prefix-cache block (--block-size in tools/vllm_server.sh)
 SHOTS = [Example(1, "where is my new card?", ("card_arrival",)), Example(2, "please close my account", ("terminate_account",))]
 
 
@@ -32,7 +34,7 @@ def test_server_is_detected_with_its_model(engine):
 
 
 def test_scores_match_one_request_per_candidate(engine):
-    """Brute force: each candidate alone, through vLLM's separate prompt_logprobs field."""
+    """Brute force: each candidate alone, through vLLM's prompt_logprobs (a path the engine does not use)."""
     renderer = PromptRenderer(BANKING)
     prompt = renderer.render("my card still hasn't come", SHOTS).text
     candidates = renderer.candidates(BANKING.label_names)
@@ -46,6 +48,29 @@ def test_scores_match_one_request_per_candidate(engine):
         per_token = response.choices[0].model_extra["prompt_logprobs"][len(prompt_ids):]
         expected = sum(entry[str(token)]["logprob"] for entry, token in zip(per_token, ids, strict=True))
         assert scores[candidate] == pytest.approx(expected, abs=1e-3)
+
+
+def test_each_text_computes_only_what_the_prefix_cache_lacks(engine):
+    """The count the issue asks for, from the server's own cached-token report. Without the cache every trie node
+    would evaluate the whole prompt; with it, a text after the first costs its uncached suffix and, per trie node,
+    at most the node's unfinished cache block and its path."""
+    renderer = PromptRenderer(BANKING)
+    candidates = renderer.candidates(BANKING.label_names)
+    first, second = (renderer.render(text, SHOTS).text for text in ("my card has not arrived", "why was I charged twice"))
+    engine.score([first], [candidates])
+    computed_before, prompts_before = engine.stats.computed_tokens, engine.stats.prompts
+    engine.score([second], [candidates])
+    computed = engine.stats.computed_tokens - computed_before
+    assert engine.stats.prompts == prompts_before + 1
+
+    first_ids, second_ids = (engine._tokenize(prompt, special=True) for prompt in (first, second))
+    trie = CandidateTrie(second_ids, {c: engine._tokenize(c, special=False) for c in candidates})
+    uncached = len(second_ids) - common_prefix(first_ids, second_ids)
+    bound = uncached + BLOCK + sum(BLOCK + len(path) for path in trie.paths[1:])
+    without_cache = sum(len(second_ids) + len(path) for path in trie.paths)
+    print(f"computed {computed} tokens for one text: bound {bound}, without the cache {without_cache}")
+    assert computed <= bound
+    assert computed < without_cache / 5
 
 
 def test_concurrent_batch_gives_valid_distributions(engine):
@@ -93,6 +118,51 @@ def test_an_old_server_is_refused():
         with pytest.raises(EngineError, match=r"vLLM 0.11.2 .* is older than 0.12"):
             VLLMServerEngine(f"http://127.0.0.1:{server.server_port}/v1", timeout=5, max_retries=0)
     finally:
+        server.shutdown()
+
+
+def test_a_server_that_ignores_logprob_token_ids_is_refused():
+    """A stand-in for a vLLM 0.12 to mid-2026 server (none can be run here): it answers a completion with the
+    natural top log-probabilities, keyed by text, because it does not know the fields scoring asks for. The engine
+    must say so rather than score from whatever tokens came back."""
+
+    class IgnoresTheFields(BaseHTTPRequestHandler):
+        def _send(self, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802 - the http.server API
+            if self.path == "/version":
+                self._send({"version": "0.13.0"})
+            else:
+                self._send({"object": "list", "data": [{"id": "old", "object": "model", "created": 0, "owned_by": "x"}]})
+
+        def do_POST(self):  # noqa: N802
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/tokenize":
+                self._send({"tokens": [2, 9259] if request["add_special_tokens"] else [9259]})
+            else:
+                logprobs = {"tokens": [" yes"], "token_logprobs": [-0.1], "text_offset": [0], "top_logprobs": [{" yes": -0.1}]}
+                self._send({"id": "c", "object": "text_completion", "created": 0, "model": "old",
+                            "choices": [{"index": 0, "text": " yes", "finish_reason": "length", "logprobs": logprobs}],
+                            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), IgnoresTheFields)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    engine = VLLMServerEngine(f"http://127.0.0.1:{server.server_port}/v1", timeout=5, max_retries=0)
+    try:
+        with pytest.raises(EngineError, match="vLLM 0.13.0 returned no log-probability for token 9259: the server "
+                                               "ignores the completions fields logprob_token_ids"):
+            engine.score(["Is it?"], [[" yes"]])
+    finally:
+        engine.close()
         server.shutdown()
 
 

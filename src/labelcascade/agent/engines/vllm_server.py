@@ -1,9 +1,14 @@
 """A vLLM server behind its OpenAI-compatible API, reached with the `openai` client.
 
-Scoring is exact: for each prompt, one completions request carries every candidate as its own token-id prompt
-(`prompt + candidate`), with `echo` and `logprobs`, so vLLM returns the log-probability of every prompt token,
-and the candidate's are summed. Token ids are used rather than text so the boundary between prompt and candidate
-is exactly where the candidate's own tokens begin. Requests for different prompts run concurrently.
+Scoring is exact and reads vLLM's prefix cache. A prompt's candidates form a trie of token ids; each trie node
+(the prompt, then the prompt plus each candidate prefix) is one completions request for a single token, asking
+through `logprob_token_ids` for the log-probability of exactly the tokens that follow that node. A candidate's score
+is the sum along its path. The prompt's own request goes first, so every later one finds the prompt in the cache
+and computes only its unfinished cache block and its path. (Asking `prompt_logprobs` of `prompt + candidate` would
+be one request per candidate, but vLLM reads no cache for such requests and evaluates every prompt in full.)
+Token ids are sent rather than text so the boundary between prompt and candidate is exactly where the candidate's
+own tokens begin. Requests run concurrently. `stats.computed_tokens` is what the server reports it did not find in
+its cache (`--enable-prompt-tokens-details`; without it, every prompt token counts as computed).
 
 Failing in time: a scoring call with a deadline (the cascade always gives one) ends by it, whatever the server does.
 The `openai` client would give every request its full timeout and its retries the same again, so a hung server held
@@ -12,9 +17,9 @@ except for a connection error, at once (a keep-alive connection the server had j
 is the cascade's engine slot's business: it answers from the fallback and tries the server again later. Without a
 deadline the client's own timeout and retries apply.
 
-Cost to know: vLLM does not read its prefix cache for requests that ask for prompt log-probabilities, so every
-candidate's prompt is evaluated in full. That is cheap on a GPU and for few labels; on a CPU with dozens of
-labels, prefer the llama.cpp engine.
+Cost to know: a trie node costs one request; banking77's 77 labels make 349 nodes per prompt, each recomputing up
+to a cache block (32 tokens in tools/vllm_server.sh) of the prompt's tail. Cheap on a GPU; on a CPU with dozens of
+labels, prefer the llama.cpp engine, which scores the whole trie in one batched call.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch
 
 # `guided_*` request fields were removed in vLLM 0.12 (an older or newer server given the wrong ones silently
-# generates unconstrained text), and the token-id prompts with echo used here are checked against 0.12 and later.
+# generates unconstrained text). The fields scoring needs, logprob_token_ids on completions, came later still: a server
+# that ignores them is refused at the first scoring call, since its version number alone does not say.
 MIN_VLLM_VERSION = (0, 12)
+MAX_TOKEN_IDS = 128  # vLLM's cap on logprob_token_ids per request (MAX_LOGPROB_TOKEN_IDS)
 
 
 class VLLMServerEngine:
@@ -145,39 +152,83 @@ class VLLMServerEngine:
     ) -> list[dict[str, float]]:
         check_batch(prompts, candidates)
         deadline = None if timeout is None else time.monotonic() + timeout
-        futures = [self._pool.submit(self._score_one, p, c, deadline) for p, c in zip(prompts, candidates, strict=True)]
-        return [future.result() for future in futures]
+        # Two waves, so that every request after a prompt's first reads the prompt from vLLM's prefix cache: first
+        # each prompt's root (the prompt alone, computed and cached), then every other trie node of every prompt.
+        roots = [self._pool.submit(self._score_root, p, c, deadline) for p, c in zip(prompts, candidates, strict=True)]
+        tries = [future.result() for future in roots]
+        nodes = [
+            self._pool.submit(self._score_node, trie, path, deadline) for trie in tries for path in trie.paths[1:]
+        ]
+        for future in nodes:
+            future.result()
+        return [trie.scores() for trie in tries]
 
-    def _score_one(self, prompt: str, options: Sequence[str], deadline: float | None) -> dict[str, float]:
+    def _score_root(self, prompt: str, options: Sequence[str], deadline: float | None) -> CandidateTrie:
         prompt_ids = self._tokenize(prompt, special=True, deadline=deadline)
-        encoded = [self._candidate_ids(option, deadline) for option in options]
-        response = self._call(
-            lambda client, request: client.completions.create(
-                model=self.model,
-                prompt=[prompt_ids + ids for ids in encoded],
-                max_tokens=1,
-                temperature=0.0,
-                echo=True,
-                logprobs=0,
-                **request,
-            ),
-            deadline,
-        )
-        start = len(prompt_ids)
-        scores = {}
-        for choice in sorted(response.choices, key=lambda c: c.index):
-            option, ids = options[choice.index], encoded[choice.index]
-            logprobs = choice.logprobs.token_logprobs[start : start + len(ids)]
-            if len(logprobs) != len(ids) or any(value is None for value in logprobs):
-                raise EngineError(f"vLLM returned no prompt log-probabilities for candidate {option!r}")
-            scores[option] = float(sum(logprobs))
+        trie = CandidateTrie(prompt_ids, {option: self._candidate_ids(option, deadline) for option in options})
+        if trie.paths:  # the root, the prompt alone (none only if every candidate is empty)
+            self._score_node(trie, trie.paths[0], deadline)
         with self._stats_lock:
             self.stats.prompts += 1
             self.stats.prompt_tokens += len(prompt_ids)
-            self.stats.candidate_tokens += sum(len(ids) for ids in encoded)
-            self.stats.computed_tokens += sum(len(prompt_ids) + len(ids) for ids in encoded)  # no prefix cache reads
-        return {option: scores[option] for option in options}
+            self.stats.candidate_tokens += sum(map(len, trie.following.values()))
+        return trie
+
+    def _score_node(self, trie: CandidateTrie, path: tuple[int, ...], deadline: float | None) -> None:
+        """The log-probability of each token that follows `path` in the trie, read from ONE generated token's
+        `logprob_token_ids` (asking no prompt log-probabilities, so vLLM reads its prefix cache)."""
+        following = trie.following[path]
+        for start in range(0, len(following), MAX_TOKEN_IDS):
+            token_ids = following[start : start + MAX_TOKEN_IDS]
+            response = self._call(
+                lambda client, request, token_ids=token_ids: client.completions.create(
+                    model=self.model,
+                    prompt=trie.prompt_ids + list(path),
+                    max_tokens=1,
+                    temperature=0.0,
+                    logprobs=1,
+                    extra_body={"logprob_token_ids": token_ids, "return_tokens_as_token_ids": True},
+                    **request,
+                ),
+                deadline,
+            )
+            returned = response.choices[0].logprobs.top_logprobs[0]
+            for token in token_ids:
+                if f"token_id:{token}" not in returned:
+                    raise EngineError(
+                        f"vLLM {self.version} returned no log-probability for token {token}: the server ignores the "
+                        "completions fields logprob_token_ids and return_tokens_as_token_ids (added in 2026); "
+                        "upgrade the server"
+                    )
+                trie.logprobs[path + (token,)] = float(returned[f"token_id:{token}"])
+            # Without --enable-prompt-tokens-details the server reports no cache hits: every prompt token counts.
+            details = response.usage.prompt_tokens_details
+            cached = (details.cached_tokens or 0) if details is not None else 0
+            with self._stats_lock:
+                self.stats.computed_tokens += response.usage.prompt_tokens - cached
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
+
+
+class CandidateTrie:
+    """One prompt's candidates as a trie of token ids: each node (a path from the root) is asked once for the
+    log-probabilities of the tokens that follow it, and a candidate's score is the sum along its path."""
+
+    def __init__(self, prompt_ids: list[int], candidates: dict[str, list[int]]):
+        self.prompt_ids = prompt_ids
+        self.candidates = candidates
+        following: dict[tuple[int, ...], set[int]] = {}
+        for ids in candidates.values():
+            for depth, token in enumerate(ids):
+                following.setdefault(tuple(ids[:depth]), set()).add(token)
+        self.following = {path: sorted(tokens) for path, tokens in following.items()}
+        self.paths = sorted(self.following, key=len)  # the root first
+        self.logprobs: dict[tuple[int, ...], float] = {}  # path + token -> log P(token | prompt + path)
+
+    def scores(self) -> dict[str, float]:
+        return {
+            option: float(sum(self.logprobs[tuple(ids[: depth + 1])] for depth in range(len(ids))))
+            for option, ids in self.candidates.items()
+        }
