@@ -4,6 +4,7 @@
     .venv/bin/python bench/llm.py                                   # everything (hours on 2 CPU cores)
     .venv/bin/python bench/llm.py --datasets sst2 trec --engines llamacpp --limit 5   # smoke run
     .venv/bin/python bench/llm.py --markdown-only                   # rebuild the BENCHMARKS.md section from the JSON
+    .venv/bin/python bench/llm.py --engines llamacpp --datasets banking77 --keep-other-cells   # redo some cells, keep the rest
 
 Per dataset: a pool of 8 gold examples per class (the 8/class set of bench/fallback.py for the same seed:
 random.Random(1000+seed), labels sorted, 16 drawn, first 8 kept) and a fixed sample of --test-size test texts
@@ -50,7 +51,7 @@ MODES = ["zero-shot", "few-shot"]
 SHOTS, K = 8, 8
 TEMPLATE = "completion"
 BATCH = {"llamacpp": 8, "vllm": 16}  # llama.cpp scores one text at a time; vLLM runs a batch's requests concurrently
-VLLM_CAP_MANY_LABELS, MANY_LABELS = 20, 6  # vLLM recomputes the prompt per candidate: ~60 s/text on banking77
+VLLM_CAP_MANY_LABELS, MANY_LABELS = 30, 6  # banking77 on the CPU vLLM: 349 trie-node requests per prompt, ~35 s/text
 RATIO_BAR, WIN_BAR = 1.2, 4
 PROBE = "our probe (200 texts, 8/class) saw few-shot 83.5% on sst2 and 70% on ag_news with this model"
 
@@ -171,19 +172,21 @@ def open_engine(kind: str, args, settings: dict):
     return engine, (port if started is not None else None)  # the port of a server this run started
 
 
-def keep_other_engines(result: dict, earlier: dict) -> None:
-    """Add the cells of engines this run did not run from an earlier result, with where they came from."""
-    ran, settings = {c["engine"] for c in result["cells"]}, result["settings"]
-    kept = [c for c in earlier["cells"] if c["engine"] not in ran]
+def keep_other_cells(result: dict, earlier: dict) -> None:
+    """Add an earlier result's cells for the (engine, dataset) pairs this run did not run, with the run each came
+    from (`kept`, keyed "engine:dataset"), so engines and datasets can be run at different times into one result."""
+    ran, settings = {(c["engine"], c["dataset"]) for c in result["cells"]}, result["settings"]
+    kept = [c for c in earlier["cells"] if (c["engine"], c["dataset"]) not in ran]
     result["cells"] = kept + result["cells"]
     settings["datasets"] = [d for d in DATASETS if d in settings["datasets"] or d in earlier["settings"]["datasets"]]
     settings["test_in_pool"] = earlier["settings"]["test_in_pool"] | settings["test_in_pool"]
-    for engine in sorted({c["engine"] for c in kept}):
-        settings["engines"][engine] = earlier["settings"]["engines"][engine]
-        settings["caps"] |= {k: v for k, v in earlier["settings"]["caps"].items() if k.startswith(f"{engine}:")}
-        previous = earlier.get("kept", {}).get(engine) or {
-            "date": earlier["date"], "run_seconds": round(earlier["run_seconds"]), "machine": earlier["settings"]["machine"]}
-        result.setdefault("kept", {})[engine] = previous
+    run = {"date": earlier["date"], "run_seconds": round(earlier["run_seconds"]), "machine": earlier["settings"]["machine"]}
+    for key in sorted({f"{c['engine']}:{c['dataset']}" for c in kept}):
+        engine = key.partition(":")[0]
+        settings["engines"].setdefault(engine, earlier["settings"]["engines"][engine])
+        if key in earlier["settings"]["caps"]:
+            settings["caps"][key] = earlier["settings"]["caps"][key]
+        result.setdefault("kept", {})[key] = earlier.get("kept", {}).get(key, run)
 
 
 def evaluate_bars(result: dict) -> list[dict]:
@@ -239,8 +242,21 @@ def settings_lines(result: dict) -> list[str]:
         f"batches: {BATCH}; texts/s = texts / wall time of engine.score() only (embedding, rendering excluded); tokens per text from engine.stats deltas",
         "test texts also present verbatim in the pool: " + ", ".join(f"{d} {v}" for d, v in s["test_in_pool"].items()),
         f"machine: {m['cpu_count']} CPU cores (shared; 1/5/15-min load {m['load_start']} at start, {m.get('load_end')} at end), {m['platform']}, Python {m['python']}",
-    ] + [f"{engine} cells kept from the run of {k['date']} (run time {k['run_seconds']} s, load {k['machine']['load_start']} at start, "
-         f"{k['machine'].get('load_end')} at end)" for engine, k in result.get("kept", {}).items()]
+    ] + [f"cells of {', '.join(keys)} kept from the run of {run['date']} (run time {run['run_seconds']} s, load "
+         f"{run['machine']['load_start']} at start, {run['machine'].get('load_end')} at end)" for run, keys in kept_runs(result)]
+
+
+def kept_runs(result: dict) -> list[tuple[dict, list[str]]]:
+    """The earlier runs that kept cells come from, each with the "engine:dataset" pairs it gave."""
+    runs: list[tuple[dict, list[str]]] = []
+    for key, run in result.get("kept", {}).items():
+        for earlier, keys in runs:
+            if earlier == run:
+                keys.append(key)
+                break
+        else:
+            runs.append((run, [key]))
+    return runs
 
 
 def markdown_section(result: dict) -> str:
@@ -253,8 +269,9 @@ def markdown_section(result: dict) -> str:
               "contextual calibration (Policy.contextual_calibration, off by default), each label's log-probability for the text less "
               "that for its twin, the same prompt with \"N/A\" as the text. Both come from the same scores; texts/s and the token "
               "columns count both prompts of a text, so the default, which skips the twin, costs less than shown. "
-              "n is the number of test texts scored (vLLM is capped: without prefix-cache reads on CPU it recomputes the whole prompt "
-              "for every candidate). label tok = candidate tokens evaluated per text (llama.cpp: trie nodes; vLLM: every candidate token). "
+              "n is the number of test texts scored (vLLM on this CPU is capped on banking77: each of its 349 trie nodes is one request "
+              "that recomputes up to a 32-token cache block). label tok = trie nodes per text (candidate tokens, each shared prefix once). "
+              "vLLM's computed tokens are the prompt tokens its server reports it did not find in its prefix cache. "
               "macro-F1 averages over the labels present in the gold or predicted answers (sklearn's default). "
               "ratio = mean computed / mean(uncached suffix + label tokens), llama.cpp only, where the uncached suffix is the text's prompt "
               "after the static part (with <bos>) plus its twin after what it shares with the text's prompt; "
@@ -293,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose section to regenerate")
     parser.add_argument("--no-markdown", action="store_true")
-    parser.add_argument("--keep-other-engines", action="store_true",
-                        help="keep the cells of engines not run now from --out (run llama.cpp and vLLM at different times)")
+    parser.add_argument("--keep-other-cells", action="store_true",
+                        help="keep from --out the cells of (engine, dataset) pairs not run now (run them at different times)")
     parser.add_argument("--scores-out", type=Path, help="also write every text's label log-probabilities here (JSON)")
     parser.add_argument("--markdown-only", action="store_true", help="only regenerate the BENCHMARKS.md section from --out")
     args = parser.parse_args(argv)
@@ -338,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 stop_server(started)
     settings["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]
     result["run_seconds"] = time.monotonic() - t0
-    if args.keep_other_engines and args.out.is_file():
-        keep_other_engines(result, json.loads(args.out.read_text(encoding="utf-8")))
+    if args.keep_other_cells and args.out.is_file():
+        keep_other_cells(result, json.loads(args.out.read_text(encoding="utf-8")))
     result["bars"] = evaluate_bars(result)
     scores = {f"{c['engine']}:{c['dataset']}:{c['mode']}": {"labels": prepared[c["dataset"]]["labels"][: c["n"]], "scores": c.pop("scores")}
               for c in result["cells"] if "scores" in c}
