@@ -97,20 +97,27 @@ def test_unreachable_server_is_a_clear_engine_error():
         VLLMServerEngine(f"http://127.0.0.1:{free_port()}/v1", timeout=2, max_retries=0)
 
 
+class StandIn(BaseHTTPRequestHandler):
+    """A stand-in HTTP server's handler, for servers that cannot be run here; it answers JSON and logs nothing."""
+
+    def send_json(self, payload) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 def test_an_old_server_is_refused():
     """A stand-in HTTP server that reports vLLM 0.11 (no such server can be run here)."""
 
-    class OldVersion(BaseHTTPRequestHandler):
+    class OldVersion(StandIn):
         def do_GET(self):  # noqa: N802 - the http.server API
-            body = json.dumps({"version": "0.11.2"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
+            self.send_json({"version": "0.11.2"})
 
     server = HTTPServer(("127.0.0.1", 0), OldVersion)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -126,33 +133,22 @@ def test_a_server_that_ignores_logprob_token_ids_is_refused():
     natural top log-probabilities, keyed by text, because it does not know the fields scoring asks for. The engine
     must say so rather than score from whatever tokens came back."""
 
-    class IgnoresTheFields(BaseHTTPRequestHandler):
-        def _send(self, payload):
-            body = json.dumps(payload).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
+    class IgnoresTheFields(StandIn):
         def do_GET(self):  # noqa: N802 - the http.server API
             if self.path == "/version":
-                self._send({"version": "0.13.0"})
+                self.send_json({"version": "0.13.0"})
             else:
-                self._send({"object": "list", "data": [{"id": "old", "object": "model", "created": 0, "owned_by": "x"}]})
+                self.send_json({"object": "list", "data": [{"id": "old", "object": "model", "created": 0, "owned_by": "x"}]})
 
         def do_POST(self):  # noqa: N802
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path == "/tokenize":
-                self._send({"tokens": [2, 9259] if request["add_special_tokens"] else [9259]})
+                self.send_json({"tokens": [2, 9259] if request["add_special_tokens"] else [9259]})
             else:
                 logprobs = {"tokens": [" yes"], "token_logprobs": [-0.1], "text_offset": [0], "top_logprobs": [{" yes": -0.1}]}
-                self._send({"id": "c", "object": "text_completion", "created": 0, "model": "old",
-                            "choices": [{"index": 0, "text": " yes", "finish_reason": "length", "logprobs": logprobs}],
-                            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-
-        def log_message(self, *args):
-            pass
+                self.send_json({"id": "c", "object": "text_completion", "created": 0, "model": "old",
+                                "choices": [{"index": 0, "text": " yes", "finish_reason": "length", "logprobs": logprobs}],
+                                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
 
     server = HTTPServer(("127.0.0.1", 0), IgnoresTheFields)
     threading.Thread(target=server.serve_forever, daemon=True).start()
