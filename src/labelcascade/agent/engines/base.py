@@ -8,7 +8,7 @@ probabilities over the candidates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -85,3 +85,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def candidate_trie(candidates: Iterable[Sequence[int]]) -> dict[tuple[int, ...], set[int]]:
+    """The candidates' token trie: for each path from its root (the first tokens of some candidate), the tokens that
+    follow it. An engine asks for those tokens' log-probabilities after the prompt + path, each path once, however
+    many candidates share it ("card_" in "card_arrival" and "card_linking")."""
+    following: dict[tuple[int, ...], set[int]] = {}
+    for tokens in candidates:
+        for i, token in enumerate(tokens):
+            following.setdefault(tuple(tokens[:i]), set()).add(token)
+    return following
+
+
+def path_logprob(logprobs: Mapping[tuple[int, ...], Mapping[int, float]], tokens: Sequence[int]) -> float:
+    """A candidate's log-probability: the sum along its trie path of `logprobs[path][next token]`."""
+    return float(sum(logprobs[tuple(tokens[:i])][token] for i, token in enumerate(tokens)))

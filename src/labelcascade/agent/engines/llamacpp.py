@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch, common_prefix
+from labelcascade.agent.engines.base import (
+    EngineError,
+    EngineStats,
+    EngineTimeout,
+    candidate_trie,
+    check_batch,
+    common_prefix,
+    path_logprob,
+)
 
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaBatch
@@ -176,15 +184,11 @@ class LlamaCppEngine:
 
         # wanted[path]: the tokens whose log-probabilities are needed after the prompt followed by `path`, the start
         # of a candidate. Every path but the empty one is a trie node to evaluate.
-        wanted: dict[tuple[int, ...], set[int]] = {}
-        for tokens in encoded.values():
-            for i, token in enumerate(tokens):
-                wanted.setdefault(tokens[:i], set()).add(token)
+        wanted = candidate_trie(encoded.values())
         logprobs = {(): self._evaluate_prompt(prompt_tokens, wanted[()], deadline)}
         logprobs.update(self._evaluate_trie(len(prompt_tokens), wanted, deadline))
         self.stats.candidate_tokens += len(wanted) - 1 + len(options)  # the nodes, and each candidate's last token
-        return {option: float(sum(logprobs[tokens[:i]][token] for i, token in enumerate(tokens)))
-                for option, tokens in encoded.items()}
+        return {option: path_logprob(logprobs, tokens) for option, tokens in encoded.items()}
 
     def _evaluate_prompt(self, tokens: list[int], wanted: set[int], deadline: float | None) -> dict[int, float]:
         """Evaluate, in sequence 0, what follows the cached prefix (at least the last token, for its logits).

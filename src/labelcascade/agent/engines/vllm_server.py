@@ -29,7 +29,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch
+from labelcascade.agent.engines.base import (
+    EngineError,
+    EngineStats,
+    EngineTimeout,
+    candidate_trie,
+    check_batch,
+    path_logprob,
+)
 
 # `guided_*` request fields were removed in vLLM 0.12 (an older or newer server given the wrong ones silently
 # generates unconstrained text). The fields scoring needs, logprob_token_ids on completions, came later still: a server
@@ -194,13 +201,14 @@ class VLLMServerEngine:
             )
             returned = response.choices[0].logprobs.top_logprobs[0]
             for token in token_ids:
-                if f"token_id:{token}" not in returned:
+                value = returned.get(f"token_id:{token}")
+                if value is None:
                     raise EngineError(
                         f"vLLM {self.version} returned no log-probability for token {token}: the server ignores the "
                         "completions fields logprob_token_ids and return_tokens_as_token_ids (added in 2026); "
                         "upgrade the server"
                     )
-                trie.logprobs[path + (token,)] = float(returned[f"token_id:{token}"])
+                trie.logprobs.setdefault(path, {})[token] = float(value)
             # Without --enable-prompt-tokens-details the server reports no cache hits: every prompt token counts.
             details = response.usage.prompt_tokens_details
             cached = (details.cached_tokens or 0) if details is not None else 0
@@ -213,22 +221,15 @@ class VLLMServerEngine:
 
 
 class CandidateTrie:
-    """One prompt's candidates as a trie of token ids: each node (a path from the root) is asked once for the
-    log-probabilities of the tokens that follow it, and a candidate's score is the sum along its path."""
+    """One prompt and its candidates' token trie (`candidate_trie`): each path is asked once, in its own request, for
+    the log-probabilities of the tokens that follow it, and a candidate's score is the sum along its path."""
 
     def __init__(self, prompt_ids: list[int], candidates: dict[str, list[int]]):
         self.prompt_ids = prompt_ids
         self.candidates = candidates
-        following: dict[tuple[int, ...], set[int]] = {}
-        for ids in candidates.values():
-            for depth, token in enumerate(ids):
-                following.setdefault(tuple(ids[:depth]), set()).add(token)
-        self.following = {path: sorted(tokens) for path, tokens in following.items()}
+        self.following = {path: sorted(tokens) for path, tokens in candidate_trie(candidates.values()).items()}
         self.paths = sorted(self.following, key=len)  # the root first
-        self.logprobs: dict[tuple[int, ...], float] = {}  # path + token -> log P(token | prompt + path)
+        self.logprobs: dict[tuple[int, ...], dict[int, float]] = {}  # path -> token -> log P(token | prompt + path)
 
     def scores(self) -> dict[str, float]:
-        return {
-            option: float(sum(self.logprobs[tuple(ids[: depth + 1])] for depth in range(len(ids))))
-            for option, ids in self.candidates.items()
-        }
+        return {option: path_logprob(self.logprobs, ids) for option, ids in self.candidates.items()}
