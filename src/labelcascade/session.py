@@ -1,0 +1,388 @@
+"""A session: one workspace opened for work, and everything about it that changes over time.
+
+    session = Session.create("examples/banking/task.yaml", workspace="ws")   # trains on the task's seed examples
+    session.classify("my card hasn't arrived")       # -> Prediction; confident LLM answers are learned from
+    session.add_examples(texts, labels); session.retrain()
+    session.calibrate(dev_texts, dev_labels)         # thresholds and LLM weight from a labelled dev set
+    session.close();  Session.open("ws")             # resume later, or from the CLI, service and jobs
+
+The session owns the state that lives on: the workspace folder, the example store, learning from the LLM's
+answers, retraining, calibration and the answer cache. The CLI, the HTTP service, labelling jobs and the LangChain
+tool all work through one. For a stateless scikit-learn estimator (fit starts over, predict changes nothing) use
+`labelcascade.Classifier`, which keeps a private session in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, choose_policy
+from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
+from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
+from labelcascade.fallback import LinearSVMClassifier, NotFittedError
+from labelcascade.prompts import PromptRenderer
+from labelcascade.records import Prediction, Source
+from labelcascade.retrieval import Embedder, ExampleStore, load_embedder
+from labelcascade.task import Task, TaskError
+from labelcascade.workspace import LOCK_FILE, Settings, Workspace
+
+Labels = Sequence[str] | Sequence[Sequence[str]]
+DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again after retrains
+
+
+class Session:
+    """One task's workspace, open for classifying and learning. Build one with `create` or `open`.
+
+    Not thread-safe: its engine, SQLite connection and FAISS index are used by one thread at a time (the HTTP
+    service gives it one worker thread). Several sessions, in several processes, may share one workspace.
+    """
+
+    def __init__(
+        self,
+        workspace: Workspace,
+        *,
+        embedder: Embedder,
+        engine: str | Engine | None,
+        temporary: tempfile.TemporaryDirectory | None = None,
+    ):
+        """Wire a session to an open workspace; `create` and `open` are the ways in. `temporary` is the folder to
+        delete on `close` (a session that was never saved)."""
+        self._temporary = temporary
+        self.embedder = embedder
+        self._engine = None if engine is None else EngineSlot(engine)
+        self._attach(workspace)
+
+    def _attach(self, workspace: Workspace) -> None:
+        """Open the workspace's store, learner and saved fallback (on creation, and after a move by `save`)."""
+        self._workspace = workspace
+        self._store: ExampleStore = workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
+        self._learner = Learner(
+            self._store,
+            multi_label=workspace.task.multi_label,
+            C=workspace.settings.svm_C,
+            save=workspace.save_fallback,
+            trained_at=workspace.fallback_trained_at(),
+        )
+        self._cascade: Cascade | None = None
+        fallback = workspace.load_fallback()
+        if fallback is not None:
+            self._install(fallback)
+
+    @classmethod
+    def create(
+        cls,
+        task: Task | str | Path,
+        *,
+        workspace: str | Path | None = None,
+        embedder: str | Embedder = "default",
+        engine: str | Engine | None = DEFAULT_ENGINE,
+        policy: Policy | None = None,
+        svm_C: float = 1.0,
+    ) -> Session:
+        """A new workspace for `task` (a `Task` or a task YAML file), trained on the task's seed examples.
+
+        workspace: a new or empty folder; None keeps the state in a temporary folder until `save(path)`.
+        embedder: 'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or an `Embedder`.
+        engine: the LLM asked when the fallback is unsure: a spec string (see `agent.engines.load_engine`), an
+            `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
+            from the fallback marked `degraded`.
+        policy: thresholds and LLM settings (`agent.Policy`); `calibrate` chooses them from a labelled dev set.
+        """
+        task = task if isinstance(task, Task) else Task.from_yaml(task)
+        temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
+        model = load_embedder(embedder)
+        settings = Settings(
+            embedder=embedder if isinstance(embedder, str) else model.id,
+            engine=engine if engine is None or isinstance(engine, str) else engine.spec,
+            policy=policy or Policy(),
+            svm_C=svm_C,
+        )
+        folder = Workspace.create(workspace if workspace is not None else temporary.name, task, settings)
+        session = cls(folder, embedder=model, engine=engine, temporary=temporary)
+        seeds = task.seed_examples()
+        if seeds:
+            texts, labels = zip(*seeds, strict=True)
+            session.add_examples(texts, labels)
+            if len(session.store.labels()) >= 2:
+                session.retrain()
+        return session
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        embedder: str | Embedder | None = None,
+        engine: str | Engine | None = "saved",
+        private_copy: bool = False,
+    ) -> Session:
+        """Resume a saved workspace; the embedder must be the one its vectors were made with. The engine is the
+        saved one unless another (or None) is given. `private_copy`: work on a temporary copy of the folder,
+        deleted on `close`, so the folder itself is never changed."""
+        temporary = None
+        if private_copy:
+            Workspace.open(path)  # refuse what is not a workspace before copying anything
+            temporary = tempfile.TemporaryDirectory(prefix="labelcascade-")
+            path = shutil.copytree(path, Path(temporary.name) / "workspace", ignore=shutil.ignore_patterns(LOCK_FILE))
+        try:
+            workspace = Workspace.open(path)
+            model = load_embedder(embedder if embedder is not None else workspace.settings.embedder)
+            engine = workspace.settings.engine if engine == "saved" else engine
+            return cls(workspace, embedder=model, engine=engine, temporary=temporary)
+        except BaseException:
+            if temporary is not None:
+                temporary.cleanup()
+            raise
+
+    def _install(self, fallback: LinearSVMClassifier) -> None:
+        """Answer with `fallback` from now on, through a cascade wired to this workspace."""
+        workspace = self._workspace
+        self._cascade = Cascade(
+            workspace.task,
+            self.embedder,
+            fallback,
+            store=self._store,
+            engine=self._engine,
+            renderer=PromptRenderer(workspace.task, workspace.settings.template),
+            policy=workspace.settings.policy,
+            learner=self._learner,
+            on_retrain=self._recalibrate,
+        )
+
+    # --- learning -------------------------------------------------------------------------------------------
+
+    def add_examples(
+        self,
+        texts: Sequence[str],
+        labels: Labels,
+        *,
+        source: Source | str = Source.GOLD,
+        confidence: float | Sequence[float] = 1.0,
+    ) -> list[int]:
+        """Store labelled texts without retraining; returns their ids. A text already stored is not added twice."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
+        rows = label_rows(labels)
+        if len(rows) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(rows)} labels; give one label (or list of labels) per text")
+        for i, text in enumerate(checked_texts(texts)):
+            if not text.strip():
+                raise ValueError(f"row {i}: text is empty")
+        self.task.check_labels(rows)
+        return self._store.add(texts, rows, self.embedder.embed(texts), source=source, confidence=confidence)
+
+    def retrain(self) -> Session:
+        """Train a new fallback on all stored examples (weighted by source) and swap it in."""
+        self._install(self._learner.train())
+        self._recalibrate()
+        return self
+
+    def calibrate(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str | None] | Sequence[Sequence[str]],
+        *,
+        target_precision: float = 0.95,
+        llm_budget: float | None = None,
+        learn_precision: float = 0.85,
+        tolerance: float = 0.01,
+    ) -> Calibration:
+        """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
+        labelled dev texts (not stored), and use them from now on (agent/calibration.py says how). The LLM is asked
+        about every dev text once; what it said is kept in the workspace, so the policy is chosen again, without
+        the LLM, after every retrain. `llm_budget` caps the share of texts sent to the LLM; `learn_precision` is
+        the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
+        accuracy the cascade may give up to send fewer texts to the LLM. Returns the report;
+        `print(report.table())` shows the coverage/precision table."""
+        dev = DevSet.measure(
+            self.cascade, list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget
+        )
+        report = choose_policy(
+            self.cascade,
+            dev,
+            target_precision=target_precision,
+            llm_budget=llm_budget,
+            learn_precision=learn_precision,
+            tolerance=tolerance,
+        )
+        dev.save(self.path / DEV_FILE)
+        self.set_policy(report.policy)
+        self._workspace.save_calibration(report)
+        return report
+
+    def _recalibrate(self) -> None:
+        """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls)."""
+        previous = self._workspace.load_calibration()
+        if previous is None or not (self.path / DEV_FILE).exists():
+            return
+        report = choose_policy(
+            self.cascade,
+            DevSet.load(self.path / DEV_FILE),
+            target_precision=previous.target_precision,
+            llm_budget=previous.llm_budget,
+            learn_precision=previous.learn_precision,
+            tolerance=previous.tolerance,
+            accuracy_floor=previous.accuracy_floor,
+        )
+        report.retrains = previous.retrains + 1
+        self.set_policy(report.policy)
+        self._workspace.save_calibration(report)
+
+    @property
+    def policy(self) -> Policy:
+        """The cascade's thresholds and LLM settings, as stored in the workspace; change them with `set_policy`."""
+        return self._workspace.settings.policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Use `policy` from now on and record it in the workspace's settings.json."""
+        workspace = self._workspace
+        workspace.settings = workspace.settings.model_copy(update={"policy": policy})
+        workspace.save_settings()
+        if self._cascade is not None:
+            self._cascade.policy = policy
+
+    # --- answering ------------------------------------------------------------------------------------------
+
+    def classify(
+        self, texts: str | Sequence[str], *, llm_limit: int | None = None, learn: bool = True
+    ) -> Prediction | list[Prediction]:
+        """A `Prediction` for one text, or a list of them for a sequence of texts.
+
+        `llm_limit`: send at most this many of the texts to the LLM (the others keep the fallback's answer);
+        `learn=False`: do not learn from the LLM's answers (estimates, evaluations, dry runs).
+        """
+        if isinstance(texts, str):
+            return self.cascade.classify(checked_texts([texts]), llm_limit=llm_limit, learn=learn)[0]
+        return self.cascade.classify(checked_texts(texts), llm_limit=llm_limit, learn=learn)
+
+    def unsure(self, texts: Sequence[str]) -> np.ndarray:
+        """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
+        nothing is asked). All False when there is no engine or the policy sends nothing to it."""
+        cascade = self.cascade
+        if self._engine is None or not cascade.policy.asks_llm:
+            return np.zeros(len(texts), dtype=bool)
+        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(checked_texts(texts)))))
+
+    # --- state ----------------------------------------------------------------------------------------------
+
+    @property
+    def task(self) -> Task:
+        return self._workspace.task
+
+    @property
+    def labels(self) -> list[str]:
+        """All of the task's labels, in task order (the order of every probability vector)."""
+        return self.task.label_names
+
+    @property
+    def store(self) -> ExampleStore:
+        """The labelled examples this session has seen."""
+        return self._store
+
+    @property
+    def path(self) -> Path:
+        """The workspace folder."""
+        return self._workspace.path
+
+    @property
+    def cascade(self) -> Cascade:
+        """The cascade answering now; NotFittedError before the fallback has been trained."""
+        if self._cascade is None:
+            raise NotFittedError(
+                "the workspace has no trained fallback yet: add labelled examples of at least 2 labels "
+                "(add_examples) and retrain()"
+            )
+        return self._cascade
+
+    def answer_version(self) -> str:
+        """A digest of everything that shapes an answer besides its text: the task and prompt template, the engine,
+        the policy and the fallback model. The answer cache keys on it, so a calibration or a retrain makes the
+        answers it kept be computed again."""
+        if self._engine is None:
+            raise ValueError("a session without an engine keeps no answers")
+        definition = {
+            "task": task_version(self.task, self._workspace.settings.template),
+            "engine": self._engine.spec,
+            "policy": self.policy.model_dump(mode="json"),
+            "fallback": self.cascade.fallback.fingerprint(),
+        }
+        return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+    def answer_cache(self) -> AnswerCache | None:
+        """The workspace's cache of LLM answers (None without an engine), read and written under
+        `answer_version()` as it is at the time."""
+        if self._engine is None:
+            return None
+        return AnswerCache(self.path / CACHE_FILE)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Make the workspace durable; with `path`, copy it there (a new or empty folder) and keep working there."""
+        self._store.save()
+        if path is None or Path(path).resolve() == self.path.resolve():
+            if self._temporary is not None:
+                raise ValueError("this session lives in a temporary folder: save(path) needs a path")
+            return self.path
+        path = self.copy_to(path)
+        self._store.close()
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+        self._attach(Workspace.open(path))
+        return path
+
+    def copy_to(self, path: str | Path) -> Path:
+        """Copy the workspace, made durable, into `path` (a new or empty folder); this session stays where it is."""
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise FileExistsError(f"{path}: folder is not empty; save into a new or empty folder")
+        self._store.save()
+        shutil.copytree(self.path, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE))
+        return path
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._store.close()
+        if self._temporary is not None:
+            self._temporary.cleanup()
+            self._temporary = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Session(task={self.task.name!r}, path={str(self.path)!r}, embedder={self.embedder.id!r})"
+
+
+def checked_texts(texts: Sequence[str]) -> list[str]:
+    """The texts as a list, each a string of valid Unicode; the error names the first that is not."""
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i}: expected a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"text {i}: not valid Unicode (a lone surrogate at character {error.start})") from None
+    return texts
+
+
+def label_rows(labels: Labels) -> list[tuple[str, ...]]:
+    """One tuple of labels per text, from either one label per text or a sequence of labels per text."""
+    if isinstance(labels, str):
+        raise TypeError("labels must be a sequence with one label (or list of labels) per text, not a single string")
+    rows = [(label,) if isinstance(label, str) else tuple(label) for label in labels]
+    for i, row in enumerate(rows):
+        if not row or any(not isinstance(label, str) or not label.strip() for label in row):
+            raise TaskError(f"row {i}: label is empty or not a string")
+    return rows
