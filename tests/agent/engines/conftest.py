@@ -7,10 +7,20 @@ import socket
 import subprocess
 from pathlib import Path
 
+import math
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "tools" / "vllm_server.sh"
+
+
+def assert_log_probabilities(scores: dict[str, float], candidates: list[str]) -> None:
+    """Scores of distinct continuations are log-probabilities: one per candidate, each finite and at most 0, and
+    together at most 1 (the candidates are disjoint events: none is a prefix of another)."""
+    assert set(scores) == set(candidates)
+    assert all(math.isfinite(value) and value <= 0 for value in scores.values())
+    assert 0 < sum(math.exp(value) for value in scores.values()) <= 1 + 1e-6
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 import pytest
 
-from labelcascade.agent.engines import EngineError, load_engine, normalize
+from labelcascade.agent.engines import EngineError, load_engine
+from labelcascade.agent.engines.base import version_at_least
 
 
 def test_unknown_specs_list_the_supported_forms():
@@ -15,9 +16,7 @@ def test_missing_gguf_file_is_an_engine_error(tmp_path):
         load_engine(f"llamacpp:{tmp_path / 'absent.gguf'}")
 
 
-def test_normalize_gives_a_distribution_and_honours_temperature():
-    probabilities = normalize({"a": -1.0, "b": -2.0})
-    assert probabilities["a"] + probabilities["b"] == pytest.approx(1.0)
-    assert probabilities["a"] > probabilities["b"]
-    softer = normalize({"a": -1.0, "b": -2.0}, temperature=10.0)
-    assert softer["a"] < probabilities["a"]
+def test_versions_compare_by_their_leading_numbers():
+    assert version_at_least("0.12.1rc2", (0, 12)) and version_at_least("1.0", (0, 12))
+    assert not version_at_least("0.11.2", (0, 12)) and not version_at_least("0.9.0.dev1+cpu", (0, 12))
+    assert version_at_least("4.56.0.dev0", (4, 56)) and not version_at_least("4.5", (4, 56))

@@ -5,13 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from labelcascade.agent.engines import EngineError, EngineTimeout, load_engine, normalize
+from labelcascade.agent.engines import EngineError, EngineTimeout, load_engine
 from labelcascade.agent.engines.transformers_engine import TransformersEngine
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Example
 from labelcascade.task import Task
 
 from ...conftest import DATA, EXAMPLES, few_shot
+from .conftest import assert_log_probabilities
 
 BANKING = Task.from_yaml(EXAMPLES / "banking" / "task.yaml")
 SHOTS = [Example(1, "where is my new card?", ("card_arrival",)), Example(2, "please close my account", ("terminate_account",))]
@@ -89,7 +90,7 @@ def test_the_static_prefix_is_computed_once(transformers_engine):
     assert computed - batch <= suffix + 1  # the prompt part: what follows the static part (+1 at the boundary)
 
 
-def test_batches_and_probabilities(transformers_engine):
+def test_batches_and_log_probabilities(transformers_engine):
     renderer = PromptRenderer(BANKING)
     prompt = renderer.render("new pin please", SHOTS).text
     candidates = renderer.candidates(BANKING.label_names)
@@ -97,8 +98,7 @@ def test_batches_and_probabilities(transformers_engine):
     batch = transformers_engine.score([prompt, "The capital of France is", prompt], [candidates, [" Paris", " a city"], candidates])
     assert batch[0] == pytest.approx(alone, abs=1e-4) and batch[2] == pytest.approx(alone, abs=1e-4)
     assert batch[1][" Paris"] > batch[1][" a city"]
-    probabilities = normalize(batch[0])
-    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-9)
+    assert_log_probabilities(batch[0], candidates)
 
 
 def test_timeout_raises_and_leaves_the_engine_usable(transformers_engine):

