@@ -116,7 +116,7 @@ def bench_size(data: Data, k: int, folder: Path) -> dict:
     started = time.perf_counter()
     store = ExampleStore(folder, embedder_id=data.kind, dim=DIM, index="ivf")  # rebuilds the index as IVF
     ivf_build_s = time.perf_counter() - started
-    index = store._index  # the bench reports the structure the store chose; callers never need it
+    index = store._index.faiss  # the bench reports the structure the store chose; callers never need it
     ivf_ms, approximate = single_query_latencies_ms(store, data.queries, k)
     store.close()
 

@@ -11,7 +11,7 @@ import pytest
 
 from labelcascade.records import Example, Source
 from labelcascade.retrieval import EmbedderMismatchError, ExampleStore
-from labelcascade.retrieval import store as store_module
+from labelcascade.retrieval import vector_index
 
 DIM = 64
 
@@ -167,7 +167,7 @@ def test_ivf_recall_against_brute_force(tmp_path):
 
 
 def test_auto_index_switches_to_ivf_at_the_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "APPROX_INDEX_MIN_SIZE", 500)
+    monkeypatch.setattr(vector_index, "APPROX_INDEX_MIN_SIZE", 500)
     rng = np.random.default_rng(4)
     store = ExampleStore(tmp_path, embedder_id="random", dim=DIM, index="auto")
     store.add([f"a{row}" for row in range(499)], ["x"] * 499, unit_rows(rng, 499))

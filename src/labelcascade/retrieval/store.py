@@ -1,9 +1,11 @@
 """The example store: labelled examples kept for few-shot retrieval and for training the fallback.
 
 SQLite is the source of truth for everything, vectors included (float32 blobs), so the store survives any loss of
-the FAISS index: `examples.faiss` is only a search structure, written next to the database on `save()` and rebuilt
-from SQLite whenever it is missing or does not hold exactly the ids the database holds. Ids are SQLite row ids and
-double as FAISS ids; they are never reused, so an id quoted in an old prediction never points at another example.
+the vector index (vector_index.py, FAISS): `examples.faiss` is only a search structure, written next to the
+database on `save()` and rebuilt from SQLite whenever it is missing or does not hold exactly the ids the database
+holds. This module is the database and keeps the index in step with it; the index knows nothing of SQLite. Ids are
+SQLite row ids and double as FAISS ids; they are never reused, so an id quoted in an old prediction never points at
+another example.
 
 Vectors are stored L2-normalised and searched by inner product, so every score is a cosine similarity.
 
@@ -28,7 +30,6 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import numbers
 import os
 import sqlite3
@@ -39,36 +40,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from labelcascade.records import Example, Neighbor, Source
+from labelcascade.retrieval import vector_index
+from labelcascade.retrieval.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "examples.sqlite"
 INDEX_FILE = "examples.faiss"
-INDEX_KINDS = ("flat", "ivf", "auto")
+INDEX_KINDS = vector_index.INDEX_KINDS
 SCHEMA_VERSION = "1"  # recorded in every store so that a later layout can recognise and migrate this one
-
-# "auto" stores switch from exact to approximate search at this many examples. Rule: the smallest benchmarked size
-# at which exact single-query search takes more than 2 ms. Measured by bench/store.py (bench/results/store.json;
-# 2 CPU cores, dim 384, k=8, median of 200 single-query ExampleStore.search calls, SQLite lookup included):
-#   flat, any data:      10k 0.77 ms | 25k 1.6 ms | 50k 3.9-5.1 ms | 100k 11 ms | 200k 21-22 ms
-#   ivf, real MiniLM:    10k 0.31 ms | 25k 0.45 ms | 50k 0.63 ms (recall@8 0.99, nprobe 106 of 894, 2.2 s to build)
-#   ivf, random vectors: 50k 3.6 ms (recall@8 0.95): no cluster structure, so IVF must probe 3/4 of its lists
-APPROX_INDEX_MIN_SIZE = 50_000
-
-# An IVF index is trained for a target recall@8 of its own stored vectors (leave-one-out, against exact search).
-IVF_TARGET_RECALL = 0.95
-IVF_CALIBRATION_K = 8
-IVF_CALIBRATION_QUERIES = 200
-# k-means settings for the IVF coarse quantizer. FAISS defaults (256 points per centroid, 25 iterations) took 65 s
-# to train 200k x 384 on 2 cores; 64 points and 10 iterations took 14 s, and the nprobe calibration makes up for
-# the coarser clustering.
-IVF_TRAIN_POINTS_PER_CENTROID = 64
-IVF_TRAIN_ITERATIONS = 10
-IVF_MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means has too little data
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -127,7 +110,7 @@ class ExampleStore:
         self.path = None if path is None else Path(path)
         self._lock = threading.RLock()  # one store may serve several threads; FAISS adds and SQLite need turns
         self._ids_by_label_cache: dict[str, np.ndarray] | None = None
-        self._index: faiss.Index | None = None  # loaded once the database is known to be whole
+        self._index: VectorIndex | None = None  # loaded once the database is known to be whole
         self._data_version: int | None = None  # SQLite's count of other connections' commits, when last followed
 
         database = ":memory:" if self.path is None else str(self.path / DB_FILE)
@@ -246,9 +229,9 @@ class ExampleStore:
             self._db.execute("DELETE FROM example_labels WHERE example_id IN (SELECT value FROM json_each(?))", doomed)
             self._db.execute("DELETE FROM examples WHERE id IN (SELECT value FROM json_each(?))", doomed)
             self._ids_by_label_cache = None
-            self._index.remove_ids(faiss.IDSelectorBatch(np.array(present, dtype=np.int64)))
+            self._index.remove(np.array(present, dtype=np.int64))
             self._index_dirty = True
-            if not self._index_fits(self._index, len(self)):
+            if not self._index.fits(len(self), self.dim):
                 self._rebuild_index()
             return len(present)
 
@@ -267,13 +250,12 @@ class ExampleStore:
                 handle, temporary = tempfile.mkstemp(dir=self.path, prefix=INDEX_FILE + ".", suffix=".tmp")
                 os.close(handle)
                 try:
-                    faiss.write_index(self._index, temporary)
-                    digest = _sha256(Path(temporary).read_bytes())
+                    content = self._index.to_bytes()
+                    Path(temporary).write_bytes(content)
                     os.replace(temporary, index_file)
-                except RuntimeError as error:  # FAISS reports a failed write (disk full) as a RuntimeError
-                    raise OSError(errno.EIO, str(error).strip().splitlines()[-1]) from None
                 finally:
                     Path(temporary).unlink(missing_ok=True)
+                digest = _sha256(content)
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('index_sha256', ?)", (digest,))
             self._index_dirty = False
 
@@ -317,7 +299,7 @@ class ExampleStore:
         queries = _unit_rows(vectors, self.dim, "query")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, not {k!r}")
-        with self._lock, _threads_for(len(queries)):
+        with self._lock:
             self._follow_other_writers()
             by_label = self._ids_by_label()
             if labels is not None:
@@ -332,9 +314,9 @@ class ExampleStore:
             filtered = labels is not None or sources is not None
             allowed = np.unique(np.concatenate(list(by_label.values()))) if filtered else None
             if balanced:
-                hits = self._balanced_hits(queries, k, by_label, allowed)
+                hits = self._index.balanced_search(queries, k, by_label, allowed)
             else:
-                hits = self._hits(queries, k, allowed)
+                hits = self._index.search(queries, k, allowed)
             return self._neighbors(hits)
 
     def get(self, ids: Sequence[int]) -> list[Example]:
@@ -446,16 +428,16 @@ class ExampleStore:
             return
         self._ids_by_label_cache = None
         stored = self._stored_ids()
-        indexed = np.sort(_index_ids(self._index))
+        indexed = self._index.ids()
         if not np.array_equal(stored, indexed):
-            if not self._index_fits(self._index, len(stored)):
+            if not self._index.fits(len(stored), self.dim):
                 self._rebuild_index()
             else:
                 gone, missing = np.setdiff1d(indexed, stored), np.setdiff1d(stored, indexed)
                 if len(gone):
-                    self._index.remove_ids(faiss.IDSelectorBatch(gone))
+                    self._index.remove(gone)
                 if len(missing):
-                    self._index.add_with_ids(self._vectors_of(missing), missing)
+                    self._index.add(missing, self._vectors_of(missing))
                 self._index_dirty = True
         self._data_version = version
 
@@ -527,28 +509,11 @@ class ExampleStore:
             vectors[position] = np.frombuffer(row[1], dtype=_VECTOR_DTYPE)
         return ids, vectors
 
-    # The FAISS index ------------------------------------------------------------------------------------------
+    # The vector index -----------------------------------------------------------------------------------------
 
-    def _structure_for(self, size: int) -> str:
-        """Which index suits `size` examples; an IVF index needs vectors to train on, so an empty store is flat."""
-        if size == 0 or self.index_kind == "flat":
-            return "flat"
-        if self.index_kind == "auto" and size < APPROX_INDEX_MIN_SIZE:
-            return "flat"
-        return "ivf"
-
-    def _index_fits(self, index: faiss.Index, size: int) -> bool:
-        """Whether `index` is the right structure for `size` examples (not whether it holds the right ids)."""
-        if index.d != self.dim:
-            return False
-        if self._structure_for(size) == "flat":
-            return isinstance(index, faiss.IndexIDMap2)
-        # An IVF index trained when the store was a quarter of its size has half the lists it should: retrain.
-        return isinstance(index, faiss.IndexIVFFlat) and _ivf_list_count(size) < 2 * index.nlist
-
-    def _load_or_rebuild_index(self) -> tuple[faiss.Index, bool]:
-        """The saved FAISS index if it is the file last saved (sha256) and holds exactly the stored ids, else a
-        fresh one built from SQLite."""
+    def _load_or_rebuild_index(self) -> tuple[VectorIndex, bool]:
+        """The saved index if it is the file last saved (sha256) and holds exactly the stored ids, else a fresh
+        one built from SQLite."""
         stored_ids = self._stored_ids()
         index_file = None if self.path is None else self.path / INDEX_FILE
         if index_file is not None and index_file.is_file():
@@ -557,16 +522,17 @@ class ExampleStore:
             try:
                 if recorded is not None and recorded[0] != _sha256(content):
                     raise RuntimeError("its sha256 differs from the one recorded when it was saved")
-                index = faiss.deserialize_index(np.frombuffer(content, dtype=np.uint8))
+                index = VectorIndex.from_bytes(content, kind=self.index_kind)
             except RuntimeError as error:
                 log.warning("%s is damaged (%s); rebuilding it from %s", index_file, error, DB_FILE)
             else:
-                if not self._index_fits(index, len(stored_ids)):
-                    log.info("rebuilding %s as a %s index", index_file, self._structure_for(len(stored_ids)))
-                elif not np.array_equal(np.sort(_index_ids(index)), stored_ids):
+                if not index.fits(len(stored_ids), self.dim):
+                    log.info("rebuilding %s as a %s index", index_file,
+                             vector_index.structure_for(self.index_kind, len(stored_ids)))
+                elif not np.array_equal(index.ids(), stored_ids):
                     log.warning(
                         "%s is out of date (%d vectors for %d examples, or other ids); rebuilding it from %s",
-                        index_file, index.ntotal, len(stored_ids), DB_FILE,
+                        index_file, index.faiss.ntotal, len(stored_ids), DB_FILE,
                     )
                 else:
                     return index, False
@@ -576,71 +542,15 @@ class ExampleStore:
         self._index = self._build_index(*self._stored_vectors())
         self._index_dirty = True
 
-    def _build_index(self, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
-        if self._structure_for(len(ids)) == "flat":
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        else:
-            index = faiss.IndexIVFFlat(
-                faiss.IndexFlatIP(self.dim), self.dim, _ivf_list_count(len(ids)), faiss.METRIC_INNER_PRODUCT
-            )
-            index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_CENTROID
-            index.cp.niter = IVF_TRAIN_ITERATIONS
-            index.train(vectors)
-        if len(ids):
-            index.add_with_ids(vectors, ids)
-        if isinstance(index, faiss.IndexIVFFlat):
-            index.nprobe = _calibrated_nprobe(index, vectors)
-        return index
+    def _build_index(self, ids: np.ndarray, vectors: np.ndarray) -> VectorIndex:
+        return VectorIndex.build(ids, vectors, dim=self.dim, kind=self.index_kind)
 
     def _index_new(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if self._index_fits(self._index, len(self)):
-            self._index.add_with_ids(vectors, ids)
+        if self._index.fits(len(self), self.dim):
+            self._index.add(ids, vectors)
             self._index_dirty = True
         else:
             self._rebuild_index()
-
-    def _hits(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> list[list[tuple[int, float]]]:
-        """(id, score) pairs per query, best first, among `allowed` ids (None: all)."""
-        scores, ids = self._index.search(queries, k, params=self._search_parameters(allowed))
-        # FAISS pads answers shorter than k with id -1.
-        return [
-            [(int(i), float(s)) for i, s in zip(id_row, score_row) if i >= 0] for id_row, score_row in zip(ids, scores)
-        ]
-
-    def _search_parameters(self, allowed: np.ndarray | None) -> faiss.SearchParameters | None:
-        selector = None if allowed is None else faiss.IDSelectorBatch(allowed)
-        if isinstance(self._index, faiss.IndexIVFFlat):
-            # A filter that keeps a fraction f of the examples leaves f of the probed candidates; probing 1/f times
-            # more lists keeps the candidate count, and so the recall, where calibration put it.
-            nprobe = self._index.nprobe
-            if allowed is not None:
-                nprobe = min(self._index.nlist, math.ceil(nprobe * self._index.ntotal / len(allowed)))
-            return faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
-        return None if selector is None else faiss.SearchParameters(sel=selector)
-
-    def _balanced_hits(
-        self, queries: np.ndarray, k: int, by_label: dict[str, np.ndarray], allowed: np.ndarray | None
-    ) -> list[list[tuple[int, float]]]:
-        quota = math.ceil(k / len(by_label))
-        per_label = [self._hits(queries, quota, ids) for ids in by_label.values()]
-        overall = self._hits(queries, k, allowed)
-        balanced = []
-        for query in range(len(queries)):
-            chosen: dict[int, float] = {}
-            # Deal in rounds, every label's best first, then every label's second best, and so on, so that when
-            # the quotas add up to more than k the cut falls on the labels' weakest examples, not on whole labels.
-            for depth in range(quota):
-                round_hits = [hits[query][depth] for hits in per_label if len(hits[query]) > depth]
-                for example_id, score in _best(round_hits, len(round_hits)):
-                    if len(chosen) < k:
-                        chosen.setdefault(example_id, score)
-            # Labels with fewer examples than their quota leave room: fill it with the best of the rest.
-            for example_id, score in overall[query]:
-                if len(chosen) == k:
-                    break
-                chosen.setdefault(example_id, score)
-            balanced.append(_best(chosen.items(), k))
-        return balanced
 
     def _neighbors(self, hits: list[list[tuple[int, float]]]) -> list[list[Neighbor]]:
         examples = self._examples_by_id(sorted({i for row in hits for i, _ in row}))
@@ -749,65 +659,3 @@ def _example(row: tuple) -> Example:
         confidence=confidence,
         created_at=created_at,
     )
-
-
-def _best(hits: Iterable[tuple[int, float]], k: int) -> list[tuple[int, float]]:
-    """The `k` highest-scoring (id, score) pairs, best first; ties go to the older example."""
-    return sorted(hits, key=lambda hit: (-hit[1], hit[0]))[:k]
-
-
-def _ivf_list_count(size: int) -> int:
-    """About 4 * sqrt(size) lists, but few enough that k-means gets enough points for each."""
-    return max(1, min(round(4 * math.sqrt(size)), size // IVF_MIN_POINTS_PER_CENTROID))
-
-
-def _index_ids(index: faiss.Index) -> np.ndarray:
-    """Every id an index holds (flat IDMap2 or IVF), in no particular order."""
-    if isinstance(index, faiss.IndexIDMap2):
-        return faiss.vector_to_array(index.id_map)
-    lists = index.invlists
-    return np.concatenate(
-        [np.zeros(0, np.int64)]
-        + [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(index.nlist)]
-    )
-
-
-def _calibrated_nprobe(index: faiss.IndexIVFFlat, vectors: np.ndarray) -> int:
-    """The fewest lists to probe for IVF_TARGET_RECALL of the exact top-k, measured on a sample of stored vectors.
-
-    Each sampled vector stands in for a new text that resembles stored ones: it is a query, with itself left out
-    of the answer. IVF compares the query with every vector in the lists it probes, so a true neighbour is found
-    exactly when its list is among the `nprobe` lists closest to the query: the list's rank in that order is the
-    nprobe the neighbour needs, and one pass over those ranks gives the recall of every nprobe at once.
-    """
-    rng = np.random.default_rng(0)
-    sample = rng.choice(len(vectors), size=min(IVF_CALIBRATION_QUERIES, len(vectors)), replace=False)
-    queries = vectors[sample]
-    exact = faiss.IndexFlatIP(index.d)
-    exact.add(vectors)
-    _, positions = exact.search(queries, min(IVF_CALIBRATION_K + 1, len(vectors)))
-    neighbours = [[p for p in row if p != own][:IVF_CALIBRATION_K] for row, own in zip(positions, sample)]
-    if not any(neighbours):
-        return 1
-    _, lists_by_closeness = index.quantizer.search(queries, index.nlist)
-    list_rank = np.empty_like(lists_by_closeness)
-    np.put_along_axis(list_rank, lists_by_closeness, np.arange(index.nlist)[None, :], axis=1)
-    _, home_list = index.quantizer.search(vectors[np.concatenate(neighbours)], 1)
-    query_of_neighbour = np.repeat(np.arange(len(queries)), [len(row) for row in neighbours])
-    nprobe_needed = np.sort(list_rank[query_of_neighbour, home_list[:, 0]] + 1)
-    return int(nprobe_needed[math.ceil(IVF_TARGET_RECALL * len(nprobe_needed)) - 1])
-
-
-@contextmanager
-def _threads_for(query_count: int) -> Iterator[None]:
-    """Search one query on one thread: at 10k x 384 that took 0.57 ms against 0.80 ms on 2 threads, at 50k 3.8 ms
-    against 6.1 ms. From two queries on, the threads pay off (50k, 2 queries: 2.8 ms on 2 threads, 7.3 ms on 1)."""
-    if query_count != 1:
-        yield
-        return
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
