@@ -11,14 +11,14 @@ Per dataset (seed 0): a pool of 8 gold examples per class (bench/fallback.py's 8
 --dev-size training texts outside the pool (random.Random(7)), and --test-size test texts (the fixed sample of
 bench/common.py). The task is labels.json (names + descriptions); the engine is the embedded default (Gemma 3 270M
 Q4_K_M through llama.cpp). Arms, each on the same test texts:
-- svm: the fallback alone (`Classifier(engine=None)`), k-NN: 8 nearest pool examples by cosine, majority vote;
+- svm: the fallback alone (`Session.create(engine=None)`), k-NN: 8 nearest pool examples by cosine, majority vote;
 - llm zero-shot / few-shot (k=8): the LLM alone over every label, through the cascade with accept threshold 1 and
   LLM weight 1 (capped at --llm-texts texts: it is the slow arm);
-- cascade: the classifier calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4,
+- cascade: the session calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4,
   learn_precision=0.85, tolerance=0.01)`), learning
   switched off so every test text meets the same model;
 - setfit: SetFit with the same MiniLM body on the same pool (bench/setfit_anchor.py; `pip install -e '.[bench]'`).
-Stream (one dataset, default ag_news): the calibrated classifier, learning on (retrain every 50 LLM labels), is fed
+Stream (one dataset, default ag_news): the calibrated session, learning on (retrain every 50 LLM labels), is fed
 --stream-size unlabelled training texts (outside pool and dev) in order, 20 at a time; per 200-text window the
 share sent to the LLM; test accuracy of the cascade and of its fallback before and after.
 texts/s is wall time of `classify` (embedding included). Results: bench/results/cascade.json and two sections of
@@ -40,7 +40,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from labelcascade import Classifier, Route
+from labelcascade import Session, Route
 from labelcascade.agent import Policy
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine
 from labelcascade.retrieval import load_embedder
@@ -97,21 +97,22 @@ def scores(gold: list[str], predicted: list, seconds: float, routes: list | None
     return result
 
 
-def timed_classify(classifier: Classifier, texts: list[str]) -> tuple[list, float]:
+def timed_classify(session: Session, texts: list[str]) -> tuple[list, float]:
     began = time.perf_counter()
-    predictions = classifier.classify(texts)
+    predictions = session.classify(texts)
     return predictions, time.perf_counter() - began
 
 
-def run_classifier(classifier: Classifier, texts: list[str], gold: list[str]) -> dict:
-    predictions, seconds = timed_classify(classifier, texts)
+def run_classifier(session: Session, texts: list[str], gold: list[str]) -> dict:
+    predictions, seconds = timed_classify(session, texts)
     return scores(gold, [p.label for p in predictions], seconds, [p.route for p in predictions])
 
 
-def new_classifier(ds: dict, embedder, engine, policy: Policy | None = None) -> Classifier:
+def new_classifier(ds: dict, embedder, engine, policy: Policy | None = None) -> Session:
     policy = (policy or Policy()).model_copy(update={"timeout_s": TIMEOUT_S})
-    classifier = Classifier(ds["task"], embedder=embedder, engine=engine, policy=policy)
-    return classifier.fit(*texts_labels(ds["pool"]))
+    session = Session.create(ds["task"], embedder=embedder, engine=engine, policy=policy)
+    session.add_examples(*texts_labels(ds["pool"]), retrain=True)
+    return session
 
 
 def run_dataset(ds: dict, embedder, engine, args) -> dict:
@@ -149,7 +150,7 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
             "arms": arms, **extra, "_classifier": cascade}
 
 
-def run_cascade(ds: dict, embedder, engine, n_llm: int) -> tuple[Classifier, dict]:
+def run_cascade(ds: dict, embedder, engine, n_llm: int) -> tuple[Session, dict]:
     """The calibrated cascade arm: on all test texts, on the LLM arms' first `n_llm`, and its candidate recall."""
     cascade, calibration = calibrated_classifier(ds, embedder, engine)
     test_texts, test_gold = texts_labels(ds["test"])
@@ -170,8 +171,8 @@ def rerun_cascade(args) -> None:
     embedder, engine = load_embedder("default"), LlamaCppEngine(n_threads=args.threads)
     rows = {row["dataset"]: row for row in result["datasets"]}
     for name in args.datasets:  # in the order given
-        classifier, found = run_cascade(prepare(args.data, name, args), embedder, engine, rows[name]["llm_texts"])
-        classifier.close()
+        session, found = run_cascade(prepare(args.data, name, args), embedder, engine, rows[name]["llm_texts"])
+        session.close()
         rows[name]["arms"]["cascade"] = found.pop("cascade")
         rows[name].update(found, cascade_rerun=dt.date.today().isoformat())
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
@@ -184,15 +185,15 @@ def rerun_cascade(args) -> None:
         write_markdown(result, args.markdown)
 
 
-def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Classifier, dict]:
-    """The pool's classifier calibrated on the dev set (learning off), and the calibration report."""
+def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Session, dict]:
+    """The pool's session calibrated on the dev set (learning off), and the calibration report."""
     log(f"  {ds['name']}: calibrating on {len(ds['dev'])} dev texts")
-    classifier = new_classifier(ds, embedder, engine, Policy(learn=False))
+    session = new_classifier(ds, embedder, engine, Policy(learn=False))
     began = time.perf_counter()
-    report = classifier.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
+    report = session.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
                                   learn_precision=LEARN_PRECISION, tolerance=TOLERANCE)
     log("    " + report.table().replace("\n", "\n    "))
-    return classifier, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
+    return session, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
 
 
 def rerun_stream(args) -> None:
@@ -202,16 +203,16 @@ def rerun_stream(args) -> None:
         setattr(args, key, result["settings"][key])
     t0, embedder, engine = time.monotonic(), load_embedder("default"), LlamaCppEngine(n_threads=args.threads)
     ds = prepare(args.data, args.stream_dataset, args)
-    classifier, calibration = calibrated_classifier(ds, embedder, engine)
-    before = run_classifier(classifier, *texts_labels(ds["test"]))
+    session, calibration = calibrated_classifier(ds, embedder, engine)
+    before = run_classifier(session, *texts_labels(ds["test"]))
     log(f"{ds['name']}: stream of {len(ds['stream'])} texts")
-    stream = run_stream(ds, classifier, before) | {
+    stream = run_stream(ds, session, before) | {
         "calibration": calibration, "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0,
         "llama_threads": args.threads, "load_start": [round(x, 1) for x in os.getloadavg()]}
     result["streams"] = [s for s in streams(result) if (s["dataset"], s["learn_rule"]) != (stream["dataset"], LEARN_RULE)]
     result["streams"].append(stream)
     result.pop("stream", None)
-    classifier.close()
+    session.close()
     engine.close()
     result["bars"] = evaluate_bars(result)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
@@ -244,11 +245,11 @@ def add_setfit(args) -> None:
         write_markdown(result, args.markdown)
 
 
-def candidate_recall(classifier: Classifier, texts: list[str], gold: list[str]) -> float | None:
+def candidate_recall(session: Session, texts: list[str], gold: list[str]) -> float | None:
     """Share of the test texts the cascade sends to the LLM whose true label is among the candidates it narrows to."""
     from labelcascade.agent.candidates import top_candidates
 
-    cascade = classifier._fitted_cascade()
+    cascade = session.cascade
     vectors = cascade.embedder.embed(texts)
     proba = cascade.probabilities(vectors)
     sent = np.flatnonzero(~cascade.policy.accepts(cascade.certainty(proba)))
@@ -261,35 +262,35 @@ def candidate_recall(classifier: Classifier, texts: list[str], gold: list[str]) 
     return float(np.mean(hits))
 
 
-def run_stream(ds: dict, classifier: Classifier, before: dict) -> dict:
-    """Feed unlabelled texts to the calibrated classifier with learning on; measure what it sends to the LLM."""
+def run_stream(ds: dict, session: Session, before: dict) -> dict:
+    """Feed unlabelled texts to the calibrated session with learning on; measure what it sends to the LLM."""
     test_texts, test_gold = texts_labels(ds["test"])
-    fallback_before = fallback_accuracy(classifier, test_texts, test_gold)
-    classifier.policy = classifier.policy.model_copy(update={"learn": True, "retrain_every": RETRAIN_EVERY})
+    fallback_before = fallback_accuracy(session, test_texts, test_gold)
+    session.set_policy(session.policy.model_copy(update={"learn": True, "retrain_every": RETRAIN_EVERY}))
     texts = [row["text"] for row in ds["stream"]]
     windows, routes, began = [], [], time.perf_counter()
     for start in range(0, len(texts), STREAM_CHUNK):
-        routes += [p.route for p in classifier.classify(texts[start : start + STREAM_CHUNK])]
+        routes += [p.route for p in session.classify(texts[start : start + STREAM_CHUNK])]
         if len(routes) % STREAM_WINDOW == 0 or len(routes) == len(texts):
             window = routes[len(windows) * STREAM_WINDOW :]
-            chosen = classifier._workspace.load_calibration()  # the policy as chosen again after the last retrain
+            chosen = session.calibration()  # the policy as chosen again after the last retrain
             windows.append({"texts": len(window), "llm_share": float(np.mean([r is Route.LLM for r in window])),
-                            "llm_examples": classifier.store.count("llm"), "seconds": time.perf_counter() - began,
+                            "llm_examples": session.store.count("llm"), "seconds": time.perf_counter() - began,
                             "retrains": chosen.retrains, "accept_threshold": chosen.policy.accept_threshold,
                             "dev_fallback_accuracy": chosen.fallback_accuracy, "dev_llm_share": chosen.llm_share})
             log(f"    stream window {len(windows)}: LLM share {windows[-1]['llm_share']:.1%}, "
                 f"{windows[-1]['llm_examples']} LLM examples stored; after {chosen.retrains} retrains: accept "
                 f"{chosen.policy.accept_threshold:.3f}, dev fallback {chosen.fallback_accuracy:.3f}, dev LLM share "
                 f"{chosen.llm_share:.1%}")
-    classifier.policy = classifier.policy.model_copy(update={"learn": False})
-    after = run_classifier(classifier, test_texts, test_gold)
+    session.set_policy(session.policy.model_copy(update={"learn": False}))
+    after = run_classifier(session, test_texts, test_gold)
     return {"dataset": ds["name"], "learn_rule": LEARN_RULE, "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": RETRAIN_EVERY,
-            "policy": classifier.policy.model_dump(), "windows": windows, "cascade_before": before, "cascade_after": after,
-            "fallback_before": fallback_before, "fallback_after": fallback_accuracy(classifier, test_texts, test_gold)}
+            "policy": session.policy.model_dump(), "windows": windows, "cascade_before": before, "cascade_after": after,
+            "fallback_before": fallback_before, "fallback_after": fallback_accuracy(session, test_texts, test_gold)}
 
 
-def fallback_accuracy(classifier: Classifier, texts: list[str], gold: list[str]) -> float:
-    cascade = classifier._fitted_cascade()
+def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> float:
+    cascade = session.cascade
     proba = cascade.probabilities(cascade.embedder.embed(texts))
     return accuracy_score(gold, [cascade.task.label_names[i] for i in proba.argmax(axis=1)])
 
@@ -370,7 +371,7 @@ def streams(result: dict) -> list[dict]:
 
 def stream_section(result: dict) -> str:
     lines = [STREAM_HEADING, "", "Generated with the section above. Each stream: unlabelled training texts (outside pool and dev, "
-             f"random.Random({DEV_SEED}) order) fed {STREAM_CHUNK} per classify call to the calibrated classifier with learning on, "
+             f"random.Random({DEV_SEED}) order) fed {STREAM_CHUNK} per classify call to the calibrated session with learning on, "
              f"retraining every {RETRAIN_EVERY} LLM labels; test accuracy before and after on the section's test texts.", ""]
     for stream in streams(result):
         rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") else ""
@@ -442,13 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         ds = prepare(args.data, name, args)
         log(f"{name}: {len(ds['task'].labels)} labels, pool {len(ds['pool'])}, dev {len(ds['dev'])}, test {len(ds['test'])}")
         row = run_dataset(ds, embedder, engine, args)
-        classifier = row.pop("_classifier")
+        session = row.pop("_classifier")
         result["datasets"].append(row)
         if name == args.stream_dataset and args.stream_size:
             log(f"{name}: stream of {len(ds['stream'])} texts")
-            stream = run_stream(ds, classifier, row["arms"]["cascade"])
+            stream = run_stream(ds, session, row["arms"]["cascade"])
             result["streams"] = [s for s in earlier if (s["dataset"], s["learn_rule"]) != (name, LEARN_RULE)] + [stream]
-        classifier.close()
+        session.close()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
     settings["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark of the fallback classifier (linear SVM over all-MiniLM-L6-v2 embeddings) against plain k-NN.
+"""Benchmark of the fallback session (linear SVM over all-MiniLM-L6-v2 embeddings) against plain k-NN.
 
 Run on purpose, not part of the test suite:
 
     .venv/bin/python bench/fallback.py                      # everything, about 3-6 minutes on 2 CPU cores
-    .venv/bin/python bench/fallback.py --datasets trec sst2 --seeds 0 --no-classifier
+    .venv/bin/python bench/fallback.py --datasets trec sst2 --seeds 0 --no-session
 
-What it measures (details in BENCHMARKS.md, section "Fallback classifier"):
+What it measures (details in BENCHMARKS.md, section "Fallback session"):
 
 1. Accuracy, macro-F1, ECE (15 bins) and fit time of `LinearSVMClassifier` (C=1.0) trained on 8 and 16 gold
    examples per class, for each dataset and seed, and the same (minus fit time's relevance) for
@@ -16,11 +16,11 @@ What it measures (details in BENCHMARKS.md, section "Fallback classifier"):
    the 8-shot set is the first 8 of the 16-shot draw, so the sets nest. Test: all of sst2 (872) and trec (500),
    a fixed sample of 1,000 for the others (`random.Random(20240607)`).
 2. Throughput: texts/s of the raw sentence-transformers `encode` (batch 32, normalised) vs
-   `Classifier.classify(list_of_1000)` on the same 1,000 ag_news test texts, alternating, 3 repetitions each.
-3. Latency: `Classifier.classify(one short text)` p50/p90 over 200 calls after 20 warm-up calls (banking77,
-   16/class classifier, test texts of at most 40 characters).
+   `Session.classify(list_of_1000)` on the same 1,000 ag_news test texts, alternating, 3 repetitions each.
+3. Latency: `Session.classify(one short text)` p50/p90 over 200 calls after 20 warm-up calls (banking77,
+   16/class session, test texts of at most 40 characters).
 
-Results go to bench/results/fallback.json and the "## Fallback classifier (bench/fallback.py)" section of
+Results go to bench/results/fallback.json and the "## Fallback session (bench/fallback.py)" section of
 BENCHMARKS.md (regenerated on every run; other sections are left alone).
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade import Classifier, Task
+from labelcascade import Session, Task
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.fallback.calibration import expected_calibration_error
 from labelcascade.retrieval import load_embedder
@@ -50,7 +50,7 @@ from common import (
 )
 
 DEFAULT_OUT = REPO / "bench" / "results" / "fallback.json"
-SECTION_HEADING = "## Fallback classifier (bench/fallback.py)"
+SECTION_HEADING = "## Fallback session (bench/fallback.py)"
 
 SVM_C = 1.0
 KNN_K = 8
@@ -195,22 +195,22 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-# --- Classifier part -----------------------------------------------------------------------------------------
+# --- Session part -----------------------------------------------------------------------------------------
 
 
 def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[int], data: Path, test_size: int) -> dict:
     seed = seeds[0]
     results: dict = {"seed": seed}
     for name in (THROUGHPUT_DATASET, LATENCY_DATASET):
-        if name not in datasets:  # the Classifier part always runs on these two, whatever --datasets says
+        if name not in datasets:  # the Session part always runs on these two, whatever --datasets says
             datasets[name] = load_dataset(data, name, test_size, max(DRAW_PER_CLASS, THROUGHPUT_SHOTS), seeds)
 
     def fitted(ds: dict, shots: int):
         texts, labels = training_set(ds, seed, shots)
-        clf = Classifier(Task.from_labels(ds["labels"], name=ds["name"]), embedder=embedder, engine=None)
+        clf = Session.create(Task.from_labels(ds["labels"], name=ds["name"]), embedder=embedder, engine=None)
         t0 = time.perf_counter()
-        clf.fit(texts, labels)
-        log(f"  Classifier fitted on {ds['name']} {shots}/class ({len(texts)} texts) in {time.perf_counter() - t0:.1f} s")
+        clf.add_examples(texts, labels, retrain=True)
+        log(f"  Session fitted on {ds['name']} {shots}/class ({len(texts)} texts) in {time.perf_counter() - t0:.1f} s")
         return clf
 
     # Throughput: raw encode vs classify, alternating, on the same 1,000 texts.
@@ -304,7 +304,7 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
 # --- bars ----------------------------------------------------------------------------------------------------
 
 
-def evaluate_bars(summary: dict, classifier: dict | None) -> list[dict]:
+def evaluate_bars(summary: dict, session: dict | None) -> list[dict]:
     bars = []
     # 1. ECE at 16/class on ag_news, banking77, trec (mean over seeds; the worst seed is reported too).
     cells = {name: summary.get(name, {}).get(str(ECE_BAR_SHOTS)) for name in ECE_BAR_DATASETS}
@@ -331,14 +331,14 @@ def evaluate_bars(summary: dict, classifier: dict | None) -> list[dict]:
         "measured": {"wins": n_wins, "datasets": len(wins), "per_dataset": wins},
         "status": "n/a" if len(wins) < len(DATASETS) else ("PASS" if n_wins >= KNN_BAR_MIN_WINS else "FAIL"),
     })
-    latency = classifier and classifier.get("latency")
+    latency = session and session.get("latency")
     bars.append({
         "name": "latency",
         "bar": f"classify(one short text) p50 <= {LATENCY_BAR_P50_MS:.0f} ms ({LATENCY_DATASET}, {LATENCY_SHOTS}/class)",
         "measured": {"p50_ms": latency["p50_ms"], "p90_ms": latency["p90_ms"]} if latency else None,
         "status": "n/a" if not latency else ("PASS" if latency["p50_ms"] <= LATENCY_BAR_P50_MS else "FAIL"),
     })
-    throughput = classifier and classifier.get("throughput")
+    throughput = session and session.get("throughput")
     bars.append({
         "name": "throughput",
         "bar": f"classify(list of {THROUGHPUT_N}) >= {THROUGHPUT_BAR_RATIO} x raw encode texts/s ({THROUGHPUT_DATASET})",
@@ -417,7 +417,7 @@ def print_report(result: dict) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(TABLE_COLUMNS)]
     log("")
     log("=" * 100)
-    log("Fallback classifier benchmark — mean ± std [min–max] over seeds")
+    log("Fallback session benchmark — mean ± std [min–max] over seeds")
     for line in settings_lines(result["settings"]):
         log("  " + line)
     log("")
@@ -425,24 +425,24 @@ def print_report(result: dict) -> None:
     log("  ".join("-" * w for w in widths))
     for r in rows:
         log("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    cls = result.get("classifier")
+    cls = result.get("session")
     log("")
     if cls:
         t, lat = cls["throughput"], cls["latency"]
         log(f"Throughput ({t['dataset']}, {t['n_texts']} test texts, batch {t['batch_size']}, {t['repetitions']} alternating reps, median):")
         log(f"  raw SentenceTransformer.encode  {t['raw_encode_median']:7.1f} texts/s   reps {', '.join(f'{v:.0f}' for v in t['raw_encode_texts_per_s'])}")
-        log(f"  Classifier.classify(list)       {t['classify_median']:7.1f} texts/s   reps {', '.join(f'{v:.0f}' for v in t['classify_texts_per_s'])}")
+        log(f"  Session.classify(list)       {t['classify_median']:7.1f} texts/s   reps {', '.join(f'{v:.0f}' for v in t['classify_texts_per_s'])}")
         log(f"  ratio classify / raw            {t['ratio']:7.2f}")
         log(f"  classify accuracy on these texts {100 * t['classify_accuracy']:.1f}%, "
             f"agreement with the directly trained SVM {100 * t['agreement_with_direct_svm']:.1f}%")
-        log(f"Latency ({lat['dataset']} {lat['classifier_shots']}/class classifier, {lat['calls']} calls after "
+        log(f"Latency ({lat['dataset']} {lat['classifier_shots']}/class session, {lat['calls']} calls after "
             f"{lat['warmup_calls']} warm-up, texts <= {lat['text_max_chars']} chars, median {lat['median_text_chars']:.0f}):")
         log(f"  classify(text)      p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms")
         log(f"  raw encode([text])  p50 {lat['raw_encode_p50_ms']:.1f} ms, p90 {lat['raw_encode_p90_ms']:.1f} ms (reference, interleaved)")
         log(f"  1-min load average {lat['load_average_before'][0]:.1f} before, {lat['load_average_after'][0]:.1f} after "
             f"({os.cpu_count()} cores)")
     else:
-        log(f"Classifier part not run: {result.get('classifier_skipped', 'skipped')}")
+        log(f"Session part not run: {result.get('classifier_skipped', 'skipped')}")
     log("")
     log("Bars:")
     for bar in result["bars"]:
@@ -473,7 +473,7 @@ def markdown_section(result: dict) -> str:
     lines.append("Fit time is `LinearSVMClassifier.fit` on precomputed vectors (5-fold temperature calibration + final fit), "
                  "median over seeds; embedding time is not included.")
     lines.append("")
-    cls = result.get("classifier")
+    cls = result.get("session")
     lines.append("### Throughput and latency")
     lines.append("")
     if cls:
@@ -482,7 +482,7 @@ def markdown_section(result: dict) -> str:
         lines.append("|---|---|---:|")
         lines.append(f"| raw `SentenceTransformer.encode` | {t['n_texts']} {t['dataset']} test texts, batch {t['batch_size']}, "
                      f"median of {t['repetitions']} | {t['raw_encode_median']:.0f} texts/s |")
-        lines.append(f"| `Classifier.classify(list)` | same texts, {t['classifier_shots']}/class classifier, alternating with the above | "
+        lines.append(f"| `Session.classify(list)` | same texts, {t['classifier_shots']}/class session, alternating with the above | "
                      f"{t['classify_median']:.0f} texts/s |")
         lines.append(f"| ratio classify / raw | | {t['ratio']:.2f} |")
         lines.append(f"| `classify(one text)` p50 | {lat['dataset']} {lat['classifier_shots']}/class, texts <= {lat['text_max_chars']} chars, "
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown", type=Path, default=MARKDOWN, help="file whose section to regenerate")
     parser.add_argument("--no-markdown", action="store_true")
-    parser.add_argument("--no-classifier", action="store_true", help="skip the throughput/latency part")
+    parser.add_argument("--no-session", action="store_true", help="skip the throughput/latency part")
     parser.add_argument("--throughput-texts", type=int, default=THROUGHPUT_N, help="ag_news texts per throughput rep")
     parser.add_argument("--latency-calls", type=int, default=LATENCY_CALLS, help="timed single-text calls")
     args = parser.parse_args(argv)
@@ -600,12 +600,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"F1 {100 * r['knn_macro_f1']:.1f} ECE {r['knn_ece']:.3f}")
     summary = summarise(runs)
 
-    classifier, skipped = None, None
+    session, skipped = None, None
     if args.no_classifier:
-        skipped = "--no-classifier"
+        skipped = "--no-session"
     else:
-        log("Classifier part: throughput and latency ...")
-        classifier = classifier_part(datasets, cache, embedder, args.seeds, args.data, args.test_size)
+        log("Session part: throughput and latency ...")
+        session = classifier_part(datasets, cache, embedder, args.seeds, args.data, args.test_size)
 
     result = {
         "benchmark": "fallback",
@@ -616,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                       "texts_per_s": cache.count / cache.seconds if cache.seconds else None},
         "runs": runs,
         "summary": summary,
-        "classifier": classifier,
-        "bars": evaluate_bars(summary, classifier),
+        "session": session,
+        "bars": evaluate_bars(summary, session),
         "out": str(args.out),
     }
     settings["machine"]["load_average_at_end"] = list(os.getloadavg())

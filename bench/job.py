@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from labelcascade import Classifier, Task
+from labelcascade import Session, Task
 
 from common import DEFAULT_DATA, MARKDOWN, REPO, log, per_class_draw, read_jsonl, write_markdown_section
 
@@ -62,11 +62,11 @@ def prepare(data: Path, rows: int) -> tuple[list[dict], list[dict], list[dict]]:
 def build_workspace(path: Path, pool: list[dict], dev: list[dict]) -> dict:
     """A calibrated workspace on the embedded default engine; returns the calibration's choices."""
     labels = json.loads((DEFAULT_DATA / DATASET / "labels.json").read_text(encoding="utf-8"))["labels"]
-    classifier = Classifier(Task.from_labels(labels, name=DATASET), workspace=path)
-    classifier.fit([row["text"] for row in pool], [row["label"] for row in pool])
-    report = classifier.calibrate([row["text"] for row in dev], [row["label"] for row in dev],
+    session = Session.create(Task.from_labels(labels, name=DATASET), workspace=path)
+    session.add_examples([row["text"] for row in pool], [row["label"] for row in pool], retrain=True)
+    report = session.calibrate([row["text"] for row in dev], [row["label"] for row in dev],
                                   target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET)
-    classifier.close()
+    session.close()
     return report.policy.model_dump()
 
 

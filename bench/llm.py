@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark of the LLM engines (llama.cpp in-process, a vLLM server) as zero-shot and few-shot classifiers.
+"""Benchmark of the LLM engines (llama.cpp in-process, a vLLM server) as zero-shot and few-shot sessions.
 
     .venv/bin/python bench/llm.py                                   # everything (hours on 2 CPU cores)
     .venv/bin/python bench/llm.py --datasets sst2 trec --engines llamacpp --limit 5   # smoke run

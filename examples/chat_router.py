@@ -1,5 +1,5 @@
 """A chat assistant's front desk: route each user message by intent, answer with that intent's handler, and hand
-the conversation to a person when the classifier is not sure.
+the conversation to a person when the session is not sure.
 
     python examples/chat_router.py                          # type messages, one per line; Ctrl-D ends
     python examples/chat_router.py --messages FILE          # one message per line, answered as one batch
@@ -7,7 +7,7 @@ the conversation to a person when the classifier is not sure.
 It classifies with the banking example task (examples/banking/task.yaml): the fallback answers the messages it is
 sure of, the embedded LLM (Gemma 3 270M through llama.cpp) the rest. The routing is a LangChain chain:
 
-    as_runnable(classifier) | {"prediction": passthrough, "reply": RunnableBranch(unsure -> handoff, family -> reply)}
+    as_runnable(session) | {"prediction": passthrough, "reply": RunnableBranch(unsure -> handoff, family -> reply)}
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnableParallel, RunnablePassthrough
 
-from labelcascade import Classifier, Prediction, Route
+from labelcascade import Session, Prediction, Route
 from labelcascade.agent.engines import DEFAULT_ENGINE
 from labelcascade.langchain import as_runnable
 
@@ -52,14 +52,14 @@ def say(reply: str) -> Runnable:
     return RunnableLambda(lambda _: reply)
 
 
-def router(classifier: Classifier) -> Runnable:
-    """Message in, {"prediction", "reply"} out: the classifier's answer picks the branch that writes the reply."""
+def router(session: Session) -> Runnable:
+    """Message in, {"prediction", "reply"} out: the session's answer picks the branch that writes the reply."""
     reply = RunnableBranch(
         (unsure, say(HANDOFF)),
         *[(in_family(intents), say(text)) for intents, text in FAMILIES],
         say(HANDOFF),  # an intent with no family yet
     )
-    return as_runnable(classifier) | RunnableParallel(prediction=RunnablePassthrough(), reply=reply)
+    return as_runnable(session) | RunnableParallel(prediction=RunnablePassthrough(), reply=reply)
 
 
 def show(message: str, answer: dict) -> None:
@@ -75,7 +75,7 @@ def main() -> None:
         "--engine", default=DEFAULT_ENGINE, help="the LLM for unsure messages, or 'none' (default: %(default)s)"
     )
     args = parser.parse_args()
-    chain = router(Classifier(TASK, engine=None if args.engine == "none" else args.engine))
+    chain = router(Session.create(TASK, engine=None if args.engine == "none" else args.engine))
     if args.messages:  # a batch: one classify call for all messages
         messages = [line.strip() for line in args.messages.read_text(encoding="utf-8").splitlines() if line.strip()]
         for message, answer in zip(messages, chain.batch(messages), strict=True):

@@ -2,7 +2,7 @@
 
     python examples/classify_file.py examples/banking/task.yaml examples/banking/messages.jsonl
 
-Each input line is {"text": ...}; when it also has a "label", the script ends with the accuracy. The classifier
+Each input line is {"text": ...}; when it also has a "label", the script ends with the accuracy. The session
 uses the embedded LLM (Gemma 3 270M through llama.cpp) for the messages its fallback is unsure of; the summary
 counts the answers per route.
 """
@@ -12,16 +12,16 @@ import sys
 import time
 from collections import Counter
 
-from labelcascade import Classifier
+from labelcascade import Session
 
 
 def main(task_path: str, messages_path: str) -> None:
     with open(messages_path, encoding="utf-8") as file:
         rows = [json.loads(line) for line in file if line.strip()]
     start = time.perf_counter()
-    classifier = Classifier(task_path)
+    session = Session.create(task_path)
     print(f"# trained on the seed examples of {task_path} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    predictions = classifier.classify([row["text"] for row in rows])
+    predictions = session.classify([row["text"] for row in rows])
     for row, prediction in zip(rows, predictions, strict=True):
         print(json.dumps({"text": row["text"], "label": prediction.label, "confidence": round(prediction.confidence, 3),
                           "route": prediction.route.value}))

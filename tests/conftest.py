@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.retrieval import load_embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +55,11 @@ def held_out(dataset: str, size: int, seed: int = 0) -> tuple[list[str], list[st
     return [row["text"] for row in rows], [row["label"] for row in rows]
 
 
+def probability_matrix(session, texts: list[str]) -> np.ndarray:
+    """A session's probabilities for `texts` (n_texts, n_labels) in task label order, without learning."""
+    return np.array([list(p.probabilities.values()) for p in session.classify(texts, learn=False)])
+
+
 def write_texts_jsonl(path: Path, rows: list[dict]) -> Path:
     """A labelling job's input: one {"id", "text"} line per row, ids counting from 0."""
     path.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
@@ -75,6 +80,17 @@ def rows_done(state: Path) -> int:
             return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+# Fixtures that bring a real LLM or server: a test that uses one is slow, whatever its module (see pytest_collection_
+# modifyitems). Other slow tests carry @pytest.mark.slow themselves.
+SLOW_FIXTURES = {"gemma", "unbatched_gemma", "engine", "vllm_server", "vllm_url", "hf_model", "transformers_engine"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +115,17 @@ def embed(embedder):
 @pytest.fixture(scope="module")
 def banking(embedder):
     """The banking task's fallback alone (no LLM), one per test module: fast, and a module's changes stay its own."""
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
-    yield classifier
-    classifier.close()
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def fallback_workspace(tmp_path_factory, embedder) -> Path:
+    """A saved banking workspace that answers with its fallback alone (no LLM), one per test module."""
+    folder = tmp_path_factory.mktemp("fallback") / "ws"
+    Session.create(BANKING_TASK, workspace=folder, embedder=embedder, engine=None).close()
+    return folder
 
 
 @pytest.fixture(scope="session")

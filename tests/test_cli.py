@@ -13,6 +13,8 @@ from labelcascade.cli import app
 
 from .conftest import BANKING_TASK, EXAMPLES
 
+pytestmark = pytest.mark.slow  # the CLI as processes
+
 MESSAGES = EXAMPLES / "banking" / "messages.jsonl"
 runner = CliRunner()
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.agent import Policy
-from labelcascade.answer_cache import AnswerCache
 from labelcascade.jobs import LabelJob
 from labelcascade.tables import InputError
 
@@ -25,30 +24,22 @@ BATCH = 16
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, embedder):
-    path = tmp_path_factory.mktemp("jobs") / "ws"
-    Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
-    return path
-
-
-@pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "messages.jsonl"
-    rows = load_split("banking77", "test")[:ROWS]
-    return write_texts_jsonl(path, rows)
+    return write_texts_jsonl(tmp_path_factory.mktemp("input") / "messages.jsonl", load_split("banking77", "test")[:ROWS])
 
 
 
-def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupted_rows(workspace, source, tmp_path):
+@pytest.mark.slow
+def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupted_rows(fallback_workspace, source, tmp_path):
     whole = tmp_path / "whole.jsonl"
-    subprocess.run(label_command(workspace, source, whole, batch_size=BATCH), check=True, timeout=600)
+    subprocess.run(label_command(fallback_workspace, source, whole, batch_size=BATCH), check=True, timeout=600)
     expected = whole.read_text()
     assert [json.loads(line)["id"] for line in expected.splitlines()] == list(range(ROWS))
 
     resumed = tmp_path / "resumed.jsonl"
     state = resumed.with_name(resumed.name + ".state.sqlite")
     for kill_at in (0.1, 0.5, 0.9):
-        process = subprocess.Popen(label_command(workspace, source, resumed, batch_size=BATCH),
+        process = subprocess.Popen(label_command(fallback_workspace, source, resumed, batch_size=BATCH),
                                    stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while rows_done(state) < kill_at * ROWS and process.poll() is None and time.monotonic() < deadline:
@@ -59,18 +50,18 @@ def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupt
         assert not resumed.exists()  # no output until every row is done
         done = rows_done(state)
         assert done >= kill_at * ROWS and done % 16 == 0  # whole batches only
-    finished = subprocess.run(label_command(workspace, source, resumed, batch_size=BATCH), capture_output=True,
+    finished = subprocess.run(label_command(fallback_workspace, source, resumed, batch_size=BATCH), capture_output=True,
                               text=True, timeout=600)
     assert finished.returncode == 0 and "done by an earlier run" in finished.stderr
     assert resumed.read_text() == expected
 
 
-def test_outputs_in_every_format_keep_the_input_columns(workspace, source, tmp_path, embedder):
-    classifier = Classifier.open(workspace, embedder=embedder)
+def test_outputs_in_every_format_keep_the_input_columns(fallback_workspace, source, tmp_path, embedder):
+    session = Session.open(fallback_workspace, embedder=embedder)
     small = tmp_path / "small.csv"
     small.write_text('id,message\n1,"my card got stolen"\n2,"what is the exchange rate"\n')
     for name in ("out.csv", "out.jsonl", "out.parquet"):
-        summary = LabelJob(classifier, small, tmp_path / name, text_column="message").run(progress=False)
+        summary = LabelJob(session, small, tmp_path / name, text_column="message").run(progress=False)
         assert summary.rows == 2 and summary.routes == {"fallback": 2}
     table = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert [row["label"] for row in table] == ["lost_or_stolen_card", "exchange_rate"]
@@ -78,60 +69,82 @@ def test_outputs_in_every_format_keep_the_input_columns(workspace, source, tmp_p
     assert (tmp_path / "out.csv").read_text().splitlines()[0] == "id,message,label,confidence,route,top"
 
 
-def test_a_bad_row_stops_the_job_before_any_work_and_names_its_line(workspace, tmp_path, embedder):
-    classifier = Classifier.open(workspace, embedder=embedder)
+def test_a_bad_row_stops_the_job_before_any_work_and_names_its_line(fallback_workspace, tmp_path, embedder):
+    session = Session.open(fallback_workspace, embedder=embedder)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": ""}\n')
     with pytest.raises(InputError, match=r"bad.jsonl: line 2: text: empty"):
-        LabelJob(classifier, bad, tmp_path / "out.jsonl").run(progress=False)
+        LabelJob(session, bad, tmp_path / "out.jsonl").run(progress=False)
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text('{"text": "fine", "label": "x"}\n')
     with pytest.raises(InputError, match="--prefix"):
-        LabelJob(classifier, labelled, tmp_path / "out2.jsonl").run(progress=False)
-    assert LabelJob(classifier, labelled, tmp_path / "out3.jsonl", prefix="pred_").run(progress=False).rows == 1
+        LabelJob(session, labelled, tmp_path / "out2.jsonl").run(progress=False)
+    assert LabelJob(session, labelled, tmp_path / "out3.jsonl", prefix="pred_").run(progress=False).rows == 1
 
 
 @pytest.fixture()
 def llm_workspace(tmp_path, embedder, gemma):
     """A banking workspace that sends every text to the real embedded LLM, and a 12-row input."""
-    classifier = Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
                             policy=Policy(accept_threshold=1.0, examples=2, learn=False))
     source = tmp_path / "in.jsonl"
     texts = banking_messages()[0][:12]
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    yield classifier, source
-    classifier.close()
+    yield session, source
+    session.close()
 
 
 def test_a_budget_caps_llm_calls_over_the_job_and_its_resumed_runs(llm_workspace, tmp_path):
-    classifier, source = llm_workspace
+    session, source = llm_workspace
     out = tmp_path / "out.jsonl"
-    summary = LabelJob(classifier, source, out, batch_size=4, max_llm_calls=5, cache=False).run(progress=False)
+    summary = LabelJob(session, source, out, batch_size=4, max_llm_calls=5, cache=False).run(progress=False)
     assert summary.rows == 12 and summary.llm_calls == 5 and summary.routes == {"llm": 5, "fallback": 7}
     assert [json.loads(line)["route"] for line in out.read_text().splitlines()] == ["llm"] * 5 + ["fallback"] * 7
     # a rerun of a finished job asks nothing more, and counts what the earlier run spent
-    again = LabelJob(classifier, source, out, batch_size=4, max_llm_calls=5, cache=False).run(progress=False)
+    again = LabelJob(session, source, out, batch_size=4, max_llm_calls=5, cache=False).run(progress=False)
     assert again.done_before == 12 and again.llm_calls == 5
 
 
 def test_the_answer_cache_makes_a_second_job_on_the_same_texts_ask_the_llm_nothing(llm_workspace, tmp_path, gemma):
-    classifier, source = llm_workspace
-    first = LabelJob(classifier, source, tmp_path / "first.jsonl").run(progress=False)
+    session, source = llm_workspace
+    first = LabelJob(session, source, tmp_path / "first.jsonl").run(progress=False)
     assert first.llm_calls == 12 and first.cached == 0
     prompts = gemma.stats.prompts
-    second = LabelJob(classifier, source, tmp_path / "second.csv").run(progress=False)
+    second = LabelJob(session, source, tmp_path / "second.csv").run(progress=False)
     assert second.llm_calls == 0 and second.cached == 12 and gemma.stats.prompts == prompts
     labels = [json.loads(line)["label"] for line in (tmp_path / "first.jsonl").read_text().splitlines()]
     with (tmp_path / "second.csv").open(newline="") as file:
         assert [row["label"] for row in csv.DictReader(file)] == labels
-    # another task version (a label described differently) is another question: not answered from the cache
-    assert classifier.answer_cache()._scope != AnswerCache(tmp_path / "x.sqlite", task_version="other",
-                                                           engine=gemma.spec)._scope
+
+
+def test_a_calibration_or_a_retrain_makes_cached_answers_be_computed_again(llm_workspace, tmp_path, gemma):
+    """The cache keeps an answer for the fallback and policy that made it: after a retrain (a new fallback) or
+    `calibrate` (a new policy) the same texts are answered afresh, and then cached under the new version."""
+    session, source = llm_workspace
+    assert LabelJob(session, source, tmp_path / "first.jsonl").run(progress=False).llm_calls == 12
+
+    version = session.answer_version()
+    session.add_examples(["my new card still has not arrived"], ["card_arrival"], retrain=True)
+    assert session.answer_version() != version
+    prompts = gemma.stats.prompts
+    after_retrain = LabelJob(session, source, tmp_path / "second.jsonl").run(progress=False)
+    assert after_retrain.cached == 0 and after_retrain.llm_calls == 12 and gemma.stats.prompts > prompts
+    again = LabelJob(session, source, tmp_path / "third.jsonl").run(progress=False)
+    assert again.cached == 12 and again.llm_calls == 0
+
+    version = session.answer_version()
+    texts, labels = banking_messages()
+    session.calibrate(texts[12:20], labels[12:20])  # the first 12 are the job's rows
+    assert session.answer_version() != version
+    # whatever calibration chose, every row asks the LLM again
+    session.set_policy(session.policy.model_copy(update={"accept_threshold": 1.0, "llm_weight": 0.5, "learn": False}))
+    after_calibration = LabelJob(session, source, tmp_path / "fourth.jsonl").run(progress=False)
+    assert after_calibration.cached == 0 and after_calibration.llm_calls == 12
 
 
 def test_the_review_file_holds_the_low_confidence_rows_with_their_row_numbers(llm_workspace, tmp_path):
-    classifier, source = llm_workspace
-    summary = LabelJob(classifier, source, tmp_path / "out.jsonl", review=tmp_path / "review.jsonl",
+    session, source = llm_workspace
+    summary = LabelJob(session, source, tmp_path / "out.jsonl", review=tmp_path / "review.jsonl",
                        review_below=0.6).run(progress=False)
     answered = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     review = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text().splitlines()]
@@ -141,12 +154,12 @@ def test_the_review_file_holds_the_low_confidence_rows_with_their_row_numbers(ll
 
 
 def test_a_plan_estimates_llm_calls_and_time_without_storing_or_learning(llm_workspace, tmp_path):
-    classifier, source = llm_workspace
-    stored = len(classifier.store)
+    session, source = llm_workspace
+    stored = len(session.store)
     out = tmp_path / "out.jsonl"
-    plan = LabelJob(classifier, source, out, max_llm_calls=7, cache=False).plan(sample=12, llm_sample=3)
+    plan = LabelJob(session, source, out, max_llm_calls=7, cache=False).plan(sample=12, llm_sample=3)
     assert plan.rows == 12 and plan.sampled == 12 and plan.llm_share == 1.0 and plan.llm_calls == 7
     assert plan.llm_s_per_call > 0 and plan.estimated_s >= 7 * plan.llm_s_per_call
     assert "7 LLM calls" in plan.describe()
     assert not out.exists() and not out.with_name(out.name + ".state.sqlite").exists()
-    assert len(classifier.store) == stored
+    assert len(session.store) == stored

@@ -1,5 +1,5 @@
 """The LangChain front door through LangChain's own interfaces: the tool as an agent calls it, the runnable in
-chains and batches (one `classify` call per batch, counted on the real classifier), and the chat router example
+chains and batches (one `classify` call per batch, counted on the real session), and the chat router example
 end to end."""
 
 import asyncio
@@ -12,14 +12,14 @@ from langchain_core.messages import ToolMessage
 from langchain_core.runnables import RunnableLambda
 from pydantic import ValidationError
 
-from labelcascade import Classifier, Prediction
+from labelcascade import Session, Prediction
 from labelcascade.langchain import as_runnable, as_tool
 
 from .conftest import BANKING_TASK, EXAMPLES, REPO, banking_messages
 
 
-class CountingClassifier(Classifier):
-    """The real classifier, recording what each `classify` call was given."""
+class CountingSession(Session):
+    """The real session, recording what each `classify` call was given."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -31,24 +31,24 @@ class CountingClassifier(Classifier):
 
 
 @pytest.fixture(scope="module")
-def classifier(embedder):
-    classifier = CountingClassifier(BANKING_TASK, embedder=embedder, engine=None)
-    yield classifier
-    classifier.close()
+def session(embedder):
+    session = CountingSession.create(BANKING_TASK, embedder=embedder, engine=None)
+    yield session
+    session.close()
 
 
-def test_tool_answers_like_the_classifier_and_describes_the_task(classifier):
-    tool = as_tool(classifier)
+def test_tool_answers_like_the_classifier_and_describes_the_task(session):
+    tool = as_tool(session)
     assert tool.name == "classify_banking-support"
     assert tool.args == {"text": {"description": "The text to classify, as the user wrote it.", "minLength": 1,
                                   "title": "Text", "type": "string"}}
-    for label in classifier.task.labels:
+    for label in session.task.labels:
         assert f"{label.name} ({label.description.rstrip('.')})" in tool.description
     assert "Route a bank customer's message" in tool.description
     texts, _ = banking_messages()
     for text in texts[:5]:
         result = tool.invoke({"text": text})
-        expected = classifier.classify(text)
+        expected = session.classify(text)
         assert result["label"] == expected.label and result["route"] == expected.route.value
         assert [top["label"] for top in result["top"]][0] == expected.label and len(result["top"]) == 3
         assert json.loads(json.dumps(result)) == result
@@ -58,15 +58,15 @@ def test_tool_answers_like_the_classifier_and_describes_the_task(classifier):
     assert json.loads(message.content)["label"] == "lost_or_stolen_card"
 
 
-def test_tool_name_and_description_can_be_given(classifier):
-    tool = as_tool(classifier, name="route_intent", description="Which banking intent a message expresses.")
+def test_tool_name_and_description_can_be_given(session):
+    tool = as_tool(session, name="route_intent", description="Which banking intent a message expresses.")
     assert (tool.name, tool.description) == ("route_intent", "Which banking intent a message expresses.")
     with pytest.raises(ValidationError, match="text"):
         tool.invoke({"text": ""})
 
 
-def test_runnable_invoke_takes_a_text_or_a_dict(classifier):
-    runnable = as_runnable(classifier)
+def test_runnable_invoke_takes_a_text_or_a_dict(session):
+    runnable = as_runnable(session)
     by_text = runnable.invoke("my card got stolen")
     by_dict = runnable.invoke({"text": "my card got stolen"})
     assert isinstance(by_text, Prediction) and by_text.label == by_dict.label == "lost_or_stolen_card"
@@ -76,31 +76,32 @@ def test_runnable_invoke_takes_a_text_or_a_dict(classifier):
         runnable.invoke({"message": "my card got stolen"})
 
 
-def test_batch_classifies_the_whole_batch_in_one_call(classifier):
-    runnable = as_runnable(classifier)
+def test_batch_classifies_the_whole_batch_in_one_call(session):
+    runnable = as_runnable(session)
     texts, _ = banking_messages()
-    expected = [p.label for p in classifier.classify(texts)]
-    classifier.calls.clear()
+    expected = [p.label for p in session.classify(texts)]
+    session.calls.clear()
     assert [p.label for p in runnable.batch(texts)] == expected
-    assert classifier.calls == [texts]
-    classifier.calls.clear()
+    assert session.calls == [texts]
+    session.calls.clear()
     assert [p.label for p in asyncio.run(runnable.abatch([{"text": t} for t in texts]))] == expected
-    assert classifier.calls == [texts]
-    classifier.calls.clear()
+    assert session.calls == [texts]
+    session.calls.clear()
     answers = runnable.batch([texts[0], {"message": texts[1]}, texts[2]], return_exceptions=True)
     assert [a.label for a in answers[::2]] == [expected[0], expected[2]] and isinstance(answers[1], TypeError)
-    assert classifier.calls == [[texts[0], texts[2]]]
+    assert session.calls == [[texts[0], texts[2]]]
 
 
-def test_runnable_composes_with_langchain_steps(classifier):
-    chain = as_runnable(classifier) | RunnableLambda(lambda p: p.label if p.confidence >= 0.5 else "human")
+def test_runnable_composes_with_langchain_steps(session):
+    chain = as_runnable(session) | RunnableLambda(lambda p: p.label if p.confidence >= 0.5 else "human")
     assert chain.invoke("my card got stolen") == "lost_or_stolen_card"
-    classifier.calls.clear()
+    session.calls.clear()
     assert chain.batch(["my card got stolen", "what is the exchange rate for euros"]) == [
         "lost_or_stolen_card", "exchange_rate"]
-    assert len(classifier.calls) == 1  # the sequence hands the whole batch to the classifier's batch
+    assert len(session.calls) == 1  # the sequence hands the whole batch to the session's batch
 
 
+@pytest.mark.slow
 def test_chat_router_replies_to_every_message_with_the_embedded_llm(tmp_path):
     """The example as a user runs it, on the embedded default (Gemma 3 270M through llama.cpp)."""
     messages = tmp_path / "messages.txt"

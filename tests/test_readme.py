@@ -19,6 +19,8 @@ import pytest
 
 from .conftest import EXAMPLES, REPO
 
+pytestmark = pytest.mark.slow  # every README command as a process, on the embedded LLM
+
 PROGRAMS = ("labelcascade ", ".venv/bin/python examples/", "curl ", "make demo")
 
 
@@ -111,3 +113,20 @@ def check(command: str, output: subprocess.CompletedProcess, folder: Path) -> No
         assert {"report.md", "confusion.png", "reliability.png", "llm_share.png"} <= {p.name for p in (folder / "report").iterdir()}
     elif "chat_router.py" in command:
         assert output.stdout.count("bot:") == len((EXAMPLES / "banking" / "chat.txt").read_text().splitlines())
+
+
+def readme_python(section: str) -> str:
+    """The Python block of a README section, as written."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_python_api_runs_as_written(tmp_path):
+    """The estimator and the session as the README shows them, on the embedded LLM, in a fresh interpreter."""
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    code = readme_python("Python API")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| accept threshold | coverage | precision |" in result.stdout
+    assert (tmp_path / "banking-ws" / "settings.json").is_file() and (tmp_path / "banking-ws" / "calibration.json").is_file()

@@ -1,6 +1,6 @@
 """Evaluation reports end to end: real embedder, store and fallback; real files, decoded back as images.
 
-The numbers are checked against values recomputed here from the classifier's own predictions; the LLM route uses
+The numbers are checked against values recomputed here from the session's own predictions; the LLM route uses
 the real embedded LLM, whose answers are deterministic, so the replayed accuracy-against-LLM-share curve can be
 checked point by point.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from labelcascade import Classifier, Route, Task
+from labelcascade import Session, Route, Task
 from labelcascade.agent import Policy
 from labelcascade.reports import evaluate
 
@@ -38,7 +38,7 @@ def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
     assert report.accuracy == pytest.approx(right.mean()) == pytest.approx(report.fallback_accuracy)
     assert report.texts == 40 and report.llm_share == 0 and report.abstained == 0 and report.engine is None
     assert {r.route: r.answers for r in report.routes} == {Route.FALLBACK: 40, Route.LLM: 0, Route.DEGRADED: 0, Route.ABSTAIN: 0}
-    assert [s.label for s in report.labels] == list(banking.classes_)
+    assert [s.label for s in report.labels] == banking.labels
     assert sum(s.support for s in report.labels) == 40
     assert report.coverage[0].threshold == 0 and report.coverage[0].precision == pytest.approx(right.mean())
     # nothing was sent to the LLM: the curve is the one measured point, which is the fallback alone
@@ -51,7 +51,7 @@ def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
     md = report.report_md.read_text()
     assert md.startswith("# Banking check\n")
     assert f"| accuracy | {right.mean():.3f} |" in md
-    for label in banking.classes_:
+    for label in banking.labels:
         assert re.search(rf"^\| {label} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| \d+ \|$", md, re.MULTILINE), label
     assert "| confidence at least | coverage | accuracy |" in md and "| 0.90 |" in md
     for plot in PLOTS:
@@ -60,12 +60,12 @@ def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
 
 def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embedder, gemma, banking, tmp_path):
     texts, labels = banking_messages()
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=0.0))
-    fallback = classifier.classify(texts)  # accepting every answer: the fallback's answers
-    classifier.policy = Policy(accept_threshold=0.9, examples=2, llm_weight=1.0, learn_threshold=0.0, retrain_every=1)
-    stored = len(classifier.store)
-    report = evaluate(classifier, texts, labels, tmp_path)
-    final = classifier.classify(texts, learn=False)  # the real LLM is deterministic: the same answers again
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=0.0))
+    fallback = session.classify(texts)  # accepting every answer: the fallback's answers
+    session.set_policy(Policy(accept_threshold=0.9, examples=2, llm_weight=1.0, learn_threshold=0.0, retrain_every=1))
+    stored = len(session.store)
+    report = evaluate(session, texts, labels, tmp_path)
+    final = session.classify(texts, learn=False)  # the real LLM is deterministic: the same answers again
 
     certainty = np.array([p.confidence for p in fallback])
     fallback_right = np.array([p.label == truth for p, truth in zip(fallback, labels, strict=True)])
@@ -76,7 +76,7 @@ def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embed
     assert {r.route: r.answers for r in report.routes}[Route.LLM] == sent.sum()
     assert report.accuracy == pytest.approx(final_right.mean())
     assert report.fallback_accuracy == pytest.approx(fallback_right.mean())
-    assert len(classifier.store) == stored  # evaluating never learns from the test texts
+    assert len(session.store) == stored  # evaluating never learns from the test texts
 
     curve = report.llm_curve
     assert (curve[0].llm_share, curve[0].accuracy) == (0.0, pytest.approx(fallback_right.mean()))
@@ -86,7 +86,7 @@ def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embed
         asked = certainty < point.accept_threshold
         assert point.accuracy == pytest.approx(np.mean(np.where(asked, final_right, fallback_right)))
     assert_png(report.llm_share_png)
-    classifier.close()
+    session.close()
 
 
 def test_multi_label_task_gets_a_report(embedder, tmp_path):
@@ -95,13 +95,13 @@ def test_multi_label_task_gets_a_report(embedder, tmp_path):
         {"name": "money", "examples": ["shares fell sharply", "the bank raised rates"]},
         {"name": "weather", "examples": ["heavy rain is expected", "a heatwave hit the city"]},
     ]})
-    classifier = Classifier(task, embedder=embedder, engine=None)
+    session = Session.create(task, embedder=embedder, engine=None)
     texts = ["the club was sold for a record fee", "the goalkeeper was fined", "inflation rose again",
              "storms delayed the match", "the runner broke the record", "snow closed the stock exchange"]
     truth = [("sport", "money"), ("sport", "money"), "money", ["sport", "weather"], ["sport"], ("weather", "money")]
-    report = evaluate(classifier, texts, truth, tmp_path)
+    report = evaluate(session, texts, truth, tmp_path)
 
-    answers = [set(p.labels) for p in classifier.classify(texts)]
+    answers = [set(p.labels) for p in session.classify(texts)]
     exact = np.mean([a == ({t} if isinstance(t, str) else set(t)) for a, t in zip(answers, truth, strict=True)])
     assert report.multi_label and report.accuracy == pytest.approx(exact)
     assert {s.label: s.support for s in report.labels} == {"sport": 4, "money": 4, "weather": 2}
@@ -109,7 +109,7 @@ def test_multi_label_task_gets_a_report(embedder, tmp_path):
     for plot in PLOTS:
         assert_png(getattr(report, plot))
     assert "exact match" in report.report_md.read_text()
-    classifier.close()
+    session.close()
 
 
 def test_bad_input_is_refused_naming_the_row(banking, tmp_path):
@@ -133,10 +133,10 @@ def test_77_labels_give_a_confusion_matrix_with_every_label_named(embedder, tmp_
     task = Task.build({"name": "many", "labels": [
         {"name": n, "examples": [seed.format(i=i, n=n) for seed in seeds]} for i, n in enumerate(names)
     ]})
-    classifier = Classifier(task, embedder=embedder, engine=None)
+    session = Session.create(task, embedder=embedder, engine=None)
     texts = [f"a question number {i} about topic {n}" for i, n in enumerate(names)]
-    report = evaluate(classifier, texts, names, tmp_path)
+    report = evaluate(session, texts, names, tmp_path)
     height, width, _ = assert_png(report.confusion_png).shape
     assert height >= 77 * 20 and width >= 77 * 20  # at least 20 pixels per label row: tick labels do not overlap
     assert len(report.labels) == 77
-    classifier.close()
+    session.close()

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from labelcascade import Classifier
+from labelcascade import Session, Task
 from labelcascade.agent import Policy
 from labelcascade.service import create_app, serve
 
@@ -66,7 +66,7 @@ def metric(exposition: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def direct(banking):
-    """What the classifier answers for each banking message when called directly, one text at a time."""
+    """What the session answers for each banking message when called directly, one text at a time."""
     return {text: banking.classify(text) for text in MESSAGES}
 
 
@@ -120,7 +120,7 @@ def test_task_health_and_docs(banking):
         health = client.get("/healthz")
         docs, schema = client.get("/docs"), client.get("/openapi.json").json()
     assert task["name"] == "banking-support" and not task["multi_label"] and not task["allow_abstain"]
-    assert [label["name"] for label in task["labels"]] == list(banking.classes_)
+    assert [label["name"] for label in task["labels"]] == banking.labels
     assert task["labels"][0]["description"] == "The customer is waiting for a card that has not arrived yet."
     assert task["policy"]["accept_threshold"] == banking.policy.accept_threshold
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
@@ -129,9 +129,9 @@ def test_task_health_and_docs(banking):
 
 
 def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
     text = "My card's frozen, what can I do?"  # the seed examples alone answer lost_or_stolen_card
-    with running(create_app(classifier)) as url, httpx.Client(base_url=url) as client:
+    with running(create_app(session)) as url, httpx.Client(base_url=url) as client:
         before = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
         stored = client.post("/v1/feedback", json={"text": text, "label": "pin_blocked"})
         unchanged = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
@@ -141,15 +141,15 @@ def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder)
         two = client.post("/v1/feedback", json={"text": text, "labels": ["pin_blocked", "change_pin"]})
     assert stored.status_code == 200 and stored.json()["source"] == "review" and not stored.json()["retrained"]
     assert retrained.json()["retrained"] and retrained.json()["id"] == stored.json()["id"]
-    [example] = classifier.store.get([stored.json()["id"]])
+    [example] = session.store.get([stored.json()["id"]])
     assert (example.text, example.labels, example.source.value) == (text, ("pin_blocked",), "review")
     assert (before, unchanged, after) == ("lost_or_stolen_card", "lost_or_stolen_card", "pin_blocked")
     assert unknown.status_code == 422
     message = unknown.json()["detail"][0]["msg"]
     assert "unknown label 'weather'" in message and "card_arrival" in message and "terminate_account" in message
     assert two.status_code == 422 and "single-label" in two.json()["detail"][0]["msg"]
-    assert len(classifier.store) == 81  # the 80 seed examples and the one reviewed text
-    classifier.close()
+    assert len(session.store) == 81  # the 80 seed examples and the one reviewed text
+    session.close()
 
 
 def test_api_key_guards_every_endpoint_but_healthz(banking):
@@ -187,7 +187,7 @@ def test_limits_and_malformed_requests_are_refused_with_the_reason(banking):
 
 
 def test_a_failing_classifier_answers_500_with_a_message_and_no_traceback(embedder):
-    untrained = Classifier(embedder=embedder, engine=None)  # no task: every call into it raises
+    untrained = Session.create(Task.from_labels(["a", "b"]), embedder=embedder, engine=None)  # no fallback yet: classify raises
     with running(create_app(untrained)) as url:
         response = httpx.post(f"{url}/v1/classify", json={"text": "my card got stolen"})
         assert httpx.get(f"{url}/healthz").status_code == 200
@@ -197,8 +197,8 @@ def test_a_failing_classifier_answers_500_with_a_message_and_no_traceback(embedd
 
 
 def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_path, monkeypatch):
-    Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
-    monkeypatch.setattr("labelcascade.classifier.load_embedder", lambda spec: embedder)  # not a second model load
+    Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
+    monkeypatch.setattr("labelcascade.session.load_embedder", lambda spec: embedder)  # not a second model load
     seen = {}
 
     def run_instead(app: FastAPI, *, host: str, port: int) -> None:
@@ -213,13 +213,13 @@ def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_
 
 def test_unsure_texts_are_answered_by_the_embedded_llm_through_the_service(embedder, gemma):
     """The real Gemma 3 270M through llama.cpp; an accept threshold of 1 sends every text to it."""
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=1.0, learn=False))
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=1.0, learn=False))
     texts = MESSAGES[:6]
-    with running(create_app(classifier)) as url:
+    with running(create_app(session)) as url:
         responses = post_concurrently(url, [{"text": text} for text in texts], concurrency=6)
         exposition = httpx.get(f"{url}/metrics").text
     answers = [response.json()["answers"][0] for response in responses]
     assert [a["route"] for a in answers] == ["llm"] * len(texts)
-    assert all(a["label"] in classifier.classes_ and a["evidence"] for a in answers)
+    assert all(a["label"] in session.labels and a["evidence"] for a in answers)
     assert metric(exposition, "labelcascade_answers_total", route="llm") == len(texts)
-    classifier.close()
+    session.close()

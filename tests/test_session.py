@@ -1,21 +1,21 @@
-"""The Python API end to end: real embedder, real FAISS + SQLite store, real fallback, real files."""
+"""Sessions end to end: real embedder, real FAISS + SQLite store, real fallback, real files."""
 
 import numpy as np
 import pytest
 
-from labelcascade import Classifier, Prediction, Route, Source, TaskError
+from labelcascade import Prediction, Route, Session, Source, Task, TaskError
 from labelcascade.fallback import NotFittedError
 from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.workspace import WorkspaceError
 
-from .conftest import BANKING_TASK, banking_messages, few_shot, held_out
+from .conftest import BANKING_TASK, banking_messages, probability_matrix
 
 
 
 @pytest.fixture(scope="module")
 def banking(embedder, tmp_path_factory):
-    return Classifier(BANKING_TASK, workspace=tmp_path_factory.mktemp("ws") / "banking", embedder=embedder, engine=None)
+    return Session.create(BANKING_TASK, workspace=tmp_path_factory.mktemp("ws") / "banking", embedder=embedder, engine=None)
 
 
 def test_task_seed_examples_train_a_useful_classifier(banking):
@@ -29,75 +29,80 @@ def test_task_seed_examples_train_a_useful_classifier(banking):
 def test_one_text_gives_one_prediction_with_all_fields(banking):
     prediction = banking.classify("I forgot my PIN and typed it wrong three times, now it's blocked")
     assert prediction.label == "pin_blocked" == prediction.labels[0]
-    assert set(prediction.probabilities) == set(banking.classes_)
+    assert list(prediction.probabilities) == banking.labels == banking.task.label_names
     assert prediction.confidence == pytest.approx(max(prediction.probabilities.values()))
     assert prediction.evidence == [] and prediction.latency_ms > 0
 
 
-def test_sklearn_contract_is_consistent_with_classify(banking):
-    texts, _ = banking_messages()
-    proba = banking.predict_proba(texts)
-    assert proba.shape == (len(texts), 10) and np.allclose(proba.sum(axis=1), 1.0)
-    assert list(banking.classes_) == banking.task.label_names
-    assert list(banking.predict(texts)) == list(banking.classes_[proba.argmax(axis=1)])
-    assert [p.label for p in banking.classify(texts)] == list(banking.predict(texts))
-
-
-def test_fit_without_a_task_takes_the_labels_from_the_data(embedder):
-    texts, labels = few_shot("sst2", 8)
-    classifier = Classifier(embedder=embedder, engine=None).fit(texts, labels)
-    assert list(classifier.classes_) == ["negative", "positive"]
-    test_texts, test_labels = held_out("sst2", 100)
-    assert (classifier.predict(test_texts) == np.array(test_labels)).mean() > 0.5
-
-
 def test_fit_adds_examples_and_changes_answers(embedder, tmp_path):
-    classifier = Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
     text = "Can I get a virtual card for online shopping?"
-    before = classifier.classify(text)
-    classifier.fit([text, "I want a virtual card", "how do I get a disposable virtual card"], ["change_pin"] * 3)
-    after = classifier.classify(text)
-    assert len(classifier.store) == 83
+    before = session.classify(text)
+    session.add_examples([text, "I want a virtual card", "how do I get a disposable virtual card"], ["change_pin"] * 3,
+                         retrain=True)
+    after = session.classify(text)
+    assert len(session.store) == 83
     assert after.label == "change_pin" and after.probabilities["change_pin"] > before.probabilities["change_pin"]
 
 
 def test_save_and_open_give_identical_answers(banking, embedder, tmp_path):
     texts, _ = banking_messages()
-    expected = banking.predict_proba(texts)
+    expected = probability_matrix(banking, texts)
     banking.save()
-    reopened = Classifier.open(banking.workspace_path, embedder=embedder, engine=None)
-    assert np.array_equal(reopened.predict_proba(texts), expected)
+    reopened = Session.open(banking.path, embedder=embedder, engine=None)
+    assert np.array_equal(probability_matrix(reopened, texts), expected)
     assert [e.text for e in reopened.store.examples()] == [e.text for e in banking.store.examples()]
 
 
 def test_a_temporary_classifier_saves_to_a_new_folder(embedder, tmp_path):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
     with pytest.raises(ValueError, match="needs a path"):
-        classifier.save()
-    classifier.save(tmp_path / "kept")
-    assert classifier.workspace_path == tmp_path / "kept"
-    assert Classifier.open(tmp_path / "kept", embedder=embedder, engine=None).classify("my card is lost").label == "lost_or_stolen_card"
+        session.save()
+    session.save(tmp_path / "kept")
+    assert session.path == tmp_path / "kept"
+    assert Session.open(tmp_path / "kept", embedder=embedder, engine=None).classify("my card is lost").label == "lost_or_stolen_card"
     with pytest.raises(FileExistsError, match="not empty"):
-        classifier.save(tmp_path / "kept" / "..")
+        session.save(tmp_path / "kept" / "..")
 
 
 def test_opening_with_another_embedder_is_refused(banking, tmp_path):
     banking.save()
     other = SentenceTransformerEmbedder(default_model_dir(), name="another-model")
     with pytest.raises(EmbedderMismatchError, match="another-model"):
-        Classifier.open(banking.workspace_path, embedder=other)
+        Session.open(banking.path, embedder=other)
 
 
 def test_mistakes_get_errors_that_say_what_to_do(embedder, tmp_path):
-    with pytest.raises(NotFittedError, match="fit"):
-        Classifier(embedder=embedder, engine=None).classify("hello")
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    with pytest.raises(NotFittedError, match="add labelled examples of at least 2 labels"):
+        Session.create(Task.from_labels(["a", "b"]), embedder=embedder, engine=None).classify("hello")
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
     with pytest.raises(TaskError, match="row 1: unknown label 'weather'"):
-        classifier.fit(["my card is lost", "is it raining"], ["lost_or_stolen_card", "weather"])
+        session.add_examples(["my card is lost", "is it raining"], ["lost_or_stolen_card", "weather"], retrain=True)
     with pytest.raises(ValueError, match="row 0: text is empty"):
-        classifier.fit(["   "], ["change_pin"])
+        session.add_examples(["   "], ["change_pin"], retrain=True)
     with pytest.raises(ValueError, match="2 texts but 1 labels"):
-        classifier.fit(["a", "b"], ["change_pin"])
+        session.add_examples(["a", "b"], ["change_pin"], retrain=True)
     with pytest.raises(WorkspaceError, match="not a labelcascade workspace"):
-        Classifier.open(tmp_path)
-    assert len(classifier.store) == 80  # refused input stored nothing
+        Session.open(tmp_path)
+    assert len(session.store) == 80  # refused input stored nothing
+
+
+def test_a_private_copy_leaves_the_workspace_as_it_was(banking, embedder):
+    banking.save()
+    before = {p: p.read_bytes() for p in banking.path.rglob("*") if p.is_file() and p.name != "workspace.lock"}
+    with Session.open(banking.path, embedder=embedder, engine=None, private_copy=True) as copy:
+        copy.add_examples(["a card I never ordered arrived"], ["card_arrival"], retrain=True)
+        copy.set_policy(copy.policy.model_copy(update={"accept_threshold": 0.5}))
+        assert len(copy.store) == len(banking.store) + 1 and copy.path != banking.path
+        folder = copy.path
+    assert not folder.exists()
+    assert {p: p.read_bytes() for p in banking.path.rglob("*") if p.is_file() and p.name != "workspace.lock"} == before
+
+
+def test_the_policy_is_set_explicitly_and_kept_in_the_workspace(embedder, tmp_path):
+    with Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None) as session:
+        assert session.calibration() is None
+        session.set_policy(session.policy.model_copy(update={"accept_threshold": 0.42}))
+        assert session.cascade.policy.accept_threshold == 0.42
+    with Session.open(tmp_path / "ws", embedder=embedder, engine=None) as reopened:
+        assert reopened.policy.accept_threshold == 0.42

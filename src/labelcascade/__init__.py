@@ -2,7 +2,8 @@
 
 from labelcascade.classifier import Classifier
 from labelcascade.records import Example, Prediction, Route, Source
+from labelcascade.session import Session
 from labelcascade.task import Label, Task, TaskError
 
-__all__ = ["Classifier", "Example", "Label", "Prediction", "Route", "Source", "Task", "TaskError"]
+__all__ = ["Classifier", "Session", "Example", "Label", "Prediction", "Route", "Source", "Task", "TaskError"]
 __version__ = "0.1.0"

@@ -1,9 +1,10 @@
 """A cache of the LLM's answers, so that labelling the same texts again costs no LLM call.
 
-An answer is keyed by the text, the task's version and the engine: the same question (labels, descriptions,
-instructions, prompt template) put to the same model. Only answers the LLM gave are kept. Fallback answers are
-cheap, and recomputing them lets a retrained fallback improve them; degraded answers are exactly the ones that
-should be asked again once the engine is back.
+An answer is keyed by the text and a version of everything else that shapes it (`Session.answer_version`): the
+task and prompt template, the engine, the policy and the fallback model. A calibration or a retrain changes the
+version, so the answers kept before it are computed again rather than returned stale. Only answers the LLM gave
+are kept: fallback answers are cheap, and degraded answers are exactly the ones to ask again once the engine is
+back.
 
 The cache is an SQLite file in the workspace, shared by every job (and process) that uses the workspace; SQLite's
 lock lets them take turns. A write that fails (disk full, read-only) or a damaged file is a WorkspaceError naming
@@ -37,11 +38,10 @@ def task_version(task: Task, template: str) -> str:
 
 
 class AnswerCache:
-    """LLM answers by (text, task version, engine)."""
+    """LLM answers by (text, answer version)."""
 
-    def __init__(self, path: str | Path, *, task_version: str, engine: str):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._scope = f"{task_version}\0{engine}\0"
         with self._failures("open the answer cache"):
             self._db = sqlite3.connect(self.path, timeout=30)
             with self._db:
@@ -58,22 +58,23 @@ class AnswerCache:
             raise WorkspaceError(f"{self.path}: the answer cache is damaged ({error}); delete it (it only saves LLM "
                                  "calls) and run the command again") from None
 
-    def _key(self, text: str) -> str:
-        return hashlib.sha256((self._scope + text).encode()).hexdigest()
+    @staticmethod
+    def _key(version: str, text: str) -> str:
+        return hashlib.sha256(f"{version}\0{text}".encode()).hexdigest()
 
-    def get(self, texts: Sequence[str]) -> dict[int, Prediction]:
-        """The cached answers, by position in `texts`."""
+    def get(self, texts: Sequence[str], version: str) -> dict[int, Prediction]:
+        """The answers kept for these texts under `version` (`Session.answer_version()`), by position in `texts`."""
         found = {}
         with self._failures("read the answer cache"):
             for i, text in enumerate(texts):
-                row = self._db.execute("SELECT prediction FROM answers WHERE key = ?", (self._key(text),)).fetchone()
+                row = self._db.execute("SELECT prediction FROM answers WHERE key = ?", (self._key(version, text),)).fetchone()
                 if row is not None:
                     found[i] = Prediction.model_validate_json(row[0])
         return found
 
-    def put(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
-        """Keep the answers the LLM gave; others are ignored."""
-        rows = [(self._key(text), p.model_dump_json()) for text, p in zip(texts, predictions, strict=True)
+    def put(self, texts: Sequence[str], predictions: Sequence[Prediction], version: str) -> None:
+        """Keep the answers the LLM gave, made under `version`; others are ignored."""
+        rows = [(self._key(version, text), p.model_dump_json()) for text, p in zip(texts, predictions, strict=True)
                 if p.route is Route.LLM]
         with self._failures("keep the LLM's answers"), self._db:
             self._db.executemany("INSERT OR REPLACE INTO answers (key, prediction) VALUES (?, ?)", rows)

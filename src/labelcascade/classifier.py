@@ -1,368 +1,260 @@
-"""The Python API: `Classifier`, with scikit-learn's contract plus `classify()` for full predictions.
+"""`Classifier`: the cascade as a scikit-learn estimator.
 
-    clf = Classifier("examples/banking/task.yaml")        # trains on the task's seed examples
-    clf.classify("my card hasn't arrived")                 # -> Prediction(label=..., confidence=..., route=...)
-    clf.fit(texts, labels)                                 # add gold examples and retrain
-    clf.calibrate(dev_texts, dev_labels)                   # thresholds and LLM weight from a labelled dev set
-    clf.predict(texts), clf.predict_proba(texts), clf.classes_
-    clf.save("my-workspace"); Classifier.open("my-workspace")
+    clf = Classifier(engine=None).fit(texts, labels)      # starts over: trains the fallback on these examples
+    clf.predict(texts), clf.predict_proba(texts), clf.score(texts, labels), clf.classes_
+    clf.classify(texts)                                   # full `Prediction`s (route, confidence, evidence)
+    cross_val_score(Classifier(engine=None), texts, labels), GridSearchCV(Classifier(), {"C": [0.1, 1, 10]})
 
-A classifier lives in a workspace folder (a temporary one until you `save`), which holds its task, examples
-and models. Unlike a plain scikit-learn estimator, `fit` adds to what the workspace already knows rather than
-starting over: the examples are the model, and they accumulate, also from the LLM's confident answers.
+It keeps scikit-learn's contract: `__init__` stores its parameters and does nothing else; `fit` starts over and
+sets the learned state in attributes ending in `_`; `predict`, `predict_proba`, `score` and `classify` change
+nothing (they never learn from the LLM's answers and leave the examples and the model as they were);
+`partial_fit` adds labelled examples and retrains. Learning from the LLM while answering, calibration, the answer
+cache and a durable workspace belong to `labelcascade.Session`; `save` writes a workspace that a session (and
+so the CLI and the service) opens.
+
+X is a sequence of texts (a list, a 1-D array or a pandas Series; a single-column 2-D array is accepted too, as
+column transformers produce). y holds label names, one per text, or a list of names per text for multi-label
+tasks: the LLM reads the labels, so they must be words, not numbers.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+from sklearn.metrics import accuracy_score
+from sklearn.preprocessing import MultiLabelBinarizer
 
-from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, choose_policy
-from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
-from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
-from labelcascade.fallback import LinearSVMClassifier, NotFittedError
-from labelcascade.prompts import PromptRenderer
-from labelcascade.records import Prediction, Source
-from labelcascade.retrieval import Embedder, ExampleStore, load_embedder
+from labelcascade.agent import Policy
+from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
+from labelcascade.records import Prediction
+from labelcascade.retrieval import Embedder, load_embedder
+from labelcascade.session import Session, checked_texts, label_rows
 from labelcascade.task import Task, TaskError
-from labelcascade.workspace import Settings, Workspace
+from labelcascade.workspace import Workspace
 
-Labels = Sequence[str] | Sequence[Sequence[str]]
-DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again after retrains
+# Models loaded from a spec string, shared by every estimator of this process: `clone` and every fold of a search
+# would otherwise load the same weights again. Both are read-only once loaded (an engine's prefix cache is reset
+# before each predict, see `_answers`).
+_embedders: dict[str, Embedder] = {}
+_engines: dict[str, Engine] = {}
 
 
-class Classifier:
-    """Classifies texts for one task; see the module docstring for a tour.
+class Classifier(ClassifierMixin, BaseEstimator):
+    """The cascade (fallback first, the LLM when unsure) as a scikit-learn classifier of texts.
 
     Parameters
     ----------
-    task: a `Task`, the path of a task YAML file, or None to take the labels from the first `fit`.
-    workspace: folder to keep the state in (must be new or empty); None uses a temporary folder until `save`.
+    task: a `Task` or the path of a task YAML file (its labels, descriptions and seed examples, which `fit` trains
+        on too); None takes the labels from `y`.
     embedder: 'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or an `Embedder`.
-    engine: the LLM asked when the fallback is unsure: a spec string (default: the embedded Gemma 3 270M through
-        llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone. It is loaded on
-        first need; while it cannot answer, answers come from the fallback marked `degraded`.
-    policy: thresholds and LLM settings (`agent.Policy`); `calibrate` chooses them from a labelled dev set.
+    engine: the LLM asked when the fallback is unsure: a spec string (default: the embedded model through
+        llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone.
+    policy: thresholds and LLM settings (`agent.Policy`); None: the defaults. Learning from the LLM is always off
+        in the estimator (see `Session` for that).
+    C: inverse regularisation of the fallback's linear SVM.
     """
 
     def __init__(
         self,
         task: Task | str | Path | None = None,
         *,
-        workspace: str | Path | None = None,
         embedder: str | Embedder = "default",
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
+        C: float = 1.0,
     ):
-        self._temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
-        self._workspace_path = Path(workspace if workspace is not None else self._temporary.name)
-        self.embedder = load_embedder(embedder)
-        self._engine = None if engine is None else EngineSlot(engine)
-        self._settings = Settings(
-            embedder=embedder if isinstance(embedder, str) else self.embedder.id,
-            engine=None if self._engine is None else self._engine.spec,
-            policy=policy or Policy(),
-        )
-        self._workspace: Workspace | None = None
-        self._store: ExampleStore | None = None
-        self._learner: Learner | None = None
-        self._cascade: Cascade | None = None
-        if task is not None:
-            self._start(task if isinstance(task, Task) else Task.from_yaml(task))
-            seeds = self._workspace.task.seed_examples()
-            if seeds:
-                texts, labels = zip(*seeds, strict=True)
-                self.add_examples(texts, labels)
-                if len(self._store.labels()) >= 2:
-                    self.retrain()
-
-    @classmethod
-    def open(
-        cls, path: str | Path, *, embedder: str | Embedder | None = None, engine: str | Engine | None = "saved"
-    ) -> Classifier:
-        """Resume from a saved workspace; the embedder must be the one its vectors were made with. The engine is
-        the saved one unless another (or None) is given."""
-        workspace = Workspace.open(path)
-        classifier = cls.__new__(cls)  # not __init__: that starts a new workspace
-        classifier._temporary = None
-        classifier._workspace_path = workspace.path
-        classifier.embedder = load_embedder(embedder if embedder is not None else workspace.settings.embedder)
-        if engine == "saved":
-            engine = workspace.settings.engine
-        classifier._engine = None if engine is None else EngineSlot(engine)
-        classifier._cascade = None
-        classifier._attach(workspace)
-        fallback = workspace.load_fallback()
-        if fallback is not None:
-            classifier._install(fallback)
-        return classifier
-
-    def _start(self, task: Task) -> None:
-        self._attach(Workspace.create(self._workspace_path, task, self._settings))
-
-    def _attach(self, workspace: Workspace) -> None:
-        self._workspace = workspace
-        self._store = workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
-        self._learner = Learner(
-            self._store,
-            multi_label=workspace.task.multi_label,
-            C=workspace.settings.svm_C,
-            save=workspace.save_fallback,
-            trained_at=workspace.fallback_trained_at(),
-        )
-        if self._cascade is not None:  # moved to another folder: same model, new store and learner
-            self._install(self._cascade.fallback)
-
-    def _install(self, fallback: LinearSVMClassifier) -> None:
-        """Answer with `fallback` from now on, through a cascade wired to this workspace."""
-        workspace = self._workspace
-        self._cascade = Cascade(
-            workspace.task,
-            self.embedder,
-            fallback,
-            store=self._store,
-            engine=self._engine,
-            renderer=PromptRenderer(workspace.task, workspace.settings.template),
-            policy=workspace.settings.policy,
-            learner=self._learner,
-            on_retrain=self._recalibrate,
-        )
+        self.task = task
+        self.embedder = embedder
+        self.engine = engine
+        self.policy = policy
+        self.C = C
 
     # --- learning -------------------------------------------------------------------------------------------
 
-    def fit(self, texts: Sequence[str], labels: Labels) -> Classifier:
-        """Add labelled texts as gold examples and retrain the fallback on everything the workspace holds."""
-        if self._workspace is None:
-            self._start(Task.from_labels(sorted({label for row in _label_rows(labels) for label in row})))
-        self.add_examples(texts, labels)
-        return self.retrain()
-
-    def add_examples(
-        self,
-        texts: Sequence[str],
-        labels: Labels,
-        *,
-        source: Source | str = Source.GOLD,
-        confidence: float | Sequence[float] = 1.0,
-    ) -> list[int]:
-        """Store labelled texts without retraining; returns their ids. A text already stored is not added twice."""
-        task = self.task
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
-        rows = _label_rows(labels)
-        if len(rows) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(rows)} labels; give one label (or list of labels) per text")
-        for i, text in enumerate(_checked(texts)):
-            if not text.strip():
-                raise ValueError(f"row {i}: text is empty")
-        task.check_labels(rows)
-        return self._store.add(texts, rows, self.embedder.embed(texts), source=source, confidence=confidence)
-
-    def retrain(self) -> Classifier:
-        """Train a new fallback on all stored examples (weighted by source) and swap it in."""
-        self._started()
-        self._install(self._learner.train())
-        self._recalibrate()
+    def fit(self, X, y) -> Classifier:
+        """Start over: a fresh example store and fallback trained on (X, y) and the task's seed examples."""
+        texts, labels = _texts(X), _labels(y)
+        task = self._task(labels)
+        if not isinstance(self.C, int | float) or not self.C > 0:
+            raise ValueError(f"C must be a positive number, got {self.C!r}")
+        if self.policy is not None and not isinstance(self.policy, Policy):
+            raise TypeError(f"policy must be a labelcascade Policy or None, got {type(self.policy).__name__}")
+        self._close_session()
+        session = Session.create(
+            task,
+            embedder=_shared(_embedders, self.embedder, load_embedder),
+            engine=None if self.engine is None else _shared(_engines, self.engine, load_engine),
+            policy=(self.policy or Policy()).model_copy(update={"learn": False}),
+            svm_C=float(self.C),
+        )
+        try:
+            _learn(session, texts, labels)
+        except Exception:
+            session.close()
+            raise
+        self.session_ = session
+        self.task_ = task
+        self.classes_ = np.array(task.label_names)
         return self
 
-    def calibrate(
-        self,
-        texts: Sequence[str],
-        labels: Sequence[str | None] | Sequence[Sequence[str]],
-        *,
-        target_precision: float = 0.95,
-        llm_budget: float | None = None,
-        learn_precision: float = 0.85,
-        tolerance: float = 0.01,
-    ) -> Calibration:
-        """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
-        labelled dev texts (not stored), and use them from now on (agent/calibration.py says how). The LLM is asked
-        about every dev text once; what it said is kept in the workspace, so the policy is chosen again, without
-        the LLM, after every retrain. `llm_budget` caps the share of texts sent to the LLM; `learn_precision` is
-        the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
-        accuracy the cascade may give up to send fewer texts to the LLM. After a retrain the best dev accuracy
-        reachable now is kept, and what the fallback learned beyond it goes to asking the LLM less. Returns the report;
-        `print(report.table())` shows the coverage/precision table."""
-        dev = DevSet.measure(
-            self._fitted_cascade(), list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget
-        )
-        report = choose_policy(
-            self._cascade,
-            dev,
-            target_precision=target_precision,
-            llm_budget=llm_budget,
-            learn_precision=learn_precision,
-            tolerance=tolerance,
-        )
-        dev.save(self._workspace_path / DEV_FILE)
-        self.policy = report.policy
-        self._workspace.save_calibration(report)
-        return report
-
-    def _recalibrate(self) -> None:
-        """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls)."""
-        previous = self._workspace.load_calibration()
-        if previous is None or not (self._workspace_path / DEV_FILE).exists():
-            return
-        report = choose_policy(
-            self._cascade,
-            DevSet.load(self._workspace_path / DEV_FILE),
-            target_precision=previous.target_precision,
-            llm_budget=previous.llm_budget,
-            learn_precision=previous.learn_precision,
-            tolerance=previous.tolerance,
-            accuracy_floor=previous.accuracy_floor,
-        )
-        report.retrains = previous.retrains + 1
-        self.policy = report.policy
-        self._workspace.save_calibration(report)
-
-    @property
-    def policy(self) -> Policy:
-        """The cascade's thresholds and LLM settings, as stored in the workspace."""
-        return self._started().settings.policy
-
-    @policy.setter
-    def policy(self, policy: Policy) -> None:
-        workspace = self._started()
-        workspace.settings = workspace.settings.model_copy(update={"policy": policy})
-        workspace.save_settings()
-        if self._cascade is not None:
-            self._cascade.policy = policy
+    def partial_fit(self, X, y) -> Classifier:
+        """Add (X, y) as labelled examples to what the estimator knows and retrain; the first call is `fit`."""
+        if not hasattr(self, "session_"):
+            return self.fit(X, y)
+        _learn(self.session_, _texts(X), _labels(y))
+        return self
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def classify(
-        self, texts: str | Sequence[str], *, llm_limit: int | None = None, learn: bool = True
-    ) -> Prediction | list[Prediction]:
-        """A `Prediction` for one text, or a list of them for a sequence of texts.
+    def classify(self, X) -> list[Prediction]:
+        """A full `Prediction` per text: label(s), confidence, probabilities, route, evidence, latency."""
+        return self._answers(X)
 
-        `llm_limit`: send at most this many of the texts to the LLM (the others keep the fallback's answer);
-        `learn=False`: do not learn from the LLM's answers (for estimates and dry runs).
-        """
-        if isinstance(texts, str):
-            return self._fitted_cascade().classify(_checked([texts]), llm_limit=llm_limit, learn=learn)[0]
-        return self._fitted_cascade().classify(_checked(texts), llm_limit=llm_limit, learn=learn)
-
-    def unsure(self, texts: Sequence[str]) -> np.ndarray:
-        """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
-        nothing is asked). All False when there is no engine or the policy sends nothing to it."""
-        cascade = self._fitted_cascade()
-        if self._engine is None or not cascade.policy.asks_llm:
-            return np.zeros(len(texts), dtype=bool)
-        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(_checked(texts)))))
-
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        """Probabilities (n_texts, n_labels), columns in `classes_` order."""
-        predictions = self.classify(list(texts))
+    def predict_proba(self, X) -> np.ndarray:
+        """Probabilities (n_texts, n_labels), columns in `classes_` order; for multi-label tasks each column is
+        the probability that its label applies."""
+        predictions = self._answers(X)
         return np.array([[p.probabilities[label] for label in self.classes_] for p in predictions])
 
-    def predict(self, texts: Sequence[str]) -> np.ndarray:
-        """The answer per text; for multi-label tasks an indicator matrix over `classes_`."""
-        predictions = self.classify(list(texts))
-        if self.task.multi_label:
+    def predict(self, X) -> np.ndarray:
+        """The label per text; for multi-label tasks an indicator matrix over `classes_`. A task that allows
+        abstaining answers None where the cascade abstains."""
+        predictions = self._answers(X)
+        if self.task_.multi_label:
             return np.array([[label in p.labels for label in self.classes_] for p in predictions], dtype=int)
         return np.array([p.label for p in predictions], dtype=object)
 
-    # --- state ----------------------------------------------------------------------------------------------
+    def score(self, X, y, sample_weight=None) -> float:
+        """Accuracy (exact match of the label set for multi-label tasks)."""
+        predicted = self.predict(X)
+        if self.task_.multi_label:
+            y = MultiLabelBinarizer(classes=list(self.classes_)).fit_transform(label_rows(_labels(y)))
+        else:
+            y = np.asarray(list(y), dtype=object)
+        return float(accuracy_score(y, predicted, sample_weight=sample_weight))
 
-    @property
-    def task(self) -> Task:
-        return self._started().task
-
-    @property
-    def classes_(self) -> np.ndarray:
-        """All of the task's labels, in task order (labels without examples get probability 0)."""
-        return np.array(self.task.label_names)
-
-    @property
-    def store(self) -> ExampleStore:
-        """The labelled examples this classifier has seen."""
-        self._started()
-        return self._store
-
-    @property
-    def workspace_path(self) -> Path:
-        return self._workspace_path
-
-    def answer_cache(self) -> AnswerCache | None:
-        """The workspace's cache of LLM answers for this task and engine (None without an engine)."""
-        workspace = self._started()
-        if self._engine is None:
-            return None
-        version = task_version(workspace.task, workspace.settings.template)
-        return AnswerCache(workspace.path / CACHE_FILE, task_version=version, engine=self._engine.spec)
-
-    def save(self, path: str | Path | None = None) -> Path:
-        """Make the workspace durable; with `path`, copy it there (a new or empty folder) and keep working there."""
-        self._started()
-        self._store.save()
-        if path is None or Path(path).resolve() == self._workspace_path.resolve():
-            if self._temporary is not None:
-                raise ValueError("this classifier lives in a temporary folder: save(path) needs a path")
-            return self._workspace_path
-        path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise FileExistsError(f"{path}: folder is not empty; save into a new or empty folder")
-        self._store.close()
-        shutil.copytree(self._workspace_path, path, dirs_exist_ok=True)
-        if self._temporary is not None:
-            self._temporary.cleanup()
-            self._temporary = None
-        self._workspace_path = path
-        self._attach(Workspace.open(path))
-        return path
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-        if self._store is not None:
-            self._store.close()
-        if self._temporary is not None:
-            self._temporary.cleanup()
-
-    def _started(self) -> Workspace:
-        """The workspace, which exists once there is a task; before that, an error that says how to start."""
-        if self._workspace is None:
-            raise NotFittedError("no task yet: pass a task to Classifier() or call fit(texts, labels)")
-        return self._workspace
-
-    def _fitted_cascade(self) -> Cascade:
-        if self._cascade is None:
-            raise NotFittedError(
-                "the classifier has no trained fallback yet: call fit(texts, labels) or give the task seed examples "
-                "for at least 2 labels"
+    def _answers(self, X) -> list[Prediction]:
+        if not hasattr(self, "session_"):
+            raise SklearnNotFittedError(
+                "this Classifier is not fitted yet: call fit(texts, labels) with labelled texts first"
             )
-        return self._cascade
+        texts = _texts(X)
+        engine = self.session_.cascade.engine
+        reset = getattr(engine.loaded, "reset", None) if engine is not None else None
+        if reset is not None:
+            reset()  # scores must not depend on what the engine scored before (its prefix cache's layout)
+        return self.session_.classify(texts, learn=False)
 
-    def __repr__(self) -> str:
-        task = self._workspace.task.name if self._workspace else None
-        return f"Classifier(task={task!r}, workspace={str(self._workspace_path)!r}, embedder={self.embedder.id!r})"
+    # --- keeping it -----------------------------------------------------------------------------------------
 
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted state as a workspace folder (new or empty) that `Session.open`, `load` and the CLI
+        and service open. The estimator keeps answering from its own copy."""
+        if not hasattr(self, "session_"):
+            raise SklearnNotFittedError("this Classifier is not fitted yet: fit it before saving")
+        return self.session_.copy_to(path)
 
-def _checked(texts: Sequence[str]) -> list[str]:
-    """The texts as a list, each a string of valid Unicode; the error names the first that is not."""
-    texts = list(texts)
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"text {i}: expected a string, got {type(text).__name__}")
+    @classmethod
+    def load(cls, path: str | Path, *, engine: str | Engine | None = "saved") -> Classifier:
+        """A fitted estimator from a workspace folder, answering from a private copy (the folder is not changed).
+        `engine`: the workspace's saved engine, another spec, or None for the fallback alone."""
+        workspace = Workspace.open(path)
+        settings = workspace.settings
+        estimator = cls(
+            workspace.task,
+            embedder=settings.embedder,
+            engine=settings.engine if engine == "saved" else engine,
+            policy=settings.policy,
+            C=settings.svm_C,
+        )
+        estimator.session_ = Session.open(
+            path,
+            embedder=_shared(_embedders, estimator.embedder, load_embedder),
+            engine=None if estimator.engine is None else _shared(_engines, estimator.engine, load_engine),
+            private_copy=True,
+        )
+        estimator.task_ = estimator.session_.task
+        estimator.classes_ = np.array(estimator.task_.label_names)
+        return estimator
+
+    def _task(self, labels: list[tuple[str, ...]]) -> Task:
+        """The task to fit: the `task` parameter, or one made from the labels seen in y."""
+        if self.task is None:
+            multi = any(len(row) != 1 for row in labels)
+            return Task.from_labels(sorted({label for row in labels for label in row}), multi_label=multi)
+        task = self.task if isinstance(self.task, Task) else Task.from_yaml(self.task)
+        task.check_labels(labels)
+        return task
+
+    def _close_session(self) -> None:
+        session = self.__dict__.pop("session_", None)
+        if session is not None:
+            session.close()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.target_tags.required = True
+        tags.non_deterministic = False
+        return tags
+
+    def __getstate__(self):
+        """Refuse pickling a fitted estimator: its state is a workspace folder (`save` it) with models loaded."""
+        if "session_" in self.__dict__:
+            raise TypeError("a fitted labelcascade Classifier is not picklable: save(path) it and load(path) it")
+        return super().__getstate__()
+
+    def __del__(self):
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"text {i}: not valid Unicode (a lone surrogate at character {error.start})") from None
+            self._close_session()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down what closing needs
+            pass
+
+
+def _learn(session: Session, texts: list[str], labels: list[tuple[str, ...]]) -> None:
+    session.add_examples(texts, labels, retrain=True)
+
+
+def _shared(cache: dict, spec, load):
+    """The process-wide model for a spec string (loaded once); an object passed in is used as it is."""
+    if not isinstance(spec, str):
+        return load(spec) if load is load_embedder else spec
+    if spec not in cache:
+        cache[spec] = load(spec)
+    return cache[spec]
+
+
+def _texts(X) -> list[str]:
+    """X as a list of texts; a clear error for what is not a sequence of texts."""
+    if isinstance(X, str):
+        raise TypeError("X must be a sequence of texts, not a single string; wrap it in a list")
+    if hasattr(X, "ndim") and getattr(X, "ndim", 1) == 2:
+        if X.shape[1] != 1:
+            raise ValueError(f"X has shape {X.shape}: give one text per row, as a 1-D sequence or a single column")
+        X = np.asarray(X).ravel()
+    if hasattr(X, "tolist"):
+        X = X.tolist()
+    texts = checked_texts(X)
+    if not texts:
+        raise ValueError("X is empty: give at least one text")
     return texts
 
 
-def _label_rows(labels: Labels) -> list[tuple[str, ...]]:
-    """One tuple of labels per text, from either one label per text or a sequence of labels per text."""
-    if isinstance(labels, str):
-        raise TypeError("labels must be a sequence with one label (or list of labels) per text, not a single string")
-    rows = [(label,) if isinstance(label, str) else tuple(label) for label in labels]
-    for i, row in enumerate(rows):
-        if not row or any(not isinstance(label, str) or not label.strip() for label in row):
-            raise TaskError(f"row {i}: label is empty or not a string")
-    return rows
+def _labels(y) -> list[tuple[str, ...]]:
+    """y as one tuple of label names per text; numbers are refused because the LLM reads the labels."""
+    if hasattr(y, "tolist"):
+        y = y.tolist()
+    if isinstance(y, Sequence) and not isinstance(y, str):
+        for i, label in enumerate(y):
+            if isinstance(label, bool | int | float | np.number):
+                raise TaskError(
+                    f"row {i}: label {label!r} is a number; the LLM reads label names, so give names (map your class "
+                    "ids to words, e.g. {0: 'negative', 1: 'positive'})"
+                )
+    return label_rows(y)
+

@@ -22,7 +22,6 @@ from typing import Annotated
 
 import typer
 
-from labelcascade.classifier import Classifier
 from labelcascade.fallback import NotFittedError
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Source
@@ -30,6 +29,7 @@ from labelcascade.reports import evaluate
 from labelcascade.retrieval import EmbedderMismatchError
 from labelcascade.service import is_loopback
 from labelcascade.service import serve as run_service
+from labelcascade.session import Session
 from labelcascade.tables import InputError, read_rows
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import Workspace as WorkspaceFolder
@@ -54,8 +54,8 @@ def _engine(spec: str | None) -> str | None:
     return None if spec is None or spec.lower() == "none" else spec
 
 
-def _open(workspace: Path, engine: str | None = None) -> Classifier:
-    return Classifier.open(workspace) if engine is None else Classifier.open(workspace, engine=_engine(engine))
+def _open(workspace: Path, engine: str | None = None) -> Session:
+    return Session.open(workspace) if engine is None else Session.open(workspace, engine=_engine(engine))
 
 
 def _argument_texts(texts: list[str]) -> list[str]:
@@ -110,30 +110,29 @@ def init(
     embedder: Annotated[str, typer.Option(help="'default' or a local sentence-transformers folder.")] = "default",
 ) -> None:
     """Create a workspace from a task and train the fallback on its seed examples."""
-    classifier = Classifier(Task.from_yaml(task), workspace=workspace, embedder=embedder, engine=_engine(engine))
-    trained = "trained on" if classifier.store.labels() else "no seed examples yet;"
-    typer.echo(f"created {workspace}: task {classifier.task.name!r}, {len(classifier.classes_)} labels, "
-               f"{trained} {len(classifier.store)} examples, engine {_engine(engine) or 'none (fallback only)'}")
-    classifier.close()
+    with Session.create(Task.from_yaml(task), workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
+        trained = "trained on" if session.store.labels() else "no seed examples yet;"
+        typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
+                   f"{trained} {len(session.store)} examples, engine {_engine(engine) or 'none (fallback only)'}")
 
 
 @app.command()
 def add(
     workspace: Workspace,
     file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file of labelled texts.")],
+    review: Annotated[bool, typer.Option(help="The labels are corrections: they outrank gold and LLM labels.")] = False,
     text_column: TextColumn = "text",
     label_column: LabelColumn = "label",
-    review: Annotated[bool, typer.Option(help="The labels are corrections: they outrank gold and LLM labels.")] = False,
 ) -> None:
     """Add labelled examples (gold, or --review corrections) and retrain the fallback."""
     texts, labels = _labelled(file, _task(workspace), text_column, label_column)
-    classifier = _open(workspace, "none")
-    before = len(classifier.store)
-    classifier.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
-    classifier.retrain()
-    typer.echo(f"added {len(classifier.store) - before} new examples ({len(texts)} rows); "
-               f"{len(classifier.store)} stored; fallback retrained")
-    classifier.close()
+    session = _open(workspace, "none")
+    before = len(session.store)
+    session.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
+    session.retrain()
+    typer.echo(f"added {len(session.store) - before} new examples ({len(texts)} rows); "
+               f"{len(session.store)} stored; fallback retrained")
+    session.close()
 
 
 @app.command()
@@ -147,10 +146,10 @@ def classify(
     texts = _argument_texts(texts) if texts else _stdin_texts()
     if not texts:
         raise InputError("no texts: give them as arguments or one per line on stdin")
-    classifier = _open(workspace, engine)
-    for text, prediction in zip(texts, classifier.classify(texts), strict=True):
+    session = _open(workspace, engine)
+    for text, prediction in zip(texts, session.classify(texts), strict=True):
         typer.echo(json.dumps({"text": text, **prediction.summary(top)}, ensure_ascii=False))
-    classifier.close()
+    session.close()
 
 
 @app.command()
@@ -174,8 +173,8 @@ def label(
     cache: Annotated[bool, typer.Option(help="Reuse the LLM's earlier answers to the same texts (and keep new ones).")] = True,
 ) -> None:
     """Label every row of a file; rerun the same command after an interruption to resume where it stopped."""
-    classifier = _open(workspace, engine)
-    job = LabelJob(classifier, source, destination, text_column=text_column, batch_size=batch_size, prefix=prefix,
+    session = _open(workspace, engine)
+    job = LabelJob(session, source, destination, text_column=text_column, batch_size=batch_size, prefix=prefix,
                    max_llm_calls=max_llm_calls, cache=cache, review=review, review_below=review_below)
     if plan:
         typer.echo(job.plan().describe())
@@ -185,7 +184,7 @@ def label(
         reviewed = f"; {summary.review_rows} rows to review -> {summary.review}" if summary.review else ""
         typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}; "
                    f"LLM calls {summary.llm_calls}, cached answers {summary.cached}{reviewed}", err=True)
-    classifier.close()
+    session.close()
 
 
 @app.command()
@@ -203,12 +202,12 @@ def calibrate(
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table."""
     texts, labels = _labelled(file, _task(workspace), text_column, label_column)
-    classifier = _open(workspace, engine)
-    report = classifier.calibrate(
+    session = _open(workspace, engine)
+    report = session.calibrate(
         texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision
     )
     typer.echo(report.table())
-    classifier.close()
+    session.close()
 
 
 @app.command("eval")
@@ -223,10 +222,10 @@ def evaluate_file(
 ) -> None:
     """Evaluate on a labelled file (without learning from it): a report folder with scores, routes and plots."""
     texts, labels = _labelled(file, _task(workspace), text_column, label_column)
-    classifier = _open(workspace, engine)
-    report = evaluate(classifier, texts, labels, out, title=title)
+    session = _open(workspace, engine)
+    report = evaluate(session, texts, labels, out, title=title)
     typer.echo(report.summary())
-    classifier.close()
+    session.close()
 
 
 @app.command()
@@ -254,10 +253,10 @@ def serve(
 @app.command()
 def retrain(workspace: Workspace) -> None:
     """Retrain the fallback on every stored example (gold, review and LLM labels, weighted by source)."""
-    classifier = _open(workspace, "none")
-    classifier.retrain()
-    typer.echo(f"retrained on {len(classifier.store)} examples")
-    classifier.close()
+    session = _open(workspace, "none")
+    session.retrain()
+    typer.echo(f"retrained on {len(session.store)} examples")
+    session.close()
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from labelcascade.answer_cache import AnswerCache
-from labelcascade.classifier import Classifier
+from labelcascade.session import Session
 from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.tables import InputError, Row, file_format, read_rows
@@ -84,11 +84,11 @@ class JobPlan:
 
 
 class LabelJob:
-    """Labels the rows of `source` with `classifier` into `destination` (format by its suffix)."""
+    """Labels the rows of `source` with `session` into `destination` (format by its suffix)."""
 
     def __init__(
         self,
-        classifier: Classifier,
+        session: Session,
         source: str | Path,
         destination: str | Path,
         *,
@@ -110,7 +110,7 @@ class LabelJob:
         """
         if max_llm_calls is not None and max_llm_calls < 0:
             raise ValueError(f"max_llm_calls must be 0 or more, got {max_llm_calls}")
-        self.classifier = classifier
+        self.session = session
         self.source, self.destination = Path(source), Path(destination)
         self.text_column = text_column
         self.batch_size = batch_size
@@ -167,13 +167,16 @@ class LabelJob:
                           output=self.destination, review=self.review, review_rows=review_rows)
 
     def _answer(self, texts: list[str], llm_calls: int) -> tuple[list[Prediction], list[bool]]:
-        """Answers for one batch: cached LLM answers first, the classifier for the rest within the budget."""
-        hits = self.cache.get(texts) if self.cache is not None else {}
+        """Answers for one batch: cached LLM answers first, the session for the rest within the budget."""
+        # The version before classifying: the answers are made with this fallback and policy, even when learning
+        # from them retrains the fallback at the end of the batch.
+        version = self.session.answer_version() if self.cache is not None else ""
+        hits = self.cache.get(texts, version) if self.cache is not None else {}
         misses = [i for i in range(len(texts)) if i not in hits]
         left = None if self.max_llm_calls is None else max(0, self.max_llm_calls - llm_calls)
-        fresh = self.classifier.classify([texts[i] for i in misses], llm_limit=left) if misses else []
+        fresh = self.session.classify([texts[i] for i in misses], llm_limit=left) if misses else []
         if self.cache is not None:
-            self.cache.put([texts[i] for i in misses], fresh)
+            self.cache.put([texts[i] for i in misses], fresh, version)
         answers = {**hits, **dict(zip(misses, fresh, strict=True))}
         return [answers[i] for i in range(len(texts))], [i in hits for i in range(len(texts))]
 
@@ -185,7 +188,7 @@ class LabelJob:
 
     @contextmanager
     def _answer_cache(self):
-        self.cache = self.classifier.answer_cache() if self.use_cache else None
+        self.cache = self.session.answer_cache() if self.use_cache else None
         try:
             yield
         finally:
@@ -205,17 +208,17 @@ class LabelJob:
         step = max(1, total // sample)
         texts = [row.text for i, row in enumerate(read_rows(self.source, text_column=self.text_column))
                  if i % step == 0][:sample]
-        hits = self.cache.get(texts) if self.cache is not None else {}
+        hits = self.cache.get(texts, self.session.answer_version()) if self.cache is not None else {}
         began = time.perf_counter()  # embedding + fallback: what every row costs
-        unsure = self.classifier.unsure(texts)
+        unsure = self.session.unsure(texts)
         fallback_s = (time.perf_counter() - began) / len(texts)
         need = unsure & ~np.isin(np.arange(len(texts)), list(hits))
         llm_s = None
         asked = [texts[i] for i in np.flatnonzero(need)[: llm_sample + 1]]
         if len(asked) >= 2:
-            self.classifier.classify(asked[:1], learn=False)  # loads the engine: not a cost per call
+            self.session.classify(asked[:1], learn=False)  # loads the engine: not a cost per call
             began = time.perf_counter()
-            self.classifier.classify(asked[1:], learn=False)
+            self.session.classify(asked[1:], learn=False)
             llm_s = max(0.0, (time.perf_counter() - began) / len(asked[1:]) - fallback_s)
         pending = total - done
         calls = round(float(need.mean()) * pending)
@@ -251,7 +254,7 @@ class LabelJob:
 
     def _record(self, row: Row, prediction: Prediction) -> dict:
         answer = {
-            self.prefix + "label": prediction.label if not self.classifier.task.multi_label else "|".join(prediction.labels),
+            self.prefix + "label": prediction.label if not self.session.task.multi_label else "|".join(prediction.labels),
             self.prefix + "confidence": round(prediction.confidence, 4),
             self.prefix + "route": prediction.route.value,
             self.prefix + "top": json.dumps({label: round(p, 4) for label, p in prediction.top(self.top)}),

@@ -1,4 +1,4 @@
-"""The LangChain front door: a classifier as a Runnable for chains and as a tool for agents.
+"""The LangChain front door: a session as a Runnable for chains and as a tool for agents.
 
     from labelcascade.langchain import as_runnable, as_tool
 
@@ -29,7 +29,7 @@ try:
 except ImportError as error:  # an optional extra: the rest of labelcascade works without it
     raise ImportError("labelcascade.langchain needs langchain-core: pip install 'labelcascade[langchain]'") from error
 
-from labelcascade.classifier import Classifier
+from labelcascade.session import Session
 from labelcascade.records import Prediction
 from labelcascade.task import Task
 
@@ -49,15 +49,15 @@ class ClassifyArgs(BaseModel):
     text: str = Field(min_length=1, description="The text to classify, as the user wrote it.")
 
 
-class ClassifierRunnable(Runnable[str | TextInput, Prediction]):
-    """A `Classifier` as a LangChain Runnable; build it with `as_runnable`."""
+class SessionRunnable(Runnable[str | TextInput, Prediction]):
+    """A `Session` as a LangChain Runnable; build it with `as_runnable`."""
 
-    def __init__(self, classifier: Classifier):
-        self.classifier = classifier
-        self.name = f"labelcascade:{classifier.task.name}"
+    def __init__(self, session: Session):
+        self.session = session
+        self.name = f"labelcascade:{session.task.name}"
 
     def invoke(self, input: str | TextInput, config: RunnableConfig | None = None, **kwargs: Any) -> Prediction:
-        return self._call_with_config(lambda value: self.classifier.classify(_text(value)), input, config)
+        return self._call_with_config(lambda value: self.session.classify(_text(value)), input, config)
 
     def batch(
         self,
@@ -94,23 +94,23 @@ class ClassifierRunnable(Runnable[str | TextInput, Prediction]):
                 texts.append(_text(value))
             except TypeError as error:
                 texts.append(error)
-        answers = iter(self.classifier.classify([text for text in texts if isinstance(text, str)]))
+        answers = iter(self.session.classify([text for text in texts if isinstance(text, str)]))
         return [text if isinstance(text, Exception) else next(answers) for text in texts]
 
 
-def as_runnable(classifier: Classifier) -> Runnable[str | TextInput, Prediction]:
-    """The classifier as a Runnable: a text (or {"text": ...}) in, a `Prediction` out; `batch` and `abatch`
+def as_runnable(session: Session) -> Runnable[str | TextInput, Prediction]:
+    """The session as a Runnable: a text (or {"text": ...}) in, a `Prediction` out; `batch` and `abatch`
     classify the whole batch in one call."""
-    return ClassifierRunnable(classifier)
+    return SessionRunnable(session)
 
 
-def as_tool(classifier: Classifier, name: str | None = None, description: str | None = None) -> BaseTool:
-    """The classifier as a LangChain tool taking {"text": ...}. Its default name and description come from the
+def as_tool(session: Session, name: str | None = None, description: str | None = None) -> BaseTool:
+    """The session as a LangChain tool taking {"text": ...}. Its default name and description come from the
     task (its name, instructions, labels and their descriptions), so an agent can tell when to call it; it
     returns {"label", "labels", "confidence", "route", "top": [{"label", "probability"}, ...]}."""
-    task = classifier.task
+    task = session.task
     return StructuredTool.from_function(
-        func=lambda text: classifier.classify(text).summary(TOP),
+        func=lambda text: session.classify(text).summary(TOP),
         name=name or _tool_name(task),
         description=description or _describe(task),
         args_schema=ClassifyArgs,

@@ -1,6 +1,6 @@
-"""Evaluation reports: how well a classifier answers a labelled test set, as numbers, markdown and plots.
+"""Evaluation reports: how well a session answers a labelled test set, as numbers, markdown and plots.
 
-    report = evaluate(classifier, texts, labels, "eval-report")
+    report = evaluate(session, texts, labels, "eval-report")
     report.accuracy, report.macro_f1, report.llm_share, report.report_md
 
 `evaluate` classifies the texts once, through the whole cascade, and measures the answers: accuracy, macro-F1,
@@ -49,8 +49,7 @@ from labelcascade.agent.calibration import TABLE_THRESHOLDS, CoverageRow, covera
 from labelcascade.records import Prediction, Route
 
 if TYPE_CHECKING:
-    from labelcascade.agent import Cascade
-    from labelcascade.classifier import Classifier
+    from labelcascade.session import Session
 
 NO_LABEL = "(none)"  # the answer of an abstention, and the truth of a text that has no label
 RELIABILITY_BINS = 10
@@ -111,7 +110,7 @@ class EvalReport(BaseModel):
 
 
 def evaluate(
-    classifier: Classifier,
+    session: Session,
     texts: Sequence[str],
     labels: Sequence[str | None] | Sequence[Sequence[str]],
     out_dir: str | Path,
@@ -122,20 +121,21 @@ def evaluate(
 
     `labels`: one label per text (None or "" for a text that has no label, if the task allows abstaining), or for
     multi-label tasks a label or a list of labels per text (an empty list: none applies). Raises ValueError naming
-    the first bad row. The classifier does not learn from these texts: learning from the LLM's answers is off
+    the first bad row. The session does not learn from these texts: learning from the LLM's answers is off
     while they are classified, so a test set never becomes training data (and the fallback cannot change between
     the answers and the replay of `llm_share.png`).
     """
-    task = classifier.task
+    task = session.task
     truth = _truth(task.label_names, texts, labels, task.multi_label, task.allow_abstain)
-    predictions = classifier.classify(list(texts), learn=False)
-    cascade = classifier._fitted_cascade()
+    cascade = session.cascade
+    outcome = cascade.run(list(texts), learn=False)  # _truth checked the texts
+    predictions, certainty = outcome.predictions, outcome.certainty
     policy = cascade.policy
 
     names, multi = task.label_names, task.multi_label
     answers = _answers(predictions, names, multi)
     right = _right(answers, truth, multi)
-    certainty, fallback_right = _fallback(cascade, texts, truth)
+    fallback_right = _right(_answers(outcome.fallback, names, multi), truth, multi)
     sent = np.zeros(len(texts), bool) if cascade.engine is None or not policy.asks_llm else ~policy.accepts(certainty)
     confidence = np.array([p.confidence for p in predictions])
     decided, decided_right = (confidence, right) if not multi else _label_decisions(predictions, names, answers, truth)
@@ -213,18 +213,6 @@ def _answers(predictions: Sequence[Prediction], names: list[str], multi: bool) -
 
 def _right(answers: np.ndarray, truth: np.ndarray, multi: bool) -> np.ndarray:
     return (answers == truth).all(axis=1) if multi else answers == truth
-
-
-def _fallback(cascade: Cascade, texts, truth) -> tuple[np.ndarray, np.ndarray]:
-    """The fallback's certainty per text, and whether the fallback's own answer (made by the cascade's rule,
-    abstention included) would have been right.
-
-    The texts are embedded again, all together as `classify` did: the same batch gives the same vectors, so the
-    certainties are exactly those the cascade routed by (a sub-batch can differ in the last bits)."""
-    names, multi = cascade.task.label_names, cascade.task.multi_label
-    proba = cascade.probabilities(cascade.embedder.embed(list(texts)))
-    fallback = [cascade._prediction(row, Route.FALLBACK, [], 0.0) for row in proba]
-    return cascade.certainty(proba), _right(_answers(fallback, names, multi), truth, multi)
 
 
 def _label_decisions(predictions, names, answers, truth) -> tuple[np.ndarray, np.ndarray]:

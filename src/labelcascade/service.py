@@ -1,4 +1,4 @@
-"""The HTTP service for chat assistants: one workspace's classifier behind a small JSON API.
+"""The HTTP service for chat assistants: one workspace's session behind a small JSON API.
 
     POST /v1/classify   {"text": "..."} or {"texts": [...]}, optional "top"  ->  {"answers": [...], "latency_ms"}
     POST /v1/feedback   {"text", "label"} (or "labels"), optional "retrain"  ->  stored as a `review` example
@@ -7,19 +7,19 @@
     GET  /metrics       Prometheus text: requests by endpoint and status, answers by route, latencies, batch sizes
     GET  /docs          the OpenAPI page
 
-`create_app(classifier)` builds the app around a classifier you own; `serve(workspace)` opens a workspace and runs
+`create_app(session)` builds the app around a session you own; `serve(workspace)` opens a workspace and runs
 it with uvicorn on 127.0.0.1 (another host only when asked: the service is for the assistant beside it). Serving
 another address without an API key is refused unless `allow_no_key` says it is meant (e.g. behind a proxy that
-authenticates): an open classifier would let anyone who can reach it use the machine's LLM and write feedback.
+authenticates): an open service would let anyone who can reach it use the machine's LLM and write feedback.
 
-Why one worker thread: a `Classifier` is not thread-safe (its llama.cpp context, SQLite connection and FAISS index
+Why one worker thread: a `Session` is not thread-safe (its llama.cpp context, SQLite connection and FAISS index
 each expect one caller at a time). Every call into it, classifying or not, runs on one single-thread executor, in
 the order it was asked for; the event loop only parses, validates and answers HTTP.
 
 Why micro-batching: one embedding call for 16 texts costs far less than 16 calls, and the LLM engine scores a batch
 of prompts in one call too. Classify requests therefore wait in a queue; whenever the worker is free it takes
 every request waiting (up to `max_texts` texts, a request is never split), answers them in one
-`classifier.classify(texts)` call and hands each request its own slice. There is no waiting window: an idle service
+`session.classify(texts)` call and hands each request its own slice. There is no waiting window: an idle service
 answers a lone request at once, and a busy one batches exactly the requests that arrived during the previous batch.
 
 Feedback is stored at once (and committed to the workspace's database) but does not retrain the fallback unless
@@ -61,7 +61,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from labelcascade import __version__
 from labelcascade.agent import Policy
-from labelcascade.classifier import Classifier
+from labelcascade.session import Session
 from labelcascade.records import Prediction, Route, Source
 
 logger = logging.getLogger(__name__)
@@ -196,11 +196,11 @@ class _Waiting:
     predictions: asyncio.Future[list[Prediction]]
 
 
-class ClassifierWorker:
-    """Runs every call into the classifier on one thread, and joins waiting classify requests into one call."""
+class SessionWorker:
+    """Runs every call into the session on one thread, and joins waiting classify requests into one call."""
 
-    def __init__(self, classifier: Classifier, *, max_batch: int, batch_texts: Histogram):
-        self.classifier = classifier
+    def __init__(self, session: Session, *, max_batch: int, batch_texts: Histogram):
+        self.session = session
         self.max_batch = max_batch
         self._batch_texts = batch_texts
         self._executor: ThreadPoolExecutor | None = None
@@ -250,7 +250,7 @@ class ClassifierWorker:
         texts = [text for waiting in batch for text in waiting.texts]
         self._batch_texts.observe(len(texts))
         try:
-            predictions = await self.call(lambda: self.classifier.classify(texts))
+            predictions = await self.call(lambda: self.session.classify(texts))
         except HTTPException as error:
             for waiting in batch:
                 if not waiting.predictions.done():
@@ -316,18 +316,18 @@ class Metrics:
 
 
 def create_app(
-    classifier: Classifier,
+    session: Session,
     *,
     api_key: str | None = None,
     max_texts: int = 256,
     max_text_chars: int = 4_000,
     max_body_bytes: int = 1_000_000,
 ) -> FastAPI:
-    """The HTTP app over `classifier`, which stays yours to close. With `api_key`, every endpoint but /healthz (and
+    """The HTTP app over `session`, which stays yours to close. With `api_key`, every endpoint but /healthz (and
     the /docs page) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`. `max_texts` caps the texts per
-    request (and per classifier call), `max_text_chars` the length of one text, `max_body_bytes` the request body."""
+    request (and per session call), `max_text_chars` the length of one text, `max_body_bytes` the request body."""
     metrics = Metrics()
-    worker = ClassifierWorker(classifier, max_batch=max_texts, batch_texts=metrics.batch_texts)
+    worker = SessionWorker(session, max_batch=max_texts, batch_texts=metrics.batch_texts)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -390,7 +390,7 @@ def create_app(
     async def feedback(request: FeedbackRequest) -> FeedbackResponse:
         """Store a person's label for a text as a `review` example (it outranks gold and LLM labels of the same
         text). The fallback learns from it at its next retrain, or now with `"retrain": true`."""
-        task = await worker.call(lambda: classifier.task)
+        task = await worker.call(lambda: session.task)
         labels = request.all_labels
         field = "label" if request.label is not None else "labels"
         for label in labels:
@@ -402,9 +402,9 @@ def create_app(
             raise _invalid("text", f"text has {len(text)} characters; at most {max_text_chars}")
 
         def store() -> int:
-            [example_id] = classifier.add_examples([text], [labels], source=Source.REVIEW)  # durable on return
+            [example_id] = session.add_examples([text], [labels], source=Source.REVIEW)  # durable on return
             if request.retrain:
-                classifier.retrain()
+                session.retrain()
             return example_id
 
         example_id = await worker.call(store)
@@ -413,7 +413,7 @@ def create_app(
     @api.get("/v1/task", tags=["task"])
     async def task_info() -> TaskInfo:
         """The task's labels and answer shape, and the thresholds the cascade routes by."""
-        task, policy = await worker.call(lambda: (classifier.task, classifier.policy))
+        task, policy = await worker.call(lambda: (session.task, session.policy))
         return TaskInfo(
             name=task.name,
             instructions=task.instructions,
@@ -485,14 +485,14 @@ def serve(
             f"serving on {host} without an API key would let anyone who can reach it use it: give an API key "
             "(--api-key KEY or LABELCASCADE_API_KEY), or --allow-no-key if something in front of it checks callers"
         )
-    classifier = Classifier.open(workspace, engine=engine)
+    session = Session.open(workspace, engine=engine)
     try:
         app = create_app(
-            classifier, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes
+            session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes
         )
         uvicorn.run(app, host=host, port=port)
     finally:
-        classifier.close()
+        session.close()
 
 
 def is_loopback(host: str) -> bool:

@@ -2,7 +2,7 @@
 
     session = Session.create("examples/banking/task.yaml", workspace="ws")   # trains on the task's seed examples
     session.classify("my card hasn't arrived")       # -> Prediction; confident LLM answers are learned from
-    session.add_examples(texts, labels); session.retrain()
+    session.add_examples(texts, labels, retrain=True)
     session.calibrate(dev_texts, dev_labels)         # thresholds and LLM weight from a labelled dev set
     session.close();  Session.open("ws")             # resume later, or from the CLI, service and jobs
 
@@ -165,8 +165,10 @@ class Session:
         *,
         source: Source | str = Source.GOLD,
         confidence: float | Sequence[float] = 1.0,
+        retrain: bool = False,
     ) -> list[int]:
-        """Store labelled texts without retraining; returns their ids. A text already stored is not added twice."""
+        """Store labelled texts, and with `retrain` train the fallback on everything stored; returns their ids. A
+        text already stored is not added twice. Refused input (an unknown label, an empty text) stores nothing."""
         if isinstance(texts, str):
             raise TypeError("texts must be a sequence of strings; wrap a single text in a list")
         rows = label_rows(labels)
@@ -176,7 +178,10 @@ class Session:
             if not text.strip():
                 raise ValueError(f"row {i}: text is empty")
         self.task.check_labels(rows)
-        return self._store.add(texts, rows, self.embedder.embed(texts), source=source, confidence=confidence)
+        ids = self._store.add(texts, rows, self.embedder.embed(texts), source=source, confidence=confidence)
+        if retrain:
+            self.retrain()
+        return ids
 
     def retrain(self) -> Session:
         """Train a new fallback on all stored examples (weighted by source) and swap it in."""
@@ -234,6 +239,10 @@ class Session:
         report.retrains = previous.retrains + 1
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)
+
+    def calibration(self) -> Calibration | None:
+        """What the last `calibrate` measured and chose (chosen again after each retrain), or None before one."""
+        return self._workspace.load_calibration()
 
     @property
     def policy(self) -> Policy:

@@ -78,7 +78,7 @@ class Workspace:
         """Start a workspace in an empty or new folder."""
         path = Path(path)
         if path.exists() and any(path.iterdir()):
-            raise WorkspaceError(f"{path}: folder is not empty; open it with Classifier.open() or choose a new folder")
+            raise WorkspaceError(f"{path}: folder is not empty; open it with Session.open() or choose a new folder")
         workspace = cls(path, task, settings or Settings())
         try:
             path.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from labelcascade import Classifier, Route
+from labelcascade import Session, Route
 from labelcascade.agent import Policy
 from labelcascade.agent.calibration import DevSet, abstain_threshold, accept_threshold, choose_policy
 from labelcascade.agent.candidates import smallest_m_for_recall
@@ -38,33 +38,33 @@ def test_candidate_count_keeps_the_true_label_for_98_percent():
 @pytest.fixture(scope="module")
 def calibrated(embedder, gemma, tmp_path_factory):
     path = tmp_path_factory.mktemp("calibrated") / "ws"
-    classifier = Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=gemma,
+    session = Session.create(BANKING_TASK, workspace=path, embedder=embedder, engine=gemma,
                             policy=Policy(examples=2))
     texts, labels = banking_messages()
-    report = classifier.calibrate(texts, labels, target_precision=0.999)
-    return classifier, report
+    report = session.calibrate(texts, labels, target_precision=0.999)
+    return session, report
 
 
 def test_calibration_chooses_measures_and_stores_the_policy(calibrated):
-    classifier, report = calibrated
+    session, report = calibrated
     texts, labels = banking_messages()
     assert report.dev_texts == len(texts)
     policy = report.policy
-    cascade = classifier._fitted_cascade()
-    proba = cascade.probabilities(classifier.embedder.embed(texts))
+    cascade = session.cascade
+    proba = cascade.probabilities(session.embedder.embed(texts))
     sent = ~policy.accepts(cascade.certainty(proba))
-    truth = np.array([classifier.task.label_names.index(label) for label in labels])
+    truth = np.array([session.task.label_names.index(label) for label in labels])
     fallback_right = proba.argmax(axis=1) == truth
     # the fallback answers alone where it keeps the target precision, or where the LLM would add (almost) nothing:
     # no accept threshold and weight do better on the dev set than this choice plus the tolerance
-    dev = DevSet.load(classifier.workspace_path / "calibration.npz")
-    assert dev.vectors.shape == (len(texts), classifier.embedder.dim) and (dev.truth == truth).all()
+    dev = DevSet.load(session.path / "calibration.npz")
+    assert dev.vectors.shape == (len(texts), session.embedder.dim) and (dev.truth == truth).all()
     assert np.allclose(dev.llm.sum(axis=1), 1.0) and dev.temperature == policy.llm_temperature
     if (~sent).any() and fallback_right[~sent].mean() < 0.999:
         everything_sent = max(cascade.pool(proba, dev.llm, w).argmax(axis=1).__eq__(truth).mean()
                               for w in np.arange(0.1, 1.01, 0.1))
         assert report.cascade_accuracy >= everything_sent - report.tolerance - 1e-9
-    assert 2 <= policy.max_candidates <= len(classifier.classes_) and policy.llm_temperature > 0
+    assert 2 <= policy.max_candidates <= len(session.labels) and policy.llm_temperature > 0
     assert report.candidate_recall >= 0.98
     assert report.llm_share == pytest.approx(sent.mean() if policy.llm_weight > 0 else 0.0)
     if report.learned_precision is not None:  # the LLM labels it will learn from keep their own precision target
@@ -72,51 +72,51 @@ def test_calibration_chooses_measures_and_stores_the_policy(calibrated):
     assert "| accept threshold | coverage | precision |" in report.table()
     assert any(row.threshold == pytest.approx(policy.accept_threshold) for row in report.coverage)
 
-    settings = json.loads((classifier.workspace_path / "settings.json").read_text())
-    assert Policy.model_validate(settings["policy"]) == policy == classifier.policy
-    stored = json.loads((classifier.workspace_path / "calibration.json").read_text())
+    settings = json.loads((session.path / "settings.json").read_text())
+    assert Policy.model_validate(settings["policy"]) == policy == session.policy
+    stored = json.loads((session.path / "calibration.json").read_text())
     assert stored["cascade_accuracy"] == report.cascade_accuracy
 
 
 def test_after_a_retrain_the_policy_is_chosen_again_without_asking_the_llm(embedder, gemma, tmp_path):
-    classifier = Classifier(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
                             policy=Policy(examples=2))
     texts, labels = banking_messages()
-    first = classifier.calibrate(texts[:20], labels[:20])
+    first = session.calibrate(texts[:20], labels[:20])
     asked = gemma.stats.prompts
-    classifier.fit(texts[20:], labels[20:])  # more gold examples: a new fallback, so a new policy
+    session.add_examples(texts[20:], labels[20:], retrain=True)  # more gold examples: a new fallback, so a new policy
     assert gemma.stats.prompts == asked
-    again = classifier._workspace.load_calibration()
+    again = session._workspace.load_calibration()
     assert again.retrains == first.retrains + 1 == 1
-    expected = choose_policy(classifier._fitted_cascade(), DevSet.load(tmp_path / "ws" / "calibration.npz"),
+    expected = choose_policy(session.cascade, DevSet.load(tmp_path / "ws" / "calibration.npz"),
                              accuracy_floor=first.accuracy_floor)
     assert again.accuracy_floor == first.accuracy_floor >= first.cascade_accuracy
-    assert classifier.policy == expected.policy == again.policy
+    assert session.policy == expected.policy == again.policy
     assert again.fallback_accuracy >= first.fallback_accuracy  # its own dev texts' labels are now known to it
 
 
-def with_llm_answers(classifier, texts, labels, llm_answers) -> DevSet:
+def with_llm_answers(session, texts, labels, llm_answers) -> DevSet:
     """A dev set whose LLM answered `llm_answers` with certainty: the rule on known LLM behaviour, no engine."""
-    names = list(classifier.classes_)
+    names = session.labels
     llm = np.zeros((len(texts), len(names)))
     llm[np.arange(len(texts)), [names.index(label) for label in llm_answers]] = 1.0
-    return DevSet(classifier.embedder.embed(texts), np.array([names.index(label) for label in labels]), llm, 1.0, 5)
+    return DevSet(session.embedder.embed(texts), np.array([names.index(label) for label in labels]), llm, 1.0, 5)
 
 
 def test_an_llm_that_agrees_with_the_fallback_is_sent_nothing(embedder):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
     texts, labels = banking_messages()
-    report = choose_policy(classifier._fitted_cascade(), with_llm_answers(classifier, texts, labels,
-                                                                          classifier.predict(texts)))
+    fallback_answers = [p.label for p in session.classify(texts, learn=False)]
+    report = choose_policy(session.cascade, with_llm_answers(session, texts, labels, fallback_answers))
     assert report.policy.llm_weight == 0 and report.llm_share == 0
     assert report.cascade_accuracy == report.fallback_accuracy
 
 
 def test_a_perfect_llm_gets_the_unsure_texts_within_the_budget(embedder):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
     texts, labels = banking_messages()
-    dev = with_llm_answers(classifier, texts, labels, labels)
-    cascade = classifier._fitted_cascade()
+    dev = with_llm_answers(session, texts, labels, labels)
+    cascade = session.cascade
     report = choose_policy(cascade, dev, target_precision=1.0, tolerance=0.0)
     assert report.fallback_accuracy < 1 and report.cascade_accuracy == 1.0  # every wrong answer went to the LLM
     assert 0 < report.llm_share < 1 and report.policy.llm_weight > 0
@@ -131,11 +131,11 @@ def test_a_perfect_llm_gets_the_unsure_texts_within_the_budget(embedder):
 
 
 def test_a_reopened_classifier_routes_by_the_calibrated_policy(calibrated, embedder, gemma):
-    classifier, report = calibrated
-    reopened = Classifier.open(classifier.workspace_path, embedder=embedder, engine=gemma)
+    session, report = calibrated
+    reopened = Session.open(session.path, embedder=embedder, engine=gemma)
     assert reopened.policy == report.policy
     texts, _ = banking_messages()
-    cascade = reopened._fitted_cascade()
+    cascade = reopened.cascade
     sure = report.policy.accepts(cascade.certainty(cascade.probabilities(embedder.embed(texts[:6]))))
     expected_llm = Route.LLM if report.policy.llm_weight > 0 else Route.FALLBACK
     assert [p.route for p in reopened.classify(texts[:6])] == [Route.FALLBACK if s else expected_llm for s in sure]
@@ -148,22 +148,22 @@ def test_multi_label_calibration_fits_the_yes_no_questions(embedder, gemma):
         {"name": "sport", "examples": ["the team won the final", "the striker scored twice"]},
         {"name": "money", "examples": ["shares fell sharply", "the bank raised rates"]},
     ]})
-    classifier = Classifier(task, embedder=embedder, engine=gemma, policy=Policy(examples=2))
+    session = Session.create(task, embedder=embedder, engine=gemma, policy=Policy(examples=2))
     dev = ["the club was sold for a record fee", "the goalkeeper was fined", "inflation rose again",
            "the player signed a huge contract", "a new stadium tax was approved", "the runner broke the record"]
     truth = [("sport", "money"), ("sport", "money"), ("money",), ("sport", "money"), ("sport", "money"), ("sport",)]
-    report = classifier.calibrate(dev, truth, target_precision=1.0)
+    report = session.calibrate(dev, truth, target_precision=1.0)
     assert report.dev_texts == 6 and report.llm_accuracy_on_unsure is not None  # the LLM was asked about the unsure
     assert report.policy.llm_temperature > 0 and 0 <= report.policy.llm_weight <= 1
     assert report.candidate_recall is None  # multi-label asks per label instead of narrowing candidates
 
 
 def test_a_damaged_dev_set_file_is_a_clear_error(embedder, tmp_path):
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=None)
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
     texts, labels = banking_messages()
     path = tmp_path / "calibration.npz"
-    with_llm_answers(classifier, texts, labels, labels).save(path)
-    assert DevSet.load(path).llm.shape == (len(texts), len(classifier.classes_))
+    with_llm_answers(session, texts, labels, labels).save(path)
+    assert DevSet.load(path).llm.shape == (len(texts), len(session.labels))
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="calibration.npz: damaged calibration data"):
         DevSet.load(path)

@@ -1,4 +1,4 @@
-"""The fallback classifier on real embeddings of real datasets."""
+"""The fallback session on real embeddings of real datasets."""
 
 import json
 

@@ -30,13 +30,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.agent import Policy
 from labelcascade.jobs import STATE_SUFFIX
 from labelcascade.task import Task
 
 from ..agent.engines.conftest import free_port, vllm_server  # noqa: F401 - a fixture: one server for this module
 from ..conftest import few_shot, load_split
+
+pytestmark = pytest.mark.slow  # a real vLLM server is killed and frozen
 
 ROWS = 300  # job rows: a few LLM batches, the outage, a few more, then the fallback alone past the budget
 JOB_BATCH = 4  # rows per job batch, and so per engine call
@@ -135,10 +137,10 @@ def outage(vllm_server, embedder, tmp_path_factory) -> Outage:
     spec = f"vllm:{vllm_server.url}#gemma-3-270m"
     texts, labels = few_shot("sst2", 8)
     policy = Policy(accept_threshold=1.0, examples=0, learn=False)  # every text to the LLM; short prompts
-    classifier = Classifier(Task.from_labels(["negative", "positive"], name="sst2"), workspace=root / "job-ws",
+    session = Session.create(Task.from_labels(["negative", "positive"], name="sst2"), workspace=root / "job-ws",
                             embedder=embedder, engine=spec, policy=policy)
-    classifier.fit(texts, labels)
-    classifier.close()
+    session.add_examples(texts, labels, retrain=True)
+    session.close()
     shutil.copytree(root / "job-ws", root / "service-ws")  # one writer per workspace
     source, output = root / "in.jsonl", root / "out.jsonl"
     rows = load_split("sst2", "test")[:ROWS]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from labelcascade import Classifier
 
-from ..conftest import BANKING_TASK, label_command, load_split, rows_done, write_texts_jsonl
+from ..conftest import label_command, load_split, rows_done, write_texts_jsonl
 from .conftest import scaled
+
+pytestmark = pytest.mark.slow  # jobs run as processes and are killed
 
 ROWS = scaled(5_000, 10_000)
 KILLS = scaled(10, 25)
@@ -29,18 +30,10 @@ RUN_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, embedder):
-    path = tmp_path_factory.mktemp("kills") / "ws"
-    Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
-    return path
-
-
-@pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("input") / "messages.jsonl"
     rows = load_split("banking77", "train")[:ROWS]
     assert len(rows) == ROWS
-    return write_texts_jsonl(path, rows)
+    return write_texts_jsonl(tmp_path_factory.mktemp("input") / "messages.jsonl", rows)
 
 
 
@@ -55,11 +48,11 @@ def kill_when(process: subprocess.Popen, state: Path, rows: int) -> None:
 
 
 def test_a_job_killed_at_random_points_and_resumed_writes_every_row_once_as_if_never_killed(
-    workspace, source, tmp_path
+    fallback_workspace, source, tmp_path
 ):
     began = time.monotonic()
     whole = tmp_path / "whole.jsonl"
-    subprocess.run(label_command(workspace, source, whole, batch_size=BATCH), check=True, timeout=RUN_TIMEOUT_S,
+    subprocess.run(label_command(fallback_workspace, source, whole, batch_size=BATCH), check=True, timeout=RUN_TIMEOUT_S,
                    stderr=subprocess.DEVNULL)
     expected = whole.read_bytes()
     uninterrupted_s = time.monotonic() - began
@@ -68,7 +61,7 @@ def test_a_job_killed_at_random_points_and_resumed_writes_every_row_once_as_if_n
     state = resumed.with_name(resumed.name + ".state.sqlite")
     kill_points = sorted(random.Random(SEED).sample(range(1, ROWS), KILLS))
     done_after_kill = []
-    resume = label_command(workspace, source, resumed, batch_size=BATCH)
+    resume = label_command(fallback_workspace, source, resumed, batch_size=BATCH)
     for kill_at in kill_points:
         process = subprocess.Popen(resume, stderr=subprocess.DEVNULL)
         kill_when(process, state, kill_at)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.agent.engines import EngineError, load_engine
 from labelcascade.agent.engines.llamacpp import DEFAULT_MODEL_SHA256, LlamaCppEngine, check_model_file, default_model_path
 from labelcascade.service import create_app, is_loopback
@@ -43,7 +43,7 @@ def test_no_source_file_can_load_a_pickle():
 def test_a_workspace_whose_fallback_model_is_a_pickle_is_refused(embedder, tmp_path):
     """The pickle would run code when loaded (it calls `marker.touch` via pathlib); opening must refuse it unread."""
     workspace = tmp_path / "ws"
-    Classifier(BANKING_TASK, workspace=workspace, embedder=embedder, engine=None).close()
+    Session.create(BANKING_TASK, workspace=workspace, embedder=embedder, engine=None).close()
     marker = tmp_path / "pickle-ran"
     [model] = (workspace / "fallback").glob("*.npz")
 
@@ -53,7 +53,7 @@ def test_a_workspace_whose_fallback_model_is_a_pickle_is_refused(embedder, tmp_p
 
     model.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(Exception) as error:  # noqa: PT011 - any refusal will do, as long as it says why
-        Classifier.open(workspace, embedder=embedder, engine=None).classify("my card got stolen")
+        Session.open(workspace, embedder=embedder, engine=None).classify("my card got stolen")
     assert not marker.exists()
     assert "Traceback" not in str(error.value) and str(error.value)
 

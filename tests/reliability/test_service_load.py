@@ -23,13 +23,15 @@ import httpx
 import numpy as np
 import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.agent import Policy
 from labelcascade.service import create_app
 
 from ..conftest import BANKING_TASK, held_out
 from ..test_service import running
 from .conftest import scaled
+
+pytestmark = pytest.mark.slow  # thousands of HTTP requests
 
 CONCURRENCY = 32
 
@@ -73,7 +75,7 @@ def free_port() -> int:
 def served_workspace(embedder, tmp_path_factory):
     """A saved banking workspace (fallback only) served by `labelcascade serve` in a subprocess; yields (url, path)."""
     path = tmp_path_factory.mktemp("load") / "ws"
-    Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
+    Session.create(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
     port = free_port()
     script = Path(sys.executable).with_name("labelcascade")
     server = subprocess.Popen([str(script), "serve", str(path), "--port", str(port), "--engine", "none"],
@@ -106,7 +108,7 @@ def test_1000_requests_at_concurrency_32_answer_as_a_direct_classify(served_work
     report("fallback only, `labelcascade serve` subprocess", results, wall_s)
 
     assert [status for status, _, _ in results] == [200] * len(texts), next(r for r in results if r[0] != 200)
-    direct = Classifier.open(path, embedder=embedder, engine=None)
+    direct = Session.open(path, embedder=embedder, engine=None)
     unique = list(dict.fromkeys(texts))
     expected = dict(zip(unique, direct.classify(unique), strict=True))
     direct.close()
@@ -120,9 +122,9 @@ def test_llm_backed_requests_are_all_answered_by_the_llm(embedder, gemma):
     """Every text goes to the real Gemma (accept threshold 1). Scores of llama.cpp move by a few hundredths with how
     prompts are batched and which prefix is cached (see llamacpp.py), so answers are compared with a direct
     classify only where the direct answer is clear (its top probability 0.1 above the second)."""
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=1.0, learn=False))
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=1.0, learn=False))
     texts, _ = held_out("banking77", scaled(12, 50), seed=1)
-    with running(create_app(classifier)) as url:
+    with running(create_app(session)) as url:
         start = time.perf_counter()
         results = load(url, texts, timeout_s=600)
         wall_s = time.perf_counter() - start
@@ -130,8 +132,8 @@ def test_llm_backed_requests_are_all_answered_by_the_llm(embedder, gemma):
     assert [status for status, _, _ in results] == [200] * len(texts)
     answers = [body["answers"][0] for _, body, _ in results]
     assert [answer["route"] for answer in answers] == ["llm"] * len(texts)
-    direct = classifier.classify(texts)
-    classifier.close()
+    direct = session.classify(texts)
+    session.close()
     for answer, prediction in zip(answers, direct, strict=True):
         first, second = sorted(prediction.probabilities.values(), reverse=True)[:2]
         if first - second > 0.1:

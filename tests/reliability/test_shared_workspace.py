@@ -12,18 +12,19 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import faiss
-import numpy as np
+import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.records import Source
 from labelcascade.retrieval.store import DB_FILE, INDEX_FILE, ExampleStore
 from labelcascade.workspace import STORE_DIR
 
 from ..conftest import BANKING_TASK, load_split
 from .conftest import scaled
+
+pytestmark = pytest.mark.slow  # several processes share a workspace
 
 PROCESSES = scaled(2, 3)
 BATCHES = scaled(12, 30)
@@ -32,26 +33,26 @@ WORKER_TIMEOUT_S = 300
 
 WORKER = textwrap.dedent("""
     import json, sys
-    from labelcascade import Classifier
+    from labelcascade import Session
     workspace, texts_file, source = sys.argv[1:]
     rows = json.loads(open(texts_file).read())
-    classifier = Classifier.open(workspace, engine=None)
+    session = Session.open(workspace, engine=None)
     for start in range(0, len(rows), %(batch)d):
         batch = rows[start:start + %(batch)d]
-        classifier.add_examples([r[0] for r in batch], [r[1] for r in batch], source=source,
+        session.add_examples([r[0] for r in batch], [r[1] for r in batch], source=source,
                                 confidence=1.0 if source == "gold" else 0.9)
         if start // %(batch)d %% 3 == 2:
-            classifier.retrain()
-            classifier.policy = classifier.policy
-        classifier.store.search(classifier.embedder.embed([batch[0][0]]), 4)
-    classifier.retrain()
-    classifier.close()
+            session.retrain()
+            session.set_policy(session.policy)
+        session.store.search(session.embedder.embed([batch[0][0]]), 4)
+    session.retrain()
+    session.close()
 """) % {"batch": BATCH}
 
 
 def test_processes_sharing_a_workspace_lose_no_example_and_keep_the_index_in_step(tmp_path, embedder):
     workspace = tmp_path / "ws"
-    Classifier(BANKING_TASK, workspace=workspace, embedder=embedder, engine=None).close()
+    Session.create(BANKING_TASK, workspace=workspace, embedder=embedder, engine=None).close()
     seeds = {e.text: e.labels for e in ExampleStore.open(workspace / STORE_DIR).examples()}
     names = {line.split(":", 1)[1].strip() for line in BANKING_TASK.read_text().splitlines() if line.startswith("- name:")}
     rows = [(r["text"], r["label"]) for r in load_split("banking77", "train") if r["label"] in names]
@@ -89,9 +90,9 @@ def test_processes_sharing_a_workspace_lose_no_example_and_keep_the_index_in_ste
         ids = sorted(e.id for e in reopened.examples())
     assert sorted(faiss.vector_to_array(index.id_map).tolist()) == ids  # the saved index agrees with SQLite
     assert (workspace / STORE_DIR / DB_FILE).is_file()
-    classifier = Classifier.open(workspace, embedder=embedder, engine=None)
-    assert classifier.predict(["my card got stolen"])[0] == "lost_or_stolen_card"
+    session = Session.open(workspace, embedder=embedder, engine=None)
+    assert session.classify("my card got stolen").label == "lost_or_stolen_card"
     assert not list(workspace.glob("fallback.*")) and not list((workspace / STORE_DIR).glob("*.tmp"))
-    classifier.close()
+    session.close()
     print(f"\n{PROCESSES} processes, {BATCHES} batches of {BATCH} each: {len(expected)} examples checked "
           f"({len(seeds)} seeds, {sum(map(len, given))} given, {len(ids)} ids in SQLite and FAISS)")

@@ -18,24 +18,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelcascade import Classifier
+from labelcascade import Session
 from labelcascade.jobs import LabelJob
 from labelcascade.retrieval.store import DB_FILE, INDEX_FILE, StoreError
 from labelcascade.tables import InputError
 from labelcascade.workspace import CALIBRATION_FILE, FALLBACK_DIR, SETTINGS_FILE, STORE_DIR, Workspace, WorkspaceError
 
-from ..conftest import BANKING_TASK, load_split
+from ..conftest import BANKING_TASK, load_split, probability_matrix
+
+pytestmark = pytest.mark.slow  # real full and read-only file systems, CLI processes
 
 PROBES = ["my card got stolen", "what is the exchange rate", "I want my money back", "close my account please"]
 CLI_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory, embedder) -> Path:
+def template(fallback_workspace) -> Path:
     """A banking workspace (80 seed examples, a trained fallback), copied by each test."""
-    path = tmp_path_factory.mktemp("template") / "ws"
-    Classifier(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
-    return path
+    return fallback_workspace
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,12 @@ def more_examples() -> tuple[list[str], list[str]]:
 
 def snapshot(path: Path, embedder) -> tuple[list[tuple[str, tuple[str, ...]]], np.ndarray]:
     """The stored examples and the answers to the probes: what must survive a fault unchanged."""
-    classifier = Classifier.open(path, embedder=embedder, engine=None)
+    session = Session.open(path, embedder=embedder, engine=None)
     try:
-        examples = [(e.text, e.labels) for e in classifier.store.examples()]
-        return examples, classifier.predict_proba(PROBES)
+        examples = [(e.text, e.labels) for e in session.store.examples()]
+        return examples, probability_matrix(session, PROBES)
     finally:
-        classifier.close()
+        session.close()
 
 
 @contextmanager
@@ -94,21 +94,21 @@ def test_a_full_disk_gives_clear_errors_and_loses_nothing(template, embedder, mo
         before = snapshot(workspace, embedder)
         (tmp_path / "more.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
                                                      for t, y in zip(*more_examples, strict=True)))
-        classifier = Classifier.open(workspace, embedder=embedder, engine=None)
+        session = Session.open(workspace, embedder=embedder, engine=None)
         fill(disk)
 
         texts, labels = more_examples
         with pytest.raises(StoreError, match=r"examples.sqlite: cannot store examples: .*full.*free some disk space"):
-            classifier.add_examples(texts, labels)
+            session.add_examples(texts, labels)
         with pytest.raises(WorkspaceError, match=r"fallback.new: cannot save the retrained fallback model: No space"):
-            classifier.retrain()
+            session.retrain()
         with pytest.raises(WorkspaceError, match=rf"{SETTINGS_FILE}: cannot write {SETTINGS_FILE}: No space"):
-            classifier.policy = classifier.policy.model_copy(update={"accept_threshold": 0.1})
+            session.set_policy(session.policy.model_copy(update={"accept_threshold": 0.1}))
         job_input = tmp_path / "job.jsonl"
         job_input.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROBES))
         with pytest.raises(InputError, match=r"out.jsonl.state.sqlite: cannot record the job's progress"):
-            LabelJob(classifier, job_input, disk / "out.jsonl").run(progress=False)
-        classifier.close()
+            LabelJob(session, job_input, disk / "out.jsonl").run(progress=False)
+        session.close()
         message = one_line_cli_error("add", str(workspace), str(tmp_path / "more.jsonl"))
         assert "examples.sqlite: cannot store examples" in message and "free some disk space" in message
 
@@ -116,11 +116,11 @@ def test_a_full_disk_gives_clear_errors_and_loses_nothing(template, embedder, mo
         assert snapshot(workspace, embedder)[0] == before[0]
         assert np.array_equal(snapshot(workspace, embedder)[1], before[1])  # the previous model, whole
         assert sorted(p.name for p in workspace.iterdir()) == sorted(p.name for p in template.iterdir())
-        classifier = Classifier.open(workspace, embedder=embedder, engine=None)  # and it works again
-        classifier.add_examples(texts, labels)
-        classifier.retrain()
-        assert len(classifier.store) == len(before[0]) + len(set(texts) - {text for text, _ in before[0]})
-        classifier.close()
+        session = Session.open(workspace, embedder=embedder, engine=None)  # and it works again
+        session.add_examples(texts, labels)
+        session.retrain()
+        assert len(session.store) == len(before[0]) + len(set(texts) - {text for text, _ in before[0]})
+        session.close()
 
 
 def test_a_read_only_workspace_answers_but_refuses_changes_clearly(template, embedder, more_examples, tmp_path):
@@ -130,13 +130,13 @@ def test_a_read_only_workspace_answers_but_refuses_changes_clearly(template, emb
         before = snapshot(workspace, embedder)
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, timeout=30)
 
-        classifier = Classifier.open(workspace, embedder=embedder, engine=None)
-        assert np.array_equal(classifier.predict_proba(PROBES), before[1])  # reading needs no writes
+        session = Session.open(workspace, embedder=embedder, engine=None)
+        assert np.array_equal(probability_matrix(session, PROBES), before[1])  # reading needs no writes
         with pytest.raises(StoreError, match=r"examples.sqlite: cannot store examples: .*readonly.*read-only here"):
-            classifier.add_examples(*more_examples)
+            session.add_examples(*more_examples)
         with pytest.raises(WorkspaceError, match=r"cannot save the retrained fallback model: Read-only file system"):
-            classifier.retrain()
-        classifier.close()
+            session.retrain()
+        session.close()
         message = one_line_cli_error("retrain", str(workspace))
         assert "Read-only file system" in message and "make it writable" in message
 
@@ -175,7 +175,7 @@ def test_a_damaged_file_is_refused_on_open_naming_it(template, embedder, tmp_pat
     shutil.copytree(template, workspace)
     damage(workspace / name, how)
     with pytest.raises(error, match=message):
-        Classifier.open(workspace, embedder=embedder, engine=None)
+        Session.open(workspace, embedder=embedder, engine=None)
 
 
 def test_a_damaged_calibration_report_is_refused_naming_it(template, tmp_path):
@@ -192,14 +192,14 @@ def test_a_damaged_faiss_index_is_rebuilt_from_sqlite_and_answers_the_same(templ
     vector) is caught by its sha256 and rebuilt, so retrieval finds exactly what an intact index finds."""
     workspace = tmp_path / "ws"
     shutil.copytree(template, workspace)
-    intact = Classifier.open(template, embedder=embedder, engine=None)
+    intact = Session.open(template, embedder=embedder, engine=None)
     queries = embedder.embed(PROBES)
     expected = [[(n.example.id, round(n.score, 5)) for n in row] for row in intact.store.search(queries, 8)]
     intact.close()
     damage(workspace / STORE_DIR / INDEX_FILE, how)
-    classifier = Classifier.open(workspace, embedder=embedder, engine=None)
-    found = [[(n.example.id, round(n.score, 5)) for n in row] for row in classifier.store.search(queries, 8)]
-    classifier.close()
+    session = Session.open(workspace, embedder=embedder, engine=None)
+    found = [[(n.example.id, round(n.score, 5)) for n in row] for row in session.store.search(queries, 8)]
+    session.close()
     assert found == expected
     assert (workspace / STORE_DIR / INDEX_FILE).read_bytes() == (template / STORE_DIR / INDEX_FILE).read_bytes()
 

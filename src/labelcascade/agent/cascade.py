@@ -36,6 +36,16 @@ from labelcascade.task import Task
 
 
 @dataclass
+class Answers:
+    """One `Cascade.run`: the final predictions, and what the fallback alone said and how sure it was (what the
+    routing decided by), for reports that compare the two without embedding the texts again."""
+
+    predictions: list[Prediction]
+    fallback: list[Prediction]
+    certainty: np.ndarray
+
+
+@dataclass
 class LLMScores:
     """What the LLM said about some texts, before temperature and pooling.
 
@@ -172,14 +182,20 @@ class Cascade:
         `llm_limit` caps how many of these texts are sent to the LLM (a job's budget); the unsure texts beyond it,
         in order, keep the fallback's answer. `learn=False` answers without learning (estimates, dry runs).
         """
+        return self.run(texts, llm_limit=llm_limit, learn=learn).predictions
+
+    def run(self, texts: Sequence[str], *, llm_limit: int | None = None, learn: bool = True) -> Answers:
+        """`classify`, also returning the fallback's own answers and certainties."""
         start = time.perf_counter()
         vectors = self.embedder.embed(texts)
         proba = self.probabilities(vectors)
+        fallback_proba = proba.copy()
+        certainty = self.certainty(proba)
         routes = [Route.FALLBACK] * len(texts)
         evidence: list[list[int]] = [[] for _ in texts]
         spent = np.full(len(texts), (time.perf_counter() - start) / max(len(texts), 1))
         policy = self.policy
-        unsure = np.flatnonzero(~policy.accepts(self.certainty(proba)))[:llm_limit]
+        unsure = np.flatnonzero(~policy.accepts(certainty))[:llm_limit]
         if self.engine is not None and policy.asks_llm and len(unsure):
             for batch in np.array_split(unsure, int(np.ceil(len(unsure) / policy.llm_batch))):
                 began = time.perf_counter()
@@ -190,7 +206,8 @@ class Cascade:
         ]
         if learn:
             self._learn(texts, vectors, predictions)
-        return predictions
+        fallback = [self._prediction(row, Route.FALLBACK, [], 0.0) for row in fallback_proba]
+        return Answers(predictions, fallback, certainty)
 
     def _ask_llm(self, batch, texts, vectors, proba, routes, evidence) -> None:
         """Pool the LLM's answer into `proba` for the texts in `batch` (in place), or mark them degraded."""

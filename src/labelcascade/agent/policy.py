@@ -39,9 +39,9 @@ class Policy(BaseModel):
         description="Subtract from each label's LLM log-probability the one it gets with the content-free text "
         "\"N/A\" in the same prompt (Zhao et al. 2021, 'Calibrate Before Use'), cancelling the model's leaning "
         "toward some labels whatever the text. One more prompt per text, differing from the first only in its last "
-        "tokens: cheap where the engine reuses the prompt's prefix (llama.cpp), twice the work where it does not. "
-        "Off by default: with retrieved examples it also cancels what the examples say (bench/llm.py, Gemma 270M, "
-        "few-shot: sms_spam 31% -> 61%, ag_news 71% -> 76%, but banking77 74% -> 49%).",
+        "tokens: cheap where the engine reuses the prompt's prefix, twice the work where it does not. Off by "
+        "default: with retrieved examples it also cancels what the examples say, which helps some tasks and hurts "
+        "others (BENCHMARKS.md, 'LLM engines').",
     )
     max_candidates: int = Field(
         10, ge=2, description="Labels the LLM scores per text at most: the most likely by fallback and neighbours."

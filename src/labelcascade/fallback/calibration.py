@@ -1,8 +1,8 @@
 """Turning SVM decision scores into probabilities that mean what they say, even at 8 examples per class.
 
 Why a temperature and not sklearn's CalibratedClassifierCV: with a handful of examples per class, Platt or
-isotonic calibration fits one curve per class on a few held-out points and, in our probe, dropped SST-2
-accuracy from 57% to 43%. A softmax over the SVM's decision scores keeps the SVM's ranking (so accuracy is
+isotonic calibration fits one curve per class on a few held-out points and lost accuracy in our probe
+(BENCHMARKS.md, "Measurements behind the code"). A softmax over the SVM's decision scores keeps the SVM's ranking (so accuracy is
 untouched) and has a single parameter, the temperature, which cross-validated scores pin down well.
 """
 

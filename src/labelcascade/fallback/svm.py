@@ -109,7 +109,7 @@ class LinearSVMClassifier:
 
     def _fit_svm(self, X: np.ndarray, y_index: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The dual solver: with a few thousand examples it was twice as fast as the primal one that dual='auto'
-        # picks (1.5 s vs 3.4 s on 3,206 x 384 vectors, 77 classes).
+        # picks (BENCHMARKS.md, "Measurements behind the code").
         svm = LinearSVC(C=self.C, dual=True, random_state=self.random_state).fit(X, y_index, sample_weight=weights)
         return svm.coef_.astype(np.float32), svm.intercept_.astype(np.float32)
 
@@ -213,6 +213,17 @@ class LinearSVMClassifier:
         else:
             model.temperature_ = meta["temperature"]
         return model
+
+    def fingerprint(self) -> str:
+        """A digest of what the model answers with (weights, classes, calibration): equal digests, equal answers.
+        The answer cache keys on it, so a retrained model's answers are computed afresh."""
+        self._check_fitted()
+        digest = hashlib.sha256(np.ascontiguousarray(self.coef_, dtype=np.float64).tobytes())
+        digest.update(np.ascontiguousarray(self.intercept_, dtype=np.float64).tobytes())
+        calibration = {"classes": [str(label) for label in self.classes_], "multi_label": self.multi_label,
+                       "temperature": getattr(self, "temperature_", None), "platt": list(getattr(self, "platt_", ()))}
+        digest.update(json.dumps(calibration, sort_keys=True).encode())
+        return digest.hexdigest()[:16]
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):

@@ -41,8 +41,8 @@ MAX_EXAMPLE_BYTES = 1000
 ELLIPSIS = "…"
 # What closes an answer: in the built-in templates an example's label is followed by a blank line, and Gemma's
 # tokenizer reads "\n\n" as one token. Scoring a single "\n" asked the model for a token it never saw after a label
-# in the prompt (few-shot accuracy on sms_spam 22% with "\n", 31% with "\n\n", 100 texts). A custom template should
-# end its examples' answers the same way.
+# in the prompt, which cost accuracy (BENCHMARKS.md, "Measurements behind the code"). A custom template should end
+# its examples' answers the same way.
 ANSWER_END = "\n\n"
 CONTENT_FREE = "N/A"
 YES, NO = " yes" + ANSWER_END, " no" + ANSWER_END  # the two candidates of a multi-label yes/no question

@@ -15,9 +15,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 DEFAULT_EMBEDDER = "default"
-DEFAULT_BATCH_SIZE = 32  # measured best on 2 cores for news-length texts (178 texts/s vs 153 at 64)
-# Batches up to this size run on one torch thread. A chat message is one text, and on a busy 2-core machine a
-# two-thread encode of it waited for the second core: p50 496 ms, against 9.7 ms on one thread (bench/fallback.py).
+DEFAULT_BATCH_SIZE = 32  # the fastest measured on 2 cores for news-length texts
+# Batches up to this size run on one torch thread. A chat message is one text, and on a busy machine a two-thread
+# encode of it waits for the second core, many times slower than one thread (BENCHMARKS.md, "Measurements behind
+# the code").
 SMALL_BATCH = 4
 
 
@@ -51,6 +52,10 @@ class SentenceTransformerEmbedder:
         self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
         self.id = f"sentence-transformers:{name or model_dir.name}"
         self.dim = int(self._model.get_embedding_dimension())
+
+    def __deepcopy__(self, memo) -> SentenceTransformerEmbedder:
+        """A loaded model is shared, not copied: scikit-learn's `clone` deep-copies an estimator's parameters."""
+        return self
 
     def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         if isinstance(texts, str):
