@@ -73,3 +73,16 @@ def test_mistakes_exit_1_with_a_message_that_names_the_problem(workspace, tmp_pa
     broken.write_text("name: t\nlabels:\n  - name: a\n    colour: red\n  - b\n")
     result = command("init", tmp_path / "ws2", "--task", broken)
     assert result.returncode == 1 and "line 4" in result.stderr and "colour" in result.stderr
+
+
+def test_answers_degraded_by_a_broken_model_say_why(workspace, tmp_path):
+    """A damaged GGUF made every answer `degraded` with no word of why; the CLI now says it on stderr."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a model at all" * 100)
+    texts = ["hello", "what is the weather like", "asdf qwerty", "tell me a joke"]
+    result = command("classify", workspace, *texts, "--engine", f"llamacpp:{broken}")
+    assert result.returncode == 0, result.stderr
+    degraded = sum(json.loads(line)["route"] == "degraded" for line in result.stdout.splitlines())
+    assert degraded >= 1  # texts the fallback is not sure of, which the LLM would have answered
+    assert f"warning: {degraded} answers came from the fallback (route degraded)" in result.stderr
+    assert "not a GGUF model file" in result.stderr and "Traceback" not in result.stderr

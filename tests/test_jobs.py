@@ -2,6 +2,7 @@
 budget, the answer cache, the review file and the plan with the real embedded LLM."""
 
 import csv
+import fcntl
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pytest
 
 from labelcascade import Session
 from labelcascade.agent import Policy
-from labelcascade.jobs import LabelJob
+from labelcascade.jobs import STATE_SUFFIX, LabelJob
 from labelcascade.tables import InputError
 
 from .conftest import BANKING_TASK, banking_messages, label_command, load_split, rows_done, write_texts_jsonl
@@ -67,6 +68,23 @@ def test_outputs_in_every_format_keep_the_input_columns(fallback_workspace, sour
     assert [row["label"] for row in table] == ["lost_or_stolen_card", "exchange_rate"]
     assert [row["id"] for row in table] == ["1", "2"] and {"confidence", "route", "top", "message"} <= set(table[0])
     assert (tmp_path / "out.csv").read_text().splitlines()[0] == "id,message,label,confidence,route,top"
+
+
+def test_a_second_job_on_the_same_output_is_refused_and_leaves_the_first_ones_state(fallback_workspace, tmp_path,
+                                                                                       embedder):
+    """Two jobs writing one output used to meet in SQLite, and the second called the first one's state damaged and
+    advised deleting it. The job's lock now refuses the second at once, naming what to do."""
+    source = write_texts_jsonl(tmp_path / "in.jsonl", load_split("banking77", "test")[:10])
+    out = tmp_path / "out.jsonl"
+    state = out.with_name(out.name + STATE_SUFFIX)
+    session = Session.open(fallback_workspace, embedder=embedder)
+    with open(state.with_name(state.name + ".lock"), "w") as first_job:
+        fcntl.flock(first_job, fcntl.LOCK_EX)  # what a running job holds
+        with pytest.raises(InputError, match=r"out.jsonl: another labelling job is writing this output now.*wait"):
+            LabelJob(session, source, out).run(progress=False)
+        assert not state.exists() and not out.exists()
+    assert LabelJob(session, source, out).run(progress=False).rows == 10  # once the first is done, it runs
+    session.close()
 
 
 def test_a_bad_row_stops_the_job_before_any_work_and_names_its_line(fallback_workspace, tmp_path, embedder):

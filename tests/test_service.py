@@ -152,6 +152,25 @@ def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder)
     session.close()
 
 
+def test_feedback_does_not_overrule_gold_labels_and_is_rate_limited(embedder):
+    """Eight relabels of gold seed texts and a retrain once flipped an intent's answers. Gold labels now stand
+    against feedback (409, naming the way to change them), and feedback is capped per minute (429)."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    seed_text, (seed_label,) = session.task.seed_examples()[0]  # a card_arrival example
+    count = len(session.store)
+    with running(create_app(session, max_feedback_per_minute=3)) as url, httpx.Client(base_url=url) as client:
+        overrule = client.post("/v1/feedback", json={"text": seed_text, "label": "terminate_account"})
+        agree = client.post("/v1/feedback", json={"text": seed_text, "label": seed_label})
+        new = client.post("/v1/feedback", json={"text": "my card melted in the sun", "label": "card_arrival"})
+        flood = client.post("/v1/feedback", json={"text": "one more text", "label": "card_arrival"})
+    assert overrule.status_code == 409 and "gold label" in overrule.text and "--review" in overrule.text
+    assert agree.status_code == 200 and new.status_code == 200
+    assert flood.status_code == 429 and int(flood.headers["Retry-After"]) >= 1 and "3 feedback requests" in flood.text
+    assert session.store.find([seed_text])[seed_text].labels == (seed_label,)
+    assert len(session.store) == count + 1 and "one more text" not in session.store.find(["one more text"])
+    session.close()
+
+
 def test_api_key_guards_every_endpoint_but_healthz(banking):
     with running(create_app(banking, api_key="s3cret")) as url, httpx.Client(base_url=url) as client:
         assert client.get("/healthz").status_code == 200

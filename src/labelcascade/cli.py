@@ -24,7 +24,7 @@ import typer
 
 from labelcascade.fallback import NotFittedError
 from labelcascade.jobs import LabelJob
-from labelcascade.records import Source
+from labelcascade.records import Route, Source
 from labelcascade.reports import evaluate
 from labelcascade.retrieval import EmbedderMismatchError
 from labelcascade.service import is_loopback
@@ -56,6 +56,14 @@ def _engine(spec: str | None) -> str | None:
 
 def _open(workspace: Path, engine: str | None = None) -> Session:
     return Session.open(workspace) if engine is None else Session.open(workspace, engine=_engine(engine))
+
+
+def _warn_if_degraded(session: Session, degraded: int) -> None:
+    """Say on stderr why answers came from the fallback instead of the LLM, once, so a broken model or an
+    unreachable server is not silent."""
+    if degraded:
+        typer.echo(f"warning: {degraded} answers came from the fallback (route degraded) because the LLM did not "
+                   f"answer: {session.engine_failure() or 'no reason recorded'}", err=True)
 
 
 def _argument_texts(texts: list[str]) -> list[str]:
@@ -147,8 +155,10 @@ def classify(
     if not texts:
         raise InputError("no texts: give them as arguments or one per line on stdin")
     session = _open(workspace, engine)
-    for text, prediction in zip(texts, session.classify(texts), strict=True):
+    predictions = session.classify(texts)
+    for text, prediction in zip(texts, predictions, strict=True):
         typer.echo(json.dumps({"text": text, **prediction.summary(top)}, ensure_ascii=False))
+    _warn_if_degraded(session, sum(p.route is Route.DEGRADED for p in predictions))
     session.close()
 
 
@@ -184,6 +194,7 @@ def label(
         reviewed = f"; {summary.review_rows} rows to review -> {summary.review}" if summary.review else ""
         typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}; "
                    f"LLM calls {summary.llm_calls}, cached answers {summary.cached}{reviewed}", err=True)
+        _warn_if_degraded(session, summary.routes.get(Route.DEGRADED.value, 0))
     session.close()
 
 
@@ -238,6 +249,9 @@ def serve(
     ] = None,
     engine: Engine = None,
     max_texts: Annotated[int, typer.Option(min=1, help="Texts per request at most.")] = 256,
+    feedback_per_minute: Annotated[
+        int, typer.Option(min=1, help="Feedback requests accepted per minute at most (429 past it).")
+    ] = 60,
     allow_no_key: Annotated[
         bool, typer.Option("--allow-no-key", help="Serve another host than this machine without an API key, on purpose.")
     ] = False,
@@ -247,7 +261,7 @@ def serve(
     if allow_no_key and api_key is None and not is_loopback(host):
         typer.echo(f"warning: serving on {host} without an API key; anyone who can reach it can use it", err=True)
     run_service(workspace, host=host, port=port, api_key=api_key, engine="saved" if engine is None else _engine(engine),
-                max_texts=max_texts, allow_no_key=allow_no_key)
+                max_texts=max_texts, max_feedback_per_minute=feedback_per_minute, allow_no_key=allow_no_key)
 
 
 @app.command()

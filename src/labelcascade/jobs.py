@@ -23,6 +23,7 @@ with low confidence) can be written to a review file beside the output.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import sqlite3
@@ -36,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from labelcascade.answer_cache import AnswerCache
-from labelcascade.session import Session
 from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
+from labelcascade.session import Session
 from labelcascade.tables import InputError, Row, file_format, read_rows
 
 STATE_SUFFIX = ".state.sqlite"
@@ -136,8 +137,29 @@ class LabelJob:
             raise InputError(f"{self.state_path}: the job's state is damaged ({error}); delete it to start the job "
                              "over") from None
 
+    @contextmanager
+    def _only_job(self) -> Iterator[None]:
+        """Hold the job's lock (an flock on `<state>.lock`) for the whole run: a second job writing the same output
+        is refused at once, and never touches the first one's state."""
+        lock_path = self.state_path.with_name(self.state_path.name + ".lock")
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise InputError(storage_failure(lock_path, error, "lock the job's state")) from None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InputError(
+                    f"{self.destination}: another labelling job is writing this output now (it holds "
+                    f"{lock_path.name}); wait for it to finish, or write to another file. Its progress is kept."
+                ) from None
+            yield
+        finally:
+            os.close(handle)  # closing releases the lock
+
     def _run(self, progress: bool) -> JobSummary:
-        with self._answer_cache(), sqlite3.connect(self.state_path) as state:
+        with self._only_job(), self._answer_cache(), sqlite3.connect(self.state_path) as state:
             state.executescript(_SCHEMA)
             self._check_input(state)
             done = {position for (position,) in state.execute("SELECT position FROM rows")}

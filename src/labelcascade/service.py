@@ -22,6 +22,11 @@ every request waiting (up to `max_texts` texts, a request is never split), answe
 `session.classify(texts)` call and hands each request its own slice. There is no waiting window: an idle service
 answers a lone request at once, and a busy one batches exactly the requests that arrived during the previous batch.
 
+Who may overrule whom: feedback is a `review` example, which outranks the LLM's labels, but not a gold label: a text
+the workspace holds with a gold label (the task's seeds, `labelcascade add`) keeps it, and feedback giving it
+another label gets 409; a person with the workspace changes gold labels with `labelcascade add --review`. Feedback
+is rate-limited (`max_feedback_per_minute`, 429 past it), so a caller cannot flood the store with labels.
+
 Feedback is stored at once (and committed to the workspace's database) but does not retrain the fallback unless
 the request says `"retrain": true`: retraining reads every stored example, which is cheap for hundreds of examples
 but not for tens of thousands, so the caller decides. Otherwise the correction counts from the next retrain: the
@@ -43,6 +48,7 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -61,8 +67,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from labelcascade import __version__
 from labelcascade.agent import Policy
-from labelcascade.session import Session
 from labelcascade.records import Prediction, Route, Source
+from labelcascade.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +98,7 @@ class ClassifyRequest(BaseModel):
 
     text: Text | None = Field(None, description="A single text.")
     texts: list[Text] | None = Field(None, min_length=1, description="Several texts, answered in order.")
-    top: int = Field(3, ge=0, description="How many of the most probable labels to return per text.")
+    top: int = Field(3, ge=0, strict=True, description="How many of the most probable labels to return per text.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ClassifyRequest:
@@ -147,7 +153,7 @@ class FeedbackRequest(BaseModel):
     text: Text
     label: str | None = Field(None, description="The right label.")
     labels: list[str] | None = Field(None, min_length=1, description="The right labels (multi-label tasks).")
-    retrain: bool = Field(False, description="Retrain the fallback on every stored example now.")
+    retrain: bool = Field(False, strict=True, description="Retrain the fallback on every stored example now.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> FeedbackRequest:
@@ -163,7 +169,7 @@ class FeedbackRequest(BaseModel):
 class FeedbackResponse(BaseModel):
     id: int = Field(description="The stored example's id; a text already stored keeps its id and takes these labels.")
     labels: list[str]
-    source: Source = Field(description="Always `review`: a person's label outranks gold and LLM labels.")
+    source: Source = Field(description="Always `review`: a person's label, which outranks the LLM's (not gold ones).")
     retrained: bool
 
 
@@ -269,6 +275,8 @@ def _guarded(function: Callable[[], T]) -> Callable[[], T]:
     def run() -> T:
         try:
             return function()
+        except HTTPException:
+            raise  # an answer the function chose (a refusal), not a failure
         except Exception as error:
             logger.exception("the classifier failed")
             raise HTTPException(500, detail=f"the classifier failed: {type(error).__name__}: {error}") from None
@@ -322,11 +330,14 @@ def create_app(
     max_texts: int = 256,
     max_text_chars: int = 4_000,
     max_body_bytes: int = 1_000_000,
+    max_feedback_per_minute: int = 60,
 ) -> FastAPI:
     """The HTTP app over `session`, which stays yours to close. With `api_key`, every endpoint but /healthz (and
     the /docs page) needs `Authorization: Bearer <key>` or `X-API-Key: <key>`. `max_texts` caps the texts per
-    request (and per session call), `max_text_chars` the length of one text, `max_body_bytes` the request body."""
+    request (and per session call), `max_text_chars` the length of one text, `max_body_bytes` the request body,
+    `max_feedback_per_minute` the feedback requests taken over any 60 seconds."""
     metrics = Metrics()
+    feedback_times: deque[float] = deque()  # when feedback requests came, over the last minute
     worker = SessionWorker(session, max_batch=max_texts, batch_texts=metrics.batch_texts)
 
     @asynccontextmanager
@@ -400,8 +411,21 @@ def create_app(
             raise _invalid(field, f"{len(labels)} labels given but the task {task.name!r} is single-label")
         if len(text := request.text) > max_text_chars:
             raise _invalid("text", f"text has {len(text)} characters; at most {max_text_chars}")
+        now = time.monotonic()
+        while feedback_times and now - feedback_times[0] >= 60:
+            feedback_times.popleft()
+        if len(feedback_times) >= max_feedback_per_minute:
+            wait = max(1, int(60 - (now - feedback_times[0])) + 1)
+            raise HTTPException(429, detail=f"at most {max_feedback_per_minute} feedback requests a minute; try again "
+                                            f"in {wait} s", headers={"Retry-After": str(wait)})
+        feedback_times.append(now)
 
         def store() -> int:
+            stored = session.store.find([text]).get(text)
+            if stored is not None and stored.source is Source.GOLD and set(stored.labels) != set(labels):
+                raise HTTPException(409, detail=(
+                    f"this text has the gold label {', '.join(stored.labels)}, which feedback does not overrule; a "
+                    "person with the workspace corrects it with `labelcascade add WORKSPACE FILE --review`"))
             [example_id] = session.add_examples([text], [labels], source=Source.REVIEW)  # durable on return
             if request.retrain:
                 session.retrain()
@@ -452,10 +476,11 @@ def _key_check(api_key: str) -> Callable[..., None]:
 
 
 def _encodable(detail: dict) -> dict:
-    """`detail` with its echoed input (and the context that repeats it) dropped when UTF-8 cannot encode them."""
+    """`detail` with its echoed input (and the context that repeats it) dropped when JSON cannot carry them back:
+    a lone surrogate, or NaN and Infinity, which Python's JSON parser reads but a JSON response cannot hold."""
     try:
-        json.dumps(detail, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
+        json.dumps(detail, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError:  # UnicodeEncodeError is one too
         return {key: value for key, value in detail.items() if key not in ("input", "ctx")}
     return detail
 
@@ -475,6 +500,7 @@ def serve(
     max_texts: int = 256,
     max_text_chars: int = 4_000,
     max_body_bytes: int = 1_000_000,
+    max_feedback_per_minute: int = 60,
     allow_no_key: bool = False,
 ) -> None:
     """Open `workspace` and serve it over HTTP until interrupted. `engine` is the workspace's saved LLM engine
@@ -488,7 +514,8 @@ def serve(
     session = Session.open(workspace, engine=engine)
     try:
         app = create_app(
-            session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes
+            session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes,
+            max_feedback_per_minute=max_feedback_per_minute,
         )
         uvicorn.run(app, host=host, port=port)
     finally:

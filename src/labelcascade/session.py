@@ -271,6 +271,11 @@ class Session:
             return self.cascade.classify(checked_texts([texts]), llm_limit=llm_limit, learn=learn)[0]
         return self.cascade.classify(checked_texts(texts), llm_limit=llm_limit, learn=learn)
 
+    def engine_failure(self) -> str | None:
+        """Why the LLM last failed to load or answer (its answers then came from the fallback, marked
+        `degraded`), or None if it never failed in this session."""
+        return None if self._engine is None else self._engine.last_failure
+
     def unsure(self, texts: Sequence[str]) -> np.ndarray:
         """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
         nothing is asked). All False when there is no engine or the policy sends nothing to it."""

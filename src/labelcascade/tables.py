@@ -109,6 +109,9 @@ def _records(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
                     record = json.loads(text)
                 except json.JSONDecodeError as error:
                     raise InputError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+                except RecursionError:
+                    raise InputError(f"{path}: line {number}: JSON nested too deeply to read; a row is one object "
+                                     "of plain fields") from None
                 if not isinstance(record, dict):
                     raise InputError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
                 yield number, record

@@ -200,6 +200,9 @@ class Task(_Strict):
             raise TaskError(f"{path}: cannot read the task file ({error.strerror})") from None
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
+            if shared := _aliased(node):
+                raise TaskError(f"{path}: line {shared.start_mark.line + 1}: a YAML alias (*name) refers to this "
+                                "value; task files may not use anchors and aliases: write the value out")
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
@@ -207,6 +210,13 @@ class Task(_Strict):
             raise TaskError(f"{path}: {where}not valid YAML: {getattr(error, 'problem', error)}") from None
         if not isinstance(data, dict):
             raise TaskError(f"{path}: a task file must be a YAML mapping with at least 'name' and 'labels'")
+        labels = data.get("labels")
+        for i, label in enumerate(labels if isinstance(labels, list) else []):
+            name = label.get("name", "") if isinstance(label, dict) else label
+            if isinstance(name, bool) or name is None:
+                raise TaskError(f"{path}: line {_line_of(node, ['labels', i]) or '?'}: labels[{i}]: YAML reads an "
+                                f"unquoted {'yes/no/on/off/true/false' if name is not None else 'null/~ or empty'} "
+                                "as a value, not a label name: put the name in quotes ('yes')")
         if duplicate := _duplicate_key(node):
             raise TaskError(f"{path}: line {duplicate.start_mark.line + 1}: duplicate key {duplicate.value!r}")
         try:
@@ -239,6 +249,23 @@ def _describe(error: ValidationError, source: str, lines: yaml.Node | None) -> s
 
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_]\w*(?:\[\d+\]|\.\w+)*): ")
+
+
+def _aliased(node: yaml.Node | None) -> yaml.Node | None:
+    """A node that the document reaches twice: the target of an alias. A task needs none, and a few nested aliases
+    make a small file whose every walk (checking keys, validating) grows exponentially with the nesting."""
+    seen: set[int] = set()
+    stack = [] if node is None else [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            return current
+        seen.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            stack.extend(part for pair in current.value for part in pair)
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+    return None
 
 
 def _duplicate_key(node: yaml.Node) -> yaml.Node | None:

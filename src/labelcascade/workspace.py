@@ -68,10 +68,13 @@ class Settings(BaseModel):
 class Workspace:
     """Reads and writes the files of one workspace folder."""
 
-    def __init__(self, path: Path, task: Task, settings: Settings):
+    def __init__(self, path: Path, task: Task, settings: Settings, *, new: bool = False):
+        """`new`: made by `create` in this process, so its example store is still to be made; every other
+        workspace must have one, and a missing or empty one is refused, never made anew over the examples lost."""
         self.path = path
         self.task = task
         self.settings = settings
+        self.new = new
 
     @classmethod
     def create(cls, path: str | Path, task: Task, settings: Settings | None = None) -> Workspace:
@@ -79,7 +82,7 @@ class Workspace:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise WorkspaceError(f"{path}: folder is not empty; open it with Session.open() or choose a new folder")
-        workspace = cls(path, task, settings or Settings())
+        workspace = cls(path, task, settings or Settings(), new=True)
         try:
             path.mkdir(parents=True, exist_ok=True)
             task.to_yaml(path / TASK_FILE)
@@ -93,6 +96,13 @@ class Workspace:
         path = Path(path)
         if not (path / TASK_FILE).is_file():
             raise WorkspaceError(f"{path}: not a labelcascade workspace ({TASK_FILE} missing)")
+        for name in (TASK_FILE, SETTINGS_FILE, STORE_DIR, FALLBACK_DIR, CALIBRATION_FILE, LOCK_FILE):
+            if (path / name).is_symlink():
+                raise WorkspaceError(
+                    f"{path / name}: a symbolic link; a workspace's files must be its own (they are replaced by "
+                    "renames, which would break the link or write through it): put the file or folder it points to "
+                    "in its place"
+                )
         task = Task.from_yaml(path / TASK_FILE)
         try:
             settings = Settings.model_validate_json((path / SETTINGS_FILE).read_bytes())
@@ -109,8 +119,10 @@ class Workspace:
         _write_atomically(self.path / SETTINGS_FILE, self.settings.model_dump_json(indent=2))
 
     def open_store(self, *, embedder_id: str, dim: int) -> ExampleStore:
-        """The example store, created on first use; refuses vectors from another embedder."""
-        return ExampleStore(self.path / STORE_DIR, embedder_id=embedder_id, dim=dim, index=self.settings.index)
+        """The example store, created with the workspace and only then; refuses vectors from another embedder."""
+        return ExampleStore(
+            self.path / STORE_DIR, embedder_id=embedder_id, dim=dim, index=self.settings.index, create=self.new
+        )
 
     def load_fallback(self) -> LinearSVMClassifier | None:
         """The saved fallback classifier, or None before the first training; WorkspaceError if it is damaged."""

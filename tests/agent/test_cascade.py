@@ -58,6 +58,22 @@ def banking_cascade(embedder, engine, policy: Policy, task: Task | None = None) 
     return Cascade(task, embedder, fallback, store=store, engine=EngineSlot(engine), policy=policy)
 
 
+def test_one_slow_batch_does_not_degrade_the_batches_after_it(embedder, gemma):
+    """A timed-out batch used to set the engine aside for 10 s, and every later batch of the call was answered
+    `degraded` without asking it. One timeout now leaves the engine in use; two in a row set it aside."""
+    texts = banking_messages()[0][:4]
+    policy = CHEAP.model_copy(update={"accept_threshold": 1.0, "llm_batch": 1, "timeout_s": 1e-9})
+    cascade = banking_cascade(embedder, gemma, policy)
+    prompts = gemma.stats.prompts
+    assert {p.route for p in cascade.classify(texts, learn=False)} == {Route.DEGRADED}
+    assert gemma.stats.prompts - prompts == 2  # asked twice, both timed out; the last two were not asked
+
+    cascade = banking_cascade(embedder, gemma, policy)
+    assert cascade.classify(texts[:1], learn=False)[0].route is Route.DEGRADED  # one timeout
+    cascade.policy = CHEAP.model_copy(update={"accept_threshold": 1.0, "llm_batch": 1})
+    assert [p.route for p in cascade.classify(texts, learn=False)] == [Route.LLM] * 4  # not set aside
+
+
 def test_the_accept_threshold_routes_between_fallback_and_llm(embedder, gemma):
     texts, _ = banking_messages()
     texts = texts[:3]

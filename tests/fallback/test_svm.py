@@ -7,6 +7,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
+from labelcascade.fallback import svm as svm_module
 from labelcascade.fallback.calibration import expected_calibration_error
 
 from ..conftest import few_shot, held_out
@@ -91,6 +92,26 @@ def test_a_model_that_differs_from_what_was_saved_is_refused_not_used(banking, t
             LinearSVMClassifier.load(tmp_path)
         (tmp_path / name).write_bytes(saved[name])
     assert list(LinearSVMClassifier.load(tmp_path).classes_) == meta["classes"]
+
+
+def test_a_model_without_a_checksum_or_with_impossible_numbers_is_refused(banking, tmp_path):
+    """A model.json of format 1 carries no sha256, so swapped classes would load unnoticed; and a model whose
+    digest was recomputed over a NaN or negative temperature would answer nonsense. Both are refused."""
+    X, y, _, _ = banking
+    LinearSVMClassifier().fit(X, y).save(tmp_path)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    arrays = (tmp_path / "model.npz").read_bytes()
+    unchecked = {key: value for key, value in meta.items() if key != "sha256"} | {"format_version": 1}
+    unchecked["classes"] = [meta["classes"][1], meta["classes"][0], *meta["classes"][2:]]
+    (tmp_path / "model.json").write_text(json.dumps(unchecked))
+    with pytest.raises(ValueError, match="format_version 1 is not 2, the one that records a sha256"):
+        LinearSVMClassifier.load(tmp_path)
+    for temperature in (float("nan"), float("inf"), -1.0, 0.0, "2"):
+        forged = {key: value for key, value in meta.items() if key != "sha256"} | {"temperature": temperature}
+        forged["sha256"] = svm_module._digest(arrays, {k: v for k, v in forged.items()})
+        (tmp_path / "model.json").write_text(json.dumps(forged))
+        with pytest.raises(ValueError, match="not a finite number, or the temperature is not positive"):
+            LinearSVMClassifier.load(tmp_path)
 
 
 def test_sample_weights_change_the_decision():

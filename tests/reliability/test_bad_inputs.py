@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import time
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +126,16 @@ TASK_FILE_CASES = [
     ("tab-indentation", "name: t\nlabels:\n\t- a\n", "line 3: not valid YAML"),
     ("empty-file", "", "must be a YAML mapping"),
     ("top-level-list", "- a\n- b\n", "must be a YAML mapping"),
+    ("alias", "name: &n t\nlabels: [*n, b]\n", "line 1: a YAML alias (*name) refers to this value"),
+    ("labels-yes-no", "name: t\nlabels: [yes, no]\n", "line 2: labels[0]: YAML reads an unquoted yes/no"),
+    ("label-name-on", "name: t\nlabels:\n  - a\n  - name: on\n", "line 4: labels[1]: YAML reads an unquoted yes/no"),
+    ("label-null", "name: t\nlabels: [a, ~]\n", "labels[1]: YAML reads an unquoted null"),
 ]
+
+# Nested aliases: each level refers to the one before it nine times; walked in full, 9**12 nodes.
+ALIAS_BOMB = "name: t\nlabels: [a, b]\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else 'lol'}]\n" for i in range(12)
+)
 
 
 @pytest.mark.parametrize(("content", "expected"), [c[1:] for c in TASK_FILE_CASES], ids=[c[0] for c in TASK_FILE_CASES])
@@ -136,6 +146,15 @@ def test_task_file(tmp_path, content, expected):
         Task.from_yaml(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+def test_a_task_file_of_nested_aliases_is_refused_at_once(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text(ALIAS_BOMB, encoding="utf-8")
+    began = time.perf_counter()
+    with pytest.raises(TaskError, match=r"line \d+: a YAML alias"):
+        Task.from_yaml(path)
+    assert time.perf_counter() - began < 1.0 and len(ALIAS_BOMB) < 1200
 
 
 @pytest.mark.parametrize(
@@ -215,6 +234,9 @@ FILE_CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("jsonl-invalid-utf8", "a.jsonl", lambda p: p.write_bytes(b'{"text": "ok", "label": "change_pin"}\n{"text": "\xff"}\n'),
      ("line 2, byte 11: not UTF-8",)),
     ("jsonl-empty-file", "a.jsonl", lambda p: p.write_text(""), ("no rows",)),
+    ("jsonl-nested-100000-deep", "a.jsonl",
+     lambda p: p.write_text('{"text": "a", "label": "change_pin", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
+     ("line 1: JSON nested too deeply",)),
     ("parquet-garbage", "a.parquet", lambda p: p.write_bytes(b"PAR1 this is not parquet"), ("not a readable Parquet file",)),
     ("parquet-truncated", "a.parquet", lambda p: (write_parquet(p, {"text": ["a"] * 100, "label": ["change_pin"] * 100}),
                                                   p.write_bytes(p.read_bytes()[:200])),
@@ -315,6 +337,13 @@ HTTP_CASES = [
     ("text-not-a-string", {"text": 42}, 422, "Input should be a valid string"),
     ("texts-not-a-list", {"texts": "my card"}, 422, "Input should be a valid list"),
     ("negative-top", {"text": "my card", "top": -1}, 422, "greater than or equal to 0"),
+    ("nan-top", b'{"text": "my card", "top": NaN}', 422, "valid integer"),
+    ("infinite-top", b'{"text": "my card", "top": Infinity}', 422, "valid integer"),
+    ("negative-infinite-top", b'{"text": "my card", "top": -Infinity}', 422, "valid integer"),
+    ("float-top", {"text": "my card", "top": 2.0}, 422, "valid integer"),
+    ("boolean-top", {"text": "my card", "top": True}, 422, "valid integer"),
+    ("string-top", {"text": "my card", "top": "3"}, 422, "valid integer"),
+    ("huge-top", {"text": "my card", "top": 10**30}, 200, ""),
     ("unknown-field", {"text": "my card", "label": "refund"}, 422, "Extra inputs are not permitted"),
     ("deeply-nested", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "error parsing the body"),
     ("nul-bytes", {"text": "my card\x00 got stolen"}, 200, ""),
@@ -354,6 +383,25 @@ def test_http_classify(service, body, status, words):
 def test_http_feedback(service, banking, body, words):
     response = service.post("/v1/feedback", json=body)
     assert response.status_code == 422 and words in response.text
+    assert len(banking.store) == 80
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [(b'{"text": "hi", "label": "refund", "retrain": NaN}', "valid boolean"),
+     (b'{"text": "hi", "label": "refund", "retrain": Infinity}', "valid boolean"),
+     (b'{"text": "hi", "label": "refund", "retrain": "yes"}', "valid boolean"),
+     (b'{"text": "hi", "label": "refund", "retrain": 1}', "valid boolean"),
+     (b'{"text": "hi", "label": NaN}', "valid string"),
+     (b'{"text": NaN, "label": "refund"}', "valid string")],
+    ids=["retrain-nan", "retrain-infinity", "retrain-string", "retrain-number", "label-nan", "text-nan"],
+)
+def test_http_feedback_numbers_and_types_are_strict(service, banking, body, words):
+    """Every field of a request, given NaN, Infinity or a value of another type: 422 naming it, never a 500, and
+    nothing stored."""
+    response = service.post("/v1/feedback", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and words in response.text, response.text[:300]
+    assert "Traceback" not in response.text
     assert len(banking.store) == 80
 
 

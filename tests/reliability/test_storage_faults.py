@@ -10,6 +10,7 @@ used: the example index is rebuilt from SQLite (which holds every vector), anyth
 import json
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -210,3 +211,55 @@ def test_the_cli_reports_a_damaged_model_in_one_line(template, tmp_path):
     damage(workspace / FALLBACK_DIR / "model.npz", "flipped")
     message = one_line_cli_error("classify", str(workspace), "my card got stolen")
     assert "model is damaged" in message and f"labelcascade retrain {workspace}" in message
+
+
+@pytest.mark.parametrize("how", ["emptied", "replaced", "deleted"])
+def test_an_emptied_replaced_or_missing_example_store_is_refused_never_made_anew(template, embedder, tmp_path, how):
+    """A store that exists but holds no examples used to open as a new empty store, and the next classify wrote an
+    empty index over the real one: the workspace's examples were gone. Now it is refused, by the Python API and the
+    CLI, and neither the database file nor the index is touched."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    database, index = workspace / STORE_DIR / DB_FILE, workspace / STORE_DIR / INDEX_FILE
+    if how == "emptied":
+        database.write_bytes(b"")
+    elif how == "replaced":
+        database.unlink()
+        with sqlite3.connect(database) as other:
+            other.execute("CREATE TABLE notes (text TEXT)")
+    else:
+        database.unlink()
+    before = {path.name: path.read_bytes() for path in (database, index) if path.exists()}
+    words = "missing" if how == "deleted" else "holds no example store"
+    with pytest.raises(StoreError, match=rf"examples.sqlite: {words}.*never made anew"):
+        Session.open(workspace, embedder=embedder, engine=None)
+    script = Path(sys.executable).with_name("labelcascade")
+    result = subprocess.run([str(script), "classify", str(workspace), "my card got stolen", "--engine", "none"],
+                            capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert result.returncode == 1 and words in result.stderr and "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in (database, index) if path.exists()} == before
+
+
+@pytest.mark.parametrize("name", [FALLBACK_DIR, STORE_DIR, SETTINGS_FILE, "task.yaml"])
+def test_a_workspace_part_that_is_a_symbolic_link_is_refused_naming_it(template, embedder, tmp_path, name):
+    """A linked fallback/ once made every retrain fail on rmtree and every later open with it; a linked part is now
+    refused on open, before anything is written through the link."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    elsewhere = tmp_path / "elsewhere"
+    (workspace / name).rename(elsewhere)
+    (workspace / name).symlink_to(elsewhere)
+    with pytest.raises(WorkspaceError, match=rf"{name}: a symbolic link"):
+        Session.open(workspace, embedder=embedder, engine=None)
+    assert (workspace / name).is_symlink() and elsewhere.exists()
+
+
+def test_a_task_file_cut_short_is_refused_naming_the_labels_it_lost(template, embedder, tmp_path):
+    """task.yaml cut after its first labels still parses, but the saved fallback answers labels it no longer has:
+    refused with those labels named (it was an index error deep in the cascade)."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(template, workspace)
+    (workspace / "task.yaml").write_text("name: banking-support\nlabels: [card_arrival, change_pin]\n")
+    with pytest.raises(ValueError, match=r"the fallback model answers labels that the task does not have \(.*"
+                                         r"lost_or_stolen_card.*\): the task was changed or damaged"):
+        Session.open(workspace, embedder=embedder, engine=None)

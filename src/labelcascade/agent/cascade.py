@@ -90,6 +90,12 @@ class Cascade:
         """Start answering with another fallback model (after a retrain)."""
         # Columns of the fallback's probabilities, placed among all of the task's labels (a label with no
         # examples yet gets probability 0), so callers always see the same label order.
+        unknown = [str(label) for label in fallback.classes_ if label not in self._labels]
+        if unknown:
+            raise ValueError(
+                f"the fallback model answers labels that the task does not have ({', '.join(unknown)}): the task "
+                "was changed or damaged after the model was trained; restore the task file, or retrain"
+            )
         columns = np.array([self._labels.index(label) for label in fallback.classes_])
         self.fallback, self._columns = fallback, columns
 
@@ -152,6 +158,7 @@ class Cascade:
         except EngineError as error:
             self.engine.failed(error)
             raise
+        self.engine.answered()
         answers = scores[::twins]
         baselines = scores[1::twins] if twins == 2 else [{}] * len(answers)
         for (i, chosen), option, answer, baseline in zip(cells, options[::twins], answers, baselines, strict=True):

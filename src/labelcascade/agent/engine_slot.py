@@ -3,14 +3,18 @@
 An engine that cannot be loaded or that fails a call (server down, timeout) must never fail a classification:
 the cascade answers from the fallback, marked `degraded`. To keep those answers fast while the engine is down,
 the slot refuses calls for `retry_after_s` seconds after a failure, then tries again, so a job returns to the LLM
-on its own once the server is back.
+on its own once the server is back. A timeout alone is not taken for an engine that is down (a loaded machine is
+slow, not broken): only a second timeout in a row sets it aside, so one slow batch does not degrade the batches
+after it.
 """
 
 from __future__ import annotations
 
 import time
 
-from labelcascade.agent.engines import Engine, EngineError, load_engine
+from labelcascade.agent.engines import Engine, EngineError, EngineTimeout, load_engine
+
+TIMEOUTS_TO_SET_ASIDE = 2  # timeouts in a row that set the engine aside like any other failure
 
 
 class EngineSlot:
@@ -24,6 +28,7 @@ class EngineSlot:
         self.retry_after_s = retry_after_s
         self._failed_at: float | None = None
         self._failure = ""
+        self._timeouts = 0  # in a row, since the engine last answered
 
     def get(self) -> Engine:
         """The engine, loading it if needed; EngineError while it is failing (within `retry_after_s`)."""
@@ -39,8 +44,23 @@ class EngineSlot:
         return self._engine
 
     def failed(self, error: BaseException) -> None:
-        """Record a failure: calls are refused until `retry_after_s` has passed."""
-        self._failed_at, self._failure = time.monotonic(), str(error)
+        """Record a failure: calls are refused until `retry_after_s` has passed (for a timeout, only once
+        TIMEOUTS_TO_SET_ASIDE have come in a row)."""
+        self._failure = str(error)
+        if isinstance(error, EngineTimeout):
+            self._timeouts += 1
+            if self._timeouts < TIMEOUTS_TO_SET_ASIDE:
+                return
+        self._failed_at = time.monotonic()
+
+    def answered(self) -> None:
+        """Record that the engine answered: the timeouts in a row start again from none."""
+        self._timeouts = 0
+
+    @property
+    def last_failure(self) -> str | None:
+        """Why the engine last failed to load or answer, or None if it never has."""
+        return self._failure or None
 
     @property
     def loaded(self) -> Engine | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from sklearn.svm import LinearSVC
 
 from labelcascade.fallback.calibration import fit_platt, fit_temperature, sigmoid, softmax_with_temperature
 
-_FORMAT_VERSION = 2  # 2 adds the sha256; models saved as version 1 (no sha256) still load
+_FORMAT_VERSION = 2  # 2 adds the sha256; version 1 (no sha256) is refused: nothing would show it was not altered
 UNCALIBRATED_TEMPERATURE = 1.0  # used when some class has a single example and cross-validation is impossible
 
 
@@ -188,14 +189,14 @@ class LinearSVMClassifier:
             raise FileNotFoundError(f"{folder}: no saved fallback model ({Path(error.filename).name} missing)") from None
         except (ValueError, OSError) as error:
             raise ValueError(f"{damaged} ({error})") from None
-        if not isinstance(meta, dict) or meta.get("format_version") not in (1, _FORMAT_VERSION):
+        if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
             version = meta.get("format_version") if isinstance(meta, dict) else None
-            raise ValueError(f"{folder}/model.json: unsupported format_version {version!r}")
-        if meta["format_version"] == _FORMAT_VERSION:
-            recorded = meta.pop("sha256", None)
-            if recorded != _digest(arrays, meta):
-                raise ValueError(f"{damaged} (model.npz or model.json does not match the sha256 recorded when it "
-                                 "was saved)")
+            raise ValueError(f"{folder}/model.json: format_version {version!r} is not {_FORMAT_VERSION}, the one that "
+                             "records a sha256 to check the model against")
+        recorded = meta.pop("sha256", None)
+        if recorded != _digest(arrays, meta):
+            raise ValueError(f"{damaged} (model.npz or model.json does not match the sha256 recorded when it "
+                             "was saved)")
         try:
             with np.load(io.BytesIO(arrays), allow_pickle=False) as stored:
                 coef, intercept = stored["coef"], stored["intercept"]
@@ -208,6 +209,14 @@ class LinearSVMClassifier:
         if coef.shape != (rows, model.n_features_in_) or intercept.shape != (rows,):
             raise ValueError(f"{damaged} (weights of shape {coef.shape})")
         model.coef_, model.intercept_ = coef, intercept
+        calibration = list(meta["platt"] or []) if model.multi_label else [meta["temperature"]]
+        numbers = [value for value in calibration if isinstance(value, int | float) and math.isfinite(value)]
+        usable = len(numbers) == len(calibration) == (2 if model.multi_label else 1)
+        if not usable or (not model.multi_label and numbers[0] <= 0) or not (
+            np.isfinite(coef).all() and np.isfinite(intercept).all()
+        ):
+            raise ValueError(f"{damaged} (a weight or its calibration is not a finite number, or the temperature is "
+                             "not positive)")
         if model.multi_label:
             model.platt_ = tuple(meta["platt"])
         else:

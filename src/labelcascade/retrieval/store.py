@@ -93,8 +93,13 @@ class ExampleStore:
     writes the FAISS file, which only saves the rebuild on the next open.
     """
 
-    def __init__(self, path: str | Path | None, *, embedder_id: str, dim: int, index: str = "flat"):
+    def __init__(
+        self, path: str | Path | None, *, embedder_id: str, dim: int, index: str = "flat", create: bool = True
+    ):
         """Create a store, or open the one already in `path` (a folder; None keeps everything in memory).
+
+        `create=False` opens a store that must exist: a missing database, or a file that holds no store (empty,
+        or another database), is a StoreError, and nothing is written over it.
 
         `index` is "flat" (exact), "ivf" (approximate, for large stores) or "auto" (flat below
         APPROX_INDEX_MIN_SIZE examples, ivf from there on). Opening an existing store with another `index` switches
@@ -114,6 +119,10 @@ class ExampleStore:
         self._data_version: int | None = None  # SQLite's count of other connections' commits, when last followed
 
         database = ":memory:" if self.path is None else str(self.path / DB_FILE)
+        lost = (f"{database}: {{}}; it holds the workspace's examples and is never made anew over them: restore it "
+                "from a backup, or start a new workspace and add the examples again")
+        if not create and self.path is not None and not (self.path / DB_FILE).is_file():
+            raise StoreError(lost.format("missing"))
         try:
             if self.path is not None:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -125,6 +134,8 @@ class ExampleStore:
         try:
             self._check_integrity()
             if self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'examples'").fetchone()[0] == 0:
+                if not create:
+                    raise StoreError(lost.format("holds no example store (it is empty, or another database)"))
                 with self._writing("create the example store"):
                     for statement in filter(str.strip, _SCHEMA.split(";")):  # not executescript: it commits
                         self._db.execute(statement)
@@ -318,6 +329,13 @@ class ExampleStore:
             else:
                 hits = self._index.search(queries, k, allowed)
             return self._neighbors(hits)
+
+    def find(self, texts: Sequence[str]) -> dict[str, Example]:
+        """The stored examples of these exact texts, by text (texts not stored are left out)."""
+        with self._lock:
+            known = self._known_texts(list(texts))
+            found = self._examples_by_id([example_id for example_id, _ in known.values()])
+        return {text: found[example_id] for text, (example_id, _) in known.items()}
 
     def get(self, ids: Sequence[int]) -> list[Example]:
         """Return the examples with these ids, in the order asked; KeyError names any id not stored."""
