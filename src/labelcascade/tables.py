@@ -82,6 +82,10 @@ def _labels(value, where: str) -> tuple[str, ...]:
     return labels
 
 
+# A JSONL line longer than this is refused before it is read whole (a single line can be gigabytes); far above any
+# text the LLM or the fallback reads (the prompt keeps 2,000 bytes of a text).
+MAX_LINE_CHARS = 16 * 1024 * 1024
+
 def _records(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
     """(line number, row as a dict) for each record; CSV and JSONL count lines from 1 as an editor does.
 
@@ -96,13 +100,20 @@ def _records(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
             if kind == "csv":
                 reader = csv.DictReader(file, strict=True)  # an unclosed quote is an error, not a text to the end
                 ended = reader.line_num if reader.fieldnames is not None else 0  # reading the header
+                names = reader.fieldnames or []
+                if repeated := sorted({name for name in names if names.count(name) > 1}):
+                    raise InputError(f"{path}: line 1: column {repeated[0]!r} appears {names.count(repeated[0])} times "
+                                     "in the header, and only one could be read; name each column once")
                 for record in reader:
                     if None in record:
                         raise InputError(f"{path}: line {reader.line_num}: more fields than the header has")
                     ended = reader.line_num
                     yield reader.line_num, record
                 return
-            for number, text in enumerate(file, 1):
+            for number, text in enumerate(iter(lambda: file.readline(MAX_LINE_CHARS + 1), ""), 1):
+                if len(text) > MAX_LINE_CHARS:
+                    raise InputError(f"{path}: line {number}: longer than {MAX_LINE_CHARS:,} characters; a row is one "
+                                     "text and its fields, not a whole file")
                 if not text.strip():
                     continue
                 try:
