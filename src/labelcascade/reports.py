@@ -128,7 +128,7 @@ def evaluate(
     task = session.task
     truth = _truth(task.label_names, texts, labels, task.multi_label, task.allow_abstain)
     cascade = session.cascade
-    outcome = cascade.run(list(texts), learn=False)  # _truth checked the texts
+    outcome = cascade.run(list(texts), learn=False, fallback_answers=True)  # _truth checked the texts
     predictions, certainty = outcome.predictions, outcome.certainty
     policy = cascade.policy
 

@@ -37,8 +37,8 @@ from labelcascade.task import Task
 
 @dataclass
 class Answers:
-    """One `Cascade.run`: the final predictions, and what the fallback alone said and how sure it was (what the
-    routing decided by), for reports that compare the two without embedding the texts again."""
+    """One `Cascade.run`: the final predictions, how sure the fallback was (what the routing decided by) and, when
+    asked for, what the fallback alone said, for reports that compare the two without embedding the texts again."""
 
     predictions: list[Prediction]
     fallback: list[Prediction]
@@ -191,12 +191,15 @@ class Cascade:
         """
         return self.run(texts, llm_limit=llm_limit, learn=learn).predictions
 
-    def run(self, texts: Sequence[str], *, llm_limit: int | None = None, learn: bool = True) -> Answers:
-        """`classify`, also returning the fallback's own answers and certainties."""
+    def run(
+        self, texts: Sequence[str], *, llm_limit: int | None = None, learn: bool = True, fallback_answers: bool = False
+    ) -> Answers:
+        """`classify`, also returning the fallback's certainties and, with `fallback_answers`, its own answers
+        (built only then: classifying does not need them)."""
         start = time.perf_counter()
         vectors = self.embedder.embed(texts)
         proba = self.probabilities(vectors)
-        fallback_proba = proba.copy()
+        fallback_proba = proba.copy() if fallback_answers else proba[:0]  # the LLM's answers are pooled into proba
         certainty = self.certainty(proba)
         routes = [Route.FALLBACK] * len(texts)
         evidence: list[list[int]] = [[] for _ in texts]
