@@ -17,7 +17,7 @@ from labelcascade import Session, Task
 from labelcascade.agent import Policy
 from labelcascade.service import create_app, serve
 
-from .conftest import BANKING_TASK, banking_messages
+from .conftest import BANKING_TASK, banking_messages, few_shot, held_out
 
 MESSAGES, _ = banking_messages()
 
@@ -136,11 +136,12 @@ def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder)
         stored = client.post("/v1/feedback", json={"text": text, "label": "pin_blocked"})
         unchanged = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
         retrained = client.post("/v1/feedback", json={"text": text, "labels": ["pin_blocked"], "retrain": True})
+        wait_for_retrain(client)
         after = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
         unknown = client.post("/v1/feedback", json={"text": "what is the weather", "label": "weather"})
         two = client.post("/v1/feedback", json={"text": text, "labels": ["pin_blocked", "change_pin"]})
-    assert stored.status_code == 200 and stored.json()["source"] == "review" and not stored.json()["retrained"]
-    assert retrained.json()["retrained"] and retrained.json()["id"] == stored.json()["id"]
+    assert stored.status_code == 200 and stored.json()["source"] == "review" and not stored.json()["retraining"]
+    assert retrained.json()["retraining"] and retrained.json()["id"] == stored.json()["id"]
     [example] = session.store.get([stored.json()["id"]])
     assert (example.text, example.labels, example.source.value) == (text, ("pin_blocked",), "review")
     assert (before, unchanged, after) == ("lost_or_stolen_card", "lost_or_stolen_card", "pin_blocked")
@@ -149,6 +150,61 @@ def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder)
     assert "unknown label 'weather'" in message and "card_arrival" in message and "terminate_account" in message
     assert two.status_code == 422 and "single-label" in two.json()["detail"][0]["msg"]
     assert len(session.store) == 81  # the 80 seed examples and the one reviewed text
+    session.close()
+
+
+def wait_for_retrain(client: httpx.Client, timeout: float = 120) -> dict:
+    """/v1/task once no retrain is running in the background."""
+    deadline = time.monotonic() + timeout
+    while (task := client.get("/v1/task").json())["retraining"]:
+        assert time.monotonic() < deadline, "the background retrain did not end"
+        time.sleep(0.05)
+    return task
+
+
+def test_a_retrain_runs_beside_the_answers_and_is_swapped_in_whole(embedder):
+    """Retraining on every stored example used to run on the worker thread and stall every request behind it (80 s
+    on 2,000 examples). Now requests are answered, by the old model, while it trains; the new one is swapped in
+    between batches, and /v1/task names the model answering."""
+    texts, labels = few_shot("banking77", 6)  # 462 examples of 77 labels: a fit of seconds
+    session = Session.create(Task.from_labels(sorted(set(labels))), embedder=embedder, engine=None)
+    session.add_examples(texts, labels, retrain=True)
+    questions = held_out("banking77", 16)[0]
+    with running(create_app(session)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        old = client.get("/v1/task").json()["fallback"]
+        began_retrain = time.perf_counter()
+        started = client.post("/v1/feedback", json={"text": "my card got eaten by the ATM", "label": "card_swallowed",
+                                                    "retrain": True}).json()
+        during = []  # classify requests answered from start to end while /v1/task still said "retraining"
+        while client.get("/v1/task").json()["retraining"]:
+            began = time.perf_counter()
+            answers = client.post("/v1/classify", json={"texts": questions}).json()["answers"]
+            if client.get("/v1/task").json()["retraining"]:
+                during.append((time.perf_counter() - began, [a["label"] for a in answers]))
+        new = wait_for_retrain(client)["fallback"]
+        retrain_seconds = time.perf_counter() - began_retrain
+        after = [a["label"] for a in client.post("/v1/classify", json={"texts": questions}).json()["answers"]]
+    assert started["retraining"] and new != old
+    assert len(during) >= 3, f"only {len(during)} requests were answered in the {retrain_seconds:.1f} s the model trained"
+    assert max(seconds for seconds, _ in during) < retrain_seconds / 3  # not held up until the retrain ended
+    assert {tuple(answer) for _, answer in during} == {tuple(during[0][1])}  # the old model, whole, all along
+    assert session.cascade.fallback.fingerprint() == new and len(after) == 16
+    session.close()
+
+
+def test_learning_in_the_service_retrains_in_the_background(embedder, gemma):
+    """LLM answers are stored as the service classifies; after `retrain_every` of them the retrain starts on its own
+    thread (the session's auto_retrain is off while the service runs, and back on after)."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma,
+                             policy=Policy(accept_threshold=1.0, learn_threshold=0.0, retrain_every=2))
+    texts = banking_messages()[0][:4]
+    with running(create_app(session)) as url, httpx.Client(base_url=url, timeout=300) as client:
+        old = client.get("/v1/task").json()["fallback"]
+        assert not session.auto_retrain
+        routes = [a["route"] for a in client.post("/v1/classify", json={"texts": texts}).json()["answers"]]
+        new = wait_for_retrain(client)["fallback"]
+    assert routes == ["llm"] * 4 and new != old and session.auto_retrain
+    assert len(session.store) == 84 and not session.retrain_due
     session.close()
 
 

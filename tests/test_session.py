@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from labelcascade import Prediction, Route, Session, Source, Task, TaskError
+from labelcascade.agent import Policy
 from labelcascade.fallback import NotFittedError
 from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
@@ -106,3 +107,39 @@ def test_the_policy_is_set_explicitly_and_kept_in_the_workspace(embedder, tmp_pa
         assert session.cascade.policy.accept_threshold == 0.42
     with Session.open(tmp_path / "ws", embedder=embedder, engine=None) as reopened:
         assert reopened.policy.accept_threshold == 0.42
+
+
+def test_a_retrain_in_three_steps_serves_the_old_model_until_it_ends_and_a_killed_one_changes_nothing(embedder, tmp_path):
+    """begin_retrain reads the store, fit() trains on that snapshot (any thread), end_retrain swaps the new model in.
+    Until then the old model answers; a retrain that never ends (a killed process) leaves the workspace's model as
+    it was, and what was stored during it counts for the next retrain."""
+    workspace = tmp_path / "ws"
+    session = Session.create(BANKING_TASK, workspace=workspace, embedder=embedder, engine=None)
+    text = "My card's frozen, what can I do?"  # the seed examples alone answer lost_or_stolen_card
+    old = session.cascade.fallback.fingerprint()
+    session.add_examples([text], ["pin_blocked"], source=Source.REVIEW)
+    retraining = session.begin_retrain()
+    session.add_examples(["my pin stopped working"], ["pin_blocked"], source=Source.LLM, confidence=0.9)  # after the snapshot
+    retraining.fit()
+    assert session.classify(text).label == "lost_or_stolen_card" and session.cascade.fallback.fingerprint() == old
+    session.close()  # killed before end_retrain
+    reopened = Session.open(workspace, embedder=embedder, engine=None)
+    assert reopened.cascade.fallback.fingerprint() == old and reopened.classify(text).label == "lost_or_stolen_card"
+    retraining = reopened.begin_retrain().fit()
+    reopened.end_retrain(retraining)
+    assert reopened.cascade.fallback.fingerprint() != old and reopened.classify(text).label == "pin_blocked"
+    with pytest.raises(RuntimeError, match="has not been fitted"):
+        reopened.end_retrain(reopened.begin_retrain())
+    reopened.close()
+
+
+def test_without_auto_retrain_llm_answers_are_stored_and_the_retrain_is_left_to_the_caller(embedder, gemma):
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma,
+                             policy=Policy(accept_threshold=1.0, learn_threshold=0.0, retrain_every=2))
+    old = session.cascade.fallback.fingerprint()
+    session.auto_retrain = False
+    session.classify(banking_messages()[0][:3])
+    assert len(session.store) == 83 and session.retrain_due and session.cascade.fallback.fingerprint() == old
+    session.retrain()
+    assert not session.retrain_due and session.cascade.fallback.fingerprint() != old
+    session.close()

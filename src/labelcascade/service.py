@@ -33,6 +33,15 @@ but not for tens of thousands, so the caller decides. Otherwise the correction c
 cascade's own after every `retrain_every` LLM labels, or the next feedback with `"retrain": true` (a
 `labelcascade retrain` run beside the service reaches it only when the service is restarted).
 
+Why retraining is off the request path: training on thousands of examples takes seconds to minutes, and on the
+worker thread it would stall every request behind it. A retrain (asked by feedback, or due after `retrain_every`
+LLM labels; the session's own `auto_retrain` is off while the service runs) reads its snapshot of the store on the
+worker thread, trains on a thread of its own while the old model answers, and is swapped in on the worker thread
+between two batches, so a batch is answered wholly by the old model or wholly by the new one. One retrain runs at a
+time; asks that come during it are joined into one more. `GET /v1/task` says whether one is running and which
+model answers (`fallback`). A service stopped mid-retrain keeps the old model; the LLM labels it had not trained
+on are still counted, so the next retrain takes them.
+
 Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its body is the plain text "Content Too
 Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
 `max_text_chars` characters, get 422. Other errors are JSON (`{"detail": ...}`) and never carry a traceback: a
@@ -153,7 +162,7 @@ class FeedbackRequest(BaseModel):
     text: Text
     label: str | None = Field(None, description="The right label.")
     labels: list[str] | None = Field(None, min_length=1, description="The right labels (multi-label tasks).")
-    retrain: bool = Field(False, strict=True, description="Retrain the fallback on every stored example now.")
+    retrain: bool = Field(False, strict=True, description="Start retraining the fallback on every stored example.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> FeedbackRequest:
@@ -170,7 +179,8 @@ class FeedbackResponse(BaseModel):
     id: int = Field(description="The stored example's id; a text already stored keeps its id and takes these labels.")
     labels: list[str]
     source: Source = Field(description="Always `review`: a person's label, which outranks the LLM's (not gold ones).")
-    retrained: bool
+    retraining: bool = Field(description="A retrain that includes this feedback has started (or will start when the "
+                             "one running ends); answers use the new model once `GET /v1/task` shows a new `fallback`.")
 
 
 class LabelInfo(BaseModel):
@@ -185,6 +195,8 @@ class TaskInfo(BaseModel):
     multi_label: bool
     allow_abstain: bool
     policy: Policy = Field(description="The cascade's current thresholds and LLM settings.")
+    fallback: str = Field(description="Fingerprint of the fallback model answering now; it changes when a retrain ends.")
+    retraining: bool = Field(description="Whether a retrain is running (or asked for) in the background.")
 
 
 class Health(BaseModel):
@@ -203,27 +215,63 @@ class _Waiting:
 
 
 class SessionWorker:
-    """Runs every call into the session on one thread, and joins waiting classify requests into one call."""
+    """Runs every call into the session on one thread, joins waiting classify requests into one call, and retrains
+    the fallback on a thread of its own (see the module docstring)."""
 
     def __init__(self, session: Session, *, max_batch: int, batch_texts: Histogram):
         self.session = session
         self.max_batch = max_batch
         self._batch_texts = batch_texts
         self._executor: ThreadPoolExecutor | None = None
+        self._trainer: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Waiting] | None = None
+        self._retraining: asyncio.Task | None = None
+        self._retrain_again = False
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """The worker thread and the batching loop, for the lifetime of the app."""
+        """The worker thread, the training thread and the batching loop, for the lifetime of the app."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelcascade-classifier")
+        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelcascade-retrain")
         self._queue = asyncio.Queue()
+        auto_retrain, self.session.auto_retrain = self.session.auto_retrain, False
         batching = asyncio.create_task(self._batch_forever())
         try:
             yield
         finally:
             batching.cancel()
-            await asyncio.gather(batching, return_exceptions=True)
+            if self._retraining is not None:
+                self._retraining.cancel()  # the old model stays; what it did not learn stays pending
+            await asyncio.gather(*(task for task in (batching, self._retraining) if task is not None), return_exceptions=True)
+            self._trainer.shutdown(wait=True)
             self._executor.shutdown(wait=True)
+            self.session.auto_retrain = auto_retrain
+
+    @property
+    def retraining(self) -> bool:
+        return self._retraining is not None and not self._retraining.done()
+
+    def retrain(self) -> None:
+        """Start a retrain in the background, or ask for one more after the one running."""
+        if self.retraining:
+            self._retrain_again = True
+        else:
+            self._retraining = asyncio.create_task(self._retrain())
+
+    async def _retrain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._retrain_again = False
+            try:
+                retraining = await self.call(self.session.begin_retrain)
+                fitted = await loop.run_in_executor(self._trainer, retraining.fit)
+                await self.call(lambda: self.session.end_retrain(fitted))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # already logged by _guarded, or the fit's own error
+                logger.exception("a background retrain failed; the previous fallback still answers")
+            if not self._retrain_again:
+                return
 
     async def call(self, function: Callable[[], T]) -> T:
         """Run `function` (which may touch the classifier) on the worker thread, in turn with everything else."""
@@ -256,7 +304,7 @@ class SessionWorker:
         texts = [text for waiting in batch for text in waiting.texts]
         self._batch_texts.observe(len(texts))
         try:
-            predictions = await self.call(lambda: self.session.classify(texts))
+            predictions, due = await self.call(lambda: (self.session.classify(texts), self.session.retrain_due))
         except HTTPException as error:
             for waiting in batch:
                 if not waiting.predictions.done():
@@ -267,6 +315,8 @@ class SessionWorker:
             if not waiting.predictions.done():
                 waiting.predictions.set_result(predictions[start : start + len(waiting.texts)])
             start += len(waiting.texts)
+        if due and not self.retraining:
+            self.retrain()
 
 
 def _guarded(function: Callable[[], T]) -> Callable[[], T]:
@@ -399,8 +449,8 @@ def create_app(
 
     @api.post("/v1/feedback", tags=["learn"])
     async def feedback(request: FeedbackRequest) -> FeedbackResponse:
-        """Store a person's label for a text as a `review` example (it outranks gold and LLM labels of the same
-        text). The fallback learns from it at its next retrain, or now with `"retrain": true`."""
+        """Store a person's label for a text as a `review` example (it outranks LLM labels of the same text, never
+        gold ones). The fallback learns from it at its next retrain; `"retrain": true` starts one in the background."""
         task = await worker.call(lambda: session.task)
         labels = request.all_labels
         field = "label" if request.label is not None else "labels"
@@ -427,17 +477,17 @@ def create_app(
                     f"this text has the gold label {', '.join(stored.labels)}, which feedback does not overrule; a "
                     "person with the workspace corrects it with `labelcascade add WORKSPACE FILE --review`"))
             [example_id] = session.add_examples([text], [labels], source=Source.REVIEW)  # durable on return
-            if request.retrain:
-                session.retrain()
             return example_id
 
         example_id = await worker.call(store)
-        return FeedbackResponse(id=example_id, labels=labels, source=Source.REVIEW, retrained=request.retrain)
+        if request.retrain:
+            worker.retrain()
+        return FeedbackResponse(id=example_id, labels=labels, source=Source.REVIEW, retraining=worker.retraining)
 
     @api.get("/v1/task", tags=["task"])
     async def task_info() -> TaskInfo:
         """The task's labels and answer shape, and the thresholds the cascade routes by."""
-        task, policy = await worker.call(lambda: (session.task, session.policy))
+        task, policy, fallback = await worker.call(lambda: (session.task, session.policy, session.cascade.fallback.fingerprint()))
         return TaskInfo(
             name=task.name,
             instructions=task.instructions,
@@ -445,6 +495,8 @@ def create_app(
             multi_label=task.multi_label,
             allow_abstain=task.allow_abstain,
             policy=policy,
+            fallback=fallback,
+            retraining=worker.retraining,
         )
 
     @api.get("/metrics", tags=["service"], response_class=Response)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, choose_policy
+from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, Retraining, choose_policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
@@ -185,9 +185,36 @@ class Session:
 
     def retrain(self) -> Session:
         """Train a new fallback on all stored examples (weighted by source) and swap it in."""
-        self._install(self._learner.train())
+        return self.end_retrain(self.begin_retrain().fit())
+
+    def begin_retrain(self) -> Retraining:
+        """For a retrain that must not hold up answers: a snapshot of the stored examples whose `fit()` trains the
+        new fallback on any thread, touching nothing of this session, while this session goes on answering with the
+        old one. Hand the fitted result to `end_retrain` on this session's thread. Anything stored after the
+        snapshot counts from the next retrain."""
+        return self._learner.begin()
+
+    def end_retrain(self, retraining: Retraining) -> Session:
+        """Save a fitted retraining's model and answer with it from now on (the policy is chosen again for it)."""
+        self._install(self._learner.accept(retraining))
         self._recalibrate()
         return self
+
+    @property
+    def auto_retrain(self) -> bool:
+        """Whether classifying retrains the fallback itself every `policy.retrain_every` LLM examples (the
+        default). Turn it off to retrain elsewhere: LLM answers are still stored, `retrain_due` says when, and
+        `begin_retrain`/`end_retrain` keep the slow part off the thread that answers (the HTTP service does so)."""
+        return self._learner.auto
+
+    @auto_retrain.setter
+    def auto_retrain(self, value: bool) -> None:
+        self._learner.auto = bool(value)
+
+    @property
+    def retrain_due(self) -> bool:
+        """Whether `policy.retrain_every` LLM examples have been stored since the fallback was last trained."""
+        return self.policy.learn and self._learner.due(self.policy.retrain_every)
 
     def calibrate(
         self,

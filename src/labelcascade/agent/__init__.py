@@ -3,7 +3,7 @@
 from labelcascade.agent.calibration import Calibration, DevSet, choose_policy
 from labelcascade.agent.cascade import Cascade
 from labelcascade.agent.engine_slot import EngineSlot
-from labelcascade.agent.learning import Learner
+from labelcascade.agent.learning import Learner, Retraining
 from labelcascade.agent.policy import Policy
 
-__all__ = ["Calibration", "Cascade", "DevSet", "EngineSlot", "Learner", "Policy", "choose_policy"]
+__all__ = ["Calibration", "Cascade", "DevSet", "EngineSlot", "Learner", "Policy", "Retraining", "choose_policy"]

@@ -4,17 +4,42 @@ Every `retrain_every` new LLM examples the fallback is retrained on everything s
 source and confidence (fallback/weights.py), saved beside the old model and swapped in. Gold and review examples
 are safe from the LLM twice over: the store never lets an LLM label replace a person's label of the same text,
 and a person's example weighs at least twice as much as any LLM example.
+
+A retrain has three steps so that its slow middle can leave the thread that answers (the HTTP service does that):
+`Learner.begin` reads the store (on the session's thread), `Retraining.fit` trains on that snapshot and touches
+nothing shared (any thread; scikit-learn's solver runs without the GIL), and `Learner.accept` saves the new model
+(on the session's thread again). Until `accept`, the old model answers; a retrain killed before it leaves the old
+model and its pending count, so the next one starts over from the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
 from labelcascade.records import Source
 from labelcascade.retrieval import ExampleStore
+
+
+@dataclass
+class Retraining:
+    """One retrain's snapshot of the store, and the model `fit` trains on it."""
+
+    vectors: np.ndarray
+    y: list
+    weights: np.ndarray
+    multi_label: bool
+    C: float
+    pending: int  # LLM examples not yet trained on when the snapshot was taken
+    model: LinearSVMClassifier | None = field(default=None, repr=False)
+
+    def fit(self) -> Retraining:
+        """Train the model; safe on any thread (it reads only this snapshot)."""
+        self.model = LinearSVMClassifier(self.C, multi_label=self.multi_label).fit(self.vectors, self.y, sample_weight=self.weights)
+        return self
 
 
 class Learner:
@@ -37,16 +62,32 @@ class Learner:
         self._save = save
         self.pending = store.count(Source.LLM, since=trained_at) if trained_at is not None else store.count(Source.LLM)
 
+        # False: `learn` only stores, and whoever owns the session retrains when `due` says so (off its thread).
+        self.auto = True
+
     def train(self) -> LinearSVMClassifier:
         """A fallback trained on every stored example (weighted by source), saved and returned."""
+        return self.accept(self.begin().fit())
+
+    def begin(self) -> Retraining:
+        """A snapshot of every stored example (weighted by source), to `fit` on any thread."""
         vectors, labels, sources, confidences = self.store.training_data()
         y = labels if self.multi_label else [row[0] for row in labels]
-        model = LinearSVMClassifier(self.C, multi_label=self.multi_label)
-        model.fit(vectors, y, sample_weight=sample_weights(sources, confidences))
+        return Retraining(vectors, y, sample_weights(sources, confidences), self.multi_label, self.C, self.pending)
+
+    def accept(self, retraining: Retraining) -> LinearSVMClassifier:
+        """Make a fitted retraining's model durable and return it; LLM examples stored since its snapshot stay
+        pending."""
+        if retraining.model is None:
+            raise RuntimeError("this retraining has not been fitted; call its fit() first")
         self.store.save()
-        self._save(model)
-        self.pending = 0
-        return model
+        self._save(retraining.model)
+        self.pending = max(0, self.pending - retraining.pending)
+        return retraining.model
+
+    def due(self, retrain_every: int) -> bool:
+        """Whether enough LLM examples have come since the last retrain."""
+        return self.pending >= retrain_every
 
     def learn(
         self,
@@ -57,8 +98,9 @@ class Learner:
         *,
         retrain_every: int,
     ) -> LinearSVMClassifier | None:
-        """Store LLM answers; returns a retrained fallback once `retrain_every` new ones have accumulated."""
+        """Store LLM answers; returns a retrained fallback once `retrain_every` new ones have accumulated (unless
+        `auto` is off: then it only stores)."""
         before = len(self.store)
         self.store.add(texts, labels, vectors, source=Source.LLM, confidence=confidences)  # durable on return
         self.pending += len(self.store) - before  # texts already stored (by anyone) are not new examples
-        return self.train() if self.pending >= retrain_every else None
+        return self.train() if self.auto and self.due(retrain_every) else None
