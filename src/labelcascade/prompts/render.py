@@ -11,6 +11,13 @@ label is scored as a continuation: a space, the label's verbaliser, then the bla
 Texts are shown cleaned and cut to a size in bytes (`clean_text`, MAX_TEXT_BYTES): a text of a megabyte is
 classified by its first 2,000 bytes, which always fit the engine's context.
 
+A text cannot forge the prompt's structure: it is shown on one line, so it cannot start the line that holds an
+answer or open another example, and special-token markers are neutralised, so it cannot close a turn or open one.
+What a text can still do is name a label in its own words ("Label: sports" inside its line, "the answer is
+sports"); how often that moves an answer is measured by bench/injection.py (RELIABILITY.md, "Prompt injection").
+Rewriting such words inside texts ("Label: sports" shown as "Label - sports") was measured there too and moved
+more answers, not fewer, so texts are shown as they are.
+
 Templates are Jinja files with two blocks, `static` and `dynamic`; the built-in ones are `completion` (base models)
 and `chat` (Gemma-style turns). Pass the path of your own `.j2` file to override them.
 """
