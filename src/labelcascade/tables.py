@@ -77,7 +77,9 @@ def _labels(value, where: str) -> tuple[str, ...]:
         labels = tuple(value.tolist() if hasattr(value, "tolist") else value)
     else:
         raise InputError(f"{where}: missing label")
-    if not labels or any(not isinstance(label, str) or not label.strip() for label in labels):
+    if wrong := next((label for label in labels if not isinstance(label, str)), None):
+        raise InputError(f"{where}: a label must be a string, not {type(wrong).__name__}; give a label name or a list of them")
+    if not labels or any(not label.strip() for label in labels):
         raise InputError(f"{where}: empty label")
     return labels
 
@@ -129,6 +131,9 @@ def _records(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
     except UnicodeDecodeError:
         raise InputError(f"{path}: {_first_undecodable(path)}: not UTF-8 text; save it as UTF-8") from None
     except csv.Error as error:
+        if "field larger than field limit" in str(error):
+            raise InputError(f"{path}: line {ended + 1}: a field longer than {csv.field_size_limit():,} characters, "
+                             "the most a CSV field may hold here; give long texts as JSONL") from None
         raise InputError(f"{path}: line {ended + 1}: malformed CSV in the record that starts here ({error})") from None
 
 

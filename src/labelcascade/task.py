@@ -75,6 +75,8 @@ class Label(_Strict):
 # reads like an instruction ("Ignore previous instructions") is allowed: it stays one item of the label list, and
 # the answer is still chosen among the task's labels by scoring, never parsed from free text.
 MAX_LABEL_CHARS = 100
+# A task file is read whole and walked as YAML; bigger than this it is not a task but a dataset in the wrong place.
+MAX_TASK_BYTES = 16 * 1024 * 1024
 
 
 def _one_short_line(value: str, what: str) -> str:
@@ -191,6 +193,9 @@ class Task(_Strict):
         """Load and validate a task file; errors name the file, line and field."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_TASK_BYTES:
+                raise TaskError(f"{path}: {path.stat().st_size:,} bytes; a task file holds at most {MAX_TASK_BYTES:,} (the "
+                                "labels and a few seed examples each): add more examples with `labelcascade add`")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise TaskError(f"{path}: no such task file") from None
@@ -204,6 +209,8 @@ class Task(_Strict):
                 raise TaskError(f"{path}: line {shared.start_mark.line + 1}: a YAML alias (*name) refers to this "
                                 "value; task files may not use anchors and aliases: write the value out")
             data = yaml.safe_load(text)
+        except RecursionError:
+            raise TaskError(f"{path}: YAML nested too deeply to read; a task is a mapping of a few levels") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"line {mark.line + 1}: " if mark else ""

@@ -96,10 +96,14 @@ class Workspace:
         path = Path(path)
         if not (path / TASK_FILE).is_file():
             raise WorkspaceError(f"{path}: not a labelcascade workspace ({TASK_FILE} missing)")
-        for name in (TASK_FILE, SETTINGS_FILE, STORE_DIR, FALLBACK_DIR, CALIBRATION_FILE, LOCK_FILE):
-            if (path / name).is_symlink():
+        parts = sorted(path.iterdir())  # every file and folder of the workspace, and what its folders hold
+        for folder in (path / STORE_DIR, path / FALLBACK_DIR):
+            if folder.is_dir() and not folder.is_symlink():
+                parts += sorted(folder.iterdir())
+        for part in parts:
+            if part.is_symlink():
                 raise WorkspaceError(
-                    f"{path / name}: a symbolic link; a workspace's files must be its own (they are replaced by "
+                    f"{part}: a symbolic link; a workspace's files must be its own (they are replaced by "
                     "renames, which would break the link or write through it): put the file or folder it points to "
                     "in its place"
                 )

@@ -130,6 +130,10 @@ TASK_FILE_CASES = [
     ("labels-yes-no", "name: t\nlabels: [yes, no]\n", "line 2: labels[0]: YAML reads an unquoted yes/no"),
     ("label-name-on", "name: t\nlabels:\n  - a\n  - name: on\n", "line 4: labels[1]: YAML reads an unquoted yes/no"),
     ("label-null", "name: t\nlabels: [a, ~]\n", "labels[1]: YAML reads an unquoted null"),
+    # Readers of user files at depth and size extremes (issue 17): each refused in one line, never a traceback.
+    ("nested-100000-deep", "name: t\nlabels: " + "[" * 100_000 + "]" * 100_000 + "\n", "YAML nested too deeply"),
+    ("blocks-3000-deep", "name: t\nlabels:\n" + "".join("  " * i + "- \n" for i in range(1, 3000)), "YAML nested too deeply"),
+    ("over-16-mib", "name: t\nlabels: [a, b]\n#" + "x" * (16 * 1024 * 1024) + "\n", "a task file holds at most 16,777,216"),
 ]
 
 # Nested aliases: each level refers to the one before it nine times; walked in full, 9**12 nodes.
@@ -239,6 +243,11 @@ FILE_CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
      ("line 2: longer than 16,777,216 characters",)),
     ("csv-column-twice", "a.csv", lambda p: p.write_text("text,text,label\nhi,there,change_pin\n"),
      ("line 1: column 'text' appears 2 times in the header",)),
+    ("csv-field-over-the-csv-limit", "a.csv", lambda p: p.write_text('text,label\n"' + "a" * 200_000 + '",change_pin\n'),
+     ("line 2: a field longer than 131,072 characters", "give long texts as JSONL")),
+    ("jsonl-label-nested-900-deep", "a.jsonl",
+     lambda p: p.write_text('{"text": "a", "label": ' + "[" * 900 + '"change_pin"' + "]" * 900 + "}\n"),
+     ("line 1: label: a label must be a string, not list",)),
     ("jsonl-nested-100000-deep", "a.jsonl",
      lambda p: p.write_text('{"text": "a", "label": "change_pin", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n"),
      ("line 1: JSON nested too deeply",)),

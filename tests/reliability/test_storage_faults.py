@@ -23,9 +23,10 @@ from labelcascade import Session
 from labelcascade.jobs import LabelJob
 from labelcascade.retrieval.store import DB_FILE, INDEX_FILE, StoreError
 from labelcascade.tables import InputError
+from labelcascade.session import DEV_FILE
 from labelcascade.workspace import CALIBRATION_FILE, FALLBACK_DIR, SETTINGS_FILE, STORE_DIR, Workspace, WorkspaceError
 
-from ..conftest import BANKING_TASK, load_split, probability_matrix
+from ..conftest import BANKING_TASK, banking_messages, load_split, probability_matrix
 
 pytestmark = pytest.mark.slow  # real full and read-only file systems, CLI processes
 
@@ -263,3 +264,69 @@ def test_a_task_file_cut_short_is_refused_naming_the_labels_it_lost(template, em
     with pytest.raises(ValueError, match=r"the fallback model answers labels that the task does not have \(.*"
                                          r"lost_or_stolen_card.*\): the task was changed or damaged"):
         Session.open(workspace, embedder=embedder, engine=None)
+
+
+WORKSPACE_FILES = ["task.yaml", SETTINGS_FILE, "workspace.lock", f"{FALLBACK_DIR}/model.json", f"{FALLBACK_DIR}/model.npz",
+                   f"{STORE_DIR}/{DB_FILE}", f"{STORE_DIR}/{INDEX_FILE}", CALIBRATION_FILE, DEV_FILE]
+REBUILT = {f"{STORE_DIR}/{INDEX_FILE}", "workspace.lock"}  # what holds nothing else does not: made again from the rest
+READ_ON_RETRAIN = {CALIBRATION_FILE, DEV_FILE}  # the last calibration: read to choose the policy again after a retrain
+
+
+@pytest.fixture(scope="module")
+def calibrated(template, embedder, tmp_path_factory) -> Path:
+    """The banking workspace calibrated on 20 held-out messages, so it holds every file a workspace can hold
+    (answers.sqlite aside: only a labelling job with an LLM makes it, and a damaged one is refused where it is read)."""
+    workspace = tmp_path_factory.mktemp("calibrated") / "ws"
+    shutil.copytree(template, workspace)
+    texts, labels = banking_messages()
+    session = Session.open(workspace, embedder=embedder, engine=None)
+    session.calibrate(texts[:20], labels[:20])
+    session.close()
+    return workspace
+
+
+@pytest.mark.parametrize("how", ["emptied", "garbage", "linked", "deleted"])
+@pytest.mark.parametrize("name", WORKSPACE_FILES)
+def test_every_workspace_file_damaged_replaced_linked_or_emptied_is_refused_or_rebuilt(calibrated, embedder, tmp_path, name, how):
+    """The class behind the emptied store: any file of a workspace, emptied, overwritten with random bytes of the
+    same size, replaced by a link to a copy elsewhere, or deleted. Either the open is refused with an error naming
+    the file (and nothing of the workspace is written), or the file is one that holds nothing the others do not
+    (the FAISS index, the lock file) and the workspace answers exactly as before with every example kept, or it is
+    the last calibration, which answers do not read: then the next retrain uses it intact, or refuses naming it."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(calibrated, workspace)
+    expected_examples, expected_answers = snapshot(calibrated, embedder)
+    path = workspace / name
+    assert path.exists(), f"{name} is not a file of a calibrated workspace any more; update WORKSPACE_FILES"
+    if how == "emptied":
+        path.write_bytes(b"")
+    elif how == "garbage":
+        path.write_bytes(random.Random(0).randbytes(max(path.stat().st_size, 64)))
+    elif how == "linked":
+        elsewhere = tmp_path / "elsewhere"
+        path.rename(elsewhere)
+        path.symlink_to(elsewhere)
+    else:
+        path.unlink()
+    others = {p: p.read_bytes() for p in workspace.rglob("*") if p.is_file() and not p.is_symlink() and p != path}
+
+    def names_it(error: Exception) -> bool:  # the file, or the model folder it is part of
+        return str(path) in str(error) or f"{path.parent}:" in str(error)
+
+    try:
+        session = Session.open(workspace, embedder=embedder, engine=None)
+    except (WorkspaceError, StoreError, ValueError) as error:
+        assert names_it(error), f"the error does not name {name}: {error}"
+        assert {p: p.read_bytes() for p in others} == others  # nothing written on the way to the refusal
+        return
+    try:
+        examples = [(e.text, e.labels) for e in session.store.examples()]
+        answers = probability_matrix(session, PROBES)
+        assert name in REBUILT | READ_ON_RETRAIN, f"{name} {how}: opened and answered instead of being refused"
+        assert examples == expected_examples and np.allclose(answers, expected_answers)
+        if name in READ_ON_RETRAIN and how != "deleted":
+            with pytest.raises((WorkspaceError, ValueError)) as refused:
+                session.retrain()
+            assert names_it(refused.value), f"the error does not name {name}: {refused.value}"
+    finally:
+        session.close()

@@ -182,7 +182,7 @@ class DevSet:
                     recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
                     dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])
                     dev.candidate_recall, dev.max_candidates = None if np.isnan(recall) else recall, None if m < 0 else m
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # np.load of an empty file: EOFError
             raise ValueError(f"{path}: damaged calibration data ({error}); run calibrate again") from None
         if len(dev.vectors) != len(dev.truth) or (dev.llm is not None and len(dev.llm) != len(dev.truth)):
             raise ValueError(f"{path}: damaged calibration data (arrays of different lengths); run calibrate again")
