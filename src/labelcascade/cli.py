@@ -22,6 +22,7 @@ from typing import Annotated
 
 import typer
 
+from labelcascade import __version__
 from labelcascade.fallback import NotFittedError
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Route, Source
@@ -36,6 +37,20 @@ from labelcascade.workspace import Workspace as WorkspaceFolder
 from labelcascade.workspace import WorkspaceError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n\n")[0])
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"labelcascade {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Classify texts with a cascade: an embedding + SVM fallback, a local LLM when it is unsure."""
 
 # What a user can fix gets a one-line message and exit code 1, never a traceback.
 # OSError covers what the system refuses (a file that cannot be read or written, a full disk); its message names it.
@@ -115,13 +130,16 @@ def init(
     workspace: Workspace,
     task: Annotated[Path, typer.Option(help="Task YAML file (labels, descriptions, seed examples).")],
     engine: Engine = "llamacpp:default",
-    embedder: Annotated[str, typer.Option(help="'default' or a local sentence-transformers folder.")] = "default",
+    embedder: Annotated[str, typer.Option(help="'auto' (by the task's language or texts), 'default' (English), "
+                                               "'multilingual' or a local sentence-transformers folder.")] = "auto",
 ) -> None:
     """Create a workspace from a task and train the fallback on its seed examples."""
-    with Session.create(Task.from_yaml(task), workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
+    loaded = Task.from_yaml(task)
+    with Session.create(loaded, workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
-                   f"{trained} {len(session.store)} examples, engine {_engine(engine) or 'none (fallback only)'}")
+                   f"{trained} {len(session.store)} examples, embedder {session.embedder.id}, "
+                   f"engine {_engine(engine) or 'none (fallback only)'}")
 
 
 @app.command()
@@ -273,9 +291,16 @@ def retrain(workspace: Workspace) -> None:
     session.close()
 
 
+HELP_COLUMNS = 120
+
+
 def main() -> None:
     # The model libraries' own loading bars would bury the one line a mistake prints; the job's bar is ours.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Help piped into a file or a pager was cut to rich's 80 columns, breaking engine specs mid-word; a terminal
+    # keeps its own width.
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        os.environ["COLUMNS"] = str(HELP_COLUMNS)
     try:
         app()
     except USER_ERRORS as error:
