@@ -54,8 +54,8 @@ def chosen_embedder(
     - Measured: with at least CV_MIN_PER_LABEL labelled texts of every label (single-label tasks), both packaged
       embedders are scored by stratified k-fold accuracy of a linear SVM on (up to CV_MAX_TEXTS of) them, and the
       better one is chosen; a tie goes to the language's pick. On the seven benchmark sets neither embedder wins
-      everywhere (multilingual-e5-small by 5-20 points on sentiment, spam and news, MiniLM by 3-5 on intents and
-      question types: BENCHMARKS.md, "Embedders"), so the data decides.
+      everywhere (multilingual-e5-small on Chinese, sentiment, spam and news, MiniLM on intents and question
+      types: BENCHMARKS.md, "Embedders"), so the data decides.
     - Guessed: the task's `language`, or its texts (retrieval.choose_embedder): English gets MiniLM, any other
       language multilingual-e5-small.
 

