@@ -4,6 +4,8 @@ regeneration of one section of BENCHMARKS.md. One definition, so "the same 8/cla
 from __future__ import annotations
 
 import json
+import os
+import platform
 import random
 from pathlib import Path
 
@@ -57,3 +59,17 @@ def write_markdown_section(path: Path, heading: str, section: str) -> None:
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     tail = "".join(lines[end:])
     path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""), encoding="utf-8")
+
+
+def machine_and_load() -> dict:
+    """What a run was measured on, and how busy the machine was as it began (llama.cpp slows a lot under load)."""
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_start": round(os.getloadavg()[0], 1)}
+
+
+def publish(result: dict, out: Path, section: str, *, markdown: Path | None, heading: str) -> None:
+    """Write the run's JSON to `out`, print its section, and (unless `markdown` is None) regenerate that section."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    log(section)
+    if markdown is not None:
+        write_markdown_section(markdown, heading, section)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -38,7 +36,10 @@ from labelcascade.retrieval import load_embedder
 from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
 
-from common import DEFAULT_DATA, MARKDOWN, REPO, log, per_class_draw, read_jsonl, test_sample, write_markdown_section
+from common import (
+    DEFAULT_DATA, MARKDOWN, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl,
+    test_sample, write_markdown_section,
+)
 
 DEFAULT_OUT = REPO / "bench" / "results" / "embedders.json"
 SECTION_HEADING = "## Embedders (bench/embedders.py)"
@@ -171,16 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     began = time.monotonic()
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_start": round(os.getloadavg()[0], 1)}
+                **machine_and_load()}
     log(f"embedders benchmark: {settings}")
     vectors = {key: Vectors(load_embedder(spec)) for key, spec in EMBEDDERS.items()}
     datasets = [run_dataset(name, args, vectors) for name in args.datasets]
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings, "datasets": datasets}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    log(markdown(result))
-    if not args.no_markdown:
-        write_markdown_section(MARKDOWN, SECTION_HEADING, markdown(result))
+    publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
     return 0
 
 

@@ -23,8 +23,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -37,7 +35,10 @@ from labelcascade.prompts.render import PromptRenderer
 from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
-from common import DEFAULT_DATA, REPO, log, per_class_draw, read_jsonl, test_sample, write_markdown_section
+from common import (
+    DEFAULT_DATA, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl,
+    test_sample, write_markdown_section,
+)
 
 DEFAULT_OUT = REPO / "bench" / "results" / "injection.json"
 RELIABILITY = REPO / "RELIABILITY.md"
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     embedder, engine = load_embedder("default"), load_engine(DEFAULT_ENGINE)
     settings = {"engine": engine.spec, "datasets": args.datasets, "texts": args.texts, "k": K, "shots_per_class": SHOTS,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_start": round(os.getloadavg()[0], 1)}
+                **machine_and_load()}
     log(f"injection benchmark: {settings}")
     datasets, cells = [], []
     for name in args.datasets:
@@ -189,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         cells += done["cells"]
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings,
               "summary": summary(cells), "datasets": datasets, "cells": cells}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    log(markdown(result))
-    if not args.no_markdown:
-        write_markdown_section(RELIABILITY, SECTION_HEADING, markdown(result))
+    publish(result, args.out, markdown(result), markdown=None if args.no_markdown else RELIABILITY, heading=SECTION_HEADING)
     return 0
 
 

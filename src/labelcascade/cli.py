@@ -130,12 +130,12 @@ def init(
     workspace: Workspace,
     task: Annotated[Path, typer.Option(help="Task YAML file (labels, descriptions, seed examples).")],
     engine: Engine = "llamacpp:default",
-    embedder: Annotated[str, typer.Option(help="'auto' (by the task's language or texts), 'default' (English), "
-                                               "'multilingual' or a local sentence-transformers folder.")] = "auto",
+    embedder: Annotated[str, typer.Option(help="'auto' (the better one on the seed examples, or by the task's "
+                                               "language when they are few), 'default' (English), 'multilingual' or a "
+                                               "local sentence-transformers folder.")] = "auto",
 ) -> None:
     """Create a workspace from a task and train the fallback on its seed examples."""
-    loaded = Task.from_yaml(task)
-    with Session.create(loaded, workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
+    with Session.create(Task.from_yaml(task), workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
                    f"{trained} {len(session.store)} examples, embedder {session.embedder.id}, "

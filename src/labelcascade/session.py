@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -85,16 +86,17 @@ CV_MAX_TEXTS = 1000  # embedding the texts twice must stay cheap: a stratified s
 
 def _cv_sample(texts: list[str], labels: list[str]) -> tuple[list[str], list[str]] | None:
     """A stratified sample of at most CV_MAX_TEXTS texts, or None when some label has too few to measure."""
-    counts = {label: labels.count(label) for label in set(labels)}
-    if len(counts) < 2 or min(counts.values()) < CV_MIN_PER_LABEL:
+
+    def enough(labels: list[str]) -> bool:
+        counts = Counter(labels)
+        return len(counts) >= 2 and min(counts.values()) >= CV_MIN_PER_LABEL
+
+    if not enough(labels):
         return None
     if len(texts) > CV_MAX_TEXTS:
         picked, _ = train_test_split(range(len(texts)), train_size=CV_MAX_TEXTS, stratify=labels, random_state=0)
         texts, labels = [texts[i] for i in picked], [labels[i] for i in picked]
-        counts = {label: labels.count(label) for label in set(labels)}
-        if min(counts.values()) < CV_MIN_PER_LABEL:
-            return None
-    return texts, labels
+    return (texts, labels) if enough(labels) else None
 
 
 def _cv_accuracy(embedder: Embedder, texts: list[str], labels: list[str]) -> float:

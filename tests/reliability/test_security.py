@@ -109,9 +109,9 @@ def test_a_tampered_model_is_refused_even_after_an_earlier_check_passed(tmp_path
 
 def test_checking_the_default_model_costs_one_hash_per_process():
     """Measured: hashing 253 MB is ~0.2-0.3 s on 2 cores; the second load of the same file skips it."""
-    from labelcascade.agent.engines import llamacpp
+    from labelcascade import file_hash
 
-    llamacpp._verified.clear()
+    file_hash._known.clear()
     start = time.perf_counter()
     default_model_path()
     first = time.perf_counter() - start

