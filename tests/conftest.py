@@ -49,6 +49,12 @@ def banking_messages() -> tuple[list[str], list[str]]:
     return [row["text"] for row in rows], [row["label"] for row in rows]
 
 
+def banking_dev() -> tuple[list[str], list[str | None]]:
+    """The banking example's dev file: 4 texts per intent, then 10 out-of-scope texts (label None)."""
+    rows = [json.loads(line) for line in (EXAMPLES / "banking" / "dev.jsonl").read_text().splitlines() if line.strip()]
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
 def held_out(dataset: str, size: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """`size` texts of the test split, drawn with a fixed seed."""
     rows = random.Random(seed).sample(load_split(dataset, "test"), size)

@@ -62,6 +62,38 @@ def test_add_csv_and_jsonl_then_retrain_and_calibrate(workspace, tmp_path):
     assert "| accept threshold | coverage | precision |" in table and "no engine" in table
 
 
+def test_out_of_scope_rows_tune_and_measure_a_chat_router(tmp_path):
+    """Rows with no label (null, "", no field, or a named value) are out-of-scope texts for calibrate and eval when
+    the task may answer none; elsewhere they are refused with what to change."""
+    workspace = tmp_path / "router"
+    run("init", workspace, "--task", BANKING_TASK, "--engine", "none")
+    rows = [json.loads(line) for line in (EXAMPLES / "banking" / "dev.jsonl").read_text().splitlines()]
+    marks = [{"label": None}, {"label": ""}, {}, {"label": "oos"}]  # the ten out-of-scope rows, marked each way
+    for row, mark in zip([r for r in rows if r["label"] is None], marks * 3, strict=False):
+        row.pop("label")
+        row.update(mark)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = run("calibrate", workspace, dev, "--out-of-scope", "oos")
+    assert "out of scope: 10 dev texts with no label" in table
+    answers = [json.loads(line) for line in run("classify", workspace, "what's the weather today?", "my card got stolen").splitlines()]
+    assert [(a["label"], a["route"]) for a in answers] == [(None, "abstain"), ("lost_or_stolen_card", "fallback")]
+    summary = run("eval", workspace, EXAMPLES / "banking" / "router_test.jsonl", tmp_path / "report")
+    assert "out of scope: 10 texts" in summary and "in scope: accuracy" in summary
+
+    task = tmp_path / "closed.yaml"
+    task.write_text(BANKING_TASK.read_text().replace("allow_abstain: true", "allow_abstain: false"))
+    closed = tmp_path / "closed"
+    run("init", closed, "--task", task, "--engine", "none")
+    result = command("calibrate", closed, dev)
+    assert result.returncode == 1 and "missing label; a text with no label (out of scope) needs a task with " \
+        "allow_abstain: true" in result.stderr
+    result = command("eval", workspace, dev, tmp_path / "r2", "--out-of-scope", "card_arrival")
+    assert result.returncode == 1 and "--out-of-scope 'card_arrival' is one of the task's labels" in result.stderr
+    result = command("add", workspace, dev)  # gold examples always need a label
+    assert result.returncode == 1 and "line 41: label: missing label" in result.stderr
+
+
 def test_mistakes_exit_1_with_a_message_that_names_the_problem(workspace, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "change_pin"}\n{"text": "hello", "label": "weather"}\n')

@@ -101,7 +101,9 @@ def wait_for(url: str, server: subprocess.Popen) -> None:
 
 def check(command: str, output: subprocess.CompletedProcess, folder: Path) -> None:
     """What each kind of command must have done, beyond exiting 0."""
-    if command.startswith("labelcascade classify"):
+    if command.startswith("labelcascade classify") and "weather" in command:
+        assert '"route": "abstain"' in output.stdout  # calibrated on dev.jsonl's out-of-scope texts
+    elif command.startswith("labelcascade classify"):
         assert '"label": "lost_or_stolen_card"' in output.stdout
     elif command.startswith("labelcascade calibrate"):
         assert "| accept threshold | coverage | precision |" in output.stdout
@@ -110,7 +112,10 @@ def check(command: str, output: subprocess.CompletedProcess, folder: Path) -> No
     elif command.startswith("labelcascade label"):
         assert "labelled 40 rows" in output.stderr and (folder / "review.csv").is_file()
     elif command.startswith("labelcascade eval"):
-        assert {"report.md", "confusion.png", "reliability.png", "llm_share.png"} <= {p.name for p in (folder / "report").iterdir()}
+        report = folder / shlex.split(command)[4]
+        assert {"report.md", "confusion.png", "reliability.png", "llm_share.png"} <= {p.name for p in report.iterdir()}
+        if "router_test" in command:
+            assert "out of scope: 10 texts" in output.stdout and "out of scope answered none" in (report / "report.md").read_text()
     elif "chat_router.py" in command:
         assert output.stdout.count("bot:") == len((EXAMPLES / "banking" / "chat.txt").read_text().splitlines())
 

@@ -15,7 +15,7 @@ from labelcascade import Session, Route, Task
 from labelcascade.agent import Policy
 from labelcascade.reports import evaluate
 
-from .conftest import BANKING_TASK, banking_messages
+from .conftest import BANKING_TASK, banking_dev, banking_messages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("confusion_png", "reliability_png", "llm_share_png")
@@ -89,6 +89,25 @@ def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embed
     session.close()
 
 
+def test_out_of_scope_texts_get_their_own_scores(embedder, tmp_path):
+    """A chat router's test set: texts with no label are measured apart (answered none or not), beside the accuracy
+    on the texts in scope and the share of those wrongly answered none."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    session.calibrate(*banking_dev())  # its out-of-scope texts set the abstain threshold
+    texts, labels = banking_messages()
+    texts, labels = texts + ["will it rain tomorrow?", "order me a pizza"], labels + [None, ""]
+    report = evaluate(session, texts, labels, tmp_path)
+    answers = session.classify(texts, learn=False)
+    none = [a.label is None for a in answers]
+    assert report.out_of_scope == 2 and report.out_of_scope_recall == pytest.approx(np.mean(none[-2:]))
+    assert report.in_scope_accuracy == pytest.approx(np.mean([a.label == t for a, t in zip(answers[:-2], labels, strict=False)]))
+    assert report.in_scope_rejected == pytest.approx(np.mean(none[:-2]))
+    assert "out of scope: 2 texts" in report.summary()
+    assert f"| in-scope accuracy | {report.in_scope_accuracy:.3f} |" in report.report_md.read_text()
+    plain = evaluate(session, texts[:-2], labels[:-2], tmp_path / "plain")
+    assert plain.out_of_scope == 0 and plain.out_of_scope_recall is None and "out of scope" not in plain.summary()
+
+
 def test_multi_label_task_gets_a_report(embedder, tmp_path):
     task = Task.build({"name": "topics", "multi_label": True, "labels": [
         {"name": "sport", "examples": ["the team won the final", "the striker scored twice"]},
@@ -112,14 +131,16 @@ def test_multi_label_task_gets_a_report(embedder, tmp_path):
     session.close()
 
 
-def test_bad_input_is_refused_naming_the_row(banking, tmp_path):
+def test_bad_input_is_refused_naming_the_row(banking, embedder, tmp_path):
     texts, labels = banking_messages()
     with pytest.raises(ValueError, match="40 texts and 39 labels"):
         evaluate(banking, texts, labels[:-1], tmp_path)
     with pytest.raises(ValueError, match="row 2: unknown label 'weather'"):
         evaluate(banking, texts[:3], [labels[0], labels[1], "weather"], tmp_path)
-    with pytest.raises(ValueError, match="row 1: no label"):
-        evaluate(banking, texts[:2], [labels[0], None], tmp_path)
+    closed = Session.create(Task.from_yaml(BANKING_TASK).model_copy(update={"allow_abstain": False}),
+                            embedder=embedder, engine=None)
+    with pytest.raises(ValueError, match="row 1: no label, but the task does not allow abstaining"):
+        evaluate(closed, texts[:2], [labels[0], None], tmp_path)
     with pytest.raises(ValueError, match="row 0: text is empty"):
         evaluate(banking, ["  ", texts[1]], labels[:2], tmp_path)
     with pytest.raises(ValueError, match="got 0 texts"):

@@ -59,6 +59,11 @@ USER_ERRORS = (InputError, TaskError, WorkspaceError, EmbedderMismatchError, Not
 Workspace = Annotated[Path, typer.Argument(help="The workspace folder.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
 LabelColumn = Annotated[str, typer.Option(help="Column holding the label (CSV: several joined by '|').")]
+OutOfScope = Annotated[
+    str | None,
+    typer.Option(help="A label value that marks a text as out of scope, e.g. 'oos' (tasks with allow_abstain: true; "
+                      "an empty or missing label always does)."),
+]
 Engine = Annotated[
     str | None,
     typer.Option(help="LLM engine spec, e.g. llamacpp:default, vllm:http://127.0.0.1:8000/v1#model; 'none': fallback only."),
@@ -106,17 +111,38 @@ def _stdin_texts() -> list[str]:
     return texts
 
 
-def _labelled(path: Path, task: Task, text_column: str, label_column: str) -> tuple[list[str], list]:
-    """The texts and labels of a labelled file, checked against the task before any model is loaded."""
-    rows = list(read_rows(path, text_column=text_column, label_column=label_column, known_labels=task.label_names))
+def _labelled(path: Path, task: Task, text_column: str, label_column: str, *,
+              out_of_scope: str | None = None, measuring: bool = False) -> tuple[list[str], list]:
+    """The texts and labels of a labelled file, checked against the task before any model is loaded.
+
+    `measuring` (calibrate, eval): a task that may answer none (`allow_abstain`, or multi-label) takes rows with no
+    label (null, "", [], no field, or the `out_of_scope` value) as texts whose right answer is none."""
+    takes_none = measuring and (task.allow_abstain or task.multi_label)
+    if out_of_scope is not None:
+        if not takes_none:
+            raise InputError(f"--out-of-scope {out_of_scope!r}: task {task.name!r} never answers none; set "
+                             "allow_abstain: true in the task to tune and measure out-of-scope texts")
+        if out_of_scope in task.label_names:
+            raise InputError(f"--out-of-scope {out_of_scope!r} is one of the task's labels; name the value that marks "
+                             "a text as having none of them")
+    no_label = ({out_of_scope} if out_of_scope else set()) if takes_none else None
+    try:
+        rows = list(read_rows(path, text_column=text_column, label_column=label_column, known_labels=task.label_names,
+                              no_label=no_label))
+    except InputError as error:
+        if measuring and not takes_none and str(error).endswith(("missing label", "empty label")):
+            raise InputError(f"{error}; a text with no label (out of scope) needs a task with allow_abstain: true") from None
+        raise
     if not rows:
         raise InputError(f"{path}: no rows")
+    if not any(label_column in row.columns for row in rows):
+        raise InputError(f"{path}: no row has a {label_column!r} column; name the label column with --label-column")
     if not task.multi_label:
         for row in rows:
             if len(row.labels) > 1:
                 raise InputError(f"{path}: line {row.line}: {label_column}: {len(row.labels)} labels given but "
                                  f"task {task.name!r} is single-label")
-    labels = [row.labels if task.multi_label else row.labels[0] for row in rows]
+    labels = [row.labels if task.multi_label else (row.labels[0] if row.labels else None) for row in rows]
     return [row.text for row in rows], labels
 
 
@@ -228,9 +254,11 @@ def calibrate(
         float, typer.Option(help="Precision the LLM labels the fallback learns from must keep on the dev file.")
     ] = 0.85,
     engine: Engine = None,
+    out_of_scope: OutOfScope = None,
 ) -> None:
-    """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table."""
-    texts, labels = _labelled(file, _task(workspace), text_column, label_column)
+    """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table.
+    Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them."""
+    texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
     session = _open(workspace, engine)
     report = session.calibrate(
         texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision
@@ -248,9 +276,11 @@ def evaluate_file(
     label_column: LabelColumn = "label",
     title: Annotated[str | None, typer.Option(help="Heading of report.md (default: the task's name).")] = None,
     engine: Engine = None,
+    out_of_scope: OutOfScope = None,
 ) -> None:
-    """Evaluate on a labelled file (without learning from it): a report folder with scores, routes and plots."""
-    texts, labels = _labelled(file, _task(workspace), text_column, label_column)
+    """Evaluate on a labelled file (without learning from it): a report folder with scores, routes and plots.
+    Rows with no label are out-of-scope texts: the report adds how many were answered none and the in-scope accuracy."""
+    texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
     session = _open(workspace, engine)
     report = evaluate(session, texts, labels, out, title=title)
     typer.echo(report.summary())

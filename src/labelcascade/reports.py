@@ -92,6 +92,13 @@ class EvalReport(BaseModel):
     fallback_accuracy: float = Field(description="Accuracy the fallback alone would have had on these texts.")
     llm_share: float = Field(description="Share of texts sent to the LLM (those it failed on included).")
     abstained: int
+    out_of_scope: int = Field(0, description="Test texts with no label (out of scope: the right answer is none).")
+    out_of_scope_recall: float | None = Field(
+        None, description="Share of the texts with no label that were answered none (None when there are none).")
+    in_scope_accuracy: float | None = Field(
+        None, description="Accuracy on the texts that have a label (None when every text has one: see accuracy).")
+    in_scope_rejected: float | None = Field(
+        None, description="Share of the texts that have a label that were answered none (None when every text has one).")
     calibration_error: float = Field(description="Expected calibration error of the confidence, over 10 bins.")
     labels: list[LabelScores]
     routes: list[RouteScores]
@@ -106,7 +113,14 @@ class EvalReport(BaseModel):
         """One line for a terminal."""
         f1 = "-" if self.macro_f1 is None else f"{self.macro_f1:.3f}"
         return (f"{self.texts} texts: accuracy {self.accuracy:.3f}, macro-F1 {f1}, fallback alone "
-                f"{self.fallback_accuracy:.3f}, sent to the LLM {self.llm_share:.1%} -> {self.report_md}")
+                f"{self.fallback_accuracy:.3f}, sent to the LLM {self.llm_share:.1%}{self._scope()} -> {self.report_md}")
+
+    def _scope(self) -> str:
+        if not self.out_of_scope:
+            return ""
+        in_scope = "" if self.in_scope_accuracy is None else (
+            f", in scope: accuracy {self.in_scope_accuracy:.3f}, answered none {self.in_scope_rejected:.1%}")
+        return f"; out of scope: {self.out_of_scope} texts, {self.out_of_scope_recall:.1%} answered none{in_scope}"
 
 
 def evaluate(
@@ -153,6 +167,7 @@ def evaluate(
         fallback_accuracy=float(fallback_right.mean()),
         llm_share=float(sent.mean()),
         abstained=sum(p.route is Route.ABSTAIN for p in predictions),
+        **_scope_scores(answers, truth, multi),
         calibration_error=_calibration_error(decided, decided_right),
         labels=_label_scores(truth, answers, names, multi),
         routes=[_route_scores(route, predictions, right) for route in Route],
@@ -201,6 +216,23 @@ def _truth(names: list[str], texts, labels, multi: bool, allow_none: bool) -> np
         else:
             truth[row] = index(label, row)
     return truth
+
+
+def _scope_scores(answers: np.ndarray, truth: np.ndarray, multi: bool) -> dict:
+    """What a chat router needs apart: how many out-of-scope texts (no label) were answered none, and how the texts
+    in scope fared (accuracy, and the share wrongly answered none)."""
+    none_true = ~truth.any(axis=1) if multi else truth < 0
+    if not none_true.any():
+        return {}
+    none_answered = ~answers.any(axis=1) if multi else answers < 0
+    in_scope = ~none_true
+    right = _right(answers, truth, multi)
+    return {
+        "out_of_scope": int(none_true.sum()),
+        "out_of_scope_recall": float(none_answered[none_true].mean()),
+        "in_scope_accuracy": float(right[in_scope].mean()) if in_scope.any() else None,
+        "in_scope_rejected": float(none_answered[in_scope].mean()) if in_scope.any() else None,
+    }
 
 
 def _answers(predictions: Sequence[Prediction], names: list[str], multi: bool) -> np.ndarray:
@@ -299,6 +331,10 @@ def markdown(report: EvalReport) -> str:
         f"| fallback alone | {report.fallback_accuracy:.3f} |",
         f"| sent to the LLM | {report.llm_share:.1%} |",
         f"| abstained | {report.abstained} |",
+        *([f"| out of scope (no label) | {report.out_of_scope} texts |",
+           f"| out of scope answered none | {_number(report.out_of_scope_recall)} |",
+           f"| in-scope accuracy | {_number(report.in_scope_accuracy)} |",
+           f"| in scope answered none | {_number(report.in_scope_rejected)} |"] if report.out_of_scope else []),
         f"| expected calibration error | {report.calibration_error:.3f} |",
         "",
         "## Answers by route",

@@ -326,6 +326,8 @@ class Session:
         dev.save(self.path / DEV_FILE)
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)
+        for warning in report.warnings:
+            logger.warning(f"calibrate: {warning}")
         return report
 
     def _recalibrate(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,9 +45,14 @@ def read_rows(
     text_column: str = "text",
     label_column: str | None = None,
     known_labels: Sequence[str] | None = None,
+    no_label: Collection[str] | None = None,
 ) -> Iterator[Row]:
     """The rows of a file in order. With `label_column`, every row must have a label (checked against
-    `known_labels` if given); without, labels are left empty."""
+    `known_labels` if given); without, labels are left empty.
+
+    `no_label`: for files that measure a task which may answer "none of these" (out-of-scope texts), the label
+    values that mean a text has no label, besides an empty or missing one (null, "", [] or no field); such rows get
+    empty labels instead of an error. None: every row needs a label."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -62,12 +67,18 @@ def read_rows(
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{where}: {text_column}: empty or not text")
         labels: tuple[str, ...] = ()
-        if label_column is not None:
+        if label_column is not None and not (no_label is not None and _unlabelled(columns.get(label_column), no_label)):
             labels = _labels(columns.get(label_column), f"{where}: {label_column}")
             unknown = [label for label in labels if known is not None and label not in known]
             if unknown:
                 raise InputError(f"{where}: {label_column}: unknown label {unknown[0]!r}; the task's labels are {sorted(known)}")
         yield Row(line, text, labels, columns)
+
+
+def _unlabelled(value, no_label: Collection[str]) -> bool:
+    if value is None or (isinstance(value, str) and (not value.strip() or value.strip() in no_label)):
+        return True
+    return isinstance(value, list | tuple) and len(value) == 0
 
 
 def _labels(value, where: str) -> tuple[str, ...]:

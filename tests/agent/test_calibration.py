@@ -10,7 +10,7 @@ from labelcascade.agent import Policy
 from labelcascade.agent.calibration import DevSet, abstain_threshold, accept_threshold, choose_policy
 from labelcascade.agent.candidates import smallest_m_for_recall
 
-from ..conftest import BANKING_TASK, banking_messages
+from ..conftest import BANKING_TASK, banking_dev, banking_messages
 
 
 def test_accept_threshold_is_the_lowest_that_keeps_the_precision():
@@ -128,6 +128,41 @@ def test_a_perfect_llm_gets_the_unsure_texts_within_the_budget(embedder):
     floored = choose_policy(cascade, dev, target_precision=1.0, tolerance=0.0, accuracy_floor=report.fallback_accuracy)
     assert floored.llm_share == 0 and floored.accuracy_floor == report.fallback_accuracy
     assert report.accuracy_floor == 1.0  # at calibration: the best reachable, every wrong answer sent to the LLM
+
+
+def test_out_of_scope_dev_texts_set_the_abstain_threshold_and_are_measured(embedder):
+    """A chat router's dev set: texts with no label teach the abstain threshold, and the report says how the chosen
+    policy treats them, numbers that the session's own answers afterwards must match."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    texts, labels = banking_dev()
+    report = session.calibrate(texts, labels)
+    assert report.policy.abstain_threshold > 0 and report.warnings == []
+    answers = session.classify(texts, learn=False)
+    out_of_scope = [a for a, label in zip(answers, labels, strict=True) if label is None]
+    in_scope = [(a, label) for a, label in zip(answers, labels, strict=True) if label is not None]
+    assert report.out_of_scope_texts == len(out_of_scope) == 10
+    assert report.out_of_scope_recall == pytest.approx(np.mean([a.route is Route.ABSTAIN for a in out_of_scope]))
+    assert report.out_of_scope_recall >= 0.8  # the weather, jokes and alarms are far from every intent
+    assert report.in_scope_accuracy == pytest.approx(np.mean([a.label == label for a, label in in_scope]))
+    assert "out of scope: 10 dev texts with no label" in report.table()
+
+
+def test_calibrating_on_too_few_dev_texts_warns(embedder, caplog):
+    """A threshold chosen on a handful of texts was reported as if it were measured (dev precision 1.000 from one
+    text): calibrate now says what rests on too few."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    texts, labels = banking_dev()
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        report = session.calibrate(texts[:8] + texts[-2:], labels[:8] + labels[-2:])
+    assert any("only 10 dev texts" in warning for warning in report.warnings)
+    assert any("rests on 2 dev texts with no label" in warning for warning in report.warnings)
+    assert [r.getMessage() for r in caplog.records] == [f"calibrate: {w}" for w in report.warnings]
+    # with the LLM: its weight chosen on few unsure texts is named as such
+    texts, labels = banking_messages()
+    dev = with_llm_answers(session, texts, labels, labels)
+    perfect = choose_policy(session.cascade, dev, target_precision=1.0, tolerance=0.0)
+    unsure = round(perfect.llm_share * len(texts))
+    assert 0 < unsure < 20 and any(f"rest on the {unsure} dev texts" in w for w in perfect.warnings)
 
 
 def test_a_reopened_classifier_routes_by_the_calibrated_policy(calibrated, embedder, gemma):

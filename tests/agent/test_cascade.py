@@ -159,8 +159,8 @@ def test_an_unreachable_engine_degrades_to_the_fallback(embedder):
 
 
 def test_abstains_under_the_threshold_only_when_the_task_allows_it(embedder):
-    task = Task.from_yaml(BANKING_TASK)
-    allowing = task.model_copy(update={"allow_abstain": True})
+    allowing = Task.from_yaml(BANKING_TASK)  # the banking example allows abstaining (a chat router's task)
+    task = allowing.model_copy(update={"allow_abstain": False})
     policy = Policy(accept_threshold=0.0, abstain_threshold=0.999999)
     texts = ["what is the meaning of life", "my card is lost"]
     abstaining = banking_cascade(embedder, "llamacpp:default", policy, allowing).classify(texts)

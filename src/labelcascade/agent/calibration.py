@@ -76,11 +76,17 @@ class Calibration(BaseModel):
     fallback_accuracy_on_unsure: float | None = None
     learned_share: float | None = Field(None, description="Share of LLM-bound dev texts the cascade would learn from.")
     learned_precision: float | None = Field(None, description="Accuracy of the LLM answers it would learn from.")
+    out_of_scope_texts: int = Field(0, description="Dev texts with no label (out of scope: the right answer is none).")
+    out_of_scope_recall: float | None = Field(
+        None, description="Share of the dev texts with no label that the chosen policy answers none.")
+    in_scope_accuracy: float | None = Field(
+        None, description="Accuracy of the chosen policy on the dev texts that have a label (abstaining counts wrong).")
     coverage: list[CoverageRow]
     notes: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="Choices that rest on too few dev texts to trust.")
 
     def table(self) -> str:
-        """The coverage/precision table and the choices, as markdown."""
+        """The coverage/precision table and the choices, as markdown (`warnings` are logged by `calibrate`)."""
         lines = ["| accept threshold | coverage | precision |", "|---|---|---|"]
         for row in self.coverage:
             precision = "-" if row.precision is None else f"{row.precision:.3f}"
@@ -95,6 +101,8 @@ class Calibration(BaseModel):
             f"abstain {p.abstain_threshold:.3f}",
             *([f"learns from {self.learned_share:.0%} of the LLM answers (dev precision {self.learned_precision:.3f})"]
               if self.learned_precision is not None else []),
+            *([f"out of scope: {self.out_of_scope_texts} dev texts with no label, {self.out_of_scope_recall:.1%} "
+               f"answered none; in-scope accuracy {_number(self.in_scope_accuracy)}"] if self.out_of_scope_texts else []),
             *self.notes,
         ]
         return "\n".join(lines)
@@ -248,6 +256,8 @@ def choose_policy(
     if cascade.task.allow_abstain and not multi:
         policy = policy.model_copy(update={"abstain_threshold": abstain_threshold(final, dev.truth)})
     accuracy = float(_correct(final, dev.truth, multi).mean())
+    scope = {} if multi else _scope_scores(final, dev.truth, policy.abstain_threshold if cascade.task.allow_abstain else 0.0)
+    warnings = _few_texts_warnings(dev, sent if dev.llm is not None else None, policy, learned, scope)
     return Calibration(
         policy=policy,
         dev_texts=len(dev.truth),
@@ -266,7 +276,45 @@ def choose_policy(
         learned_precision=None if learned is None else learned[1],
         coverage=coverage_table(certainty, fallback_right, (*TABLE_THRESHOLDS, accept)),
         notes=notes,
+        warnings=warnings,
+        **scope,
     )
+
+
+# Under this many dev texts a threshold or a weight chosen on them is a guess (one text more or less moves it), so
+# calibrate says so instead of printing a precision of 1.000 measured on one text.
+FEW_DEV_TEXTS = 20
+
+
+def _scope_scores(final: np.ndarray, truth: np.ndarray, abstain: float) -> dict:
+    """Single-label, with dev texts that have no label: how the chosen policy treats them and the others."""
+    none_true = truth < 0
+    if not none_true.any():
+        return {}
+    answered = final.max(axis=1) >= abstain
+    right = answered & (final.argmax(axis=1) == truth)
+    return {"out_of_scope_texts": int(none_true.sum()),
+            "out_of_scope_recall": float(np.mean(~answered[none_true])),
+            "in_scope_accuracy": float(right[~none_true].mean()) if (~none_true).any() else None}
+
+
+def _few_texts_warnings(dev: DevSet, sent: np.ndarray | None, policy: Policy, learned, scope: dict) -> list[str]:
+    warnings = []
+    if len(dev.truth) < FEW_DEV_TEXTS:
+        warnings.append(f"only {len(dev.truth)} dev texts: every threshold rests on them; give at least "
+                        f"{FEW_DEV_TEXTS} (a few per label) for choices worth trusting")
+    elif sent is not None and policy.llm_weight > 0 and sent.sum() < FEW_DEV_TEXTS:
+        learned_on = "" if learned is None else f" and the learn threshold (dev precision {_number(learned[1])})"
+        warnings.append(f"the LLM's weight{learned_on} rest on the {int(sent.sum())} dev texts the fallback is unsure "
+                        f"of; give more dev texts, at least {FEW_DEV_TEXTS} of them unsure")
+    if 0 < scope.get("out_of_scope_texts", 0) < FEW_DEV_TEXTS // 4:
+        warnings.append(f"the abstain threshold rests on {scope['out_of_scope_texts']} dev texts with no label; "
+                        f"give at least {FEW_DEV_TEXTS // 4} out-of-scope texts")
+    return warnings
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def accept_threshold(certainty: np.ndarray, correct: np.ndarray, target: float) -> float:
