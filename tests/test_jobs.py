@@ -68,6 +68,14 @@ def test_outputs_in_every_format_keep_the_input_columns(fallback_workspace, sour
     assert [row["label"] for row in table] == ["lost_or_stolen_card", "exchange_rate"]
     assert [row["id"] for row in table] == ["1", "2"] and {"confidence", "route", "top", "message"} <= set(table[0])
     assert (tmp_path / "out.csv").read_text().splitlines()[0] == "id,message,label,confidence,route,top"
+    # top: a real list of {label, probability} in JSONL and Parquet (a tool reads it without parsing a string),
+    # its JSON text in CSV
+    jsonl = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    csv_top = [json.loads(row["top"]) for row in csv.DictReader((tmp_path / "out.csv").open())]
+    assert [row["top"] for row in table] == [row["top"] for row in jsonl] == csv_top
+    for row in jsonl:
+        assert len(row["top"]) == 3 and row["top"][0] == {"label": row["label"], "probability": row["confidence"]}
+        assert [t["probability"] for t in row["top"]] == sorted((t["probability"] for t in row["top"]), reverse=True)
 
 
 def test_a_second_job_on_the_same_output_is_refused_and_leaves_the_first_ones_state(fallback_workspace, tmp_path,

@@ -102,8 +102,9 @@ class LabelJob:
         review: str | Path | None = None,
         review_below: float = 0.5,
     ):
-        """The output has the input's columns plus `label`, `confidence`, `route` and `top` (a JSON object of the
-        `top` most probable labels), each name preceded by `prefix` (needed when the input has such a column).
+        """The output has the input's columns plus `label`, `confidence`, `route` and `top` (the `top` most probable
+        labels, most probable first, as a list of {"label", "probability"} records: a real list in JSONL and
+        Parquet, its JSON text in CSV), each name preceded by `prefix` (needed when the input has such a column).
 
         `max_llm_calls`: at most this many texts answered by the LLM over the whole job; `cache`: reuse and keep
         the LLM's answers in the workspace's answer cache; `review`: a file (CSV, JSONL or Parquet) for the rows
@@ -279,7 +280,7 @@ class LabelJob:
             self.prefix + "label": prediction.label if not self.session.task.multi_label else "|".join(prediction.labels),
             self.prefix + "confidence": round(prediction.confidence, 4),
             self.prefix + "route": prediction.route.value,
-            self.prefix + "top": json.dumps({label: round(p, 4) for label, p in prediction.top(self.top)}),
+            self.prefix + "top": prediction.summary(self.top)["top"],
         }
         clash = sorted(set(answer) & set(row.columns))
         if clash:
@@ -337,13 +338,16 @@ def _write_jsonl(path: Path, records: Iterator[dict]) -> None:
 
 
 def _write_csv(path: Path, records: Iterator[dict]) -> None:
+    """A CSV cell holds text: lists and objects (`top`, or an input's own) are written as JSON, which tools read
+    back, rather than as Python's repr."""
     with path.open("w", encoding="utf-8", newline="") as file:
         writer = None
         for record in records:
             if writer is None:
                 writer = csv.DictWriter(file, fieldnames=list(record))
                 writer.writeheader()
-            writer.writerow(record)
+            writer.writerow({key: json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
+                             for key, value in record.items()})
 
 
 def _write_parquet(path: Path, records: Iterator[dict]) -> None:
