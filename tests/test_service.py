@@ -95,6 +95,36 @@ def test_a_list_of_texts_is_answered_in_order_with_the_top_labels_asked_for(bank
     assert all(len(a["top"]) == 1 and a["latency_ms"] >= 0 for a in answers) and response.json()["latency_ms"] > 0
 
 
+def test_answers_are_in_headers_for_gateways_that_do_not_read_the_body(banking, direct, embedder):
+    """Label, route and confidence per text in response headers, in order, as the body has them; a label in any
+    script or with a comma survives percent-encoding."""
+    with running(create_app(banking)) as url:
+        one = httpx.post(f"{url}/v1/classify", json={"text": MESSAGES[0]})
+        many = httpx.post(f"{url}/v1/classify", json={"texts": MESSAGES[:4]})
+        schema = httpx.get(f"{url}/openapi.json").json()
+    for response in (one, many):
+        answers = response.json()["answers"]
+        assert response.headers["x-labelcascade-label"].split(", ") == [a["label"] for a in answers]
+        assert response.headers["x-labelcascade-route"].split(", ") == [a["route"] for a in answers] == ["fallback"] * len(answers)
+        confidences = [float(c) for c in response.headers["x-labelcascade-confidence"].split(", ")]
+        assert confidences == pytest.approx([a["confidence"] for a in answers], abs=5e-5)
+    documented = schema["paths"]["/v1/classify"]["post"]["responses"]["200"]["headers"]
+    assert {"X-Labelcascade-Label", "X-Labelcascade-Route", "X-Labelcascade-Confidence"} <= set(documented)
+
+    task = Task(name="t", labels=["café, au lait", "退款"], allow_abstain=True, examples=[
+        {"text": text, "label": label} for text, label in [("coffee with milk", "café, au lait"), ("a latte please", "café, au lait"),
+                                                           ("I want my money back", "退款"), ("refund this order", "退款")]])
+    session = Session.create(task, embedder=embedder, engine=None)
+    texts = ["a latte with milk please", "I want a refund for this order"]
+    with running(create_app(session)) as url:
+        response = httpx.post(f"{url}/v1/classify", json={"texts": texts})
+        session.set_policy(session.policy.model_copy(update={"abstain_threshold": 1.0}))  # every answer: none
+        abstained = httpx.post(f"{url}/v1/classify", json={"text": "hello"})
+    assert response.headers["x-labelcascade-label"] == "caf%C3%A9%2C%20au%20lait, %E9%80%80%E6%AC%BE"
+    assert [a["label"] for a in response.json()["answers"]] == ["café, au lait", "退款"]
+    assert (abstained.headers["x-labelcascade-label"], abstained.headers["x-labelcascade-route"]) == ("", "abstain")
+
+
 def test_metrics_count_requests_by_endpoint_and_status_and_answers_by_route(banking):
     with running(create_app(banking)) as url, httpx.Client(base_url=url) as client:
         for text in MESSAGES[:5]:
@@ -119,7 +149,7 @@ def test_task_health_and_docs(banking):
         task = client.get("/v1/task").json()
         health = client.get("/healthz")
         docs, schema = client.get("/docs"), client.get("/openapi.json").json()
-    assert task["name"] == "banking-support" and not task["multi_label"] and not task["allow_abstain"]
+    assert task["name"] == "banking-support" and not task["multi_label"] and task["allow_abstain"]
     assert [label["name"] for label in task["labels"]] == banking.labels
     assert task["labels"][0]["description"] == "The customer is waiting for a card that has not arrived yet."
     assert task["policy"]["accept_threshold"] == banking.policy.accept_threshold

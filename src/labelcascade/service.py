@@ -1,6 +1,7 @@
 """The HTTP service for chat assistants: one workspace's session behind a small JSON API.
 
     POST /v1/classify   {"text": "..."} or {"texts": [...]}, optional "top"  ->  {"answers": [...], "latency_ms"}
+                        and headers X-Labelcascade-Label / -Route / -Confidence (one value per text)
     POST /v1/feedback   {"text", "label"} (or "labels"), optional "retrain"  ->  stored as a `review` example
     GET  /v1/task       the task's labels, shape and the cascade's current policy
     GET  /healthz       liveness; never needs the API key and never waits for the classifier
@@ -64,6 +65,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import quote
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, Security
@@ -427,9 +429,10 @@ def create_app(
 
     api = APIRouter(dependencies=[Depends(_key_check(api_key))] if api_key is not None else [])
 
-    @api.post("/v1/classify", tags=["classify"])
-    async def classify(request: ClassifyRequest) -> ClassifyResponse:
-        """Classify one text or a list of texts; requests that arrive together are classified in one batch."""
+    @api.post("/v1/classify", tags=["classify"], responses={200: {"headers": ANSWER_HEADERS}})
+    async def classify(request: ClassifyRequest, response: Response) -> ClassifyResponse:
+        """Classify one text or a list of texts; requests that arrive together are classified in one batch. The
+        answers' labels, routes and confidences are also in response headers, one value per text in order."""
         start = time.perf_counter()
         texts = request.all_texts
         field = "text" if request.text is not None else "texts"
@@ -442,6 +445,7 @@ def create_app(
         predictions = await worker.classify(texts)
         for prediction in predictions:
             metrics.answers.labels(prediction.route.value).inc()
+        response.headers.update(answer_headers(predictions))
         return ClassifyResponse(
             answers=[Answer.of(prediction, request.top) for prediction in predictions],
             latency_ms=(time.perf_counter() - start) * 1000,
@@ -506,6 +510,28 @@ def create_app(
 
     app.include_router(api)
     return app
+
+
+# What a gateway or an agent framework routes on, readable without parsing the body: one value per text, in the
+# request's order, joined by ", " (the list syntax of HTTP fields). A label is percent-encoded UTF-8 (a header is
+# Latin-1, and a label may hold commas or any script); an abstention's label is empty.
+ANSWER_HEADERS = {
+    "X-Labelcascade-Label": {"description": "Each text's label (multi-label: its labels joined by '|'), "
+                                            "percent-encoded UTF-8; empty when it has none.",
+                             "schema": {"type": "string"}},
+    "X-Labelcascade-Route": {"description": "Each text's route: fallback, llm, degraded or abstain.",
+                             "schema": {"type": "string"}},
+    "X-Labelcascade-Confidence": {"description": "Each text's confidence, 4 decimals.", "schema": {"type": "string"}},
+}
+
+
+def answer_headers(predictions: list[Prediction]) -> dict[str, str]:
+    multi = [p.labels for p in predictions]
+    return {
+        "X-Labelcascade-Label": ", ".join(quote("|".join(labels), safe="") for labels in multi),
+        "X-Labelcascade-Route": ", ".join(p.route.value for p in predictions),
+        "X-Labelcascade-Confidence": ", ".join(f"{p.confidence:.4f}" for p in predictions),
+    }
 
 
 def _key_check(api_key: str) -> Callable[..., None]:
