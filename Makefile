@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   sets up .venv and classifies the bundled banking example
-#   make test   sets up .venv and .venv-vllm and runs the test suite
+#   make test   sets up .venv and .venv-vllm (and chromium, for the /docs test) and runs the test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,9 +25,11 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/classify_file.py examples/banking/task.yaml examples/banking/messages.jsonl
 
-# The vLLM engine's tests talk to a real vLLM server, which lives in its own environment (.venv-vllm).
+# The vLLM engine's tests talk to a real vLLM server, which lives in its own environment (.venv-vllm); the /docs
+# test loads the page in a real headless browser (Debian's chromium).
 test: install
 	bash tools/vllm_server.sh setup
+	bash tools/install_chromium.sh
 	$(PY) -m pytest
 
 # The fast layer for a developer's own loop: no LLM, no server, no killed processes (tests marked slow are skipped).

@@ -2,6 +2,8 @@
 the real embedder, store and fallback behind it (the embedded LLM too, in the test named so)."""
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -154,8 +156,37 @@ def test_task_health_and_docs(banking):
     assert task["labels"][0]["description"] == "The customer is waiting for a card that has not arrived yet."
     assert task["policy"]["accept_threshold"] == banking.policy.accept_threshold
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "cdn" not in docs.text
     assert {"/v1/classify", "/v1/feedback", "/v1/task", "/healthz", "/metrics"} <= schema["paths"].keys()
+
+
+BROWSER = shutil.which("chromium")
+
+
+@pytest.mark.slow
+def test_docs_render_in_a_headless_browser_with_the_network_unreachable(banking):
+    """/docs was a blank page offline: FastAPI's Swagger UI loads its scripts from a CDN. A real browser, every host
+    but 127.0.0.1 unresolvable, must render the operations; FastAPI's own page, in the same browser, renders none."""
+    assert BROWSER, "Debian's chromium is needed: `make test` installs it (tools/install_chromium.sh)"
+
+    def rendered(url: str) -> str:
+        browser = subprocess.run(
+            [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", "--virtual-time-budget=15000",
+             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", url],
+            capture_output=True, text=True, timeout=120)
+        assert browser.returncode == 0, browser.stderr[-2000:]
+        return browser.stdout
+
+    with running(create_app(banking)) as url:
+        page = rendered(f"{url}/docs")
+        redoc = rendered(f"{url}/redoc")
+    assert 'class="swagger-ui"' in page and "opblock" in page  # Swagger UI drew the operations
+    assert all(path in page for path in ("/v1/classify", "/v1/feedback", "/v1/task"))
+    assert "api-content" in redoc and "/v1/classify" in redoc  # ReDoc drew it too (the served page has neither)
+    plain = FastAPI()
+    plain.get("/v1/classify")(lambda: None)
+    with running(plain) as url:
+        assert "opblock" not in rendered(f"{url}/docs")  # the CDN page: nothing drawn without the network
 
 
 def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder):

@@ -6,7 +6,7 @@
     GET  /v1/task       the task's labels, shape and the cascade's current policy
     GET  /healthz       liveness; never needs the API key and never waits for the classifier
     GET  /metrics       Prometheus text: requests by endpoint and status, answers by route, latencies, batch sizes
-    GET  /docs          the OpenAPI page
+    GET  /docs          the OpenAPI page (Swagger UI; /redoc: ReDoc), its scripts served from the package: works offline
 
 `create_app(session)` builds the app around a session you own; `serve(workspace)` opens a workspace and runs
 it with uvicorn on 127.0.0.1 (another host only when asked: the service is for the assistant beside it). Serving
@@ -73,6 +73,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -397,7 +398,7 @@ def create_app(
         async with worker.running():
             yield
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their scripts served from the package: they render offline
         title="labelcascade",
         version=__version__,
         summary="Classify texts with a cascade: an embedding + SVM fallback, a local LLM when it is unsure.",
