@@ -5,8 +5,11 @@ import csv
 import fcntl
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 
 from labelcascade import Session
 from labelcascade.agent import Policy
+from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import STATE_SUFFIX, LabelJob
 from labelcascade.tables import InputError
 
@@ -118,6 +122,60 @@ def llm_workspace(tmp_path, embedder, gemma):
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     yield session, source
     session.close()
+
+
+def cached_answers(workspace: Path) -> int:
+    """LLM answers a running job has put in the workspace's answer cache (0 while it cannot be read)."""
+    try:
+        with sqlite3.connect(f"file:{workspace / CACHE_FILE}?mode=ro", uri=True, timeout=0.1) as db:
+            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def label_with_llm(workspace: Path, source: Path, out: Path, *options: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("labelcascade")), "label", str(workspace), str(source), str(out),
+            "--batch-size", "12", *options]
+
+
+@pytest.mark.slow
+def test_the_progress_bar_moves_within_a_batch_and_shows_the_budget_without_native_log_lines(llm_workspace, tmp_path):
+    """The bar sat at 0 through a whole first batch of LLM work, llama.cpp's log lines broke it, and it never showed
+    the budget. One batch of 12 rows, 6 of them for the LLM, two per LLM call: the bar moves before the batch ends."""
+    session, source = llm_workspace
+    session.set_policy(session.policy.model_copy(update={"llm_batch": 2}))
+    out = tmp_path / "out.jsonl"
+    result = subprocess.run(label_with_llm(session.path, source, out, "--max-llm-calls", "6", "--no-cache"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    frames = result.stderr.replace("\r", "\n").splitlines()
+    shown = [int(match.group(1)) for frame in frames if (match := re.search(r"\| (\d+)/12 \[", frame))]
+    assert any(0 < rows < 12 for rows in shown), frames  # within the one batch, as the LLM answered
+    assert shown[-1] == 12 and "budget left=0" in frames[-2] and "llm calls=6" in frames[-2]
+    assert not [frame for frame in frames if frame.startswith("llama")]  # llama.cpp's log goes to Python logging
+    assert "LLM calls 6" in frames[-1]
+
+
+@pytest.mark.slow
+def test_llm_answers_of_a_batch_killed_midway_are_kept_and_not_asked_again(llm_workspace, tmp_path):
+    """A kill lost the LLM answers of the batch in flight, and the rerun asked for them again. They now go into the
+    answer cache as each LLM call returns, so the rerun takes them from there."""
+    session, source = llm_workspace
+    session.set_policy(session.policy.model_copy(update={"llm_batch": 2}))
+    out = tmp_path / "out.jsonl"
+    command = label_with_llm(session.path, source, out, "--no-progress")
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while cached_answers(session.path) < 4 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the job finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    state = out.with_name(out.name + STATE_SUFFIX)
+    kept = cached_answers(session.path)
+    assert rows_done(state) == 0 and 4 <= kept < 12  # the batch never committed; its LLM answers so far are kept
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0 and f"LLM calls {12 - kept}, cached answers {kept}" in finished.stderr
 
 
 def test_a_budget_caps_llm_calls_over_the_job_and_its_resumed_runs(llm_workspace, tmp_path):

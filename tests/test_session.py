@@ -145,6 +145,25 @@ def test_without_auto_retrain_llm_answers_are_stored_and_the_retrain_is_left_to_
     session.close()
 
 
+def test_long_calls_report_their_llm_progress(embedder, gemma, capsys):
+    """classify of a list and calibrate ran for minutes with no sign of life: a bar of the LLM's answers on stderr
+    (on a terminal by default, here asked for), and a hook that receives each LLM batch's answers as they come."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma,
+                             policy=Policy(accept_threshold=1.0, llm_batch=2, examples=2, learn=False))
+    texts, labels = banking_messages()
+    steps = []
+    answers = session.classify(texts[:5], progress=True, on_llm=steps.append)
+    assert [(s.sent, s.total) for s in steps] == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    assert [i for s in steps for i in s.indices] == [0, 1, 2, 3, 4]
+    assert [p for s in steps for p in s.predictions] == answers  # what the hook saw is what the call returned
+    assert "LLM answers" in capsys.readouterr().err
+    session.classify(texts[:5])  # progress=None: no bar off a terminal
+    assert capsys.readouterr().err == ""
+    session.calibrate(texts[5:9], labels[5:9], progress=True)
+    assert "calibrate: LLM on dev texts" in capsys.readouterr().err
+    session.close()
+
+
 def chinese_task() -> Task:
     texts, labels = few_shot("eprstmt", 8)
     by_label = {label: [t for t, l in zip(texts, labels, strict=True) if l == label] for label in sorted(set(labels))}

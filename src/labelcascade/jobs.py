@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labelcascade.agent import LLMProgress
 from labelcascade.answer_cache import AnswerCache
 from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
@@ -51,6 +52,7 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 """
 REVIEW_ROUTES = ("abstain", "degraded")
+LLM_CALLS = "llm_calls"  # meta key: texts the LLM answered in this job, for its budget
 
 
 @dataclass
@@ -167,21 +169,21 @@ class LabelJob:
             routes = Counter(dict(state.execute("SELECT route, COUNT(*) FROM rows GROUP BY route")))
             llm_calls, cached = self._llm_counts(state)
             total = self._count_rows()
-            bar = _progress(total, len(done), progress)
+            bar = JobBar(total, len(done), self.max_llm_calls) if progress else None
             for batch in self._pending_batches(done):
-                predictions, from_cache = self._answer([row.text for _, row in batch], llm_calls)
+                predictions, from_cache, asked = self._answer([row.text for _, row in batch], llm_calls, bar)
                 records = [
                     (position, p.route.value, int(hit), p.confidence, json.dumps(self._record(row, p), ensure_ascii=False))
                     for (position, row), p, hit in zip(batch, predictions, from_cache, strict=True)
                 ]
+                llm_calls += asked
                 with state:  # one transaction per batch: all of it is done, or none of it
                     state.executemany("INSERT INTO rows VALUES (?, ?, ?, ?, ?)", records)
+                    state.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (LLM_CALLS, str(llm_calls)))
                 routes.update(p.route.value for p in predictions)
-                llm_calls += sum(p.route is Route.LLM and not hit for p, hit in zip(predictions, from_cache, strict=True))
                 cached += sum(from_cache)
                 if bar is not None:
-                    bar.update(len(batch))
-                    bar.set_postfix({**routes, "llm calls": llm_calls, "cached": cached})
+                    bar.committed(sum(routes.values()), predictions, from_cache, routes, llm_calls, cached)
             if bar is not None:
                 bar.close()
             self._write_output(state, total)
@@ -189,19 +191,32 @@ class LabelJob:
         return JobSummary(rows=total, done_before=len(done), routes=dict(routes), llm_calls=llm_calls, cached=cached,
                           output=self.destination, review=self.review, review_rows=review_rows)
 
-    def _answer(self, texts: list[str], llm_calls: int) -> tuple[list[Prediction], list[bool]]:
-        """Answers for one batch: cached LLM answers first, the session for the rest within the budget."""
+    def _answer(self, texts: list[str], llm_calls: int,
+                bar: JobBar | None = None) -> tuple[list[Prediction], list[bool], int]:
+        """Answers for one batch: cached LLM answers first, the session for the rest within the budget; and how
+        many texts the LLM answered (those that then abstained included: the call was made). The LLM's answers go
+        into the answer cache as they arrive, so a job killed in the middle of a batch asks the LLM again only for
+        what it had not answered yet."""
         # The version before classifying: the answers are made with this fallback and policy, even when learning
         # from them retrains the fallback at the end of the batch.
         version = self.session.answer_version() if self.cache is not None else ""
         hits = self.cache.get(texts, version) if self.cache is not None else {}
         misses = [i for i in range(len(texts)) if i not in hits]
         left = None if self.max_llm_calls is None else max(0, self.max_llm_calls - llm_calls)
-        fresh = self.session.classify([texts[i] for i in misses], llm_limit=left) if misses else []
-        if self.cache is not None:
-            self.cache.put([texts[i] for i in misses], fresh, version)
+
+        asked = 0
+
+        def arrived(step: LLMProgress) -> None:
+            nonlocal asked
+            asked += sum(p.route is not Route.DEGRADED for p in step.predictions)
+            if self.cache is not None and step.predictions:
+                self.cache.put([texts[misses[i]] for i in step.indices], step.predictions, version)
+            if bar is not None:
+                bar.advance(len(texts) - step.total if not step.indices else len(step.indices))
+
+        fresh = self.session.classify([texts[i] for i in misses], llm_limit=left, on_llm=arrived) if misses else []
         answers = {**hits, **dict(zip(misses, fresh, strict=True))}
-        return [answers[i] for i in range(len(texts))], [i in hits for i in range(len(texts))]
+        return [answers[i] for i in range(len(texts))], [i in hits for i in range(len(texts))], asked
 
     def plan(self, *, sample: int = 200, llm_sample: int = 8) -> JobPlan:
         """Estimate the job's LLM calls and time from `sample` rows spread over the input; nothing is stored or
@@ -253,11 +268,13 @@ class LabelJob:
 
     @staticmethod
     def _llm_counts(state: sqlite3.Connection) -> tuple[int, int]:
-        """(LLM answers not from the cache, answers from the cache) among the rows done."""
+        """(texts the LLM answered, answers from the cache) among the rows done. The first is kept in the state's
+        meta table (a text the LLM answered may then abstain); a state written before it was counts LLM routes."""
         fresh, cached = state.execute(
             "SELECT COALESCE(SUM(route = 'llm' AND cached = 0), 0), COALESCE(SUM(cached), 0) FROM rows"
         ).fetchone()
-        return int(fresh), int(cached)
+        kept = state.execute("SELECT value FROM meta WHERE key = ?", (LLM_CALLS,)).fetchone()
+        return int(kept[0]) if kept else int(fresh), int(cached)
 
     def _pending_batches(self, done: set[int]) -> Iterator[list[tuple[int, Row]]]:
         batch: list[tuple[int, Row]] = []
@@ -292,7 +309,7 @@ class LabelJob:
         stat = self.source.stat()
         identity = {"input": str(self.source.resolve()), "size": str(stat.st_size), "mtime_ns": str(stat.st_mtime_ns),
                     "text_column": self.text_column}
-        stored = dict(state.execute("SELECT key, value FROM meta"))
+        stored = {key: value for key, value in state.execute("SELECT key, value FROM meta") if key != LLM_CALLS}
         if stored and stored != identity:
             changed = [key for key in identity if stored.get(key) != identity[key]]
             raise InputError(f"{self.state_path}: this job state belongs to another input ({', '.join(changed)} differ); "
@@ -360,9 +377,54 @@ def _write_parquet(path: Path, records: Iterator[dict]) -> None:
 _WRITERS = {"jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}
 
 
-def _progress(total: int, done: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class JobBar:
+    """The job's progress bar on stderr: rows done, advancing within a batch as the LLM answers (a first batch of
+    LLM-bound rows used to sit at 0 for minutes), answers per route, LLM calls and the budget left, the LLM's rate,
+    and a time left that knows the budget: once `max_llm_calls` is spent the remaining rows go at the fallback's
+    speed, which tqdm's own estimate (the mean rate so far) cannot know."""
 
-    return tqdm(total=total, initial=done, unit="row", desc="labelling", dynamic_ncols=True)
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+    def __init__(self, total: int, done: int, max_llm_calls: int | None) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, unit="row", desc="labelling", dynamic_ncols=True,
+                        bar_format=self.FORMAT)
+        self.max_llm_calls = max_llm_calls
+        self.started = time.monotonic()
+        self.seconds = {"fallback": 0.0, "llm": 0.0}  # answer latencies of this run's fresh answers, by kind
+        self.answered = {"fallback": 0, "llm": 0}
+
+    def advance(self, rows: int) -> None:
+        self.bar.update(rows)
+
+    def committed(self, rows_done: int, predictions, from_cache, routes: Counter, llm_calls: int, cached: int) -> None:
+        self.bar.update(rows_done - self.bar.n)
+        for p, hit in zip(predictions, from_cache, strict=True):
+            if not hit:
+                kind = "llm" if p.route is Route.LLM else "fallback"
+                self.seconds[kind] += p.latency_ms / 1000
+                self.answered[kind] += 1
+        budget = {} if self.max_llm_calls is None else {"budget left": max(0, self.max_llm_calls - llm_calls)}
+        llm_rate = self.answered["llm"] / max(self.seconds["llm"], 1e-9) if self.answered["llm"] else None
+        self.bar.set_postfix({**routes, "llm calls": llm_calls, **budget, "cached": cached,
+                              **({"llm/s": f"{llm_rate:.2f}"} if llm_rate else {}),
+                              "left": self._time_left(llm_calls)}, refresh=True)
+
+    def _time_left(self, llm_calls: int) -> str:
+        rows_left = self.bar.total - self.bar.n
+        fresh = self.answered["fallback"] + self.answered["llm"]
+        if not fresh or not rows_left:
+            return "?" if rows_left else "0s"
+        per_fallback = self.seconds["fallback"] / max(self.answered["fallback"], 1)
+        per_llm = self.seconds["llm"] / self.answered["llm"] if self.answered["llm"] else per_fallback
+        llm_rows = rows_left * self.answered["llm"] / fresh
+        if self.max_llm_calls is not None:
+            llm_rows = min(llm_rows, max(0, self.max_llm_calls - llm_calls))
+        # answer latencies leave out batching, learning and commits: scale by what the run's wall time says
+        overhead = (time.monotonic() - self.started) / max(sum(self.seconds.values()), 1e-9)
+        seconds = (rows_left * per_fallback + llm_rows * (per_llm - per_fallback)) * max(overhead, 1.0)
+        return self.bar.format_interval(seconds)
+
+    def close(self) -> None:
+        self.bar.close()

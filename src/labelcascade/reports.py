@@ -48,6 +48,8 @@ from sklearn.metrics import (
 from labelcascade.agent.calibration import TABLE_THRESHOLDS, CoverageRow, coverage_table
 from labelcascade.records import Prediction, Route
 
+from labelcascade.session import LLMBar
+
 if TYPE_CHECKING:
     from labelcascade.session import Session
 
@@ -130,19 +132,22 @@ def evaluate(
     out_dir: str | Path,
     *,
     title: str | None = None,
+    progress: bool | None = None,
 ) -> EvalReport:
     """Classify labelled test texts once, measure the answers and write report.md and the plots into `out_dir`.
 
     `labels`: one label per text (None or "" for a text that has no label, if the task allows abstaining), or for
     multi-label tasks a label or a list of labels per text (an empty list: none applies). Raises ValueError naming
-    the first bad row. The session does not learn from these texts: learning from the LLM's answers is off
+    the first bad row. `progress`: a bar of the LLM's answers on stderr (None: on a terminal, for more than a few).
+    The session does not learn from these texts: learning from the LLM's answers is off
     while they are classified, so a test set never becomes training data (and the fallback cannot change between
     the answers and the replay of `llm_share.png`).
     """
     task = session.task
     truth = _truth(task.label_names, texts, labels, task.multi_label, task.allow_abstain)
     cascade = session.cascade
-    outcome = cascade.run(list(texts), learn=False, fallback_answers=True)  # _truth checked the texts
+    with LLMBar(progress, "eval: LLM answers") as bar:  # _truth checked the texts
+        outcome = cascade.run(list(texts), learn=False, fallback_answers=True, on_llm=bar.hook)
     predictions, certainty = outcome.predictions, outcome.certainty
     policy = cascade.policy
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,7 +28,17 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
 from sklearn.svm import LinearSVC
 
-from labelcascade.agent import Calibration, Cascade, DevSet, EngineSlot, Learner, Policy, Retraining, choose_policy
+from labelcascade.agent import (
+    Calibration,
+    Cascade,
+    DevSet,
+    EngineSlot,
+    Learner,
+    LLMProgress,
+    Policy,
+    Retraining,
+    choose_policy,
+)
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
@@ -102,6 +113,49 @@ def _cv_sample(texts: list[str], labels: list[str]) -> tuple[list[str], list[str
 def _cv_accuracy(embedder: Embedder, texts: list[str], labels: list[str]) -> float:
     folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=0)
     return float(np.mean(cross_val_score(LinearSVC(C=1.0), embedder.embed(texts), labels, cv=folds)))
+
+
+# A bar for fewer texts than this would flash by: `progress=None` draws one only past it (and only on a terminal).
+BAR_AFTER_TEXTS = 16
+
+
+class LLMBar:
+    """The progress bar of a long call's LLM part, on stderr (tqdm). Calls that ask the LLM about hundreds of texts
+    (calibrate, classify of a list) ran for minutes with no sign of life. `progress`: True always, False never,
+    None on a terminal when more than `BAR_AFTER_TEXTS` texts go to the LLM. `also`: a caller's own hook, called
+    first."""
+
+    def __init__(self, progress: bool | None, description: str,
+                 also: Callable[[LLMProgress], None] | None = None) -> None:
+        self.progress, self.description, self.also = progress, description, also
+        self.bar = None
+
+    def __enter__(self) -> LLMBar:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def hook(self) -> Callable[[LLMProgress], None] | None:
+        """The cascade's `on_llm` hook, or None when there is nothing to draw or call."""
+        return None if self.progress is False and self.also is None else self._step
+
+    def _step(self, step: LLMProgress) -> None:
+        if self.also is not None:
+            self.also(step)
+        self.count(step.sent, step.total)
+
+    def count(self, done: int, total: int) -> None:
+        if self.bar is None:
+            shown = self.progress if self.progress is not None else (sys.stderr.isatty() and total > BAR_AFTER_TEXTS)
+            if not shown:
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.description, unit="text", dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
 
 
 class Session:
@@ -304,17 +358,19 @@ class Session:
         llm_budget: float | None = None,
         learn_precision: float = 0.85,
         tolerance: float = 0.01,
+        progress: bool | None = None,
     ) -> Calibration:
         """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
         labelled dev texts (not stored), and use them from now on (agent/calibration.py says how). The LLM is asked
         about every dev text once; what it said is kept in the workspace, so the policy is chosen again, without
         the LLM, after every retrain. `llm_budget` caps the share of texts sent to the LLM; `learn_precision` is
         the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
-        accuracy the cascade may give up to send fewer texts to the LLM. Returns the report;
+        accuracy the cascade may give up to send fewer texts to the LLM; `progress`: a bar on stderr of the dev texts
+        the LLM has scored (None: on a terminal only). Returns the report;
         `print(report.table())` shows the coverage/precision table."""
-        dev = DevSet.measure(
-            self.cascade, list(texts), list(labels), target_precision=target_precision, llm_budget=llm_budget
-        )
+        with LLMBar(progress, "calibrate: LLM on dev texts") as bar:
+            dev = DevSet.measure(self.cascade, list(texts), list(labels), target_precision=target_precision,
+                                 llm_budget=llm_budget, on_llm=bar.count)
         report = choose_policy(
             self.cascade,
             dev,
@@ -368,16 +424,26 @@ class Session:
     # --- answering ------------------------------------------------------------------------------------------
 
     def classify(
-        self, texts: str | Sequence[str], *, llm_limit: int | None = None, learn: bool = True
+        self,
+        texts: str | Sequence[str],
+        *,
+        llm_limit: int | None = None,
+        learn: bool = True,
+        progress: bool | None = None,
+        on_llm: Callable[[LLMProgress], None] | None = None,
     ) -> Prediction | list[Prediction]:
         """A `Prediction` for one text, or a list of them for a sequence of texts.
 
         `llm_limit`: send at most this many of the texts to the LLM (the others keep the fallback's answer);
-        `learn=False`: do not learn from the LLM's answers (estimates, evaluations, dry runs).
+        `learn=False`: do not learn from the LLM's answers (estimates, evaluations, dry runs). `progress`: a bar on
+        stderr of the texts the LLM has answered (None: only on a terminal, when more than a few go to the LLM);
+        `on_llm`: called before the first LLM batch and after each with what it answered (`LLMProgress`).
         """
-        if isinstance(texts, str):
-            return self.cascade.classify(checked_texts([texts]), llm_limit=llm_limit, learn=learn)[0]
-        return self.cascade.classify(checked_texts(texts), llm_limit=llm_limit, learn=learn)
+        one = isinstance(texts, str)
+        with LLMBar(progress, "LLM answers", on_llm) as bar:
+            answers = self.cascade.classify(checked_texts([texts] if one else texts), llm_limit=llm_limit,
+                                            learn=learn, on_llm=bar.hook)
+        return answers[0] if one else answers
 
     def engine_failure(self) -> str | None:
         """Why the LLM last failed to load or answer (its answers then came from the fallback, marked

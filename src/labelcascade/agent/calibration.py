@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,10 +133,12 @@ class DevSet:
         *,
         target_precision: float = 0.95,
         llm_budget: float | None = None,
+        on_llm: Callable[[int, int], None] | None = None,
     ) -> DevSet:
         """Embed the dev texts and ask the cascade's engine about all of them (raises EngineError if it cannot
         answer: a policy calibrated without it would be wrong). Single-label dev labels may be None (or "") for
-        texts that have no label, if the task allows abstaining."""
+        texts that have no label, if the task allows abstaining. `on_llm(asked, total)` is called before the
+        first LLM batch and after each (the LLM's part is most of the time `calibrate` takes)."""
         task, names = cascade.task, cascade.task.label_names
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"calibrate needs labelled dev texts: got {len(texts)} texts and {len(labels)} labels")
@@ -159,10 +161,15 @@ class DevSet:
             dev.max_candidates = m
             dev.candidate_recall = float(np.mean((ranks[unsure] >= 0) & (ranks[unsure] < m)))
             policy = policy.model_copy(update={"max_candidates": m})
-        logprobs = np.concatenate([
-            cascade.llm_scores([texts[i] for i in batch], proba[batch], [neighbors[i] for i in batch], policy).logprobs
-            for batch in np.array_split(np.arange(len(texts)), int(np.ceil(len(texts) / policy.llm_batch)))
-        ])
+        parts = []
+        for batch in np.array_split(np.arange(len(texts)), int(np.ceil(len(texts) / policy.llm_batch))):
+            if on_llm is not None:
+                on_llm(int(batch[0]), len(texts))
+            parts.append(cascade.llm_scores([texts[i] for i in batch], proba[batch], [neighbors[i] for i in batch],
+                                            policy).logprobs)
+        if on_llm is not None:
+            on_llm(len(texts), len(texts))
+        logprobs = np.concatenate(parts)
         dev.temperature = _fit_temperature(logprobs, dev.truth, task.multi_label)
         dev.llm = cascade.llm_probabilities(logprobs, dev.temperature)
         return dev

@@ -46,6 +46,22 @@ class Answers:
 
 
 @dataclass
+class LLMProgress:
+    """Where one `Cascade.run` stands with the LLM, handed to its `on_llm` hook: once before the first LLM call
+    (`indices` empty), then after each batch of answers, so a long call can show progress or keep the LLM's answers
+    before it returns (a labelling job puts them in its answer cache: a kill does not lose them).
+
+    `indices`: positions, in the call's texts, answered by this batch (route `llm`, or `degraded` when the engine
+    failed); `predictions`: their answers, exactly as the call returns them; `sent` and `total`: texts sent to the
+    LLM so far, and in all, by this call."""
+
+    indices: list[int]
+    predictions: list[Prediction]
+    sent: int
+    total: int
+
+
+@dataclass
 class LLMScores:
     """What the LLM said about some texts, before temperature and pooling.
 
@@ -183,16 +199,30 @@ class Cascade:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def classify(self, texts: Sequence[str], *, llm_limit: int | None = None, learn: bool = True) -> list[Prediction]:
+    def classify(
+        self,
+        texts: Sequence[str],
+        *,
+        llm_limit: int | None = None,
+        learn: bool = True,
+        on_llm: Callable[[LLMProgress], None] | None = None,
+    ) -> list[Prediction]:
         """One prediction per text. Texts are embedded together; unsure ones go to the LLM in batches.
 
         `llm_limit` caps how many of these texts are sent to the LLM (a job's budget); the unsure texts beyond it,
         in order, keep the fallback's answer. `learn=False` answers without learning (estimates, dry runs).
+        `on_llm` is called before the first LLM batch and after each (see `LLMProgress`).
         """
-        return self.run(texts, llm_limit=llm_limit, learn=learn).predictions
+        return self.run(texts, llm_limit=llm_limit, learn=learn, on_llm=on_llm).predictions
 
     def run(
-        self, texts: Sequence[str], *, llm_limit: int | None = None, learn: bool = True, fallback_answers: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        llm_limit: int | None = None,
+        learn: bool = True,
+        fallback_answers: bool = False,
+        on_llm: Callable[[LLMProgress], None] | None = None,
     ) -> Answers:
         """`classify`, also returning the fallback's certainties and, with `fallback_answers`, its own answers
         (built only then: classifying does not need them)."""
@@ -207,10 +237,17 @@ class Cascade:
         policy = self.policy
         unsure = np.flatnonzero(~policy.accepts(certainty))[:llm_limit]
         if self.engine is not None and policy.asks_llm and len(unsure):
+            if on_llm is not None:
+                on_llm(LLMProgress([], [], 0, len(unsure)))
+            sent = 0
             for batch in np.array_split(unsure, int(np.ceil(len(unsure) / policy.llm_batch))):
                 began = time.perf_counter()
                 self._ask_llm(batch, texts, vectors, proba, routes, evidence)
                 spent[batch] += (time.perf_counter() - began) / len(batch)
+                sent += len(batch)
+                if on_llm is not None:
+                    answered = [self._prediction(proba[i], routes[i], evidence[i], spent[i] * 1000) for i in batch]
+                    on_llm(LLMProgress(batch.tolist(), answered, sent, len(unsure)))
         predictions = [
             self._prediction(proba[i], routes[i], evidence[i], spent[i] * 1000) for i in range(len(texts))
         ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -88,13 +88,29 @@ class SentenceTransformerEmbedder(_LoadedEmbedder):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
-        self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        with _no_loading_bar():
+            self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
         self.id = f"sentence-transformers:{name or model_dir.name}"
         self.dim = int(self._model.get_embedding_dimension())
 
     def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         with _torch_threads(1 if len(texts) <= SMALL_BATCH else None):
             return self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar on every model load; in a library call (or under a job's own bar)
+    it is noise. Switched off for the load only, and back on if it was on."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 @contextmanager

@@ -24,6 +24,8 @@ file do not hash it again.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -65,6 +67,30 @@ def default_model_path() -> Path:
         path = Path(package.assemble())  # joins the package's chunks; checks their sha256 itself
     check_model_file(path, DEFAULT_MODEL_SHA256, repair="delete it and it will be assembled again from the package")
     return path
+
+
+# llama.cpp's own log (ggml.h: 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line). llama-cpp-python's
+# callback maps these levels as an older ggml numbered them and prints warnings straight to stderr, where they broke
+# a job's progress bar and the one line a CLI mistake prints. Ours hands them to Python logging: errors as errors,
+# the rest at debug level (the engine reports its own failures as EngineError).
+GGML_LOG_ERROR, GGML_LOG_CONTINUE = 4, 5
+native_logger = logging.getLogger("labelcascade.llama_cpp")
+_log_state = {"callback": None, "level": 0}
+
+
+def _route_native_log(llama_cpp) -> None:
+    if _log_state["callback"] is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, _user_data) -> None:
+        level = _log_state["level"] if level == GGML_LOG_CONTINUE else level
+        _log_state["level"] = level
+        native_logger.log(logging.ERROR if level == GGML_LOG_ERROR else logging.DEBUG,
+                          text.decode("utf-8", errors="replace").rstrip("\n"))
+
+    _log_state["callback"] = forward  # kept: C holds only a pointer to it
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
 
 
 GGUF_MAGIC = b"GGUF"
@@ -117,6 +143,7 @@ class LlamaCppEngine(ScoringEngine):
             from llama_cpp._internals import LlamaBatch, LlamaContext  # pinned llama-cpp-python: see pyproject
         except ImportError as error:
             raise EngineError("the llama.cpp engine needs llama-cpp-python: pip install labelcascade") from error
+        _route_native_log(llama_cpp)
         if isinstance(model_path, str) and SHA256_OPTION in model_path:
             model_path, _, sha256 = model_path.rpartition(SHA256_OPTION)
         path = Path(model_path) if model_path is not None else default_model_path()
