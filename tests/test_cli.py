@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from labelcascade.cli import app
+from labelcascade.task import Task
 
 from .conftest import BANKING_TASK, EXAMPLES, few_shot
 
@@ -60,6 +61,25 @@ def test_add_csv_and_jsonl_then_retrain_and_calibrate(workspace, tmp_path):
         ("how much for a cash withdrawal", "cash_withdrawal_charge"), ("close my account", "terminate_account")]))
     table = run("calibrate", workspace, dev, "--engine", "none")
     assert "| accept threshold | coverage | precision |" in table and "no engine" in table
+
+
+def test_init_from_labelled_data_takes_the_labels_from_a_column(tmp_path):
+    """A user with a labelled file but no task YAML: the label column's values become the task's labels (in order
+    of first appearance), the rows its seed examples; a row with several labels makes it multi-label."""
+    more = EXAMPLES / "banking" / "more.csv"
+    out = run("init", tmp_path / "ws", "--data", more, "--text-column", "message", "--label-column", "intent",
+              "--engine", "none", "--embedder", "default")
+    assert "task 'more', 10 labels, trained on 20 examples" in out
+    task = Task.from_yaml(tmp_path / "ws" / "task.yaml")
+    assert list(task.label_names) == list(dict.fromkeys(line.rsplit(",", 1)[1] for line in more.read_text().splitlines()[1:]))
+    assert json.loads(run("classify", tmp_path / "ws", "my card got stolen"))["label"] == "lost_or_stolen_card"
+    tags = tmp_path / "tags.csv"
+    tags.write_text("text,label\nrefund my card fee,refund|card\nlost card,card\nrefund please,refund\n")
+    assert "task 'tagging', 2 labels" in run("init", tmp_path / "tags", "--data", tags, "--name", "tagging",
+                                             "--engine", "none", "--embedder", "default")
+    assert Task.from_yaml(tmp_path / "tags" / "task.yaml").multi_label
+    neither = command("init", tmp_path / "ws3", "--engine", "none")
+    assert neither.returncode == 1 and "give the task as --task task.yaml, or the labelled examples as --data" in neither.stderr
 
 
 def test_out_of_scope_rows_tune_and_measure_a_chat_router(tmp_path):

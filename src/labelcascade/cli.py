@@ -1,6 +1,7 @@
 """The `labelcascade` command: one entry point over a workspace folder.
 
     labelcascade init WS --task task.yaml        a workspace from a task (trains on its seed examples)
+    labelcascade init WS --data labelled.csv     ... or from labelled data (its labels become the task's labels)
     labelcascade add WS examples.csv             gold examples from CSV / JSONL / Parquet, then retrain
     labelcascade classify WS "text" ...          JSON lines out (texts from arguments, or one per stdin line)
     labelcascade label WS in.csv out.parquet     a resumable job: every row labelled once, in input order
@@ -151,17 +152,42 @@ def _task(workspace: Path) -> Task:
     return WorkspaceFolder.open(workspace).task
 
 
+def _task_from_data(path: Path, name: str | None, text_column: str, label_column: str, allow_abstain: bool) -> Task:
+    """A task whose labels are the distinct values of a labelled file's label column (in order of first appearance)
+    and whose seed examples are its rows; multi-label when a row has several labels."""
+    rows = list(read_rows(path, text_column=text_column, label_column=label_column))
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    names = list(dict.fromkeys(label for row in rows for label in row.labels))
+    multi = any(len(row.labels) > 1 for row in rows)
+    return Task.build({
+        "name": name or path.stem, "labels": names, "multi_label": multi, "allow_abstain": allow_abstain,
+        "examples": [{"text": row.text, "label": list(row.labels) if multi else row.labels[0]} for row in rows],
+    }, source=str(path))
+
+
 @app.command()
 def init(
     workspace: Workspace,
-    task: Annotated[Path, typer.Option(help="Task YAML file (labels, descriptions, seed examples).")],
+    task: Annotated[Path | None, typer.Option(help="Task YAML file (labels, descriptions, seed examples).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Instead of --task: a labelled CSV, JSONL or Parquet file; its labels become the task's labels and its "
+             "rows the seed examples.")] = None,
+    name: Annotated[str | None, typer.Option(help="With --data: the task's name (default: the file's name).")] = None,
+    text_column: TextColumn = "text",
+    label_column: LabelColumn = "label",
+    allow_abstain: Annotated[bool, typer.Option(help="With --data: the task may answer none of its labels.")] = False,
     engine: Engine = "llamacpp:default",
     embedder: Annotated[str, typer.Option(help="'auto' (the better one on the seed examples, or by the task's "
                                                "language when they are few), 'default' (English), 'multilingual' or a "
                                                "local sentence-transformers folder.")] = "auto",
 ) -> None:
-    """Create a workspace from a task and train the fallback on its seed examples."""
-    with Session.create(Task.from_yaml(task), workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
+    """Create a workspace from a task file, or from a labelled data file, and train the fallback on its examples."""
+    if (task is None) == (data is None):
+        raise InputError("give the task as --task task.yaml, or the labelled examples as --data file.csv (one of them)")
+    built = Task.from_yaml(task) if task is not None else _task_from_data(data, name, text_column, label_column,
+                                                                           allow_abstain)
+    with Session.create(built, workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
                    f"{trained} {len(session.store)} examples, embedder {session.embedder.id}, "

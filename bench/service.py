@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""The HTTP service against calling the session directly, side by side in one run, on a fallback-only workspace.
+
+    .venv/bin/python bench/service.py                        # 3 rounds (~3 min, 2 cores)
+    .venv/bin/python bench/service.py --rounds 1 --no-markdown   # smoke run
+
+What a chat assistant gets from `labelcascade serve`: a workspace of banking77 (77 intents, 8 gold examples each,
+seed 0 of bench/common.py, the English embedder, no LLM) answers banking77 test texts.
+- "direct batch": `session.classify(texts)` of --texts texts in one call, in this process: the ceiling.
+- "service, concurrency c": `labelcascade serve` as its own process on 127.0.0.1; an asyncio httpx client keeps c
+  requests of one text each in flight (keep-alive connections), --requests requests after 20 of warm-up;
+  requests/s over the whole run, and the p50/p99 of each request's wall time as the client saw it.
+The client runs on the same 2 cores as the server, as a chat assistant beside it would. Each round measures every
+setting once, in turn; the table gives the median over rounds (and the range), and the ratio of the service's
+requests/s to the direct texts/s, and the CPU time per request of the server process and of the client.
+Results: bench/results/service.json and the "## HTTP service (bench/service.py)" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from labelcascade import Session, Task
+
+from common import DEFAULT_DATA, MARKDOWN, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl, test_sample
+
+DEFAULT_OUT = REPO / "bench" / "results" / "service.json"
+SECTION_HEADING = "## HTTP service (bench/service.py)"
+CONCURRENCY = (1, 8, 32)
+WARM_UP = 20
+
+
+def workspace(path: Path, data: Path) -> None:
+    train = read_jsonl(data / "banking77" / "train.jsonl")
+    picked = per_class_draw(train, 0, "banking77", draw=8)
+    task = Task.build({"name": "banking77", "labels": [
+        {"name": label, "examples": [train[i]["text"] for i in indices]} for label, indices in picked.items()]})
+    Session.create(task, workspace=path, embedder="default", engine=None).close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def direct(path: Path, texts: list[str]) -> float:
+    """texts/s of one `classify` call over all the texts (after one warm-up call)."""
+    with Session.open(path, engine=None) as session:
+        session.classify(texts[:32], learn=False)
+        began = time.perf_counter()
+        session.classify(texts, learn=False)
+        return len(texts) / (time.perf_counter() - began)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_load(url: str, server: int, texts: list[str], concurrency: int, requests: int) -> dict:
+    """`load`, plus the CPU time per request the server and this client used."""
+    server_before, client_before = cpu_seconds(server), cpu_seconds(os.getpid())
+    result = asyncio.run(load(url, texts, concurrency, requests))
+    counted = requests + WARM_UP
+    result["server_cpu_ms"] = (cpu_seconds(server) - server_before) / counted * 1000
+    result["client_cpu_ms"] = (cpu_seconds(os.getpid()) - client_before) / counted * 1000
+    return result
+
+
+async def load(url: str, texts: list[str], concurrency: int, requests: int) -> dict:
+    """requests/s, p50 and p99 (ms) of `requests` one-text requests with `concurrency` in flight."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        async def one(i: int) -> float:
+            began = time.perf_counter()
+            response = await client.post("/v1/classify", json={"text": texts[i % len(texts)]})
+            response.raise_for_status()
+            return time.perf_counter() - began
+
+        async def run(count: int, offset: int) -> list[float]:
+            slots = asyncio.Semaphore(concurrency)
+
+            async def slot(i: int) -> float:
+                async with slots:
+                    return await one(offset + i)
+
+            return await asyncio.gather(*(slot(i) for i in range(count)))
+
+        await run(WARM_UP, 0)
+        began = time.perf_counter()
+        seconds = await run(requests, WARM_UP)
+        wall = time.perf_counter() - began
+    ms = np.array(seconds) * 1000
+    return {"requests_per_s": requests / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def serve(path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("labelcascade")), "serve", str(path), "--port",
+                               str(port), "--engine", "none", "--max-texts", "256"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    server.kill()
+    raise SystemExit("the service did not start within 120 s")
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--texts", type=int, default=1000, help="texts of the direct batch")
+    parser.add_argument("--requests", type=int, default=600, help="requests per service measurement")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-markdown", action="store_true")
+    args = parser.parse_args()
+
+    texts = [row["text"] for row in test_sample(read_jsonl(args.data / "banking77" / "test.jsonl"), args.texts)]
+    started = machine_and_load()
+    rounds = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "ws"
+        workspace(path, args.data)
+        server, url = serve(path)
+        try:
+            for number in range(args.rounds):
+                measured = {"direct_texts_per_s": direct(path, texts)}
+                for concurrency in CONCURRENCY:
+                    requests = args.requests if concurrency > 1 else args.requests // 3
+                    measured[f"c{concurrency}"] = measured_load(url, server.pid, texts, concurrency, requests)
+                rounds.append(measured)
+                log(f"round {number + 1}: {measured}")
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+
+    direct_rate = [r["direct_texts_per_s"] for r in rounds]
+    lines = [
+        SECTION_HEADING, "",
+        f"Run {dt.date.today().isoformat()} on {started['machine']} (load {started['load_start']} at the start), "
+        f"{len(rounds)} rounds; banking77, 77 labels x 8 gold examples (seed 0), all-MiniLM-L6-v2, no LLM; one text "
+        f"per request, {args.requests} requests per setting ({args.requests // 3} at concurrency 1) after "
+        f"{WARM_UP} of warm-up; the httpx client on the same machine. Median over rounds (range).", "",
+        "| setting | texts/s or requests/s | ratio to direct | p50 ms | p99 ms | server CPU ms/request | client CPU ms/request |",
+        "|---|---|---|---|---|---|---|",
+        f"| direct batch (`session.classify` of {args.texts} texts) | {spread(direct_rate)} | 1.00 | - | - | - | - |",
+    ]
+    summary = {}
+    for concurrency in CONCURRENCY:
+        key = f"c{concurrency}"
+        rate = [r[key]["requests_per_s"] for r in rounds]
+        ratio = statistics.median([r[key]["requests_per_s"] / r["direct_texts_per_s"] for r in rounds])
+        p50 = statistics.median(r[key]["p50_ms"] for r in rounds)
+        p99 = statistics.median(r[key]["p99_ms"] for r in rounds)
+        cpu = {f"{side}_cpu_ms": statistics.median(r[key][f"{side}_cpu_ms"] for r in rounds)
+               for side in ("server", "client")}
+        summary[key] = {"requests_per_s": statistics.median(rate), "ratio": ratio, "p50_ms": p50, "p99_ms": p99, **cpu}
+        lines.append(f"| service, concurrency {concurrency} | {spread(rate)} | {ratio:.2f} | {p50:.0f} | {p99:.0f} | "
+                     f"{cpu['server_cpu_ms']:.1f} | {cpu['client_cpu_ms']:.1f} |")
+    core_ms = (os.cpu_count() or 1) * 1000 / statistics.median(direct_rate)
+    lines += ["", f"The direct batch uses {core_ms:.1f} ms of CPU time per text ({os.cpu_count()} cores busy); the "
+              f"service uses {summary['c32']['server_cpu_ms']:.1f} ms per one-text request at concurrency 32 and the "
+              f"client {summary['c32']['client_cpu_ms']:.1f} ms, on the same cores."]
+    lines.append("")
+    result = {"date": dt.date.today().isoformat(), **started, "load_end": round(os.getloadavg()[0], 1),
+              "rounds": rounds, "summary": summary, "direct_texts_per_s": statistics.median(direct_rate)}
+    publish(result, args.out, "\n".join(lines), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
+
+
+if __name__ == "__main__":
+    main()
