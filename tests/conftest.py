@@ -79,13 +79,19 @@ def label_command(workspace: Path, source: Path, destination: Path, *, batch_siz
             "--batch-size", str(batch_size), "--no-progress"]
 
 
-def rows_done(state: Path) -> int:
-    """Rows a running job's state file holds (0 while it cannot be read), read without taking its lock."""
+def rows_in(database: Path, table: str) -> int:
+    """Rows of `table` in a SQLite file a running process writes (0 while it cannot be read), read-only, without
+    taking any lock of the writer's."""
     try:
-        with sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=0.1) as db:
+            return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def rows_done(state: Path) -> int:
+    """Rows a running job's state file holds."""
+    return rows_in(state, "rows")
 
 
 # Fixtures that bring a real LLM or server: a test that uses one is slow, whatever its module (see pytest_collection_

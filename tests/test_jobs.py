@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import STATE_SUFFIX, LabelJob
 from labelcascade.tables import InputError
 
-from .conftest import BANKING_TASK, banking_messages, label_command, load_split, rows_done, write_texts_jsonl
+from .conftest import BANKING_TASK, banking_messages, label_command, load_split, rows_done, rows_in, write_texts_jsonl
 
 ROWS = 1200
 BATCH = 16
@@ -125,12 +124,8 @@ def llm_workspace(tmp_path, embedder, gemma):
 
 
 def cached_answers(workspace: Path) -> int:
-    """LLM answers a running job has put in the workspace's answer cache (0 while it cannot be read)."""
-    try:
-        with sqlite3.connect(f"file:{workspace / CACHE_FILE}?mode=ro", uri=True, timeout=0.1) as db:
-            return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    """LLM answers a running job has put in the workspace's answer cache."""
+    return rows_in(workspace / CACHE_FILE, "answers")
 
 
 def label_with_llm(workspace: Path, source: Path, out: Path, *options: str) -> list[str]:

@@ -45,7 +45,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from labelcascade.agent.calibration import TABLE_THRESHOLDS, CoverageRow, coverage_table
+from labelcascade.agent.calibration import TABLE_THRESHOLDS, CoverageRow, coverage_table, number_text
 from labelcascade.records import Prediction, Route
 
 from labelcascade.session import LLMBar
@@ -337,16 +337,16 @@ def markdown(report: EvalReport) -> str:
         f"| sent to the LLM | {report.llm_share:.1%} |",
         f"| abstained | {report.abstained} |",
         *([f"| out of scope (no label) | {report.out_of_scope} texts |",
-           f"| out of scope answered none | {_number(report.out_of_scope_recall)} |",
-           f"| in-scope accuracy | {_number(report.in_scope_accuracy)} |",
-           f"| in scope answered none | {_number(report.in_scope_rejected)} |"] if report.out_of_scope else []),
+           f"| out of scope answered none | {number_text(report.out_of_scope_recall)} |",
+           f"| in-scope accuracy | {number_text(report.in_scope_accuracy)} |",
+           f"| in scope answered none | {number_text(report.in_scope_rejected)} |"] if report.out_of_scope else []),
         f"| expected calibration error | {report.calibration_error:.3f} |",
         "",
         "## Answers by route",
         "",
         "| route | answers | accuracy |",
         "|---|---|---|",
-        *(f"| {r.route.value} | {r.answers} | {_number(r.accuracy)} |" for r in report.routes),
+        *(f"| {r.route.value} | {r.answers} | {number_text(r.accuracy)} |" for r in report.routes),
         "",
         "## Per label",
         "",
@@ -360,7 +360,7 @@ def markdown(report: EvalReport) -> str:
         "",
         "| confidence at least | coverage | accuracy |",
         "|---|---|---|",
-        *(f"| {row.threshold:.2f} | {row.coverage:.3f} | {_number(row.precision)} |" for row in report.coverage),
+        *(f"| {row.threshold:.2f} | {row.coverage:.3f} | {number_text(row.precision)} |" for row in report.coverage),
         "",
         "## Plots",
         "",
@@ -375,10 +375,6 @@ def markdown(report: EvalReport) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _cell(text: str) -> str:

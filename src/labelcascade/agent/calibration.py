@@ -102,7 +102,7 @@ class Calibration(BaseModel):
             *([f"learns from {self.learned_share:.0%} of the LLM answers (dev precision {self.learned_precision:.3f})"]
               if self.learned_precision is not None else []),
             *([f"out of scope: {self.out_of_scope_texts} dev texts with no label, {self.out_of_scope_recall:.1%} "
-               f"answered none; in-scope accuracy {_number(self.in_scope_accuracy)}"] if self.out_of_scope_texts else []),
+               f"answered none; in-scope accuracy {number_text(self.in_scope_accuracy)}"] if self.out_of_scope_texts else []),
             *self.notes,
         ]
         return "\n".join(lines)
@@ -311,7 +311,7 @@ def _few_texts_warnings(dev: DevSet, sent: np.ndarray | None, policy: Policy, le
         warnings.append(f"only {len(dev.truth)} dev texts: every threshold rests on them; give at least "
                         f"{FEW_DEV_TEXTS} (a few per label) for choices worth trusting")
     elif sent is not None and policy.llm_weight > 0 and sent.sum() < FEW_DEV_TEXTS:
-        learned_on = "" if learned is None else f" and the learn threshold (dev precision {_number(learned[1])})"
+        learned_on = "" if learned is None else f" and the learn threshold (dev precision {number_text(learned[1])})"
         warnings.append(f"the LLM's weight{learned_on} rest on the {int(sent.sum())} dev texts the fallback is unsure "
                         f"of; give more dev texts, at least {FEW_DEV_TEXTS} of them unsure")
     if 0 < scope.get("out_of_scope_texts", 0) < FEW_DEV_TEXTS // 4:
@@ -320,7 +320,8 @@ def _few_texts_warnings(dev: DevSet, sent: np.ndarray | None, policy: Policy, le
     return warnings
 
 
-def _number(value: float | None) -> str:
+def number_text(value: float | None) -> str:
+    """A share or accuracy as a table shows it: three decimals, "-" when there is none."""
     return "-" if value is None else f"{value:.3f}"
 
 
