@@ -81,6 +81,34 @@ def test_outputs_in_every_format_keep_the_input_columns(fallback_workspace, sour
         assert [t["probability"] for t in row["top"]] == sorted((t["probability"] for t in row["top"]), reverse=True)
 
 
+def test_outputs_load_typed_in_pandas_and_datasets(fallback_workspace, tmp_path, embedder):
+    """No parsing needed downstream: `top` is a list of records, `confidence` a float, an abstained row's label a
+    null (the banking task may answer none), in pandas and in a Hugging Face dataset alike."""
+    import datasets
+    import pandas as pd
+
+    session = Session.open(fallback_workspace, embedder=embedder)
+    session.set_policy(session.policy.model_copy(update={"abstain_threshold": 0.9}))  # as calibrate sets it for a router
+    source = write_texts_jsonl(tmp_path / "in.jsonl", [{"text": "my card got stolen"},
+                                                        {"text": "what's the weather today?"}])
+    for name in ("out.jsonl", "out.parquet"):
+        LabelJob(session, source, tmp_path / name).run(progress=False)
+    session.close()
+    frames = [pd.read_json(tmp_path / "out.jsonl", lines=True), pd.read_parquet(tmp_path / "out.parquet")]
+    for frame in frames:
+        assert frame["confidence"].dtype == "float64" and frame["id"].tolist() == [0, 1]
+        assert frame["label"].iloc[0] == "lost_or_stolen_card" and frame["label"].isna().iloc[1]
+        assert frame["route"].tolist() == ["fallback", "abstain"]
+        assert [top["label"] for top in frame["top"].iloc[0]][0] == "lost_or_stolen_card"
+    for kind, name in (("json", "out.jsonl"), ("parquet", "out.parquet")):
+        table = datasets.load_dataset(kind, data_files=str(tmp_path / name), split="train",
+                                      cache_dir=str(tmp_path / "hf"))
+        assert table.features["confidence"].dtype == "float64"
+        assert table.features["top"] == datasets.List({"label": datasets.Value("string"),
+                                                       "probability": datasets.Value("float64")})
+        assert table[0]["top"][0]["label"] == "lost_or_stolen_card" and table[1]["label"] is None
+
+
 def test_a_second_job_on_the_same_output_is_refused_and_leaves_the_first_ones_state(fallback_workspace, tmp_path,
                                                                                        embedder):
     """Two jobs writing one output used to meet in SQLite, and the second called the first one's state damaged and

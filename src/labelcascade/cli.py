@@ -23,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from labelcascade import __version__
+from labelcascade import __version__, labelstudio
 from labelcascade.fallback import NotFittedError
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Route, Source
@@ -32,7 +32,7 @@ from labelcascade.retrieval import EmbedderMismatchError
 from labelcascade.service import is_loopback
 from labelcascade.service import serve as run_service
 from labelcascade.session import Session
-from labelcascade.tables import InputError, read_rows
+from labelcascade.tables import InputError, file_format, read_rows
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import Workspace as WorkspaceFolder
 from labelcascade.workspace import WorkspaceError
@@ -197,7 +197,7 @@ def init(
 @app.command()
 def add(
     workspace: Workspace,
-    file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file of labelled texts.")],
+    file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file of labelled texts, or a Label Studio export (.json).")],
     review: Annotated[bool, typer.Option(help="The labels are corrections: they outrank gold and LLM labels.")] = False,
     text_column: TextColumn = "text",
     label_column: LabelColumn = "label",
@@ -235,8 +235,10 @@ def classify(
 @app.command()
 def label(
     workspace: Workspace,
-    source: Annotated[Path, typer.Argument(help="Input file: CSV, JSONL or Parquet; its other columns pass through.")],
-    destination: Annotated[Path, typer.Argument(help="Output file: CSV, JSONL or Parquet (by its suffix).")],
+    source: Annotated[Path, typer.Argument(
+        help="Input file: CSV, JSONL, Parquet or Label Studio tasks (.json); its other columns pass through.")],
+    destination: Annotated[Path, typer.Argument(
+        help="Output file: CSV, JSONL, Parquet, or .json for Label Studio tasks with the answers as pre-annotations.")],
     text_column: TextColumn = "text",
     batch_size: Annotated[int, typer.Option(min=1, help="Rows classified (and committed) together.")] = 64,
     engine: Engine = None,
@@ -247,7 +249,8 @@ def label(
     ] = None,
     plan: Annotated[bool, typer.Option("--plan", help="Only estimate LLM calls and time from a sample; label nothing.")] = False,
     review: Annotated[
-        Path | None, typer.Option(help="Also write the rows to review (abstained, degraded, low confidence) here.")
+        Path | None, typer.Option(help="Also write the rows to review (abstained, degraded, low confidence) here; "
+                                  ".json: Label Studio tasks, with the labelling interface beside.")
     ] = None,
     review_below: Annotated[float, typer.Option(help="Confidence under which a row goes to the review file.")] = 0.5,
     cache: Annotated[bool, typer.Option(help="Reuse the LLM's earlier answers to the same texts (and keep new ones).")] = True,
@@ -262,6 +265,9 @@ def label(
         summary = job.run(progress=progress)
         resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
         reviewed = f"; {summary.review_rows} rows to review -> {summary.review}" if summary.review else ""
+        for path in (summary.output, summary.review):
+            if path is not None and file_format(path) == "label-studio":
+                reviewed += f"; Label Studio interface for {path.name} -> {labelstudio.config_path(path)}"
         typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}; "
                    f"LLM calls {summary.llm_calls}, cached answers {summary.cached}{reviewed}", err=True)
         _warn_if_degraded(session, summary.routes.get(Route.DEGRADED.value, 0))

@@ -29,13 +29,15 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from labelcascade import __version__, labelstudio
 from labelcascade.agent import LLMProgress
 from labelcascade.answer_cache import AnswerCache
 from labelcascade.records import Prediction, Route
@@ -111,6 +113,8 @@ class LabelJob:
         `max_llm_calls`: at most this many texts answered by the LLM over the whole job; `cache`: reuse and keep
         the LLM's answers in the workspace's answer cache; `review`: a file (CSV, JSONL or Parquet) for the rows
         that abstained, degraded or whose confidence is under `review_below`, with their 1-based `row` number.
+        An output or review file named `*.json` is a list of Label Studio tasks, the answer as a pre-annotation,
+        with its labelling interface beside it (labelstudio.py).
         """
         if max_llm_calls is not None and max_llm_calls < 0:
             raise ValueError(f"max_llm_calls must be 0 or more, got {max_llm_calls}")
@@ -322,7 +326,7 @@ class LabelJob:
         if count != total:
             raise RuntimeError(f"{self.state_path}: {count} rows labelled but the input has {total}")
         records = (json.loads(record) for (record,) in state.execute("SELECT record FROM rows ORDER BY position"))
-        _write_atomically(self.destination, records)
+        self._write(self.destination, records)
 
     def _write_review(self, state: sqlite3.Connection) -> int:
         if self.review is None:
@@ -330,15 +334,26 @@ class LabelJob:
         query = (f"SELECT position, record FROM rows WHERE route IN {REVIEW_ROUTES} OR confidence < ? "
                  "ORDER BY position")
         rows = state.execute(query, (self.review_below,)).fetchall()
-        _write_atomically(self.review, ({"row": position + 1, **json.loads(record)} for position, record in rows))
+        self._write(self.review, ({"row": position + 1, **json.loads(record)} for position, record in rows))
         return len(rows)
 
+    def _write(self, path: Path, records: Iterator[dict]) -> None:
+        """Write `path` in the format its suffix names; Label Studio tasks get their labelling interface beside."""
+        if file_format(path) != "label-studio":
+            _write_atomically(path, records, _WRITERS[file_format(path)])
+            return
+        task = self.session.task
+        _write_atomically(labelstudio.config_path(path), iter([labelstudio.label_config(
+            task.label_names, text_column=self.text_column, multi_label=task.multi_label)]), _write_text)
+        _write_atomically(path, records, partial(labelstudio.write_tasks, prefix=self.prefix,
+                                                 model_version=f"labelcascade {__version__}"))
 
-def _write_atomically(path: Path, records: Iterator[dict]) -> None:
+
+def _write_atomically(path: Path, records: Iterator, writer: Callable[[Path, Iterator], None]) -> None:
     """Write to a temporary file, flush it to disk, then rename it into place: `path` is absent or complete."""
     temporary = path.with_name(path.name + ".tmp")
     try:
-        _WRITERS[file_format(path)](temporary, records)
+        writer(temporary, records)
         with temporary.open("rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -346,6 +361,10 @@ def _write_atomically(path: Path, records: Iterator[dict]) -> None:
         temporary.unlink(missing_ok=True)
         raise InputError(storage_failure(path, error, "write the output") + "; rerun the same command to write it "
                          "(every row is labelled already)") from None
+
+
+def _write_text(path: Path, parts: Iterator[str]) -> None:
+    path.write_text("".join(parts), encoding="utf-8")
 
 
 def _write_jsonl(path: Path, records: Iterator[dict]) -> None:
@@ -368,10 +387,14 @@ def _write_csv(path: Path, records: Iterator[dict]) -> None:
 
 
 def _write_parquet(path: Path, records: Iterator[dict]) -> None:
+    """Column types come from the values; a column of nulls only (`label` when every row abstained) is written as
+    text rather than Arrow's null type, so pandas, `datasets` and a concatenation with another job's file agree."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(list(records)), path)
+    table = pa.Table.from_pylist(list(records))
+    schema = pa.schema([field.with_type(pa.string()) if pa.types.is_null(field.type) else field for field in table.schema])
+    pq.write_table(table.cast(schema), path)
 
 
 _WRITERS = {"jsonl": _write_jsonl, "csv": _write_csv, "parquet": _write_parquet}

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from labelcascade.task import LABEL_SEPARATOR
 
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+# .json: a list of Label Studio tasks (labelstudio.py writes them; a project's export is read back)
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".json": "label-studio"}
 
 
 class InputError(ValueError):
@@ -58,8 +59,9 @@ def read_rows(
         raise InputError(f"{path}: no such file")
     known = None if known_labels is None else set(known_labels)
     kind = file_format(path)
-    for line, columns in _records(path, kind):
-        where = f"{path}: {'row' if kind == 'parquet' else 'line'} {line}"
+    records = _label_studio_records(path, label_column) if kind == "label-studio" else _records(path, kind)
+    for line, columns in records:
+        where = f"{path}: {_PLACES.get(kind, 'line')} {line}"
         text = columns.get(text_column)
         if text_column not in columns:
             raise InputError(f"{where}: no column {text_column!r} (columns: {', '.join(map(str, columns))}); "
@@ -73,6 +75,9 @@ def read_rows(
             if unknown:
                 raise InputError(f"{where}: {label_column}: unknown label {unknown[0]!r}; the task's labels are {sorted(known)}")
         yield Row(line, text, labels, columns)
+
+
+_PLACES = {"parquet": "row", "label-studio": "task"}
 
 
 def _unlabelled(value, no_label: Collection[str]) -> bool:
@@ -174,3 +179,44 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
                 yield number, record
     except (OSError, ValueError) as error:  # pyarrow's errors for damaged pages (ArrowInvalid is a ValueError)
         raise InputError(f"{path}: row {number + 1}: damaged Parquet data ({error})") from None
+
+
+def _label_studio_records(path: Path, label_column: str | None) -> Iterator[tuple[int, dict]]:
+    """(task number from 1, the task's `data`) for each task. With `label_column`, that column holds the choices of
+    the task's latest annotation that was not skipped, replacing whatever `data` had there (the cascade's own guess,
+    when the file was written by a job); an annotation with no choice is an empty list (no label: out of scope), a
+    task with no annotation is refused (nobody labelled it)."""
+    try:
+        with path.open(encoding="utf-8-sig") as file:
+            tasks = json.load(file)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if isinstance(tasks, dict):  # Label Studio also imports a single task as a bare object
+        tasks = [tasks]
+    if not isinstance(tasks, list):
+        raise InputError(f"{path}: expected a list of Label Studio tasks, got {type(tasks).__name__}")
+    for number, task in enumerate(tasks, 1):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise InputError(f"{path}: task {number}: no 'data' object; a Label Studio task is "
+                             '{"data": {"text": ...}}')
+        data = dict(task["data"])
+        if label_column is not None:
+            data[label_column] = _annotated(task, path, number)
+        yield number, data
+
+
+def _annotated(task: dict, path: Path, number: int) -> list[str]:
+    annotations = task.get("annotations") or []
+    kept = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not kept:
+        raise InputError(f"{path}: task {number}: not annotated (or skipped) in Label Studio, so it has no label; "
+                         "annotate it, or export only annotated tasks")
+    latest = max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), kept.index(a)))
+    choices = [choice for result in latest.get("result") or [] if isinstance(result, dict)
+               and result.get("type") == "choices" for choice in (result.get("value") or {}).get("choices") or []]
+    if not choices and latest.get("result"):
+        raise InputError(f"{path}: task {number}: its annotation has no choices; labelcascade reads a <Choices> "
+                         "answer (label with the interface written beside the review file)")
+    return choices
