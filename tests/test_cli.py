@@ -81,6 +81,15 @@ def test_init_from_labelled_data_takes_the_labels_from_a_column(tmp_path):
     neither = command("init", tmp_path / "ws3", "--engine", "none")
     assert neither.returncode == 1 and "give the task as --task task.yaml, or the labelled examples as --data" in neither.stderr
 
+    # the workspace learns a label its data did not have
+    out = run("add-label", tmp_path / "ws", "travel_notice", "-e", "I'm going abroad next week, do I need to tell you?",
+              "-e", "how do I set a travel notice on my card", "-e", "will my card work when I travel to Spain?")
+    assert "label 'travel_notice' added with 3 examples; 11 labels" in out
+    answer = json.loads(run("classify", tmp_path / "ws", "I'll be in Italy for two weeks, will my card work there?"))
+    assert answer["label"] == "travel_notice"
+    taken = command("add-label", tmp_path / "ws", "travel_notice", "-e", "abroad")
+    assert taken.returncode == 1 and "duplicate label 'travel_notice'" in taken.stderr
+
 
 def test_out_of_scope_rows_tune_and_measure_a_chat_router(tmp_path):
     """Rows with no label (null, "", no field, or a named value) are out-of-scope texts for calibrate and eval when

@@ -88,6 +88,31 @@ def test_mistakes_get_errors_that_say_what_to_do(embedder, tmp_path):
     assert len(session.store) == 80  # refused input stored nothing
 
 
+TRAVEL = ["I'm going abroad next week, do I need to tell you?", "how do I set a travel notice on my card",
+          "will my card work when I travel to Spain?", "I am travelling to Japan, please note it on my account"]
+
+
+def test_a_new_label_is_learnt_from_a_few_examples_and_kept(embedder, tmp_path):
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    before = session.labels
+    session.add_label("travel_notice", TRAVEL, description="The customer tells the bank about travel abroad.")
+    assert session.labels == [*before, "travel_notice"]  # last: the old labels keep their positions
+    texts = ["I'll be in Italy for two weeks, will my card still work there?", "my card got stolen"]
+    answers = session.classify(texts)
+    assert [p.label for p in answers] == ["travel_notice", "lost_or_stolen_card"]
+    assert len(session.store.labels()) == 11
+    session.close()
+    reopened = Session.open(tmp_path / "ws", embedder=embedder)
+    task = reopened.task
+    assert task.labels[-1].examples == tuple(TRAVEL) and task.labels[-1].description.startswith("The customer")
+    assert [p.probabilities for p in reopened.classify(texts)] == [p.probabilities for p in answers]
+    with pytest.raises(TaskError, match="duplicate label 'Travel_Notice'"):
+        reopened.add_label("Travel_Notice", TRAVEL)
+    with pytest.raises(ValueError, match="at least one example text"):
+        reopened.add_label("fraud", [])
+    assert reopened.labels == [*before, "travel_notice"]  # a refused label changes nothing
+
+
 def test_a_private_copy_leaves_the_workspace_as_it_was(banking, embedder):
     banking.save()
     before = {p: p.read_bytes() for p in banking.path.rglob("*") if p.is_file() and p.name != "workspace.lock"}

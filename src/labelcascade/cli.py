@@ -213,6 +213,22 @@ def add(
     session.close()
 
 
+@app.command("add-label")
+def add_label(
+    workspace: Workspace,
+    name: Annotated[str, typer.Argument(help="The new label, as answers will carry it.")],
+    example: Annotated[list[str], typer.Option(
+        "--example", "-e", help="A text that carries the label; repeat for each (a few, as the other labels have).")],
+    description: Annotated[str, typer.Option(help="What the label means, shown to the LLM.")] = "",
+) -> None:
+    """Teach an existing workspace a new label from a few example texts, and retrain the fallback."""
+    session = _open(workspace, "none")
+    session.add_label(name, example, description=description)
+    typer.echo(f"label {name!r} added with {len(example)} examples; {len(session.labels)} labels; fallback retrained"
+               + ("; calibrate again with dev texts of the new label" if session.calibration() is not None else ""))
+    session.close()
+
+
 @app.command()
 def classify(
     workspace: Workspace,

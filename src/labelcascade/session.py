@@ -316,6 +316,34 @@ class Session:
             self.retrain()
         return ids
 
+    def add_label(self, name: str, examples: Sequence[str], *, description: str = "") -> Session:
+        """Teach the task a new label: it goes last in the task (task.yaml; the old labels keep their positions),
+        `examples` (at least one text that carries it; a few per label as the others have is better) are stored as
+        gold and become its seed examples, and the fallback is retrained, so answers can carry it at once. The
+        LLM's cached answers no longer apply (the task changed). A calibrated workspace keeps its dev set: the
+        policy is chosen again on it without the LLM, as the LLM never scored the new label there; a warning says
+        so, and a new `calibrate` with dev texts of the label measures it."""
+        texts = checked_texts(examples)
+        if not texts or any(not text.strip() for text in texts):
+            raise ValueError(f"label {name!r}: give at least one example text, none of them empty: the fallback learns "
+                             "the label from its examples")
+        task = self.task.with_label(name, description=description, examples=texts)
+        dev_file = self.path / DEV_FILE
+        dev = DevSet.load(dev_file) if dev_file.exists() else None
+        self._workspace.save_task(task)
+        if dev is not None:
+            dev.with_label_added(multi_label=task.multi_label).save(dev_file)
+        self.add_examples(texts, [name] * len(texts))
+        self.retrain()  # the cascade is wired again to the new task, and the policy chosen again
+        report = self._workspace.load_calibration()
+        if report is not None:
+            warning = (f"label {name!r} was added after calibration: no dev text has it and the LLM never scored it "
+                       "there; run calibrate again with dev texts that include it")
+            report.warnings.append(warning)
+            self._workspace.save_calibration(report)
+            logger.warning(warning)
+        return self
+
     def retrain(self) -> Session:
         """Train a new fallback on all stored examples (weighted by source) and swap it in."""
         return self.end_retrain(self.begin_retrain().fit())

@@ -186,6 +186,13 @@ class Task(_Strict):
             if len(row_labels) != 1 and not self.multi_label:
                 raise TaskError(f"row {row}: {len(row_labels)} labels given but task {self.name!r} is single-label")
 
+    def with_label(self, name: str, *, description: str = "", examples: Sequence[str] = ()) -> Task:
+        """This task with one more label, last (so the old labels keep their positions), and its seed examples;
+        TaskError when the name is taken or empty."""
+        data = self.model_dump(mode="json")
+        data["labels"].append({"name": name, "description": description, "examples": list(examples)})
+        return Task.build(data, source=f"label {name!r}")
+
     @classmethod
     def from_labels(cls, names: Iterable[str], *, name: str = "task", multi_label: bool = False) -> Task:
         """A task with bare labels, e.g. the distinct labels of a training set."""
@@ -243,8 +250,11 @@ class Task(_Strict):
             raise TaskError(_describe(error, str(path), lines=node)) from None
 
     def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.yaml_text(), encoding="utf-8")
+
+    def yaml_text(self) -> str:
         data = self.model_dump(mode="json", exclude_defaults=True)
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _describe(error: ValidationError, source: str, lines: yaml.Node | None) -> str:

@@ -119,6 +119,11 @@ class Workspace:
             ) from None
         return cls(path, task, settings)
 
+    def save_task(self, task: Task) -> None:
+        """Replace the task (task.yaml, atomically): only ever by one that keeps the old labels' names and order."""
+        _write_atomically(self.path / TASK_FILE, task.yaml_text())
+        self.task = task
+
     def save_settings(self) -> None:
         _write_atomically(self.path / SETTINGS_FILE, self.settings.model_dump_json(indent=2))
 

@@ -94,6 +94,14 @@ def test_after_a_retrain_the_policy_is_chosen_again_without_asking_the_llm(embed
     assert session.policy == expected.policy == again.policy
     assert again.fallback_accuracy >= first.fallback_accuracy  # its own dev texts' labels are now known to it
 
+    # a new label: the policy is chosen again on the dev set widened by a column the LLM never scored, no LLM call
+    session.add_label("travel_notice", ["I'm going abroad next week, do I need to tell you?",
+                                        "how do I set a travel notice on my card"])
+    assert gemma.stats.prompts == asked
+    dev = DevSet.load(tmp_path / "ws" / "calibration.npz")
+    assert dev.llm.shape == (20, 11) and not dev.llm[:, -1].any() and dev.truth.max() < 10
+    assert session.calibration().retrains == 2 and "'travel_notice' was added after calibration" in session.calibration().warnings[-1]
+
 
 def with_llm_answers(session, texts, labels, llm_answers) -> DevSet:
     """A dev set whose LLM answered `llm_answers` with certainty: the rule on known LLM behaviour, no engine."""

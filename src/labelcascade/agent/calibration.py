@@ -174,6 +174,16 @@ class DevSet:
         dev.llm = cascade.llm_probabilities(logprobs, dev.temperature)
         return dev
 
+    def with_label_added(self, *, multi_label: bool) -> DevSet:
+        """This dev set for a task that gained a label after it was measured (the new label comes last, so the old
+        indices hold): no dev text has it, and the LLM never scored it (probability 0 as for a label outside a
+        text's candidates; multi-label: not asked). The policy can be chosen again on it without the LLM; only a
+        new `calibrate` with texts of the new label measures it."""
+        truth = np.pad(self.truth, ((0, 0), (0, 1))) if multi_label else self.truth
+        llm = None if self.llm is None else np.pad(self.llm, ((0, 0), (0, 1)),
+                                                   constant_values=np.nan if multi_label else 0.0)
+        return DevSet(self.vectors, truth, llm, self.temperature, self.max_candidates, self.candidate_recall)
+
     def save(self, path: str | Path) -> None:
         """Plain arrays in one .npz (no pickle), written beside and renamed into place."""
         path = Path(path)
