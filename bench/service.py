@@ -7,10 +7,13 @@
 What a chat assistant gets from `labelcascade serve`: a workspace of banking77 (77 intents, 8 gold examples each,
 seed 0 of bench/common.py, the English embedder, no LLM) answers banking77 test texts.
 - "direct batch": `session.classify(texts)` of --texts texts in one call, in this process: the ceiling.
-- "service, concurrency c": `labelcascade serve` as its own process on 127.0.0.1; an asyncio httpx client keeps c
-  requests of one text each in flight (keep-alive connections), --requests requests after 20 of warm-up;
-  requests/s over the whole run, and the p50/p99 of each request's wall time as the client saw it.
-The client runs on the same 2 cores as the server, as a chat assistant beside it would. Each round measures every
+- "service, concurrency c": `labelcascade serve` as its own process on 127.0.0.1 (with its embedder processes);
+  wrk (Debian's `wrk`, a C load generator: `apt-get install wrk`) keeps c requests of one text each in flight on
+  keep-alive connections for --seconds after a warm-up; requests/s, and the p50/p99 of each request's wall time as
+  the client saw it.
+The client runs on the same 2 cores as the server, as a chat assistant beside it would; wrk rather than a Python
+client because a Python HTTP client's own CPU time per request (3-6 ms for httpx, measured here) would be taken from
+the server on the same cores. Each round measures every
 setting once, in turn; the table gives the median over rounds (and the range), and the ratio of the service's
 requests/s to the direct texts/s, and the CPU time per request of the server process and of the client.
 Results: bench/results/service.json and the "## HTTP service (bench/service.py)" section of BENCHMARKS.md.
@@ -19,8 +22,8 @@ Results: bench/results/service.json and the "## HTTP service (bench/service.py)"
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -41,7 +44,7 @@ from common import DEFAULT_DATA, MARKDOWN, REPO, log, machine_and_load, per_clas
 DEFAULT_OUT = REPO / "bench" / "results" / "service.json"
 SECTION_HEADING = "## HTTP service (bench/service.py)"
 CONCURRENCY = (1, 8, 32)
-WARM_UP = 20
+WARM_UP_S = 3
 
 
 def workspace(path: Path, data: Path) -> None:
@@ -73,41 +76,58 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured_load(url: str, server: int, texts: list[str], concurrency: int, requests: int) -> dict:
-    """`load`, plus the CPU time per request the server and this client used."""
-    server_before, client_before = cpu_seconds(server), cpu_seconds(os.getpid())
-    result = asyncio.run(load(url, texts, concurrency, requests))
-    counted = requests + WARM_UP
-    result["server_cpu_ms"] = (cpu_seconds(server) - server_before) / counted * 1000
-    result["client_cpu_ms"] = (cpu_seconds(os.getpid()) - client_before) / counted * 1000
+def measured_load(url: str, server: int, bodies: Path, concurrency: int, seconds: float) -> dict:
+    """`load`, plus the CPU time per request the server (with its embedder processes) and the client used."""
+    processes = [server, *children(server)]
+    server_before = sum(cpu_seconds(pid) for pid in processes)
+    result = load(url, bodies, concurrency, seconds)
+    result["server_cpu_ms"] = (sum(cpu_seconds(pid) for pid in processes) - server_before) / result["requests"] * 1000
     return result
 
 
-async def load(url: str, texts: list[str], concurrency: int, requests: int) -> dict:
-    """requests/s, p50 and p99 (ms) of `requests` one-text requests with `concurrency` in flight."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def one(i: int) -> float:
-            began = time.perf_counter()
-            response = await client.post("/v1/classify", json={"text": texts[i % len(texts)]})
-            response.raise_for_status()
-            return time.perf_counter() - began
+def children(pid: int) -> list[int]:
+    """The server's child processes (its embedder processes)."""
+    found = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in found.read_text().split()] if found.exists() else []
 
-        async def run(count: int, offset: int) -> list[float]:
-            slots = asyncio.Semaphore(concurrency)
 
-            async def slot(i: int) -> float:
-                async with slots:
-                    return await one(offset + i)
+LUA = """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/v1/classify", {["Content-Type"] = "application/json"}, bodies[(counter % #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), summary.errors.status, summary.errors.timeout,
+    summary.errors.connect + summary.errors.read + summary.errors.write))
+end
+"""
 
-            return await asyncio.gather(*(slot(i) for i in range(count)))
 
-        await run(WARM_UP, 0)
-        began = time.perf_counter()
-        seconds = await run(requests, WARM_UP)
-        wall = time.perf_counter() - began
-    ms = np.array(seconds) * 1000
-    return {"requests_per_s": requests / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+def wrk_script(texts: list[str], folder: Path) -> Path:
+    """wrk's Lua script: POST one text per request, cycling through `texts`, and print what was measured."""
+    bodies = ",\n".join("[==[" + json.dumps({"text": text}) + "]==]" for text in texts)
+    path = folder / "load.lua"
+    path.write_text("bodies = {\n" + bodies + "\n}\n" + LUA)
+    return path
+
+
+def load(url: str, script: Path, concurrency: int, seconds: float) -> dict:
+    """requests/s, p50 and p99 (ms) with `concurrency` one-text requests always in flight for `seconds`, from wrk
+    (one thread, one keep-alive connection per request in flight); the client's CPU time per request."""
+    began = os.times()
+    run = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(script),
+                          url], capture_output=True, text=True, check=True)
+    ended = os.times()
+    requests, duration_us, p50_us, p99_us, status, timeouts, socket = map(
+        int, next(line for line in run.stdout.splitlines() if line.startswith("RESULT ")).split()[1:])
+    if status or timeouts or socket:
+        raise SystemExit(f"wrk saw errors at concurrency {concurrency}: {status} non-2xx, {timeouts} timeouts, "
+                         f"{socket} socket errors\n{run.stdout}")
+    client = (ended.children_user + ended.children_system) - (began.children_user + began.children_system)
+    return {"requests": requests, "requests_per_s": requests / (duration_us / 1e6), "p50_ms": p50_us / 1000,
+            "p99_ms": p99_us / 1000, "client_cpu_ms": client / requests * 1000}
 
 
 def serve(path: Path) -> tuple[subprocess.Popen, str]:
@@ -136,7 +156,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", type=int, default=1000, help="texts of the direct batch")
-    parser.add_argument("--requests", type=int, default=600, help="requests per service measurement")
+    parser.add_argument("--seconds", type=float, default=20, help="seconds of load per service measurement")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-markdown", action="store_true")
     args = parser.parse_args()
@@ -147,13 +167,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ws"
         workspace(path, args.data)
+        script = wrk_script(texts, Path(folder))
         server, url = serve(path)
         try:
             for number in range(args.rounds):
                 measured = {"direct_texts_per_s": direct(path, texts)}
+                load(url, script, 8, WARM_UP_S)
                 for concurrency in CONCURRENCY:
-                    requests = args.requests if concurrency > 1 else args.requests // 3
-                    measured[f"c{concurrency}"] = measured_load(url, server.pid, texts, concurrency, requests)
+                    measured[f"c{concurrency}"] = measured_load(url, server.pid, script, concurrency, args.seconds)
                 rounds.append(measured)
                 log(f"round {number + 1}: {measured}")
         finally:
@@ -165,8 +186,8 @@ def main() -> None:
         SECTION_HEADING, "",
         f"Run {dt.date.today().isoformat()} on {started['machine']} (load {started['load_start']} at the start), "
         f"{len(rounds)} rounds; banking77, 77 labels x 8 gold examples (seed 0), all-MiniLM-L6-v2, no LLM; one text "
-        f"per request, {args.requests} requests per setting ({args.requests // 3} at concurrency 1) after "
-        f"{WARM_UP} of warm-up; the httpx client on the same machine. Median over rounds (range).", "",
+        f"per request, {args.seconds:g} s of load per setting after {WARM_UP_S} s of warm-up; wrk on the same machine. "
+        "Median over rounds (range).", "",
         "| setting | texts/s or requests/s | ratio to direct | p50 ms | p99 ms | server CPU ms/request | client CPU ms/request |",
         "|---|---|---|---|---|---|---|",
         f"| direct batch (`session.classify` of {args.texts} texts) | {spread(direct_rate)} | 1.00 | - | - | - | - |",

@@ -333,18 +333,23 @@ def test_a_failing_classifier_answers_500_with_a_message_and_no_traceback(embedd
 
 
 def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_path, monkeypatch):
+    """... and embeds in a process of its own, whose vectors answer as this process's would."""
     Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
-    monkeypatch.setattr("labelcascade.session.load_embedder", lambda spec: embedder)  # not a second model load
     seen = {}
 
     def run_instead(app: FastAPI, *, host: str, port: int) -> None:
         seen.update(host=host, port=port)
         with running(app) as url:
             seen["task"] = httpx.get(f"{url}/v1/task").json()["name"]
+            seen["answer"] = httpx.post(f"{url}/v1/classify", json={"text": "my card got stolen"}).json()["answers"][0]
 
     monkeypatch.setattr(uvicorn, "run", run_instead)
-    serve(tmp_path / "ws")
+    serve(tmp_path / "ws", embedder_workers=1)
+    answer = seen.pop("answer")
     assert seen == {"host": "127.0.0.1", "port": 8000, "task": "banking-support"}
+    with Session.open(tmp_path / "ws", embedder=embedder) as here:
+        expected = here.classify(["my card got stolen"], learn=False)[0]
+    assert answer["label"] == expected.label and answer["confidence"] == pytest.approx(expected.confidence, abs=1e-5)
 
 
 def test_unsure_texts_are_answered_by_the_embedded_llm_through_the_service(embedder, gemma):

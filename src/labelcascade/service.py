@@ -17,6 +17,12 @@ Why one worker thread: a `Session` is not thread-safe (its llama.cpp context, SQ
 each expect one caller at a time). Every call into it, classifying or not, runs on one single-thread executor, in
 the order it was asked for; the event loop only parses, validates and answers HTTP.
 
+Why the embedder has processes of its own (`serve`; retrieval/embedder_process.py): the sentence-transformers
+forward pass holds Python's interpreter lock for much of its time, and in the service's process it kept the event
+loop from parsing and answering requests while it ran. In child processes (one core each; a batch is cut by length
+among them) it has interpreters of its own, and the worker thread waits on pipes. `create_app` users get the same
+by opening their session with `embedder=EmbedderProcess(spec)`.
+
 Why micro-batching: one embedding call for 16 texts costs far less than 16 calls, and the LLM engine scores a batch
 of prompts in one call too. Classify requests therefore wait in a queue; whenever the worker is free it takes
 every request waiting (up to `max_texts` texts, a request is never split), answers them in one
@@ -80,7 +86,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from labelcascade import __version__
 from labelcascade.agent import Policy
 from labelcascade.records import Prediction, Route, Source
+from labelcascade.retrieval.embedder_process import EmbedderProcess
 from labelcascade.session import Session
+from labelcascade.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -602,24 +610,31 @@ def serve(
     max_body_bytes: int = 1_000_000,
     max_feedback_per_minute: int = 60,
     allow_no_key: bool = False,
+    embedder_workers: int | None = None,
 ) -> None:
     """Open `workspace` and serve it over HTTP until interrupted. `engine` is the workspace's saved LLM engine
     ("saved"), another engine spec, or None for the fallback alone. A `host` other than this machine's loopback
-    needs an `api_key`, or `allow_no_key=True` (ValueError otherwise). The other options are `create_app`'s."""
+    needs an `api_key`, or `allow_no_key=True` (ValueError otherwise). The embedder runs in `embedder_workers`
+    processes of one core each (None: one per core, at most 4). The other options are `create_app`'s."""
     if api_key is None and not allow_no_key and not is_loopback(host):
         raise ValueError(
             f"serving on {host} without an API key would let anyone who can reach it use it: give an API key "
             "(--api-key KEY or LABELCASCADE_API_KEY), or --allow-no-key if something in front of it checks callers"
         )
-    session = Session.open(workspace, engine=engine)
+    # see "Why the embedder has processes of its own"
+    embedder = EmbedderProcess(Workspace.open(workspace).settings.embedder, workers=embedder_workers)
     try:
-        app = create_app(
-            session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes,
-            max_feedback_per_minute=max_feedback_per_minute,
-        )
-        uvicorn.run(app, host=host, port=port)
+        session = Session.open(workspace, engine=engine, embedder=embedder)
+        try:
+            app = create_app(
+                session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars,
+                max_body_bytes=max_body_bytes, max_feedback_per_minute=max_feedback_per_minute,
+            )
+            uvicorn.run(app, host=host, port=port)
+        finally:
+            session.close()
     finally:
-        session.close()
+        embedder.close()
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,200 @@
+"""An embedder that runs in child processes of its own, for the HTTP service.
+
+Why a process: the sentence-transformers forward pass is Python-heavy and holds the interpreter lock for much of its
+time. In one process with the service's event loop, requests waited for the lock to be parsed and answered while the
+model ran. In child processes the model has interpreters of its own; the service's worker thread only waits on pipes
+(which releases the lock) while the event loop goes on taking requests.
+
+Why several one-thread children rather than one child with a thread per core: the service's batches are small (the
+requests that arrived during the previous batch), and torch's threads share out a small batch's matrices poorly. A
+batch is sorted by length and cut into one contiguous run per child, so each child's texts are padded to similar
+lengths and the children work at once; a batch of a few texts goes to one child. (BENCHMARKS.md, "HTTP service".)
+
+Each child is a new interpreter (`python -m labelcascade.retrieval.embedder_process SPEC`: not a fork, which is
+unsafe with torch's threads running, and not multiprocessing's spawn, which re-runs the caller's main script). It
+loads the embedder once, then answers one list of texts at a time over its stdin and stdout: texts go as JSON,
+vectors come back as raw float32 bytes (nothing is pickled); anything a library prints goes to its stderr. It
+ignores Ctrl-C (the service shuts it down in order) and exits when its parent goes away. A child that dies is
+started again once, and the call repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from labelcascade.retrieval.embedders import DEFAULT_BATCH_SIZE, SMALL_BATCH, load_embedder
+
+START_TIMEOUT_S = 300
+READY, VECTORS, ERROR = b"R", b"V", b"E"  # the first byte of each message from a child
+
+
+class EmbedderProcessError(RuntimeError):
+    """An embedder's child process could not start, or failed to embed."""
+
+
+class EmbedderProcess:
+    """The embedder named by `spec` (as `load_embedder` takes it), in `workers` one-thread child processes (None:
+    one per core, at most 4); an `Embedder` to the session. Close it when done (or use it as a context manager)."""
+
+    def __init__(self, spec: str, *, workers: int | None = None):
+        self.spec = spec
+        self.workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+        self._lock = threading.Lock()
+        self._children: list[_Child] = []
+        try:
+            for _ in range(self.workers):
+                self._children.append(_Child(spec))
+        except BaseException:
+            self.close()
+            raise
+        self.id, self.dim = self._children[0].id, self._children[0].dim
+
+    def embed(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = np.argsort([len(text) for text in texts], kind="stable")
+        runs = [run for run in np.array_split(order, min(len(self._children), -(-len(texts) // SMALL_BATCH))) if len(run)]
+        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+        with self._lock:
+            try:
+                answers = self._ask(texts, runs, batch_size)
+            except (EOFError, OSError):  # a child died (killed, out of memory): once more with new ones
+                self._restart_dead()
+                answers = self._ask(texts, runs, batch_size)
+        for run, (kind, value) in zip(runs, answers, strict=True):
+            if kind == ERROR:
+                raise EmbedderProcessError(f"embedder {self.spec!r}: {value.decode()}")
+            vectors[run] = np.frombuffer(value, dtype=np.float32).reshape(len(run), self.dim)
+        return vectors
+
+    def _ask(self, texts: Sequence[str], runs: list[np.ndarray], batch_size: int) -> list[tuple[bytes, bytes]]:
+        for child, run in zip(self._children, runs, strict=False):  # all children start before any answer is read
+            child.send([texts[i] for i in run], batch_size)
+        return [child.receive() for child, _ in zip(self._children, runs, strict=False)]
+
+    def _restart_dead(self) -> None:
+        for position, child in enumerate(self._children):
+            child.stop()  # a live child may hold an unread answer: start every one afresh
+            self._children[position] = _Child(self.spec)
+
+    def close(self) -> None:
+        """Stop the child processes."""
+        with self._lock:
+            for child in self._children:
+                child.stop()
+            self._children = []
+
+    def __enter__(self) -> EmbedderProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __deepcopy__(self, memo) -> EmbedderProcess:
+        return self
+
+    def __repr__(self) -> str:
+        return f"EmbedderProcess(id={getattr(self, 'id', None)!r}, spec={self.spec!r}, workers={self.workers})"
+
+
+class _Child:
+    """One child process and the two ends of its pipes."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, spec], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE)
+        self.sending: Connection | None = Connection(os.dup(self.process.stdin.fileno()), readable=False)
+        self.receiving: Connection | None = Connection(os.dup(self.process.stdout.fileno()), writable=False)
+        self.process.stdin.close()
+        self.process.stdout.close()
+        if not self.receiving.poll(START_TIMEOUT_S):
+            self.stop()
+            raise EmbedderProcessError(f"embedder {spec!r}: its process did not start within {START_TIMEOUT_S} s")
+        try:
+            kind, value = self.receive()
+        except EOFError:
+            self.stop()
+            raise EmbedderProcessError(f"embedder {spec!r}: its process exited while loading the model") from None
+        if kind == ERROR:
+            self.stop()
+            raise EmbedderProcessError(f"embedder {spec!r}: {value.decode()}")
+        ready = json.loads(value)
+        self.id, self.dim = ready["id"], int(ready["dim"])
+
+    def send(self, texts: list[str], batch_size: int) -> None:
+        self.sending.send_bytes(json.dumps({"texts": texts, "batch_size": batch_size}).encode())
+
+    def receive(self) -> tuple[bytes, bytes]:
+        data = self.receiving.recv_bytes()
+        return data[:1], data[1:]
+
+    def stop(self) -> None:
+        if self.sending is not None:
+            try:
+                self.sending.send_bytes(b"")  # stop
+            except OSError:
+                pass
+            self.sending.close()
+            self.sending = None
+        if self.receiving is not None:
+            self.receiving.close()
+            self.receiving = None
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _serve(spec: str) -> None:
+    """A child: load the embedder, then embed each list of texts sent until told to stop (b"") or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asking = Connection(0, writable=False)
+    answering = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # what libraries print must not reach the parent as a message
+    try:
+        embedder = load_embedder(spec)
+        _one_thread()
+    except Exception as error:  # noqa: BLE001 - any load failure is reported to the parent, which raises it
+        answering.send_bytes(ERROR + f"{type(error).__name__}: {error}".encode())
+        return
+    answering.send_bytes(READY + json.dumps({"id": embedder.id, "dim": embedder.dim}).encode())
+    while True:
+        try:
+            asked = asking.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if not asked:
+            return
+        request = json.loads(asked)
+        try:
+            vectors = embedder.embed(request["texts"], request["batch_size"])
+            answer = VECTORS + np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+        except Exception as error:  # noqa: BLE001 - the parent raises it for the caller
+            answer = ERROR + f"{type(error).__name__}: {error}".encode()
+        try:
+            answering.send_bytes(answer)
+        except OSError:  # the parent stopped listening (it is restarting its children, or gone)
+            return
+
+
+def _one_thread() -> None:
+    """Each child computes on one core (see the module docstring); torch is there only for torch models."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])
