@@ -51,8 +51,7 @@ class EmbedderProcess:
         self._lock = threading.Lock()
         self._children: list[_Child] = []
         try:
-            for _ in range(self.workers):
-                self._children.append(_Child(spec))
+            self._children = _started(spec, self.workers)
         except BaseException:
             self.close()
             raise
@@ -70,7 +69,7 @@ class EmbedderProcess:
             try:
                 answers = self._ask(texts, runs, batch_size)
             except (EOFError, OSError):  # a child died (killed, out of memory): once more with new ones
-                self._restart_dead()
+                self._restart()
                 answers = self._ask(texts, runs, batch_size)
         for run, (kind, value) in zip(runs, answers, strict=True):
             if kind == ERROR:
@@ -83,10 +82,10 @@ class EmbedderProcess:
             child.send([texts[i] for i in run], batch_size)
         return [child.receive() for child, _ in zip(self._children, runs, strict=False)]
 
-    def _restart_dead(self) -> None:
-        for position, child in enumerate(self._children):
+    def _restart(self) -> None:
+        for child in self._children:
             child.stop()  # a live child may hold an unread answer: start every one afresh
-            self._children[position] = _Child(self.spec)
+        self._children = _started(self.spec, self.workers)
 
     def close(self) -> None:
         """Stop the child processes."""
@@ -108,6 +107,19 @@ class EmbedderProcess:
         return f"EmbedderProcess(id={getattr(self, 'id', None)!r}, spec={self.spec!r}, workers={self.workers})"
 
 
+def _started(spec: str, count: int) -> list[_Child]:
+    """`count` children, loading their models at the same time, each ready to embed."""
+    children = [_Child(spec) for _ in range(count)]
+    try:
+        for child in children:
+            child.wait_until_ready()
+    except BaseException:
+        for child in children:
+            child.stop()
+        raise
+    return children
+
+
 class _Child:
     """One child process and the two ends of its pipes."""
 
@@ -119,6 +131,9 @@ class _Child:
         self.receiving: Connection | None = Connection(os.dup(self.process.stdout.fileno()), writable=False)
         self.process.stdin.close()
         self.process.stdout.close()
+
+    def wait_until_ready(self) -> None:
+        spec = self.spec
         if not self.receiving.poll(START_TIMEOUT_S):
             self.stop()
             raise EmbedderProcessError(f"embedder {spec!r}: its process did not start within {START_TIMEOUT_S} s")
