@@ -102,3 +102,13 @@ def test_add_takes_the_people_s_corrections_from_an_export(review, tmp_path):
         export.write_text(bad)
         result = runner.invoke(app, ["add", str(workspace), str(export)])
         assert isinstance(result.exception, InputError) and message in str(result.exception)  # main() prints it
+
+
+def test_a_job_labels_label_studio_tasks_given_as_its_input(review, fallback_workspace, embedder, tmp_path):
+    """Tasks already in Label Studio (here: the review file) labelled again, their `data` columns kept."""
+    session = Session.open(fallback_workspace, embedder=embedder)
+    summary = LabelJob(session, review, tmp_path / "again.jsonl", text_column="message", prefix="new_").run(progress=False)
+    session.close()
+    rows = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert summary.rows == len(MESSAGES) and [row["message"] for row in rows] == MESSAGES
+    assert [row["new_label"] for row in rows] == [row["pred_label"] for row in rows]  # the same fallback answers

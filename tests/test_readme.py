@@ -5,6 +5,7 @@ Run elsewhere: `make test` (it is the CI command) and the benchmarks, which are 
 one liberty taken: `serve` gets a free port instead of 8000, and the `curl` after it the same port.
 """
 
+import json
 import re
 import shlex
 import signal
@@ -110,7 +111,16 @@ def check(command: str, output: subprocess.CompletedProcess, folder: Path) -> No
     elif "--plan" in command:
         assert "LLM calls" in output.stdout and not (folder / "labelled.parquet").exists()
     elif command.startswith("labelcascade label"):
-        assert "labelled 40 rows" in output.stderr and (folder / "review.csv").is_file()
+        assert "labelled 40 rows" in output.stderr and (folder / "review.label_config.xml").is_file()
+        tasks = json.loads((folder / "review.json").read_text())  # Label Studio tasks, one per row to review
+        for task in tasks:
+            [prediction] = task["predictions"]
+            assert "text" in task["data"] and (
+                prediction["score"] < 0.5 or prediction["model_version"].endswith(("(abstain)", "(degraded)")))
+    elif "label_studio_export.json" in command:
+        assert "added 3 new examples (3 rows)" in output.stdout
+    elif command.startswith("labelcascade add-label"):
+        assert "label 'travel_notice' added with 3 examples; 11 labels" in output.stdout
     elif command.startswith("labelcascade eval"):
         report = folder / shlex.split(command)[4]
         assert {"report.md", "confusion.png", "reliability.png", "llm_share.png"} <= {p.name for p in report.iterdir()}
