@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from labelcascade import Session, Task
 

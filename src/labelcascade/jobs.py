@@ -40,6 +40,7 @@ import numpy as np
 from labelcascade import __version__, labelstudio
 from labelcascade.agent import LLMProgress
 from labelcascade.answer_cache import AnswerCache
+from labelcascade.atomic_file import replace_atomically
 from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.session import Session
@@ -340,31 +341,22 @@ class LabelJob:
     def _write(self, path: Path, records: Iterator[dict]) -> None:
         """Write `path` in the format its suffix names; Label Studio tasks get their labelling interface beside."""
         if file_format(path) != "label-studio":
-            _write_atomically(path, records, _WRITERS[file_format(path)])
+            _write_atomically(path, partial(_WRITERS[file_format(path)], records=records))
             return
         task = self.session.task
-        _write_atomically(labelstudio.config_path(path), iter([labelstudio.label_config(
-            task.label_names, text_column=self.text_column, multi_label=task.multi_label)]), _write_text)
-        _write_atomically(path, records, partial(labelstudio.write_tasks, prefix=self.prefix,
-                                                 model_version=f"labelcascade {__version__}"))
+        config = labelstudio.label_config(task.label_names, text_column=self.text_column, multi_label=task.multi_label)
+        _write_atomically(labelstudio.config_path(path), lambda temporary: temporary.write_text(config, "utf-8"))
+        _write_atomically(path, partial(labelstudio.write_tasks, records=records, prefix=self.prefix,
+                                        model_version=f"labelcascade {__version__}"))
 
 
-def _write_atomically(path: Path, records: Iterator, writer: Callable[[Path, Iterator], None]) -> None:
-    """Write to a temporary file, flush it to disk, then rename it into place: `path` is absent or complete."""
-    temporary = path.with_name(path.name + ".tmp")
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`path` is absent, the old file, or complete: never half an output."""
     try:
-        writer(temporary, records)
-        with temporary.open("rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        replace_atomically(path, write)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise InputError(storage_failure(path, error, "write the output") + "; rerun the same command to write it "
                          "(every row is labelled already)") from None
-
-
-def _write_text(path: Path, parts: Iterator[str]) -> None:
-    path.write_text("".join(parts), encoding="utf-8")
 
 
 def _write_jsonl(path: Path, records: Iterator[dict]) -> None:

@@ -25,9 +25,7 @@ need LLM answers this run never asked for, so the plot shows nothing there rathe
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +44,7 @@ from sklearn.metrics import (
 )
 
 from labelcascade.agent.calibration import TABLE_THRESHOLDS, CoverageRow, coverage_table, number_text
+from labelcascade.atomic_file import replace_atomically
 from labelcascade.records import Prediction, Route
 
 from labelcascade.session import LLMBar
@@ -186,7 +185,7 @@ def evaluate(
     _save_figure(_confusion_figure(truth, answers, names, multi), report.confusion_png)
     _save_figure(_reliability_figure(decided, decided_right, multi, report.calibration_error), report.reliability_png)
     _save_figure(_llm_share_figure(report), report.llm_share_png)
-    _write(report.report_md, lambda path: path.write_text(markdown(report), encoding="utf-8"))
+    replace_atomically(report.report_md, lambda path: path.write_text(markdown(report), encoding="utf-8"))
     return report
 
 
@@ -382,20 +381,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename it: a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: two runs may share a folder
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(figure: Figure, path: Path) -> None:
     FigureCanvasAgg(figure)  # Agg, explicitly: no window, no GUI toolkit, no global pyplot state
-    _write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    replace_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
 
 
 def _confusion_figure(truth, answers, names: list[str], multi: bool) -> Figure:

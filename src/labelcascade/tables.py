@@ -213,7 +213,8 @@ def _annotated(task: dict, path: Path, number: int) -> list[str]:
     if not kept:
         raise InputError(f"{path}: task {number}: not annotated (or skipped) in Label Studio, so it has no label; "
                          "annotate it, or export only annotated tasks")
-    latest = max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), kept.index(a)))
+    _, latest = max(enumerate(kept), key=lambda pair: (str(pair[1].get("updated_at") or pair[1].get("created_at")
+                                                            or ""), pair[0]))  # the last one listed breaks a tie
     choices = [choice for result in latest.get("result") or [] if isinstance(result, dict)
                and result.get("type") == "choices" for choice in (result.get("value") or {}).get("choices") or []]
     if not choices and latest.get("result"):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from labelcascade.agent.calibration import Calibration
 from labelcascade.agent.policy import Policy
+from labelcascade.atomic_file import write_text_atomically
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.retrieval import ExampleStore
 from labelcascade.retrieval.store import storage_failure
@@ -223,16 +223,8 @@ class Workspace:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` and rename it into place: `path` is the old file or the new."""
-    temporary = None
+    """`path` is the old file or the new one, whatever happens; a failed write names the file and what to do."""
     try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        write_text_atomically(path, text)
     except OSError as error:
-        if temporary is not None:
-            Path(temporary).unlink(missing_ok=True)
         raise WorkspaceError(storage_failure(path, error, f"write {path.name}")) from None

@@ -30,7 +30,6 @@ LLM sees more examples, so they are a slightly pessimistic, fixed estimate of wh
 from __future__ import annotations
 
 import functools
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from pydantic import BaseModel, Field
 from labelcascade.agent.candidates import plausibility, smallest_m_for_recall
 from labelcascade.agent.cascade import Cascade
 from labelcascade.agent.policy import Policy
+from labelcascade.atomic_file import replace_atomically
 from labelcascade.fallback.calibration import fit_temperature
 
 TABLE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -192,10 +192,11 @@ class DevSet:
             arrays |= {"llm": self.llm, "temperature": np.array(self.temperature),
                        "candidate_recall": np.array(np.nan if self.candidate_recall is None else self.candidate_recall),
                        "max_candidates": np.array(-1 if self.max_candidates is None else self.max_candidates)}
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as file:
-            np.savez(file, **arrays)
-        os.replace(partial, path)
+        def write(temporary: Path) -> None:
+            with temporary.open("wb") as file:  # a file, not a name: np.savez would add ".npz" to the name
+                np.savez(file, **arrays)
+
+        replace_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> DevSet:

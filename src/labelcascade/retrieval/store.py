@@ -31,9 +31,7 @@ import hashlib
 import json
 import logging
 import numbers
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labelcascade.atomic_file import write_bytes_atomically
 from labelcascade.records import Example, Neighbor, Source
 from labelcascade.retrieval import vector_index
 from labelcascade.retrieval.vector_index import VectorIndex
@@ -258,14 +257,8 @@ class ExampleStore:
                 return
             index_file = self.path / INDEX_FILE
             with self._writing("save the FAISS index"):
-                handle, temporary = tempfile.mkstemp(dir=self.path, prefix=INDEX_FILE + ".", suffix=".tmp")
-                os.close(handle)
-                try:
-                    content = self._index.to_bytes()
-                    Path(temporary).write_bytes(content)
-                    os.replace(temporary, index_file)
-                finally:
-                    Path(temporary).unlink(missing_ok=True)
+                content = self._index.to_bytes()
+                write_bytes_atomically(index_file, content)
                 digest = _sha256(content)
                 self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('index_sha256', ?)", (digest,))
             self._index_dirty = False
