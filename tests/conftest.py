@@ -148,3 +148,20 @@ def gemma():
     engine = LlamaCppEngine()
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server():
+    """One real vLLM server on 127.0.0.1 for the whole session, shared by the engine tests and the fault tests (which
+    kill it and start it again on its port): a start costs ~70-90 s on 2 cores. Idle, it holds ~7 GB and no CPU
+    (the machine stayed 98% idle beside it), so keeping it up between its users costs nothing they measure. Outside
+    CI, skipped until `tools/vllm_server.sh setup` has been run."""
+    from .agent.engines.conftest import VLLMServer, free_port, require_vllm
+
+    require_vllm()
+    server = VLLMServer(free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

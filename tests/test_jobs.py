@@ -1,5 +1,6 @@
-"""Labelling jobs: every row exactly once and in order, through SIGKILLs at three points, with the real CLI; the LLM
-budget, the answer cache, the review file and the plan with the real embedded LLM."""
+"""Labelling jobs: outputs, the LLM budget, the answer cache (LLM answers of a killed batch kept), the review file
+and the plan, with the real CLI and the real embedded LLM. Every row exactly once through SIGKILLs at random points
+is tests/reliability/test_job_kills.py."""
 
 import csv
 import fcntl
@@ -21,7 +22,7 @@ from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import STATE_SUFFIX, LabelJob
 from labelcascade.tables import InputError
 
-from .conftest import BANKING_TASK, banking_messages, label_command, load_split, rows_done, rows_in, write_texts_jsonl
+from .conftest import BANKING_TASK, banking_messages, load_split, rows_done, rows_in, write_texts_jsonl
 
 ROWS = 1200
 BATCH = 16
@@ -31,33 +32,6 @@ BATCH = 16
 def source(tmp_path_factory) -> Path:
     return write_texts_jsonl(tmp_path_factory.mktemp("input") / "messages.jsonl", load_split("banking77", "test")[:ROWS])
 
-
-
-@pytest.mark.slow
-def test_a_job_killed_at_three_points_and_resumed_writes_exactly_the_uninterrupted_rows(fallback_workspace, source, tmp_path):
-    whole = tmp_path / "whole.jsonl"
-    subprocess.run(label_command(fallback_workspace, source, whole, batch_size=BATCH), check=True, timeout=600)
-    expected = whole.read_text()
-    assert [json.loads(line)["id"] for line in expected.splitlines()] == list(range(ROWS))
-
-    resumed = tmp_path / "resumed.jsonl"
-    state = resumed.with_name(resumed.name + ".state.sqlite")
-    for kill_at in (0.1, 0.5, 0.9):
-        process = subprocess.Popen(label_command(fallback_workspace, source, resumed, batch_size=BATCH),
-                                   stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
-        while rows_done(state) < kill_at * ROWS and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert process.poll() is None, "the job finished before it could be killed"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-        assert not resumed.exists()  # no output until every row is done
-        done = rows_done(state)
-        assert done >= kill_at * ROWS and done % 16 == 0  # whole batches only
-    finished = subprocess.run(label_command(fallback_workspace, source, resumed, batch_size=BATCH), capture_output=True,
-                              text=True, timeout=600)
-    assert finished.returncode == 0 and "done by an earlier run" in finished.stderr
-    assert resumed.read_text() == expected
 
 
 def test_outputs_in_every_format_keep_the_input_columns(fallback_workspace, source, tmp_path, embedder):

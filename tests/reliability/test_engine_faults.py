@@ -35,7 +35,7 @@ from labelcascade.agent import Policy
 from labelcascade.jobs import STATE_SUFFIX
 from labelcascade.task import Task
 
-from ..agent.engines.conftest import free_port, vllm_server  # noqa: F401 - a fixture: one server for this module
+from ..agent.engines.conftest import free_port
 from ..conftest import few_shot, load_split
 
 pytestmark = pytest.mark.slow  # a real vLLM server is killed and frozen
@@ -151,16 +151,19 @@ def outage(vllm_server, embedder, tmp_path_factory) -> Outage:
     service_log = (root / "service.log").open("w")
     service = subprocess.Popen([LABELCASCADE, "serve", str(root / "service-ws"), "--port", str(port)],
                                stdout=service_log, stderr=subprocess.STDOUT)
-    job = subprocess.Popen([LABELCASCADE, "label", str(root / "job-ws"), str(source), str(output), "--batch-size",
-                            str(JOB_BATCH), "--max-llm-calls", str(LLM_BUDGET), "--no-cache", "--no-progress"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = None
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _healthy(url), 120, "the service to start", poll=0.5)
         service_texts = [row["text"] for row in load_split("sst2", "train")[:5000]]
         with Clients(url, service_texts) as clients:
-            wait_for(lambda: job_routes(state).get("llm", 0) >= JOB_BATCH and len(clients.answered("llm")) >= 2,
-                     240, "LLM answers in the job and the service")
+            wait_for(lambda: len(clients.answered("llm")) >= 2, 240, "LLM answers in the service")
+            # The job starts only now, and the kill follows its first LLM batch: on a warm server it spends its whole
+            # budget in a few seconds, and a job that had spent it before the kill would never ask the dead server.
+            job = subprocess.Popen([LABELCASCADE, "label", str(root / "job-ws"), str(source), str(output),
+                                    "--batch-size", str(JOB_BATCH), "--max-llm-calls", str(LLM_BUDGET), "--no-cache",
+                                    "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: job_routes(state).get("llm", 0) >= JOB_BATCH, 240, "LLM answers in the job", poll=0.01)
             job_before_kill = job_routes(state)
             killed_at = time.monotonic()
             vllm_server.kill()
@@ -180,7 +183,7 @@ def outage(vllm_server, embedder, tmp_path_factory) -> Outage:
                       clients.requests)
     finally:
         for process in (job, service):
-            if process.poll() is None:
+            if process is not None and process.poll() is None:
                 process.kill()  # works on a stopped process too
                 process.wait(timeout=30)
         service_log.close()

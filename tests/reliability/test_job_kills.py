@@ -2,7 +2,7 @@
 
 The real CLI runs as a subprocess on the fallback alone (`--engine none`), which is deterministic, so the resumed
 output must be byte-identical to an uninterrupted run. The kill points are row counts drawn with a fixed seed; the
-kill lands while the batch after that count is in flight. CI: 5,000 rows, 10 kills; LABELCASCADE_RELIABILITY=long:
+kill lands while the batch after that count is in flight. CI: 2,000 rows, 6 kills; LABELCASCADE_RELIABILITY=long:
 10,000 rows, 25 kills.
 """
 
@@ -22,8 +22,8 @@ from .conftest import scaled
 
 pytestmark = pytest.mark.slow  # jobs run as processes and are killed
 
-ROWS = scaled(5_000, 10_000)
-KILLS = scaled(10, 25)
+ROWS = scaled(2_000, 10_000)
+KILLS = scaled(6, 25)
 BATCH = 32
 SEED = 6
 RUN_TIMEOUT_S = 300

@@ -1,4 +1,4 @@
-"""Real models for the engines' tests: a vLLM server started once per session from tools/vllm_server.sh, and the
+"""Real models for the engines' tests: the vLLM server that tests/conftest.py starts once per session, and the
 Hugging Face checkpoint that `tools/vllm_server.sh setup` converts from the packaged GGUF."""
 
 import os
@@ -71,19 +71,6 @@ class VLLMServer:
 
     def _group(self) -> int:
         return int(self._pidfile.read_text())  # the script starts the server with setsid: its pid is the group's id
-
-
-@pytest.fixture(scope="module")
-def vllm_server():
-    """A vLLM server on 127.0.0.1 for one test module (a module at a time: each holds ~7 GB). Outside CI, skipped
-    until `tools/vllm_server.sh setup` has been run."""
-    require_vllm()
-    server = VLLMServer(free_port())
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
