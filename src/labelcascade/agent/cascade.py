@@ -15,6 +15,7 @@ This is the classification policy of DESIGN.md ("One classification"):
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ from labelcascade.agent.learning import Learner
 from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.prompts import PromptRenderer
-from labelcascade.prompts.render import CONTENT_FREE, NO, YES
+from labelcascade.prompts.render import AUTO, CONTENT_FREE, chat_turns
 from labelcascade.records import Neighbor, Prediction, Route, Source
 from labelcascade.retrieval import Embedder, ExampleStore
 from labelcascade.task import Task
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Cascade:
         self.learner = learner
         self.on_retrain = on_retrain
         self._labels = task.label_names
+        self._chat_renderer: tuple[object, PromptRenderer] | None = None  # (engine, its renderer)
         self.install(fallback)
 
     def install(self, fallback: LinearSVMClassifier) -> None:
@@ -148,6 +152,8 @@ class Cascade:
         """Ask the engine about these texts (one engine call for all of them) under `policy` (default: the
         cascade's), given their fallback probabilities and neighbours; raises EngineError."""
         engine = self.engine.get()
+        renderer = self._renderer_for(engine)
+        yes_no = list(renderer.yes_no)
         policy = policy or self.policy
         m = policy.max_candidates
         logprobs = np.full(proba.shape, np.nan if self.task.multi_label else -np.inf)
@@ -161,13 +167,13 @@ class Cascade:
                 sure = policy.accepts(np.maximum(proba[i], 1 - proba[i]))
                 unsure = [j for j in order if not sure[j]][:m]
                 for j in unsure:
-                    prompts += [self.renderer.render_question(t, self._labels[j], examples).text for t in shown]
-                    options += [[YES, NO]] * twins
+                    prompts += [renderer.render_question(t, self._labels[j], examples).text for t in shown]
+                    options += [yes_no] * twins
                     cells.append((i, [j]))
             else:
                 chosen = top_candidates(proba[i], row, self._labels, m)
-                prompts += [self.renderer.render(t, examples).text for t in shown]
-                options += [self.renderer.candidates([self._labels[j] for j in chosen])] * twins
+                prompts += [renderer.render(t, examples).text for t in shown]
+                options += [renderer.candidates([self._labels[j] for j in chosen])] * twins
                 cells.append((i, chosen))
         try:
             scores = engine.score(prompts, options, timeout=policy.timeout_s * len(texts))
@@ -180,10 +186,26 @@ class Cascade:
         for (i, chosen), option, answer, baseline in zip(cells, options[::twins], answers, baselines, strict=True):
             calibrated = {candidate: answer[candidate] - baseline.get(candidate, 0.0) for candidate in option}
             if self.task.multi_label:
-                logprobs[i, chosen[0]] = calibrated[YES] - calibrated[NO]
+                logprobs[i, chosen[0]] = calibrated[yes_no[0]] - calibrated[yes_no[1]]
             else:
                 logprobs[i, chosen] = [calibrated[candidate] for candidate in option]
         return LLMScores(logprobs, [[neighbor.example.id for neighbor in row] for row in neighbors])
+
+    def _renderer_for(self, engine) -> PromptRenderer:
+        """The renderer for this engine's model: `chat` (and `auto`) in the model's own turns when the engine reads a
+        chat template from it (a GGUF's), `auto` as `completion` when it does not. Worked out once per engine."""
+        if self._chat_renderer is None or self._chat_renderer[0] is not engine:
+            template, turns = getattr(engine, "chat_template", None), None
+            if template is not None:
+                try:
+                    turns = chat_turns(template.text, bos_token=template.bos_token, eos_token=template.eos_token)
+                except ValueError as error:
+                    if self.renderer.template == AUTO:
+                        logger.warning("%s: prompted as a base model (the 'completion' template): %s", engine.spec, error)
+                    else:
+                        raise EngineError(f"{engine.spec}: {error}") from None
+            self._chat_renderer = (engine, self.renderer.for_model(turns))
+        return self._chat_renderer[1]
 
     def llm_probabilities(self, logprobs: np.ndarray, temperature: float) -> np.ndarray:
         """Probabilities from LLM scores: softmax over candidates, or P(yes) per asked label (NaN elsewhere)."""

@@ -1,5 +1,14 @@
 """Rendering a task (labels, descriptions, retrieved examples) and a text into prompts; no model code here."""
 
-from labelcascade.prompts.render import ANSWER_END, CONTENT_FREE, NO, YES, Prompt, PromptRenderer, clean_text
+from labelcascade.prompts.render import (
+    ANSWER_END,
+    CONTENT_FREE,
+    GEMMA_TURNS,
+    ChatTurns,
+    Prompt,
+    PromptRenderer,
+    chat_turns,
+    clean_text,
+)
 
-__all__ = ["ANSWER_END", "CONTENT_FREE", "NO", "YES", "Prompt", "PromptRenderer", "clean_text"]
+__all__ = ["ANSWER_END", "CONTENT_FREE", "GEMMA_TURNS", "ChatTurns", "Prompt", "PromptRenderer", "chat_turns", "clean_text"]

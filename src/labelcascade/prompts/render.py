@@ -19,7 +19,9 @@ Rewriting such words inside texts ("Label: sports" shown as "Label - sports") wa
 more answers, not fewer, so texts are shown as they are.
 
 Templates are Jinja files with two blocks, `static` and `dynamic`; the built-in ones are `completion` (base models)
-and `chat` (Gemma-style turns). Pass the path of your own `.j2` file to override them.
+and `chat` (instruction-tuned models: the prompt is the user's turn, each label is scored as the model's whole
+answer, ended by its end-of-turn marker; the turns are the model's own, read from its chat template by the engine
+that has one, Gemma's otherwise). Pass the path of your own `.j2` file to override them.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import FileSystemLoader, StrictUndefined, Template
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
 
 from labelcascade.records import Example
 from labelcascade.task import Task
 
 TEMPLATES = Path(__file__).parent / "templates"
 BUILT_IN = ("completion", "chat")
+AUTO = "auto"  # chosen per model: see `PromptRenderer.for_model`
 
 # What a prompt shows of a text, so that no input can overflow the engine's context (see `clean_text`): the text
 # classified keeps its first 2,000 UTF-8 bytes, each retrieved example its first 1,000. Bytes, not characters,
@@ -52,7 +55,47 @@ ELLIPSIS = "…"
 # its examples' answers the same way.
 ANSWER_END = "\n\n"
 CONTENT_FREE = "N/A"
-YES, NO = " yes" + ANSWER_END, " no" + ANSWER_END  # the two candidates of a multi-label yes/no question
+
+
+@dataclass(frozen=True)
+class ChatTurns:
+    """How a chat model marks turns: what opens the user's message (with the system turn its template adds, if
+    any), what closes it and opens the model's answer, and what ends that answer. The `chat` template writes its
+    prompt inside these, and each candidate label is scored as the model's whole answer: the label, then `end`."""
+
+    user: str
+    model: str
+    end: str
+
+
+GEMMA_TURNS = ChatTurns("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n", "<end_of_turn>")
+
+
+def chat_turns(template: str, *, bos_token: str = "", eos_token: str = "") -> ChatTurns:
+    """The turns a model's own chat template (the Jinja text a GGUF or a Hugging Face tokenizer carries) writes
+    around one user message and one answer. Rendered in a sandbox, as Hugging Face renders it; the leading
+    `bos_token` is left out (engines add it). ValueError for a template that does not write a user message and an
+    answer the way its generation prompt starts one."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"the model's chat template refused: {message}")
+
+    environment.globals["raise_exception"] = raise_exception
+    compiled = environment.from_string(template)
+    user, answer = "\x00USER\x00", "\x00ANSWER\x00"
+    asked = [{"role": "user", "content": user}]
+    opened = compiled.render(messages=asked, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
+    closed = compiled.render(messages=[*asked, {"role": "assistant", "content": answer}], add_generation_prompt=False,
+                             bos_token=bos_token, eos_token=eos_token)
+    before_answer, _, after_answer = closed.partition(answer)
+    before, found, model = opened.partition(user)
+    if not found or before_answer != opened or not after_answer.strip():
+        raise ValueError("the model's chat template does not write an answer right after its generation prompt; "
+                         "use the 'completion' template, or a .j2 template of your own")
+    if bos_token and before.startswith(bos_token):
+        before = before[len(bos_token):]
+    return ChatTurns(before, model, after_answer.rstrip())
 
 
 @dataclass(frozen=True)
@@ -70,12 +113,19 @@ class Prompt:
 class PromptRenderer:
     """Renders prompts for one task with one template."""
 
-    def __init__(self, task: Task, template: str | Path = "completion"):
+    def __init__(self, task: Task, template: str | Path = "completion", turns: ChatTurns | None = None):
+        """`turns`: the model's chat turns for the `chat` template (default Gemma's; `chat_turns` reads a model's)."""
         self.task = task
+        self.template = template  # "auto": `completion` until an engine's chat template says otherwise (`for_model`)
+        self.turns = turns or GEMMA_TURNS
+        self.chat = template == "chat"
+        # Where an answer starts and what closes it: after "Label:" a space, then the blank line that ends an
+        # example; in a chat, the whole of the model's turn, closed by its end-of-turn marker.
+        self._answer_start, self._answer_end = ("", self.turns.end) if self.chat else (" ", ANSWER_END)
         self._template = _load_template(template)
         self._answers = {label.name: label.verbalizer or label.name for label in task.labels}
         labels = [{"answer": self._answers[label.name], "description": label.description} for label in task.labels]
-        self._context = {"task": task, "labels": labels}
+        self._context = {"task": task, "labels": labels, "turns": self.turns}
         # Rendered once: the static block depends on the task alone.
         self.static = "".join(self._template.blocks["static"](self._template.new_context(self._context)))
 
@@ -83,16 +133,32 @@ class PromptRenderer:
         """The words that stand for `label` in prompts (its verbaliser, or its name)."""
         return self._answers[label]
 
+    def with_turns(self, turns: ChatTurns) -> PromptRenderer:
+        """This renderer for a model with these chat turns (itself when they change nothing)."""
+        return self if not self.chat or turns == self.turns else PromptRenderer(self.task, self.template, turns)
+
+    def for_model(self, turns: ChatTurns | None) -> PromptRenderer:
+        """The renderer for a model whose chat turns are `turns` (None: it has no chat template): `chat` takes
+        them; `auto` becomes `chat` in them, or `completion` without; other templates stay as they are."""
+        if self.template == AUTO:
+            return PromptRenderer(self.task, "completion" if turns is None else "chat", turns)
+        return self if turns is None else self.with_turns(turns)
+
     def candidates(self, labels: Sequence[str]) -> list[str]:
         """The continuation scored for each label, in the same order."""
-        return [" " + self.answer(label) + ANSWER_END for label in labels]
+        return [self._answer_start + self.answer(label) + self._answer_end for label in labels]
+
+    @property
+    def yes_no(self) -> tuple[str, str]:
+        """The two candidates of a multi-label question (`render_question`): yes, then no."""
+        return self._answer_start + "yes" + self._answer_end, self._answer_start + "no" + self._answer_end
 
     def render(self, text: str, examples: Sequence[Example] = ()) -> Prompt:
         """The prompt for one text; `examples` come best match first, as retrieval returns them."""
         return self._render(text, examples, ask=None)
 
     def render_question(self, text: str, label: str, examples: Sequence[Example] = ()) -> Prompt:
-        """For multi-label tasks: the prompt asking whether `label` applies to the text (answered by YES or NO)."""
+        """For multi-label tasks: the prompt asking whether `label` applies to the text (answered by `yes_no`)."""
         return self._render(text, examples, ask={"answer": self.answer(label)})
 
     def _render(self, text: str, examples: Sequence[Example], ask: dict | None) -> Prompt:
@@ -131,6 +197,7 @@ _MARKER = re.compile(r"<(?=\|?/?[A-Za-z_][\w.|-]*>)")
 
 
 def _load_template(template: str | Path) -> Template:
+    template = "completion" if template == AUTO else template
     if isinstance(template, str) and template in BUILT_IN:
         path = TEMPLATES / f"{template}.j2"
     else:

