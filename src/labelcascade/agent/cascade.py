@@ -103,7 +103,7 @@ class Cascade:
         self.learner = learner
         self.on_retrain = on_retrain
         self._labels = task.label_names
-        self._chat_renderer: tuple[object, PromptRenderer] | None = None  # (engine, its renderer)
+        self._engine_renderer: tuple[object, PromptRenderer] | None = None  # (engine, its renderer)
         self.install(fallback)
 
     def install(self, fallback: LinearSVMClassifier) -> None:
@@ -194,7 +194,7 @@ class Cascade:
     def _renderer_for(self, engine) -> PromptRenderer:
         """The renderer for this engine's model: `chat` (and `auto`) in the model's own turns when the engine reads a
         chat template from it (a GGUF's), `auto` as `completion` when it does not. Worked out once per engine."""
-        if self._chat_renderer is None or self._chat_renderer[0] is not engine:
+        if self._engine_renderer is None or self._engine_renderer[0] is not engine:
             template, turns = getattr(engine, "chat_template", None), None
             if template is not None:
                 try:
@@ -204,8 +204,8 @@ class Cascade:
                         logger.warning("%s: prompted as a base model (the 'completion' template): %s", engine.spec, error)
                     else:
                         raise EngineError(f"{engine.spec}: {error}") from None
-            self._chat_renderer = (engine, self.renderer.for_model(turns))
-        return self._chat_renderer[1]
+            self._engine_renderer = (engine, self.renderer.for_model(turns))
+        return self._engine_renderer[1]
 
     def llm_probabilities(self, logprobs: np.ndarray, temperature: float) -> np.ndarray:
         """Probabilities from LLM scores: softmax over candidates, or P(yes) per asked label (NaN elsewhere)."""

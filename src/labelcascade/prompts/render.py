@@ -73,7 +73,8 @@ GEMMA_TURNS = ChatTurns("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>
 
 def chat_turns(template: str, *, bos_token: str = "", eos_token: str = "") -> ChatTurns:
     """The turns a model's own chat template (the Jinja text a GGUF or a Hugging Face tokenizer carries) writes
-    around one user message and one answer. Rendered in a sandbox, as Hugging Face renders it; the leading
+    around one user message and one answer. Rendered in Jinja's immutable sandbox (the template comes from a model
+    file, which may be untrusted: it can compute text, not reach Python), as Hugging Face renders it; the leading
     `bos_token` is left out (engines add it). ValueError for a template that does not write a user message and an
     answer the way its generation prompt starts one."""
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
