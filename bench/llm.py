@@ -190,6 +190,13 @@ def open_engine(kind: str, args, settings: dict):
     return engine, (port if started is not None else None)  # the port of a server this run started
 
 
+def save_partial(out: Path, result: dict) -> None:
+    """The cells so far, after each one: a run killed midway (they take hours) keeps what it measured."""
+    cells = [{key: value for key, value in cell.items() if key != "scores"} for cell in result["cells"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_name(out.stem + ".partial.json").write_text(json.dumps({**result, "cells": cells}, indent=2) + "\n")
+
+
 def keep_other_cells(result: dict, earlier: dict) -> None:
     """Add an earlier result's cells for the (engine, dataset) pairs this run did not run, with the run each came
     from (`kept`, keyed "engine:dataset"), so engines and datasets can be run at different times into one result."""
@@ -372,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         cell["error"] = f"{type(error).__name__}: {error}"
                         log(f"    ERROR {cell['error']}")
                     result["cells"].append(cell)
+                    save_partial(args.out, result)
         finally:
             engine.close()
             if started is not None:
@@ -387,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         args.scores_out.write_text(json.dumps(scores) + "\n", encoding="utf-8")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    args.out.with_name(args.out.stem + ".partial.json").unlink(missing_ok=True)
     print_report(result)
     if not args.no_markdown:
         write_markdown_section(args.markdown, heading, markdown_section(result, heading))
