@@ -39,7 +39,8 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
 from labelcascade.agent.engines.base import common_prefix
-from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer, chat_turns
+from labelcascade.agent.cascade import renderer_for_engine
+from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer
 from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
@@ -82,13 +83,6 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedder) -> dict:
             "pool_size": len(pool), "test_in_pool": sum(t in pool_texts for t in texts)}
 
 
-def renderer_for(task: Task, engine) -> PromptRenderer:
-    """The template `auto` resolved for this engine's model, as the cascade resolves it."""
-    template = getattr(engine, "chat_template", None)
-    turns = None if template is None else chat_turns(template.text, bos_token=template.bos_token, eos_token=template.eos_token)
-    return PromptRenderer(task, TEMPLATE).for_model(turns)
-
-
 def text_cap(engine: str, ds: dict, caps: dict[str, int]) -> int | None:
     if f"{engine}:{ds['name']}" in caps:
         return caps[f"{engine}:{ds['name']}"]
@@ -96,7 +90,7 @@ def text_cap(engine: str, ds: dict, caps: dict[str, int]) -> int | None:
 
 
 def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
-    renderer, rows = renderer_for(ds["task"], engine), ds["shots"][mode][:n]
+    renderer, rows = renderer_for_engine(PromptRenderer(ds["task"], TEMPLATE), engine), ds["shots"][mode][:n]
     prompts = [renderer.render(text, examples).text for text, examples in zip(ds["texts"][:n], rows, strict=True)]
     twins = [renderer.render(CONTENT_FREE, examples).text for examples in rows]
     gold = ds["labels"][:n]

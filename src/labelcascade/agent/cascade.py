@@ -38,6 +38,21 @@ from labelcascade.task import Task
 logger = logging.getLogger(__name__)
 
 
+def renderer_for_engine(renderer: PromptRenderer, engine) -> PromptRenderer:
+    """`renderer` for this engine's model: `chat` (and `auto`) in the model's own turns when the engine reads a chat
+    template from it (a GGUF's), `auto` as `completion` when it does not. A chat template that cannot be read leaves
+    `auto` on `completion` (with a warning) and is an EngineError for `chat`."""
+    template, turns = getattr(engine, "chat_template", None), None
+    if template is not None:
+        try:
+            turns = chat_turns(template.text, bos_token=template.bos_token, eos_token=template.eos_token)
+        except ValueError as error:
+            if renderer.template != AUTO:
+                raise EngineError(f"{engine.spec}: {error}") from None
+            logger.warning("%s: prompted as a base model (the 'completion' template): %s", engine.spec, error)
+    return renderer.for_model(turns)
+
+
 @dataclass
 class Answers:
     """One `Cascade.run`: the final predictions, how sure the fallback was (what the routing decided by) and, when
@@ -192,19 +207,9 @@ class Cascade:
         return LLMScores(logprobs, [[neighbor.example.id for neighbor in row] for row in neighbors])
 
     def _renderer_for(self, engine) -> PromptRenderer:
-        """The renderer for this engine's model: `chat` (and `auto`) in the model's own turns when the engine reads a
-        chat template from it (a GGUF's), `auto` as `completion` when it does not. Worked out once per engine."""
+        """`renderer_for_engine` of the cascade's renderer, worked out once per engine."""
         if self._engine_renderer is None or self._engine_renderer[0] is not engine:
-            template, turns = getattr(engine, "chat_template", None), None
-            if template is not None:
-                try:
-                    turns = chat_turns(template.text, bos_token=template.bos_token, eos_token=template.eos_token)
-                except ValueError as error:
-                    if self.renderer.template == AUTO:
-                        logger.warning("%s: prompted as a base model (the 'completion' template): %s", engine.spec, error)
-                    else:
-                        raise EngineError(f"{engine.spec}: {error}") from None
-            self._engine_renderer = (engine, self.renderer.for_model(turns))
+            self._engine_renderer = (engine, renderer_for_engine(self.renderer, engine))
         return self._engine_renderer[1]
 
     def llm_probabilities(self, logprobs: np.ndarray, temperature: float) -> np.ndarray:
