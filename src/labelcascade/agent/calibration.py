@@ -3,8 +3,9 @@
 Two steps, so the policy can be chosen again after every retrain without asking the LLM again:
 1. `DevSet.measure` asks the LLM about every dev text once (dev texts are never stored, never learned from) and
    keeps what stays true while the fallback changes: the texts' vectors, their true labels, the LLM's
-   probabilities, its temperature (fitted by likelihood) and the number of candidates it scores (the smallest that
-   keeps the true label among them for 98% of the texts it will see). The workspace keeps it (calibration.npz).
+   probabilities, its temperature (fitted by likelihood) with, for single-label tasks, per-label offsets where they
+   raise its held-out dev accuracy (the model's leaning toward some labels, cancelled: label_bias.py), and the number
+   of candidates it scores (the smallest that keeps the true label among them for 98% of the texts it will see). The workspace keeps it (calibration.npz).
 2. `choose_policy` takes the current fallback's probabilities on those texts and chooses:
    - the accept threshold: the fallback answers alone where (a) its answers keep the target precision (default
      0.95), or (b) asking the LLM would not raise the dev accuracy by more than `tolerance` (default 0.01): the
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+from labelcascade.agent import label_bias
 from labelcascade.agent.candidates import plausibility, smallest_m_for_recall
 from labelcascade.agent.cascade import Cascade
 from labelcascade.agent.policy import Policy
@@ -113,8 +115,10 @@ class DevSet:
     """A labelled dev set as calibration measured it; see the module docstring (step 1).
 
     `truth`: single-label, the index of each text's label (-1: no label); multi-label, an indicator matrix.
-    `llm`: the LLM's probabilities (temperature applied; single-label 0 outside a text's candidates, multi-label NaN
-    for labels not asked), or None when there is no engine.
+    `llm`: the LLM's probabilities (temperature and label offsets applied; single-label 0 outside a text's
+    candidates, multi-label NaN for labels not asked), or None when there is no engine. `label_bias`: the per-label
+    offsets (agent/label_bias.py) where they raised the LLM's held-out dev accuracy, else None; `bias_accuracy`: that
+    accuracy without and with them.
     """
 
     vectors: np.ndarray
@@ -123,6 +127,8 @@ class DevSet:
     temperature: float | None = None
     max_candidates: int | None = None
     candidate_recall: float | None = None
+    label_bias: np.ndarray | None = None
+    bias_accuracy: tuple[float, float] | None = None
 
     @classmethod
     def measure(
@@ -171,8 +177,16 @@ class DevSet:
             on_llm(len(texts), len(texts))
         logprobs = np.concatenate(parts)
         dev.temperature = _fit_temperature(logprobs, dev.truth, task.multi_label)
-        dev.llm = cascade.llm_probabilities(logprobs, dev.temperature)
+        chosen = None if task.multi_label else label_bias.choose(logprobs, dev.truth)
+        if chosen is not None:
+            dev.temperature, dev.label_bias = chosen.temperature, chosen.bias
+            dev.bias_accuracy = (chosen.accuracy_without, chosen.accuracy_with)
+        dev.llm = cascade.llm_probabilities(logprobs, dev.temperature, dev.bias_by_label(names))
         return dev
+
+    def bias_by_label(self, names: Sequence[str]) -> dict[str, float]:
+        """The label offsets as the policy keeps them (by label name; empty when there are none)."""
+        return {} if self.label_bias is None else dict(zip(names, self.label_bias.tolist(), strict=True))
 
     def with_label_added(self, *, multi_label: bool) -> DevSet:
         """This dev set for a task that gained a label after it was measured (the new label comes last, so the old
@@ -182,7 +196,9 @@ class DevSet:
         truth = np.pad(self.truth, ((0, 0), (0, 1))) if multi_label else self.truth
         llm = None if self.llm is None else np.pad(self.llm, ((0, 0), (0, 1)),
                                                    constant_values=np.nan if multi_label else 0.0)
-        return DevSet(self.vectors, truth, llm, self.temperature, self.max_candidates, self.candidate_recall)
+        bias = None if self.label_bias is None else np.r_[self.label_bias, 0.0]
+        return DevSet(self.vectors, truth, llm, self.temperature, self.max_candidates, self.candidate_recall, bias,
+                      self.bias_accuracy)
 
     def save(self, path: str | Path) -> None:
         """Plain arrays in one .npz (no pickle), written beside and renamed into place."""
@@ -192,6 +208,8 @@ class DevSet:
             arrays |= {"llm": self.llm, "temperature": np.array(self.temperature),
                        "candidate_recall": np.array(np.nan if self.candidate_recall is None else self.candidate_recall),
                        "max_candidates": np.array(-1 if self.max_candidates is None else self.max_candidates)}
+            if self.label_bias is not None:
+                arrays |= {"label_bias": self.label_bias, "bias_accuracy": np.array(self.bias_accuracy)}
         def write(temporary: Path) -> None:
             with temporary.open("wb") as file:  # a file, not a name: np.savez would add ".npz" to the name
                 np.savez(file, **arrays)
@@ -208,6 +226,8 @@ class DevSet:
                     recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
                     dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])
                     dev.candidate_recall, dev.max_candidates = None if np.isnan(recall) else recall, None if m < 0 else m
+                if "label_bias" in saved:
+                    dev.label_bias, dev.bias_accuracy = saved["label_bias"], tuple(saved["bias_accuracy"].tolist())
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # np.load of an empty file: EOFError
             raise ValueError(f"{path}: damaged calibration data ({error}); run calibrate again") from None
         if len(dev.vectors) != len(dev.truth) or (dev.llm is not None and len(dev.llm) != len(dev.truth)):
@@ -243,7 +263,11 @@ def choose_policy(
             notes.append(f"accept threshold lowered to send at most {llm_budget:.0%} of texts to the LLM")
     else:
         policy = policy.model_copy(update={"llm_temperature": dev.temperature,
+                                           "llm_label_bias": dev.bias_by_label(cascade.task.label_names),
                                            "max_candidates": dev.max_candidates or policy.max_candidates})
+        if dev.bias_accuracy is not None:
+            notes.append(f"label offsets on: they raised the LLM's held-out dev accuracy from {dev.bias_accuracy[0]:.3f} "
+                         f"to {dev.bias_accuracy[1]:.3f}")
         # the cheapest threshold is chosen within the budget; the precision rule only ever sends fewer texts
         cheapest = functools.partial(_cheapest_threshold, cascade, proba, certainty, fallback_right, dev,
                                      tolerance=tolerance, floor=accuracy_floor)

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import expit, softmax
+from scipy.special import expit
 
+from labelcascade.agent.label_bias import biased_softmax
 from labelcascade.agent.candidates import top_candidates
 from labelcascade.agent.engine_slot import EngineSlot
 from labelcascade.agent.engines import EngineError
@@ -31,7 +32,7 @@ from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.prompts import PromptRenderer
 from labelcascade.prompts.render import AUTO, CONTENT_FREE, chat_turns
-from labelcascade.records import Neighbor, Prediction, Route, Source
+from labelcascade.records import Example, Neighbor, Prediction, Route, Source
 from labelcascade.retrieval import Embedder, ExampleStore
 from labelcascade.task import Task
 
@@ -118,7 +119,7 @@ class Cascade:
         self.learner = learner
         self.on_retrain = on_retrain
         self._labels = task.label_names
-        self._engine_renderer: tuple[object, PromptRenderer] | None = None  # (engine, its renderer)
+        self._engine_renderer: tuple[object, list[Example], PromptRenderer] | None = None  # see _renderer_for
         self.install(fallback)
 
     def install(self, fallback: LinearSVMClassifier) -> None:
@@ -151,11 +152,30 @@ class Cascade:
 
     def neighbors(self, vectors: np.ndarray) -> list[list[Neighbor]]:
         """The `policy.examples` nearest stored examples of each text (none without a store); people's labels only
-        unless the policy shows the LLM its own answers too."""
+        unless the policy shows the LLM its own answers too; never one of the static examples, which the prompt
+        shows already."""
         if self.store is None or self.policy.examples == 0 or len(self.store) == 0:
             return [[] for _ in vectors]
         sources = None if self.policy.examples_from_llm else (Source.GOLD, Source.REVIEW)
-        return self.store.search(vectors, k=self.policy.examples, sources=sources)
+        shown = {example.id for example in self.static_examples()}
+        rows = self.store.search(vectors, k=self.policy.examples + len(shown), sources=sources)
+        return [[neighbor for neighbor in row if neighbor.example.id not in shown][: self.policy.examples]
+                for row in rows]
+
+    def static_examples(self, policy: Policy | None = None) -> list[Example]:
+        """The examples in every prompt's static part (`Policy.static_examples` per label): the first ones people
+        labelled (gold, then reviewed), labels taken in turn, so the list is balanced, and stable as the store
+        grows (the engine's prefix cache keeps serving it)."""
+        per_label = (policy or self.policy).static_examples
+        if self.store is None or per_label == 0:
+            return []
+        by_label: dict[str, list[Example]] = {name: [] for name in self._labels}
+        for source in (Source.GOLD, Source.REVIEW):
+            for example in self.store.examples(source):
+                first = by_label.get(example.label)
+                if first is not None and len(first) < per_label:
+                    first.append(example)
+        return [row[turn] for turn in range(per_label) for row in by_label.values() if turn < len(row)]
 
     def llm_scores(
         self,
@@ -167,9 +187,9 @@ class Cascade:
         """Ask the engine about these texts (one engine call for all of them) under `policy` (default: the
         cascade's), given their fallback probabilities and neighbours; raises EngineError."""
         engine = self.engine.get()
-        renderer = self._renderer_for(engine)
-        yes_no = list(renderer.yes_no)
         policy = policy or self.policy
+        renderer = self._renderer_for(engine, self.static_examples(policy))
+        yes_no = list(renderer.yes_no)
         m = policy.max_candidates
         logprobs = np.full(proba.shape, np.nan if self.task.multi_label else -np.inf)
         twins = 2 if policy.contextual_calibration else 1  # each prompt, then its content-free twin
@@ -206,17 +226,23 @@ class Cascade:
                 logprobs[i, chosen] = [calibrated[candidate] for candidate in option]
         return LLMScores(logprobs, [[neighbor.example.id for neighbor in row] for row in neighbors])
 
-    def _renderer_for(self, engine) -> PromptRenderer:
-        """`renderer_for_engine` of the cascade's renderer, worked out once per engine."""
-        if self._engine_renderer is None or self._engine_renderer[0] is not engine:
-            self._engine_renderer = (engine, renderer_for_engine(self.renderer, engine))
-        return self._engine_renderer[1]
+    def _renderer_for(self, engine, static_examples: list[Example]) -> PromptRenderer:
+        """`renderer_for_engine` of the cascade's renderer with these static examples, worked out once per engine
+        and static examples."""
+        kept = self._engine_renderer
+        if kept is None or kept[0] is not engine or kept[1] != static_examples:
+            renderer = renderer_for_engine(self.renderer, engine).with_static_examples(static_examples)
+            self._engine_renderer = kept = (engine, static_examples, renderer)
+        return kept[2]
 
-    def llm_probabilities(self, logprobs: np.ndarray, temperature: float) -> np.ndarray:
-        """Probabilities from LLM scores: softmax over candidates, or P(yes) per asked label (NaN elsewhere)."""
+    def llm_probabilities(self, logprobs: np.ndarray, temperature: float, label_bias: dict[str, float] | None = None
+                          ) -> np.ndarray:
+        """Probabilities from LLM scores: softmax over candidates (after the per-label offsets, if any), or P(yes)
+        per asked label (NaN elsewhere)."""
         if self.task.multi_label:
             return expit(logprobs / temperature)
-        return softmax(logprobs / temperature, axis=1)
+        bias = np.array([label_bias.get(name, 0.0) for name in self._labels]) if label_bias else None
+        return biased_softmax(logprobs, temperature, bias)
 
     def pool(self, proba: np.ndarray, llm_proba: np.ndarray, weight: float) -> np.ndarray:
         """The fallback's and the LLM's probabilities pooled; multi-label labels not asked keep the fallback's."""
@@ -292,8 +318,9 @@ class Cascade:
             for i in batch:
                 routes[i] = Route.DEGRADED
             return
-        llm_proba = self.llm_probabilities(scores.logprobs, self.policy.llm_temperature)
-        proba[batch] = self.pool(proba[batch], llm_proba, self.policy.llm_weight)
+        policy = self.policy
+        llm_proba = self.llm_probabilities(scores.logprobs, policy.llm_temperature, policy.llm_label_bias)
+        proba[batch] = self.pool(proba[batch], llm_proba, policy.llm_weight)
         for i, ids in zip(batch, scores.evidence, strict=True):
             routes[i], evidence[i] = Route.LLM, ids
 

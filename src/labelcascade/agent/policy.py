@@ -28,7 +28,20 @@ class Policy(BaseModel):
         description="Weight of the LLM's probabilities in the mix with the fallback's; 0 never asks the LLM.",
     )
     llm_temperature: float = Field(1.0, gt=0, description="Divides the LLM's log-probabilities before normalising.")
+    llm_label_bias: dict[str, float] = Field(
+        default_factory=dict,
+        description="Added to each label's scaled LLM log-probability before normalising (single-label tasks; a "
+        "label not named gets 0): fitted by `calibrate` where it raises the LLM's dev accuracy, cancelling the "
+        "model's leaning toward some labels (agent/label_bias.py).",
+    )
     examples: int = Field(8, ge=0, description="Retrieved examples shown to the LLM (0: zero-shot).")
+    static_examples: int = Field(
+        0, ge=0,
+        description="Examples per label shown to the LLM in the prompt's static part, the same for every text: the "
+        "first ones people labelled, labels taken in turn. The engine's prefix cache computes them once per task, so "
+        "they cost little per text where retrieved `examples` cost their length each time; the two combine (say 4 "
+        "per label and 2 retrieved). 0: none.",
+    )
     examples_from_llm: bool = Field(
         False,
         description="Show the LLM its own past answers (`llm` examples) as examples too. Off: prompts show people's "

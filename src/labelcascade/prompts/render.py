@@ -1,8 +1,10 @@
 """Render a task, retrieved examples and a text into a prompt whose start is the same for every text.
 
-Layout (DESIGN.md, "One classification"): the static part (instructions, the full label list) comes first and is
-byte-identical for every text of a task, so an engine's prefix cache reuses it; then the retrieved examples, most
-similar last (closest to the text); then the text. The prompt stops right before the answer, and every candidate
+Layout (DESIGN.md, "One classification"): the static part (instructions, the full label list and, if given, a fixed
+set of labelled examples, `static_examples`) comes first and is byte-identical for every text of a task, so an
+engine's prefix cache computes it once; then the retrieved examples, most similar last (closest to the text); then
+the text. Examples in the static part are cut shorter than retrieved ones (MAX_STATIC_EXAMPLE_BYTES) and their total
+is capped (MAX_STATIC_BYTES), so a task with many labels keeps room in the context for the text. The prompt stops right before the answer, and every candidate
 label is scored as a continuation: a space, the label's verbaliser, then the blank line that closes an answer (so
 "card" and "card_arrival" are distinct, complete answers rather than one being a prefix of the other).
 
@@ -48,6 +50,8 @@ AUTO = "auto"  # chosen per model: see `PromptRenderer.for_model`
 # more than llama.cpp's 4,096-token context. With 8 examples, English prompts stay under ~2,500 tokens.
 MAX_TEXT_BYTES = 2000
 MAX_EXAMPLE_BYTES = 1000
+MAX_STATIC_EXAMPLE_BYTES = 400
+MAX_STATIC_BYTES = 4000
 ELLIPSIS = "…"
 # What closes an answer: in the built-in templates an example's label is followed by a blank line, and Gemma's
 # tokenizer reads "\n\n" as one token. Scoring a single "\n" asked the model for a token it never saw after a label
@@ -114,8 +118,11 @@ class Prompt:
 class PromptRenderer:
     """Renders prompts for one task with one template."""
 
-    def __init__(self, task: Task, template: str | Path = "completion", turns: ChatTurns | None = None):
-        """`turns`: the model's chat turns for the `chat` template (default Gemma's; `chat_turns` reads a model's)."""
+    def __init__(self, task: Task, template: str | Path = "completion", turns: ChatTurns | None = None,
+                 static_examples: Sequence[Example] = ()):
+        """`turns`: the model's chat turns for the `chat` template (default Gemma's; `chat_turns` reads a model's).
+        `static_examples`: examples shown to every text, in the static part, in this order (those past
+        MAX_STATIC_BYTES are left out; see `with_static_examples`)."""
         self.task = task
         self.template = template  # "auto": `completion` until an engine's chat template says otherwise (`for_model`)
         self.turns = turns or GEMMA_TURNS
@@ -126,8 +133,10 @@ class PromptRenderer:
         self._template = _load_template(template)
         self._answers = {label.name: label.verbalizer or label.name for label in task.labels}
         labels = [{"answer": self._answers[label.name], "description": label.description} for label in task.labels]
-        self._context = {"task": task, "labels": labels, "turns": self.turns}
-        # Rendered once: the static block depends on the task alone.
+        self.static_examples = tuple(_within(static_examples, MAX_STATIC_EXAMPLE_BYTES, MAX_STATIC_BYTES))
+        self._context = {"task": task, "labels": labels, "turns": self.turns,
+                         "static_examples": self._shown(self.static_examples, MAX_STATIC_EXAMPLE_BYTES)}
+        # Rendered once: the static block depends on the task (and its fixed examples) alone.
         self.static = "".join(self._template.blocks["static"](self._template.new_context(self._context)))
 
     def answer(self, label: str) -> str:
@@ -136,13 +145,21 @@ class PromptRenderer:
 
     def with_turns(self, turns: ChatTurns) -> PromptRenderer:
         """This renderer for a model with these chat turns (itself when they change nothing)."""
-        return self if not self.chat or turns == self.turns else PromptRenderer(self.task, self.template, turns)
+        if not self.chat or turns == self.turns:
+            return self
+        return PromptRenderer(self.task, self.template, turns, self.static_examples)
+
+    def with_static_examples(self, examples: Sequence[Example]) -> PromptRenderer:
+        """This renderer with these examples in its static part (itself when they are the ones it has)."""
+        if tuple(examples) == self.static_examples:
+            return self
+        return PromptRenderer(self.task, self.template, self.turns, examples)
 
     def for_model(self, turns: ChatTurns | None) -> PromptRenderer:
         """The renderer for a model whose chat turns are `turns` (None: it has no chat template): `chat` takes
         them; `auto` becomes `chat` in them, or `completion` without; other templates stay as they are."""
         if self.template == AUTO:
-            return PromptRenderer(self.task, "completion" if turns is None else "chat", turns)
+            return PromptRenderer(self.task, "completion" if turns is None else "chat", turns, self.static_examples)
         return self if turns is None else self.with_turns(turns)
 
     def candidates(self, labels: Sequence[str]) -> list[str]:
@@ -163,12 +180,13 @@ class PromptRenderer:
         return self._render(text, examples, ask={"answer": self.answer(label)})
 
     def _render(self, text: str, examples: Sequence[Example], ask: dict | None) -> Prompt:
-        shown = [
-            {"text": clean_text(example.text, MAX_EXAMPLE_BYTES), "answer": ", ".join(self.answer(label) for label in example.labels)}
-            for example in reversed(examples)
-        ]
+        shown = self._shown(list(reversed(examples)), MAX_EXAMPLE_BYTES)
         context = self._template.new_context({**self._context, "examples": shown, "text": clean_text(text), "ask": ask})
         return Prompt(self.static, "".join(self._template.blocks["dynamic"](context)))
+
+    def _shown(self, examples: Sequence[Example], max_bytes: int) -> list[dict]:
+        return [{"text": clean_text(example.text, max_bytes), "answer": ", ".join(self.answer(label) for label in example.labels)}
+                for example in examples]
 
 
 def clean_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
@@ -190,6 +208,17 @@ def clean_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
         return text
     room = max_bytes - len(ELLIPSIS.encode("utf-8"))
     return encoded[:room].decode("utf-8", errors="ignore") + ELLIPSIS
+
+
+def _within(examples: Sequence[Example], max_example_bytes: int, max_total_bytes: int) -> list[Example]:
+    """The leading examples whose shown texts fit in `max_total_bytes` together."""
+    kept, total = [], 0
+    for example in examples:
+        total += len(clean_text(example.text, max_example_bytes).encode("utf-8"))
+        if total > max_total_bytes:
+            break
+        kept.append(example)
+    return kept
 
 
 _WHITESPACE = re.compile(r"\s+")

@@ -286,6 +286,7 @@ def test_a_session_on_an_instruct_model_prompts_it_in_its_chat_turns(qwen_path, 
     """template 'auto' (a new workspace's default): the cascade asks Qwen in ChatML and gets sensible answers."""
     from labelcascade import Session
     from labelcascade.agent import Policy
+    from labelcascade.agent.cascade import renderer_for_engine
 
     task = Task.from_labels(["negative", "positive"], name="sentiment")
     texts, labels = few_shot("sst2", 4)
@@ -293,7 +294,7 @@ def test_a_session_on_an_instruct_model_prompts_it_in_its_chat_turns(qwen_path, 
                         policy=Policy(accept_threshold=1.0, learn=False)) as session:
         session.add_examples(texts, labels, retrain=True)
         engine = session._cascade.engine.get()
-        renderer = session._cascade._renderer_for(engine)
+        renderer = renderer_for_engine(session._cascade.renderer, engine)
         assert renderer.chat and renderer.static.startswith("<|im_start|>system\n")
         answers = session.classify(["an utterly joyless, tedious film", "a warm, funny and moving delight"])
         assert [answer.route for answer in answers] == ["llm", "llm"]
