@@ -10,7 +10,9 @@ from labelcascade.agent import Policy
 from labelcascade.agent.calibration import DevSet, abstain_threshold, accept_threshold, choose_policy
 from labelcascade.agent.candidates import smallest_m_for_recall
 
-from ..conftest import BANKING_TASK, banking_dev, banking_messages
+from labelcascade.task import Task
+
+from ..conftest import BANKING_TASK, banking_dev, banking_messages, few_shot, held_out
 
 
 def test_accept_threshold_is_the_lowest_that_keeps_the_precision():
@@ -171,6 +173,29 @@ def test_calibrating_on_too_few_dev_texts_warns(embedder, caplog):
     perfect = choose_policy(session.cascade, dev, target_precision=1.0, tolerance=0.0)
     unsure = round(perfect.llm_share * len(texts))
     assert 0 < unsure < 20 and any(f"rest on the {unsure} dev texts" in w for w in perfect.warnings)
+
+
+def test_label_offsets_undo_the_llms_lean_toward_spam(embedder, gemma, tmp_path):
+    """Gemma 3 270M answers "spam" to most of sms_spam whatever the text: calibrate fits per-label offsets on the dev
+    texts' scores (no more LLM calls), keeps them because they raise the held-out dev accuracy, and the workspace
+    answers with them. Zero-shot keeps the test quick; the few-shot effect is measured by bench/llm.py."""
+    texts, labels = few_shot("sms_spam", 8)
+    dev_texts, dev_labels = held_out("sms_spam", 60)
+    task = Task.from_labels(["ham", "spam"], name="sms")
+    with Session.create(task, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
+                        policy=Policy(examples=0)) as session:
+        session.add_examples(texts, labels, retrain=True)
+        report = session.calibrate(dev_texts, dev_labels)
+        dev = DevSet.load(session.path / "calibration.npz")
+    bias = report.policy.llm_label_bias
+    assert bias["ham"] > bias["spam"] and dev.bias_by_label(task.label_names) == bias
+    without, with_offsets = dev.bias_accuracy
+    assert without < 0.5 and with_offsets >= 0.8  # held out: the offsets were fitted on the other dev folds
+    assert any("label offsets on" in note for note in report.notes)
+    truth = np.array([task.label_names.index(label) for label in dev_labels])
+    assert (dev.llm.argmax(axis=1) == truth).mean() >= 0.8  # the LLM's dev answers, with its offsets
+    with Session.open(tmp_path / "ws", embedder=embedder, engine=gemma) as reopened:
+        assert reopened.policy.llm_label_bias == bias
 
 
 def test_a_reopened_classifier_routes_by_the_calibrated_policy(calibrated, embedder, gemma):

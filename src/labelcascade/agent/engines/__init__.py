@@ -5,6 +5,9 @@
                                 has fetched and verified it (see packaged_models)
     llamacpp:/path/model.gguf   any local GGUF model
     vllm:http://127.0.0.1:8000/v1#model   a vLLM OpenAI-compatible server (the model may be left out if it serves one)
+    openai:http://127.0.0.1:8080/v1#model   any OpenAI-compatible server (llama.cpp, Ollama, a hosted API), scored
+                                approximately from its top next-token log-probabilities (see openai_compatible);
+                                the API key from OPENAI_API_KEY
     transformers:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with transformers (PyTorch)
     vllm-offline:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with vLLM (`vllm.LLM`)
 
@@ -32,6 +35,11 @@ def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
 
         url, _, model = target.partition("#")
         return VLLMServerEngine(url, model or None, **options)
+    if scheme == "openai" and target.startswith(("http://", "https://")):
+        from labelcascade.agent.engines.openai_compatible import OpenAICompatibleEngine
+
+        url, _, model = target.partition("#")
+        return OpenAICompatibleEngine(url, model or None, **options)
     if scheme == "transformers" and target:
         from labelcascade.agent.engines.transformers_engine import TransformersEngine
 
@@ -43,7 +51,8 @@ def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
     raise ValueError(
         f"unknown engine spec {spec!r}; supported: 'llamacpp:default', 'llamacpp:qwen-0.5b', 'llamacpp:qwen-1.5b', "
         "'llamacpp:/path/model.gguf', "
-        "'vllm:http://HOST:PORT/v1#MODEL', 'transformers:/path/to/hf-model', 'vllm-offline:/path/to/hf-model'"
+        "'vllm:http://HOST:PORT/v1#MODEL', 'openai:http://HOST:PORT/v1#MODEL', 'transformers:/path/to/hf-model', "
+        "'vllm-offline:/path/to/hf-model'"
     )
 
 

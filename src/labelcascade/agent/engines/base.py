@@ -4,7 +4,8 @@ Engines never generate free text that must be parsed: for each prompt they retur
 candidate continuation (the whole continuation, every token of it). Every backend (llama.cpp, a vLLM server, vLLM
 in-process, transformers) is one adapter on `ScoringEngine`, which does what they all need the same way (batch
 checks, the deadline, one call at a time, counts, the candidates' token ids, refusing a broken Gemma tokenizer);
-an adapter implements only tokenizing and its own scoring.
+an adapter implements only tokenizing and its own scoring. The engines that reach a server through the `openai`
+client share `OpenAIServerMixin` as well (requests bounded by the scoring call's deadline).
 """
 
 from __future__ import annotations
@@ -142,6 +143,53 @@ class ScoringEngine:
     def __deepcopy__(self, memo) -> ScoringEngine:
         """A loaded model is shared, not copied: scikit-learn's `clone` deep-copies an estimator's parameters."""
         return self
+
+
+class OpenAIServerMixin:
+    """The half of a server engine that talks to an OpenAI-compatible API through the `openai` client (the vLLM and
+    the generic OpenAI-compatible engines): requests that end by a scoring call's deadline, and the one model a server
+    serves. The client's own timeout and retries would give every request its full timeout and its retries the same
+    again, so a hung server held one batch for minutes; under a deadline a request gets only the time left and is
+    retried only after a connection error (a keep-alive connection the server had just closed), at once. Without a
+    deadline the client's own timeout and retries apply."""
+
+    name = "server"  # in messages, as ScoringEngine's
+    scheme = "openai"  # the engine spec's scheme, in the message that asks for a model name
+
+    def _connect(self, openai, base_url: str, *, api_key: str, timeout: float, max_retries: int) -> None:
+        """The client (`openai` is the imported module), and a copy of it without retries for deadline-bound calls."""
+        self._openai = openai
+        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._bounded = self._client.with_options(max_retries=0)
+        self._max_retries = max_retries
+
+    def _call(self, send, deadline: float | None = None):
+        """`send(client, options)` once, within `deadline` if given, with the client's errors turned into
+        EngineTimeout and EngineError. `options` holds the request's timeout, if it has one."""
+        attempt = 0
+        while True:
+            if deadline is None:
+                client, options = self._client, {}
+            else:
+                client, options = self._bounded, {"timeout": deadline - time.monotonic()}
+                if options["timeout"] <= 0:
+                    raise EngineTimeout(f"{self.name} scoring ran out of time")
+            try:
+                return send(client, options)
+            except self._openai.APITimeoutError as error:
+                raise EngineTimeout(f"{self.name} did not answer in time: {error}") from error
+            except self._openai.APIConnectionError as error:
+                if deadline is None or attempt >= self._max_retries:
+                    raise EngineError(f"{self.name} request failed: {error}") from error
+                attempt += 1
+            except self._openai.OpenAIError as error:
+                raise EngineError(f"{self.name} request failed: {error}") from error
+
+    def _only_model(self, deadline: float) -> str:
+        models = [model.id for model in self._call(lambda client, options: client.models.list(**options), deadline).data]
+        if len(models) != 1:
+            raise EngineError(f"the server serves {models}; name one in the spec: {self.scheme}:URL#MODEL")
+        return models[0]
 
 
 def version_at_least(version: str, minimum: tuple[int, ...]) -> bool:

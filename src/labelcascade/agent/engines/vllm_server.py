@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from labelcascade.agent.engines.base import (
     EngineError,
-    EngineTimeout,
+    OpenAIServerMixin,
     ScoringEngine,
     candidate_trie,
     path_logprob,
@@ -45,10 +45,11 @@ MIN_VLLM_VERSION = (0, 12)
 MAX_TOKEN_IDS = 128  # vLLM's cap on logprob_token_ids per request (MAX_LOGPROB_TOKEN_IDS)
 
 
-class VLLMServerEngine(ScoringEngine):
+class VLLMServerEngine(OpenAIServerMixin, ScoringEngine):
     """Scores candidates on a running vLLM OpenAI-compatible server."""
 
     name = "vLLM"
+    scheme = "vllm"
 
     def __init__(
         self,
@@ -64,10 +65,7 @@ class VLLMServerEngine(ScoringEngine):
             import openai
         except ImportError as error:
             raise EngineError("the vLLM engine needs the openai client: pip install 'labelcascade[vllm]'") from error
-        self._openai = openai
-        self._client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
-        self._bounded = self._client.with_options(max_retries=0)  # for requests under a deadline: see _call
-        self._max_retries = max_retries
+        self._connect(openai, base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
         self._root = base_url.rstrip("/").removesuffix("/v1")  # /version and /tokenize live beside /v1
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="vllm-score")
         # The checks below share one `timeout`: a hung server fails the load in that time, not in minutes.
@@ -95,12 +93,6 @@ class VLLMServerEngine(ScoringEngine):
             )
         return version
 
-    def _only_model(self, deadline: float) -> str:
-        models = [model.id for model in self._call(lambda client, options: client.models.list(**options), deadline).data]
-        if len(models) != 1:
-            raise EngineError(f"the server serves {models}; name one in the spec: vllm:URL#MODEL")
-        return models[0]
-
     def tokenize(self, text: str, *, bos: bool, deadline: float | None = None) -> list[int]:
         """The server's own tokenization (its /tokenize route), within `deadline`."""
         body = {"model": getattr(self, "model", None), "prompt": text, "add_special_tokens": bos}
@@ -109,28 +101,6 @@ class VLLMServerEngine(ScoringEngine):
             return client.post(self._root + "/tokenize", body=body, cast_to=object, options=options)
 
         return self._call(send, deadline)["tokens"]
-
-    def _call(self, send, deadline: float | None = None):
-        """`send(client, options)` once, within `deadline` if given (see the module docstring), with the client's
-        errors turned into EngineTimeout and EngineError. `options` holds the request's timeout, if it has one."""
-        attempt = 0
-        while True:
-            if deadline is None:
-                client, options = self._client, {}
-            else:
-                client, options = self._bounded, {"timeout": deadline - time.monotonic()}
-                if options["timeout"] <= 0:
-                    raise EngineTimeout("vLLM scoring ran out of time")
-            try:
-                return send(client, options)
-            except self._openai.APITimeoutError as error:
-                raise EngineTimeout(f"vLLM did not answer in time: {error}") from error
-            except self._openai.APIConnectionError as error:
-                if deadline is None or attempt >= self._max_retries:
-                    raise EngineError(f"vLLM request failed: {error}") from error
-                attempt += 1
-            except self._openai.OpenAIError as error:
-                raise EngineError(f"vLLM request failed: {error}") from error
 
     # --- scoring --------------------------------------------------------------------------------------------
 
