@@ -105,36 +105,43 @@ def text_cap(engine: str, ds: dict, caps: dict[str, int]) -> int | None:
     return VLLM_CAP_MANY_LABELS if engine == "vllm" and len(ds["task"].labels) > MANY_LABELS else None
 
 
-def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
+def run_mode(engine, kind: str, ds: dict, mode: str, n: int, with_twins: bool = True) -> dict:
     renderer, rows = renderer_for_engine(PromptRenderer(ds["task"], TEMPLATE), engine), ds["shots"][mode][:n]
     if mode == "cached":
         renderer = renderer.with_static_examples(ds["static"])
     prompts = [renderer.render(text, examples).text for text, examples in zip(ds["texts"][:n], rows, strict=True)]
-    twins = [renderer.render(CONTENT_FREE, examples).text for examples in rows]
+    twins = [renderer.render(CONTENT_FREE, examples).text for examples in rows] if with_twins else []
     gold = ds["labels"][:n]
     candidates = renderer.candidates(ds["task"].label_names)
     labels = ds["task"].label_names
     before, raw, calibrated, kept, seconds, last_print = vars(engine.stats).copy(), [], [], [], 0.0, time.monotonic()
     load_start = round(os.getloadavg()[0], 1)  # other processes on a shared machine slow llama.cpp's threads a lot
+    step = 2 if with_twins else 1
     for start in range(0, n, BATCH[kind]):
-        pairs = [p for pair in zip(prompts[start : start + BATCH[kind]], twins[start : start + BATCH[kind]], strict=True) for p in pair]
+        batch = prompts[start : start + BATCH[kind]]
+        pairs = [p for pair in zip(batch, twins[start : start + BATCH[kind]], strict=True) for p in pair] if with_twins else batch
         began = time.perf_counter()
         scores = engine.score(pairs, [candidates] * len(pairs))  # each text, then its twin (which reuses its prefix)
         seconds += time.perf_counter() - began
-        for text, twin in zip(scores[::2], scores[1::2], strict=True):
-            text_row, twin_row = [text[c] for c in candidates], [twin[c] for c in candidates]
+        for i, text in enumerate(scores[::step]):
+            text_row = [text[c] for c in candidates]
+            twin_row = [scores[step * i + 1][c] for c in candidates] if with_twins else None
             kept.append([text_row, twin_row])
             raw.append(labels[int(np.argmax(text_row))])
-            calibrated.append(labels[int(np.argmax(np.subtract(text_row, twin_row)))])
-        done = len(calibrated)
-        if done // 50 > (done - len(pairs) // 2) // 50 or done == n or time.monotonic() - last_print > 60:
+            if with_twins:
+                calibrated.append(labels[int(np.argmax(np.subtract(text_row, twin_row)))])
+        done = len(raw)
+        if done // 50 > (done - len(batch)) // 50 or done == n or time.monotonic() - last_print > 60:
             last_print = time.monotonic()
-            log(f"    {ds['name']} {kind} {mode}: {done}/{n} texts, running acc {100 * accuracy_score(gold[:done], raw):.1f}% "
-                f"(cc {100 * accuracy_score(gold[:done], calibrated):.1f}%), {seconds / done:.2f} s/text")
+            cc = f" (cc {100 * accuracy_score(gold[:done], calibrated):.1f}%)" if with_twins else ""
+            log(f"    {ds['name']} {kind} {mode}: {done}/{n} texts, running acc {100 * accuracy_score(gold[:done], raw):.1f}%"
+                f"{cc}, {seconds / done:.2f} s/text")
     delta = {key: getattr(engine.stats, key) - before[key] for key in before}
     result = {
         "n": n, "accuracy": accuracy_score(gold, raw), "macro_f1": f1_score(gold, raw, average="macro", zero_division=0),
-        "cc_accuracy": accuracy_score(gold, calibrated), "cc_macro_f1": f1_score(gold, calibrated, average="macro", zero_division=0),
+        **({"cc_accuracy": accuracy_score(gold, calibrated),
+            "cc_macro_f1": f1_score(gold, calibrated, average="macro", zero_division=0)} if with_twins else {}),
+        "twins": with_twins,
         **cross_fitted_bias(kept, gold, labels),
         "seconds": seconds, "texts_per_s": n / seconds, "prompt_tokens_per_text": delta["prompt_tokens"] / n,
         "computed_tokens_per_text": delta["computed_tokens"] / n, "candidate_tokens_per_text": delta["candidate_tokens"] / n,
@@ -145,9 +152,12 @@ def run_mode(engine, kind: str, ds: dict, mode: str, n: int) -> dict:
     if kind != "vllm":  # llama.cpp; the prefix-cache bar: computed <= 1.2 x (uncached suffix + label tokens)
         static = len(engine.tokenize(renderer.static, bos=True))
         uncached = 0  # what no cache could spare: a text's prompt after the static part, its twin after the text's prompt
-        for prompt, twin in zip(prompts, twins, strict=True):
-            text_tokens, twin_tokens = engine.tokenize(prompt, bos=True), engine.tokenize(twin, bos=True)
-            uncached += len(text_tokens) - static + len(twin_tokens) - common_prefix(text_tokens, twin_tokens)
+        for i, prompt in enumerate(prompts):
+            text_tokens = engine.tokenize(prompt, bos=True)
+            uncached += len(text_tokens) - static
+            if with_twins:
+                twin_tokens = engine.tokenize(twins[i], bos=True)
+                uncached += len(twin_tokens) - common_prefix(text_tokens, twin_tokens)
         result["static_tokens"] = static
         result["suffix_tokens_per_text"] = uncached / n
         result["ratio"] = result["computed_tokens_per_text"] / (result["suffix_tokens_per_text"] + result["candidate_tokens_per_text"])
@@ -303,6 +313,10 @@ def settings_lines(result: dict) -> list[str]:
         f"labels sorted, {DRAW_PER_CLASS} drawn, first {s['shots']} kept = bench/fallback.py's 8/class set), embedder {s['embedder']}, in-memory ExampleStore (FAISS flat)",
         f"test: up to {s['test_size']} texts per dataset (fixed sample, random.Random({TEST_SEED})); per-engine text caps: {', '.join(f'{k}={v}' for k, v in s['caps'].items()) or 'none'}"
         + (f"; --limit {s['limit']} (smoke run)" if s["limit"] else ""),
+        f"modes {', '.join(s.get('modes', MODES))}; cached = {s.get('static_per_label', STATIC_PER_LABEL)} pool examples per label in the static part + "
+        f"{s.get('k_cached', K_CACHED)} nearest retrieved; "
+        + ("each text's content-free twin scored too (cc column; texts/s and tokens count both)" if s.get("twins", True)
+           else "no content-free twins (--no-twins: each text's prompt only, as the cascade by default; no cc column)"),
         f"batches: {BATCH}; texts/s = texts / wall time of engine.score() only (embedding, rendering excluded); tokens per text from engine.stats deltas",
         "test texts also present verbatim in the pool: " + ", ".join(f"{d} {v}" for d, v in s["test_in_pool"].items()),
         f"machine: {m['cpu_count']} CPU cores (shared; 1/5/15-min load {m['load_start']} at start, {m.get('load_end')} at end), {m['platform']}, Python {m['python']}",
@@ -364,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS + CHINESE)
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES + INSTRUCT)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--no-twins", action="store_true",
+                        help="score each text's prompt only, as the cascade does by default (no cc column; half the work)")
     parser.add_argument("--heading", default=SECTION_HEADING[3:], help="the BENCHMARKS.md section to (re)write")
     parser.add_argument("--test-size", type=int, default=300, help="test texts per dataset (fixed sample)")
     parser.add_argument("--seed", type=int, default=0, help="pool draw: random.Random(1000 + seed)")
@@ -392,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.datasets) & set(CHINESE):
         embedder["multilingual"] = load_embedder("multilingual")
     settings = {"datasets": args.datasets, "test_size": args.test_size, "seed": args.seed, "limit": args.limit, "template": TEMPLATE,
+                "twins": not args.no_twins, "modes": args.modes, "static_per_label": STATIC_PER_LABEL, "k_cached": K_CACHED,
                 "k": K, "shots": SHOTS, "test_seed": TEST_SEED, "embedder": ", ".join(e.id for e in embedder.values()), "engines": {}, "caps": {}, "test_in_pool": {},
                 "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
                             "platform": platform.platform(), "python": platform.python_version()}}
@@ -414,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{name} / {kind} / {mode}: {n} texts")
                     cell = {"engine": kind, "dataset": name, "mode": mode, "n": n}
                     try:
-                        cell.update(run_mode(engine, kind, ds, mode, n))
+                        cell.update(run_mode(engine, kind, ds, mode, n, with_twins=not args.no_twins))
                     except Exception as error:  # noqa: BLE001 - record it and go on; a long run keeps its other cells
                         cell["error"] = f"{type(error).__name__}: {error}"
                         log(f"    ERROR {cell['error']}")

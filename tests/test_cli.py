@@ -109,6 +109,11 @@ def test_out_of_scope_rows_tune_and_measure_a_chat_router(tmp_path):
     assert [(a["label"], a["route"]) for a in answers] == [(None, "abstain"), ("lost_or_stolen_card", "fallback")]
     summary = run("eval", workspace, EXAMPLES / "banking" / "router_test.jsonl", tmp_path / "report")
     assert "out of scope: 10 texts" in summary and "in scope: accuracy" in summary
+    # prompt layouts to compare: without an LLM they tie, and the first listed is kept
+    table = run("calibrate", workspace, dev, "--out-of-scope", "oos", "--layout", "0:2", "--layout", "3:1")
+    assert "layout 3 static examples per label + 1 retrieved" in table and "kept: 0 static, 2 retrieved" in table
+    result = command("calibrate", workspace, dev, "--layout", "4-2")
+    assert result.returncode == 2 and "a layout is STATIC:RETRIEVED" in result.stderr
 
     task = tmp_path / "closed.yaml"
     task.write_text(BANKING_TASK.read_text().replace("allow_abstain: true", "allow_abstain: false"))

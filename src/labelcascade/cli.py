@@ -306,16 +306,30 @@ def calibrate(
     ] = 0.85,
     engine: Engine = None,
     out_of_scope: OutOfScope = None,
+    layout: Annotated[list[str] | None, typer.Option(
+        help="A prompt layout to compare, STATIC:RETRIEVED (examples per label in the prompt's cached static part : "
+             "retrieved examples per text), e.g. --layout 0:8 --layout 4:2; the one with the best dev accuracy is "
+             "kept. Default: the workspace's current layout.")] = None,
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table.
     Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them."""
+    layouts = None if not layout else [_layout(value) for value in layout]
     texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
     session = _open(workspace, engine)
     report = session.calibrate(
-        texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision
+        texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision,
+        layouts=layouts,
     )
     typer.echo(report.table())
     session.close()
+
+
+def _layout(value: str) -> tuple[int, int]:
+    static, _, retrieved = value.partition(":")
+    if not (static.isdigit() and retrieved.isdigit()):
+        raise typer.BadParameter(f"{value!r}: a layout is STATIC:RETRIEVED, two whole numbers, e.g. 4:2",
+                                 param_hint="--layout")
+    return int(static), int(retrieved)
 
 
 @app.command("eval")

@@ -391,6 +391,7 @@ class Session:
         learn_precision: float = 0.85,
         tolerance: float = 0.01,
         progress: bool | None = None,
+        layouts: Sequence[tuple[int, int]] | None = None,
     ) -> Calibration:
         """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
         labelled dev texts (not stored), and use them from now on (agent/calibration.py says how). The LLM is asked
@@ -399,18 +400,33 @@ class Session:
         the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
         accuracy the cascade may give up to send fewer texts to the LLM; `progress`: a bar on stderr of the dev texts
         the LLM has scored (None: on a terminal only). Returns the report;
-        `print(report.table())` shows the coverage/precision table."""
-        with LLMBar(progress, "calibrate: LLM on dev texts") as bar:
-            dev = DevSet.measure(self.cascade, list(texts), list(labels), target_precision=target_precision,
-                                 llm_budget=llm_budget, on_llm=bar.count)
-        report = choose_policy(
-            self.cascade,
-            dev,
-            target_precision=target_precision,
-            llm_budget=llm_budget,
-            learn_precision=learn_precision,
-            tolerance=tolerance,
-        )
+        `print(report.table())` shows the coverage/precision table.
+
+        `layouts`: prompt layouts to compare, as (static examples per label, retrieved examples) pairs (see
+        `Policy.static_examples`), e.g. `[(0, 8), (4, 2)]`: the LLM is asked about the dev texts once per layout,
+        and the layout whose calibrated cascade reaches the best dev accuracy is kept (on a tie, the first listed).
+        Default: the policy's own layout only."""
+        current = self.cascade.policy
+        tried = [(current.static_examples, current.examples)] if layouts is None else [tuple(pair) for pair in layouts]
+        if not tried or any(len(pair) != 2 for pair in tried):
+            raise ValueError(f"layouts must be (static examples per label, retrieved examples) pairs, not {layouts!r}")
+        best, compared = None, []
+        for static, retrieved in tried:
+            policy = Policy.model_validate({**current.model_dump(), "static_examples": static, "examples": retrieved})
+            title = "calibrate: LLM on dev texts" + (f" ({static} static, {retrieved} retrieved)" if len(tried) > 1 else "")
+            with LLMBar(progress, title) as bar:
+                dev = DevSet.measure(self.cascade, list(texts), list(labels), target_precision=target_precision,
+                                     llm_budget=llm_budget, on_llm=bar.count, policy=policy)
+            report = choose_policy(self.cascade, dev, target_precision=target_precision, llm_budget=llm_budget,
+                                   learn_precision=learn_precision, tolerance=tolerance, policy=policy)
+            compared.append(f"layout {static} static examples per label + {retrieved} retrieved: cascade dev accuracy "
+                            f"{report.cascade_accuracy:.3f}, LLM share {report.llm_share:.1%}")
+            if best is None or report.cascade_accuracy > best[0].cascade_accuracy:
+                best = (report, dev)
+        report, dev = best
+        if len(tried) > 1:
+            report.notes.extend([*compared, f"kept: {report.policy.static_examples} static, {report.policy.examples} "
+                                            "retrieved"])
         dev.save(self.path / DEV_FILE)
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)

@@ -198,6 +198,26 @@ def test_label_offsets_undo_the_llms_lean_toward_spam(embedder, gemma, tmp_path)
         assert reopened.policy.llm_label_bias == bias
 
 
+def test_calibrate_compares_prompt_layouts_and_keeps_the_best(embedder, gemma, tmp_path):
+    """Each layout (static examples per label, retrieved examples) is measured on the dev texts; the kept one has the
+    best calibrated dev accuracy, and the workspace's dev set and policy are the ones measured with it."""
+    texts, labels = few_shot("sst2", 4)
+    dev_texts, dev_labels = held_out("sst2", 24)
+    task = Task.from_labels(["negative", "positive"], name="sentiment")
+    with Session.create(task, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
+                        policy=Policy(accept_threshold=1.0)) as session:
+        session.add_examples(texts, labels, retrain=True)
+        report = session.calibrate(dev_texts, dev_labels, layouts=[(0, 0), (2, 1)])
+        lines = [note for note in report.notes if note.startswith("layout ")]
+        accuracies = [float(line.split("cascade dev accuracy ")[1].split(",")[0]) for line in lines]
+        assert len(lines) == 2 and report.cascade_accuracy == pytest.approx(max(accuracies), abs=5e-4)
+        kept = (report.policy.static_examples, report.policy.examples)
+        assert kept == [(0, 0), (2, 1)][accuracies.index(max(accuracies))]
+        assert (session.policy.static_examples, session.policy.examples) == kept
+        again = choose_policy(session.cascade, DevSet.load(session.path / "calibration.npz"))
+        assert again.cascade_accuracy == pytest.approx(report.cascade_accuracy)
+
+
 def test_a_reopened_classifier_routes_by_the_calibrated_policy(calibrated, embedder, gemma):
     session, report = calibrated
     reopened = Session.open(session.path, embedder=embedder, engine=gemma)

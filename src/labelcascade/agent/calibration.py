@@ -140,11 +140,13 @@ class DevSet:
         target_precision: float = 0.95,
         llm_budget: float | None = None,
         on_llm: Callable[[int, int], None] | None = None,
+        policy: Policy | None = None,
     ) -> DevSet:
         """Embed the dev texts and ask the cascade's engine about all of them (raises EngineError if it cannot
         answer: a policy calibrated without it would be wrong). Single-label dev labels may be None (or "") for
         texts that have no label, if the task allows abstaining. `on_llm(asked, total)` is called before the
-        first LLM batch and after each (the LLM's part is most of the time `calibrate` takes)."""
+        first LLM batch and after each (the LLM's part is most of the time `calibrate` takes). `policy`: how to ask
+        the LLM (examples shown; default: the cascade's), for comparing prompt layouts."""
         task, names = cascade.task, cascade.task.label_names
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"calibrate needs labelled dev texts: got {len(texts)} texts and {len(labels)} labels")
@@ -152,8 +154,8 @@ class DevSet:
         if cascade.engine is None:
             return dev
         proba = cascade.probabilities(dev.vectors)
-        policy = cascade.policy
-        neighbors = cascade.neighbors(dev.vectors)
+        policy = policy or cascade.policy
+        neighbors = cascade.neighbors(dev.vectors, policy)
         if not task.multi_label:
             # The candidates must hold the true label for the texts the LLM will see: those the fallback is unsure
             # of at the target precision (and budget), or every text when it is sure of all of them.
@@ -244,16 +246,18 @@ def choose_policy(
     learn_precision: float = 0.85,
     tolerance: float = 0.01,
     accuracy_floor: float | None = None,
+    policy: Policy | None = None,
 ) -> Calibration:
     """The cascade's policy for its current fallback, chosen on `dev` (see the module docstring, step 2); the
-    cascade is unchanged. Knobs that calibration does not choose (examples, learn, retrain_every, ...) are kept.
-    `accuracy_floor`: the dev accuracy to keep after a retrain (None at `calibrate`, which measures it)."""
+    cascade is unchanged. Knobs that calibration does not choose (examples, learn, retrain_every, ...) are kept from
+    `policy` (default: the cascade's; the one `dev` was measured with). `accuracy_floor`: the dev accuracy to keep
+    after a retrain (None at `calibrate`, which measures it)."""
     multi = cascade.task.multi_label
     proba = cascade.probabilities(dev.vectors)
     certainty = cascade.certainty(proba)
     fallback_right = _correct(proba, dev.truth, multi)
     precise = accept_threshold(certainty, fallback_right, target_precision)
-    policy, notes = cascade.policy, []
+    policy, notes = policy or cascade.policy, []
     final, on_unsure, learned, reachable = proba, (None, None), None, None
     if dev.llm is None:
         accept = _capped(precise, certainty, llm_budget)

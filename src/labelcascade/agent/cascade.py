@@ -150,17 +150,17 @@ class Cascade:
             return np.maximum(proba, 1.0 - proba).min(axis=1)
         return proba.max(axis=1)
 
-    def neighbors(self, vectors: np.ndarray) -> list[list[Neighbor]]:
-        """The `policy.examples` nearest stored examples of each text (none without a store); people's labels only
-        unless the policy shows the LLM its own answers too; never one of the static examples, which the prompt
-        shows already."""
-        if self.store is None or self.policy.examples == 0 or len(self.store) == 0:
+    def neighbors(self, vectors: np.ndarray, policy: Policy | None = None) -> list[list[Neighbor]]:
+        """The `policy.examples` nearest stored examples of each text (none without a store) under `policy` (default:
+        the cascade's); people's labels only unless the policy shows the LLM its own answers too; never one of the
+        static examples, which the prompt shows already."""
+        policy = policy or self.policy
+        if self.store is None or policy.examples == 0 or len(self.store) == 0:
             return [[] for _ in vectors]
-        sources = None if self.policy.examples_from_llm else (Source.GOLD, Source.REVIEW)
-        shown = {example.id for example in self.static_examples()}
-        rows = self.store.search(vectors, k=self.policy.examples + len(shown), sources=sources)
-        return [[neighbor for neighbor in row if neighbor.example.id not in shown][: self.policy.examples]
-                for row in rows]
+        sources = None if policy.examples_from_llm else (Source.GOLD, Source.REVIEW)
+        shown = {example.id for example in self.static_examples(policy)}
+        rows = self.store.search(vectors, k=policy.examples + len(shown), sources=sources)
+        return [[neighbor for neighbor in row if neighbor.example.id not in shown][: policy.examples] for row in rows]
 
     def static_examples(self, policy: Policy | None = None) -> list[Example]:
         """The examples in every prompt's static part (`Policy.static_examples` per label): the first ones people
