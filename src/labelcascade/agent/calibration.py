@@ -5,7 +5,8 @@ Two steps, so the policy can be chosen again after every retrain without asking 
    keeps what stays true while the fallback changes: the texts' vectors, their true labels, the LLM's
    probabilities, its temperature (fitted by likelihood) with, for single-label tasks, per-label offsets where they
    raise its held-out dev accuracy (the model's leaning toward some labels, cancelled: label_bias.py), and the number
-   of candidates it scores (the smallest that keeps the true label among them for 98% of the texts it will see). The workspace keeps it (calibration.npz).
+   of candidates it scores (the smallest that keeps the true label among them for 98% of the texts it will see).
+   The workspace keeps it (calibration.npz).
 2. `choose_policy` takes the current fallback's probabilities on those texts and chooses:
    - the accept threshold: the fallback answers alone where (a) its answers keep the target precision (default
      0.95), or (b) asking the LLM would not raise the dev accuracy by more than `tolerance` (default 0.01): the

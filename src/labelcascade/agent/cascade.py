@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import expit
 
-from labelcascade.agent.label_bias import biased_softmax
 from labelcascade.agent.candidates import top_candidates
 from labelcascade.agent.engine_slot import EngineSlot
 from labelcascade.agent.engines import EngineError
+from labelcascade.agent.label_bias import biased_softmax
 from labelcascade.agent.learning import Learner
 from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier

@@ -4,9 +4,10 @@ Layout (DESIGN.md, "One classification"): the static part (instructions, the ful
 set of labelled examples, `static_examples`) comes first and is byte-identical for every text of a task, so an
 engine's prefix cache computes it once; then the retrieved examples, most similar last (closest to the text); then
 the text. Examples in the static part are cut shorter than retrieved ones (MAX_STATIC_EXAMPLE_BYTES) and their total
-is capped (MAX_STATIC_BYTES), so a task with many labels keeps room in the context for the text. The prompt stops right before the answer, and every candidate
-label is scored as a continuation: a space, the label's verbaliser, then the blank line that closes an answer (so
-"card" and "card_arrival" are distinct, complete answers rather than one being a prefix of the other).
+is capped (MAX_STATIC_BYTES), so a task with many labels keeps room in the context for the text. The prompt stops
+right before the answer, and every candidate label is scored as a continuation: a space, the label's verbaliser, then
+the blank line that closes an answer (so "card" and "card_arrival" are distinct, complete answers rather than one
+being a prefix of the other).
 
 `CONTENT_FREE` is the text of contextual calibration's second prompt (see `Policy.contextual_calibration`).
 
