@@ -61,12 +61,10 @@ def server_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exact():
-    """The exact in-process engine on the same file. One thread: beside another process's llama.cpp threads on a small
-    machine, llama.cpp's threads wait on each other spinning, and two of them made each prompt many times slower."""
-    engine = load_engine("llamacpp:default", n_threads=1)
-    yield engine
-    engine.close()
+def exact(gemma):
+    """The exact in-process engine on the same file (the session's). The server is idle while it scores: run beside
+    other busy processes, llama.cpp's spinning threads slow each other down many times over."""
+    return gemma
 
 
 @pytest.fixture(scope="module")
