@@ -379,10 +379,13 @@ def print_report(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global STATIC_PER_LABEL, K_CACHED  # --cached-layout
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS + CHINESE)
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES + INSTRUCT)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--cached-layout", default=f"{STATIC_PER_LABEL}:{K_CACHED}", metavar="STATIC:RETRIEVED",
+                        help="mode cached: pool examples per label in the static part : nearest retrieved per text")
     parser.add_argument("--no-twins", action="store_true",
                         help="score each text's prompt only, as the cascade does by default (no cc column; half the work)")
     parser.add_argument("--heading", default=SECTION_HEADING[3:], help="the BENCHMARKS.md section to (re)write")
@@ -402,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scores-out", type=Path, help="also write every text's label log-probabilities here (JSON)")
     parser.add_argument("--markdown-only", action="store_true", help="only regenerate the BENCHMARKS.md section from --out")
     args = parser.parse_args(argv)
+    STATIC_PER_LABEL, K_CACHED = (int(x) for x in args.cached_layout.split(":"))
     heading = "## " + args.heading
     if args.markdown_only:
         result = json.loads(args.out.read_text(encoding="utf-8"))
