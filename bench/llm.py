@@ -171,13 +171,7 @@ def cross_fitted_bias(kept: list, gold: list[str], labels: list[str]) -> dict:
     truth = np.array([labels.index(label) for label in gold])
     if len(truth) < label_bias.MIN_TEXTS:
         return {}
-    folds = np.random.default_rng(0).permutation(len(truth)) % label_bias.FOLDS
-    answers = np.empty(len(truth), dtype=int)
-    for fold in range(label_bias.FOLDS):
-        held_out = folds == fold
-        temperature, bias = label_bias.fit(logprobs[~held_out], truth[~held_out])
-        answers[held_out] = label_bias.biased_softmax(logprobs[held_out], temperature, bias).argmax(axis=1)
-    predicted = [labels[i] for i in answers]
+    predicted = [labels[i] for i in label_bias.held_out_answers(logprobs, truth)]
     return {"bias_accuracy": accuracy_score(gold, predicted),
             "bias_macro_f1": f1_score(gold, predicted, average="macro", zero_division=0)}
 

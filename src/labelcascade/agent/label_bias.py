@@ -20,6 +20,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax, softmax
 
+from labelcascade.fallback.calibration import LOG_TEMPERATURE_BOUNDS
+
 FOLDS = 5
 MIN_TEXTS = 2 * FOLDS  # fewer scored dev texts than this: no offsets (a fold would hold one text or none)
 PRIOR_SCALE = 2.0  # standard deviation of the Gaussian prior on each offset, in scaled log-probability units
@@ -63,8 +65,20 @@ def fit(logprobs: np.ndarray, truth: np.ndarray) -> tuple[float, np.ndarray]:
         return float(value), np.r_[grad_log_t, grad_bias]
 
     result = minimize(loss, np.zeros(labels + 1), jac=True, method="L-BFGS-B",
-                      bounds=[(np.log(0.005), np.log(20.0))] + [(None, None)] * labels)
+                      bounds=[LOG_TEMPERATURE_BOUNDS] + [(None, None)] * labels)
     return float(np.exp(result.x[0])), result.x[1:]
+
+
+def held_out_answers(logprobs: np.ndarray, truth: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Each text's answer with offsets fitted on the other folds (FOLDS folds of a fixed permutation), never on itself:
+    the accuracy `choose` decides by, and that bench/llm.py reports."""
+    folds = np.random.default_rng(seed).permutation(len(truth)) % FOLDS
+    answers = np.empty(len(truth), dtype=int)
+    for fold in range(FOLDS):
+        held_out = folds == fold
+        temperature, bias = fit(logprobs[~held_out], truth[~held_out])
+        answers[held_out] = biased_softmax(logprobs[held_out], temperature, bias).argmax(axis=1)
+    return answers
 
 
 def choose(logprobs: np.ndarray, truth: np.ndarray, *, seed: int = 0) -> LabelBias | None:
@@ -76,12 +90,7 @@ def choose(logprobs: np.ndarray, truth: np.ndarray, *, seed: int = 0) -> LabelBi
     logprobs, truth = logprobs[scored], truth[scored]
     if len(truth) < MIN_TEXTS or len(np.unique(truth)) < 2:
         return None
-    folds = np.random.default_rng(seed).permutation(len(truth)) % FOLDS
-    right_with = 0
-    for fold in range(FOLDS):
-        held_out = folds == fold
-        temperature, bias = fit(logprobs[~held_out], truth[~held_out])
-        right_with += int((biased_softmax(logprobs[held_out], temperature, bias).argmax(axis=1) == truth[held_out]).sum())
+    right_with = int((held_out_answers(logprobs, truth, seed=seed) == truth).sum())
     right_without = int((logprobs.argmax(axis=1) == truth).sum())
     if right_with <= right_without:
         return None

@@ -14,7 +14,7 @@ from scipy.special import expit, log_softmax, softmax
 
 # Search range for log(temperature). Decision scores of a linear SVM on unit vectors lie in about [-2, 2];
 # temperatures from 0.005 to 20 cover everything from near-hard to near-uniform answers.
-_LOG_T_BOUNDS = (np.log(0.005), np.log(20.0))
+LOG_TEMPERATURE_BOUNDS = (np.log(0.005), np.log(20.0))
 
 
 def softmax_with_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
@@ -33,7 +33,7 @@ def fit_temperature(scores: np.ndarray, y: np.ndarray, sample_weight: np.ndarray
     def nll(log_t: float) -> float:
         return float(-(weights * log_softmax(scores / np.exp(log_t), axis=1)[rows, y]).sum() / weights.sum())
 
-    return float(np.exp(minimize_scalar(nll, bounds=_LOG_T_BOUNDS, method="bounded").x))
+    return float(np.exp(minimize_scalar(nll, bounds=LOG_TEMPERATURE_BOUNDS, method="bounded").x))
 
 
 def fit_platt(scores: np.ndarray, y: np.ndarray) -> tuple[float, float]:

@@ -134,9 +134,9 @@ class PromptRenderer:
         self._template = _load_template(template)
         self._answers = {label.name: label.verbalizer or label.name for label in task.labels}
         labels = [{"answer": self._answers[label.name], "description": label.description} for label in task.labels]
-        self.static_examples = tuple(_within(static_examples, MAX_STATIC_EXAMPLE_BYTES, MAX_STATIC_BYTES))
-        self._context = {"task": task, "labels": labels, "turns": self.turns,
-                         "static_examples": self._shown(self.static_examples, MAX_STATIC_EXAMPLE_BYTES)}
+        shown = _within(self._shown(static_examples, MAX_STATIC_EXAMPLE_BYTES), MAX_STATIC_BYTES)
+        self.static_examples = tuple(static_examples[: len(shown)])
+        self._context = {"task": task, "labels": labels, "turns": self.turns, "static_examples": shown}
         # Rendered once: the static block depends on the task (and its fixed examples) alone.
         self.static = "".join(self._template.blocks["static"](self._template.new_context(self._context)))
 
@@ -211,11 +211,11 @@ def clean_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
     return encoded[:room].decode("utf-8", errors="ignore") + ELLIPSIS
 
 
-def _within(examples: Sequence[Example], max_example_bytes: int, max_total_bytes: int) -> list[Example]:
-    """The leading examples whose shown texts fit in `max_total_bytes` together."""
+def _within(shown: list[dict], max_total_bytes: int) -> list[dict]:
+    """The leading shown examples whose texts fit in `max_total_bytes` together."""
     kept, total = [], 0
-    for example in examples:
-        total += len(clean_text(example.text, max_example_bytes).encode("utf-8"))
+    for example in shown:
+        total += len(example["text"].encode("utf-8"))
         if total > max_total_bytes:
             break
         kept.append(example)
