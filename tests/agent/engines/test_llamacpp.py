@@ -28,17 +28,26 @@ def engine():
 
 
 def brute_force(n_batch: int):
-    """Log-likelihood of a continuation from scratch: llama-cpp-python's own evaluation, logits for every token."""
+    """Log-likelihood of a continuation, the plain way: llama-cpp-python's own evaluation, logits for every token.
+
+    Each prompt is evaluated once from scratch and each of its continuations after it (llama-cpp-python's `eval`
+    drops the KV entries past `n_tokens` first), never through the engine's trie or prefix reuse. With n_batch=1 this
+    computes every logit exactly as evaluating prompt + continuation from scratch would, at a fraction of the time."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(default_model_path()), n_ctx=1024, n_batch=n_batch, n_ubatch=n_batch,
                 logits_all=True, verbose=False)
+    evaluated: list[str] = []  # the prompt in the KV cache
 
     def log_likelihood(prompt: str, continuation: str) -> float:
         prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         tokens = llm.tokenize(continuation.encode(), add_bos=False, special=False)
-        llm.reset()
-        llm.eval(prompt_tokens + tokens)
+        if evaluated != [prompt]:
+            llm.reset()
+            llm.eval(prompt_tokens)
+            evaluated[:] = [prompt]
+        llm.n_tokens = len(prompt_tokens)
+        llm.eval(tokens)
         total = 0.0
         for i, token in enumerate(tokens):
             logits = llm.scores[len(prompt_tokens) + i - 1].astype(np.float64)
