@@ -195,3 +195,23 @@ def test_fit_chooses_the_embedder_on_the_texts_it_is_given():
     assert chinese.score(texts, truth) >= 0.75
     english = Classifier(engine=None).fit(*few_shot("sst2", 3))
     assert english.session_.embedder.id == "sentence-transformers:all-MiniLM-L6-v2"
+
+
+@pytest.mark.slow  # tunes a real body: a whole pass on 24 texts, about 30 s
+def test_a_tuned_body_beats_the_frozen_one_and_its_workspace_answers_the_same_until_a_file_is_changed(tmp_path):
+    texts, labels = few_shot("trec", 4)  # measured: 36.7% frozen, 48.3% tuned on these 300 test texts
+    test_texts, test_labels = held_out("trec", 300)
+    frozen = Classifier(embedder="default", engine=None).fit(texts, labels)
+    tuned = Classifier(embedder="tuned", engine=None, tuning_seconds=600).fit(texts, labels)
+    embedder_id = tuned.session_.embedder.id
+    assert embedder_id.startswith("sentence-transformers:tuned-") and tuned.session_.store.embedder_id == embedder_id
+    assert tuned.score(test_texts, test_labels) >= frozen.score(test_texts, test_labels) + 0.06
+    folder = tuned.save(tmp_path / "ws")
+    assert (folder / "body" / "model.safetensors").is_file() and not list((folder / "body").rglob("*.bin"))
+    with Session.open(folder, engine=None) as reopened:
+        assert reopened.embedder.id == embedder_id
+        assert np.allclose(probability_matrix(reopened, test_texts[:30]), tuned.predict_proba(test_texts[:30]), atol=1e-6)
+    assert clone(tuned).get_params()["tuning_seconds"] == 600
+    (folder / "body" / "config.json").write_text((folder / "body" / "config.json").read_text() + " ")
+    with pytest.raises(ValueError, match="do not match the sha256 recorded when it was tuned"):
+        Session.open(folder, engine=None)

@@ -176,3 +176,13 @@ def test_version_and_help_that_is_not_cut_at_80_columns():
     env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
     piped = subprocess.run([str(script), "label", "--help"], capture_output=True, text=True, timeout=60, env=env)
     assert "vllm:http://127.0.0.1:8000/v1#model; 'none': fallback only." in piped.stdout  # the spec on one line
+
+
+def test_init_with_a_tuned_body_needs_examples_of_two_labels_and_writes_nothing_without(tmp_path):
+    task = tmp_path / "task.yaml"
+    task.write_text("name: t\nlabels: [a, b]\n")
+    result = runner.invoke(app, ["init", str(tmp_path / "ws"), "--task", str(task), "--embedder", "tuned",
+                                 "--engine", "none"])
+    assert isinstance(result.exception, ValueError)  # one line and exit 1 from main(), as every user error
+    assert "needs labelled examples of at least 2 labels" in str(result.exception)
+    assert not (tmp_path / "ws").exists()

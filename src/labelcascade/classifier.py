@@ -31,7 +31,9 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from labelcascade.agent import Policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
 from labelcascade.records import Prediction
+from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.retrieval import Embedder, load_embedder
+from labelcascade.retrieval.embedders import TUNED_EMBEDDER
 from labelcascade.session import Session, checked_texts, chosen_embedder, label_rows
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import Workspace
@@ -52,12 +54,15 @@ class Classifier(ClassifierMixin, BaseEstimator):
         on too); None takes the labels from `y`.
     embedder: 'auto' (chosen by `fit`: the better of all-MiniLM-L6-v2 and multilingual-e5-small in
         cross-validation on the texts it is given, or by their language when they are too few; see
-        `session.chosen_embedder`), 'default', 'multilingual', a local sentence-transformers folder, or an `Embedder`.
+        `session.chosen_embedder`), 'default', 'multilingual', 'tuned' (all-MiniLM-L6-v2 fine-tuned by `fit` on
+        its texts, single-label only: SetFit's contrastive pairs, `fallback.body_tuning`), a local
+        sentence-transformers folder, or an `Embedder`.
     engine: the LLM asked when the fallback is unsure: a spec string (default: the embedded model through
         llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone.
     policy: thresholds and LLM settings (`agent.Policy`); None: the defaults. Learning from the LLM is always off
         in the estimator (see `Session` for that).
     C: inverse regularisation of the fallback's linear SVM.
+    tuning_seconds: with embedder 'tuned', the most `fit` spends tuning the body.
     """
 
     def __init__(
@@ -68,12 +73,14 @@ class Classifier(ClassifierMixin, BaseEstimator):
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
         C: float = 1.0,
+        tuning_seconds: float = DEFAULT_TUNING_SECONDS,
     ):
         self.task = task
         self.embedder = embedder
         self.engine = engine
         self.policy = policy
         self.C = C
+        self.tuning_seconds = tuning_seconds
 
     # --- learning -------------------------------------------------------------------------------------------
 
@@ -91,19 +98,15 @@ class Classifier(ClassifierMixin, BaseEstimator):
             seeds = task.seed_examples()
             embedder = chosen_embedder(task, [*texts, *(text for text, _ in seeds)], [*labels, *(row for _, row in seeds)],
                                        load=lambda spec: _shared(_embedders, spec, load_embedder))
-        session = Session.create(
+        self.session_ = Session.create(
             task,
-            embedder=_shared(_embedders, embedder, load_embedder),
+            embedder=embedder if embedder == TUNED_EMBEDDER else _shared(_embedders, embedder, load_embedder),
             engine=None if self.engine is None else _shared(_engines, self.engine, load_engine),
             policy=(self.policy or Policy()).model_copy(update={"learn": False}),
             svm_C=float(self.C),
+            examples=(texts, labels),
+            tuning_seconds=self.tuning_seconds,
         )
-        try:
-            _learn(session, texts, labels)
-        except Exception:
-            session.close()
-            raise
-        self.session_ = session
         self.task_ = task
         self.classes_ = np.array(task.label_names)
         return self
@@ -179,8 +182,8 @@ class Classifier(ClassifierMixin, BaseEstimator):
             C=settings.svm_C,
         )
         estimator.session_ = Session.open(
-            path,
-            embedder=_shared(_embedders, estimator.embedder, load_embedder),
+            path,  # a tuned body is the workspace's own (checked against its digest), never shared
+            embedder=None if settings.embedder == TUNED_EMBEDDER else _shared(_embedders, estimator.embedder, load_embedder),
             engine=None if estimator.engine is None else _shared(_engines, estimator.engine, load_engine),
             private_copy=True,
         )

@@ -27,6 +27,7 @@ from labelcascade import __version__, labelstudio
 from labelcascade.agent.engines import EngineError
 from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS, install, packaged_model
 from labelcascade.fallback import NotFittedError
+from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Route, Source
 from labelcascade.reports import evaluate
@@ -182,15 +183,19 @@ def init(
     allow_abstain: Annotated[bool, typer.Option(help="With --data: the task may answer none of its labels.")] = False,
     engine: Engine = "llamacpp:default",
     embedder: Annotated[str, typer.Option(help="'auto' (the better one on the seed examples, or by the task's "
-                                               "language when they are few), 'default' (English), 'multilingual' or a "
-                                               "local sentence-transformers folder.")] = "auto",
+                                               "language when they are few), 'default' (English), 'multilingual', "
+                                               "'tuned' (all-MiniLM-L6-v2 fine-tuned on the seed examples, a few "
+                                               "minutes) or a local sentence-transformers folder.")] = "auto",
+    tuning_seconds: Annotated[float, typer.Option(help="With --embedder tuned: the most time spent tuning.")] = (
+        DEFAULT_TUNING_SECONDS),
 ) -> None:
     """Create a workspace from a task file, or from a labelled data file, and train the fallback on its examples."""
     if (task is None) == (data is None):
         raise InputError("give the task as --task task.yaml, or the labelled examples as --data file.csv (one of them)")
     built = Task.from_yaml(task) if task is not None else _task_from_data(data, name, text_column, label_column,
                                                                            allow_abstain)
-    with Session.create(built, workspace=workspace, embedder=embedder, engine=_engine(engine)) as session:
+    with Session.create(built, workspace=workspace, embedder=embedder, engine=_engine(engine),
+                        tuning_seconds=tuning_seconds) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
                    f"{trained} {len(session.store)} examples, embedder {session.embedder.id}, "

@@ -622,7 +622,7 @@ def serve(
             "(--api-key KEY or LABELCASCADE_API_KEY), or --allow-no-key if something in front of it checks callers"
         )
     # see "Why the embedder has processes of its own"
-    embedder = EmbedderProcess(Workspace.open(workspace).settings.embedder, workers=embedder_workers)
+    embedder = EmbedderProcess(Workspace.open(workspace).embedder_spec, workers=embedder_workers)
     try:
         session = Session.open(workspace, engine=engine, embedder=embedder)
         try:

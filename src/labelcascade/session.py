@@ -44,9 +44,13 @@ from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
+from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
+from labelcascade.fallback.body_tuning import tune_body
 from labelcascade.retrieval import AUTO_EMBEDDER, Embedder, ExampleStore, choose_embedder, load_embedder
+from labelcascade.retrieval.embedders import TUNED_EMBEDDER, default_model_dir, no_loading_bar
+from labelcascade.file_hash import folder_sha256
 from labelcascade.task import Task, TaskError
-from labelcascade.workspace import LOCK_FILE, Settings, Workspace
+from labelcascade.workspace import BODY_DIR, LOCK_FILE, Settings, Workspace
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
 logger = logging.getLogger(__name__)
@@ -108,6 +112,35 @@ def _cv_sample(texts: list[str], labels: list[str]) -> tuple[list[str], list[str
         picked, _ = train_test_split(range(len(texts)), train_size=CV_MAX_TEXTS, stratify=labels, random_state=0)
         texts, labels = [texts[i] for i in picked], [labels[i] for i in picked]
     return (texts, labels) if enough(labels) else None
+
+
+def _check_tunable(task: Task, examples: list[tuple[str, tuple[str, ...]]], seconds: float) -> None:
+    """Refuse, before any file is written, what embedder 'tuned' cannot tune on."""
+    if task.multi_label:
+        raise ValueError(f"task {task.name!r} is multi-label; embedder 'tuned' tunes on one label per text: choose "
+                         "'auto', 'default' or 'multilingual'")
+    if len({labels for _, labels in examples}) < 2:
+        raise ValueError(f"task {task.name!r}: embedder 'tuned' needs labelled examples of at least 2 labels to tune "
+                         "on (seed examples in the task, or `examples`)")
+    if not seconds > 0:
+        raise ValueError(f"tuning_seconds must be positive, got {seconds!r}")
+
+
+def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float) -> Embedder:
+    """all-MiniLM-L6-v2 tuned on `examples` into the workspace's body/ folder (written beside it, then renamed in),
+    its digest recorded in settings.json, and loaded from there as every later open will load it."""
+    partial = workspace.path / f"{BODY_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    with no_loading_bar():
+        report = tune_body(default_model_dir(), [text for text, _ in examples], [labels[0] for _, labels in examples],
+                           partial, max_seconds=seconds)
+    partial.rename(workspace.path / BODY_DIR)
+    workspace.settings.body_sha256 = folder_sha256(workspace.path / BODY_DIR)
+    workspace.save_settings()
+    logger.info(f"task {workspace.task.name!r}: body tuned on {len(examples)} examples, {report.pairs_trained} of "
+                f"{report.pairs_planned} pairs in {report.seconds:.0f} s"
+                + (" (stopped at the time limit)" if report.stopped_at_deadline else ""))
+    return load_embedder(workspace.embedder_spec)
 
 
 def _cv_accuracy(embedder: Embedder, texts: list[str], labels: list[str]) -> float:
@@ -207,13 +240,18 @@ class Session:
         policy: Policy | None = None,
         svm_C: float = 1.0,
         template: str = "auto",
+        examples: tuple[Sequence[str], Labels] | None = None,
+        tuning_seconds: float = DEFAULT_TUNING_SECONDS,
     ) -> Session:
-        """A new workspace for `task` (a `Task` or a task YAML file), trained on the task's seed examples.
+        """A new workspace for `task` (a `Task` or a task YAML file), trained on the task's seed examples and on
+        `examples` (texts, labels: more gold examples, as `add_examples` takes them).
 
         workspace: a new or empty folder; None keeps the state in a temporary folder until `save(path)`.
         embedder: 'auto' (measured on the task's seed examples, or guessed from its language: `chosen_embedder`),
             'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged multilingual-e5-small), a local
-            sentence-transformers folder, or an `Embedder`. The workspace records the one used.
+            sentence-transformers folder, or an `Embedder`. The workspace records the one used. 'tuned' fine-tunes
+            all-MiniLM-L6-v2 on the seed examples and `examples` first (single-label tasks; SetFit's contrastive
+            pairs, `fallback.body_tuning`), for at most `tuning_seconds`, and keeps the tuned body in the workspace.
         engine: the LLM asked when the fallback is unsure: a spec string (see `agent.engines.load_engine`), an
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
             from the fallback marked `degraded`.
@@ -229,11 +267,18 @@ class Session:
                 loaded[spec] = load_embedder(spec)
             return loaded[spec]
 
+        seeds = task.seed_examples()
+        if examples is not None:
+            texts, rows = checked_texts(examples[0]), label_rows(examples[1])
+            if len(texts) != len(rows):
+                raise ValueError(f"examples: {len(texts)} texts but {len(rows)} labels; give one label per text")
+            seeds += zip(texts, rows)
         if embedder == AUTO_EMBEDDER:
-            seeds = task.seed_examples()
             embedder = chosen_embedder(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
+        if embedder == TUNED_EMBEDDER:
+            _check_tunable(task, seeds, tuning_seconds)
         temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
-        model = load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
+        model = None if embedder == TUNED_EMBEDDER else load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
         settings = Settings(
             embedder=embedder if isinstance(embedder, str) else model.id,
             engine=engine if engine is None or isinstance(engine, str) else engine.spec,
@@ -242,8 +287,9 @@ class Session:
             template=str(template),
         )
         folder = Workspace.create(workspace if workspace is not None else temporary.name, task, settings)
+        if model is None:
+            model = _tuned_body(folder, seeds, tuning_seconds)
         session = cls(folder, embedder=model, engine=engine, temporary=temporary)
-        seeds = task.seed_examples()
         if seeds:
             texts, labels = zip(*seeds, strict=True)
             session.add_examples(texts, labels)
@@ -270,7 +316,7 @@ class Session:
             path = shutil.copytree(path, Path(temporary.name) / "workspace", ignore=shutil.ignore_patterns(LOCK_FILE))
         try:
             workspace = Workspace.open(path)
-            model = load_embedder(embedder if embedder is not None else workspace.settings.embedder)
+            model = load_embedder(embedder if embedder is not None else workspace.embedder_spec)
             engine = workspace.settings.engine if engine == "saved" else engine
             return cls(workspace, embedder=model, engine=engine, temporary=temporary)
         except BaseException:

