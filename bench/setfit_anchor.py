@@ -25,18 +25,13 @@ import tempfile
 import time
 from importlib.metadata import version
 
+# The budget rule is the product's own (the student's tuned body plans its pairs the same way)
+from labelcascade.fallback.body_tuning import MAX_ITERATIONS, TOKEN_BUDGET, iterations_for
 from labelcascade.retrieval.embedders import _torch_threads, default_model_dir
 
-MAX_ITERATIONS = 20  # SetFit's customary num_iterations (the setting of the SetFit paper)
-TOKEN_BUDGET = 80_000  # body tokens per training run: 2.5-3 minutes on one busy core
 # Training and prediction run on one torch thread. On the shared 2-core machine a two-thread training step of
 # 16 ag_news pairs took 8.5 s (both threads waiting on each other for a busy core), one thread 1.5 s.
 TORCH_THREADS = 1
-
-
-def iterations_for(train_tokens: int) -> int:
-    """The budget rule: iterations of 4 * train_tokens body tokens each that fit in TOKEN_BUDGET, within [1, 20]."""
-    return max(1, min(MAX_ITERATIONS, round(TOKEN_BUDGET / (4 * train_tokens))))
 
 
 def setfit_predict(

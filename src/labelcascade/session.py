@@ -131,9 +131,9 @@ def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]
     its digest recorded in settings.json, and loaded from there as every later open will load it."""
     partial = workspace.path / f"{BODY_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    with no_loading_bar():
+    with no_loading_bar(), LLMBar(None, f"tuning the body (at most {seconds:.0f} s)", unit="pair") as bar:
         report = tune_body(default_model_dir(), [text for text, _ in examples], [labels[0] for _, labels in examples],
-                           partial, max_seconds=seconds)
+                           partial, max_seconds=seconds, on_step=bar.count)
     partial.rename(workspace.path / BODY_DIR)
     workspace.settings.body_sha256 = folder_sha256(workspace.path / BODY_DIR)
     workspace.save_settings()
@@ -153,14 +153,14 @@ BAR_AFTER_TEXTS = 16
 
 
 class LLMBar:
-    """The progress bar of a long call's LLM part, on stderr (tqdm). Calls that ask the LLM about hundreds of texts
-    (calibrate, classify of a list) ran for minutes with no sign of life. `progress`: True always, False never,
-    None on a terminal when more than `BAR_AFTER_TEXTS` texts go to the LLM. `also`: a caller's own hook, called
-    first."""
+    """The progress bar of a long call's LLM part (or of a body's tuning), on stderr (tqdm). Calls that ask the LLM
+    about hundreds of texts (calibrate, classify of a list) ran for minutes with no sign of life. `progress`: True
+    always, False never, None on a terminal when more than `BAR_AFTER_TEXTS` texts go to the LLM. `also`: a
+    caller's own hook, called first. `unit`: what is counted."""
 
     def __init__(self, progress: bool | None, description: str,
-                 also: Callable[[LLMProgress], None] | None = None) -> None:
-        self.progress, self.description, self.also = progress, description, also
+                 also: Callable[[LLMProgress], None] | None = None, *, unit: str = "text") -> None:
+        self.progress, self.description, self.also, self.unit = progress, description, also, unit
         self.bar = None
 
     def __enter__(self) -> LLMBar:
@@ -187,7 +187,7 @@ class LLMBar:
                 return
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.description, unit="text", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=self.description, unit=self.unit, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,11 +94,13 @@ def tune_body(
     max_seconds: float = DEFAULT_MAX_SECONDS,
     token_budget: int = TOKEN_BUDGET,
     seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TuningReport:
     """Tune the sentence-transformers body in `base_dir` on `texts` and their `labels` (one label per text) and
     save it to `out_dir` (safetensors weights). Deterministic for a seed on one machine and thread count.
 
-    `max_seconds` bounds the training pass (the body is saved as far as it got); `token_budget` plans the pairs.
+    `max_seconds` bounds the training pass (the body is saved as far as it got); `token_budget` plans the pairs;
+    `on_step(pairs trained, pairs planned)` is called after every step (a progress bar).
     """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
@@ -137,6 +139,8 @@ def tune_body(
         optimizer.step()
         optimizer.zero_grad()
         trained += len(batch)
+        if on_step is not None:
+            on_step(trained, len(pairs))
     model.eval()
     model.save(str(out_dir), create_model_card=False, safe_serialization=True)
     return TuningReport(len(pairs), trained, iterations, time.monotonic() - started, stopped)
