@@ -3,10 +3,12 @@ regeneration of one section of BENCHMARKS.md. One definition, so "the same 8/cla
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,23 @@ def write_markdown_section(path: Path, heading: str, section: str) -> None:
 def machine_and_load() -> dict:
     """What a run was measured on, and how busy the machine was as it began (llama.cpp slows a lot under load)."""
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_start": round(os.getloadavg()[0], 1)}
+
+
+def output_arguments(parser: argparse.ArgumentParser, default_out: Path, document: Path = MARKDOWN) -> None:
+    """The options the benchmarks share: where the datasets are, where the run's JSON goes, and what happens to its
+    section of `document` (--no-markdown: left alone; --markdown-only: rebuilt from --out, nothing measured)."""
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--markdown-only", action="store_true", help=f"only rebuild the {document.name} section from --out")
+
+
+def rebuilt_section_only(args: argparse.Namespace, heading: str, markdown: Callable[[dict], str],
+                         document: Path = MARKDOWN) -> bool:
+    """With --markdown-only: rebuild the section from the JSON in --out and say so (the caller stops there)."""
+    if args.markdown_only:
+        write_markdown_section(document, heading, markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+    return args.markdown_only
 
 
 def publish(result: dict, out: Path, section: str, *, markdown: Path | None, heading: str) -> None:

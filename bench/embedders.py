@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -37,8 +36,8 @@ from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
 
 from common import (
-    DEFAULT_DATA, MARKDOWN, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl,
-    test_sample, write_markdown_section,
+    MARKDOWN, REPO, log, machine_and_load, output_arguments, per_class_draw, publish, read_jsonl, rebuilt_section_only,
+    test_sample,
 )
 
 DEFAULT_OUT = REPO / "bench" / "results" / "embedders.json"
@@ -73,38 +72,52 @@ def tfidf(name: str) -> TfidfVectorizer:
     return TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)
 
 
-def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
+def splits(args, name: str) -> tuple[list[dict], list[str], np.ndarray]:
+    """A dataset's training rows, and its fixed sample of --test-size test texts with their labels."""
     folder = args.data / name
     train, test = read_jsonl(folder / "train.jsonl"), test_sample(read_jsonl(folder / "test.jsonl"), args.test_size)
-    texts, truth = [r["text"] for r in test], np.array([r["label"] for r in test])
+    return train, [r["text"] for r in test], np.array([r["label"] for r in test])
+
+
+def gold_sets(args, name: str, train: list[dict]) -> Iterator[tuple[int, int, list[str], list[str]]]:
+    """(seed, shots, texts, labels) of every gold set a run measures: bench/common.py's nested draws."""
+    for seed in args.seeds:
+        draw = per_class_draw(train, seed, name)
+        for shots in args.shots:
+            picked = [i for indices in draw.values() for i in indices[:shots]]
+            yield seed, shots, [train[i]["text"] for i in picked], [train[i]["label"] for i in picked]
+
+
+def tfidf_cell(name: str, xs: list[str], ys: list[str], texts: list[str], truth: np.ndarray) -> dict:
+    vectorizer = tfidf(name)
+    predicted = LinearSVC(C=1.0).fit(vectorizer.fit_transform(xs), ys).predict(vectorizer.transform(texts))
+    return {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro")}
+
+
+def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
+    train, texts, truth = splits(args, name)
     speed = {}
     for key, cache in vectors.items():  # texts/s of a cold embed of the test texts
         began = time.perf_counter()
         cache.get(texts)
         speed[key] = len(texts) / (time.perf_counter() - began)
     cells = []
-    for seed in args.seeds:
-        draw = per_class_draw(train, seed, name)
-        for shots in args.shots:
-            picked = [i for indices in draw.values() for i in indices[:shots]]
-            xs, ys = [train[i]["text"] for i in picked], [train[i]["label"] for i in picked]
-            task = Task.from_labels(sorted(set(ys)), name=name)
-            chosen = chosen_embedder(task, xs, [[y] for y in ys], load=lambda spec: vectors[KEYS[spec]])
-            cell = {"seed": seed, "shots": shots, "auto": chosen}
-            for key, cache in vectors.items():
-                began = time.perf_counter()
-                model = LinearSVMClassifier().fit(cache.get(xs), ys)
-                fit = time.perf_counter() - began
-                predicted = model.predict(cache.get(texts))
-                cell[key] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
-                             "fit_s": fit}
-            vectorizer = tfidf(name)
-            predicted = LinearSVC(C=1.0).fit(vectorizer.fit_transform(xs), ys).predict(vectorizer.transform(texts))
-            cell["tfidf"] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro")}
-            cell["auto_method"] = KEYS[chosen]
-            cells.append(cell)
-            log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
-                f"{m} {100 * cell[m]['accuracy']:.1f}" for m in ("minilm", "e5", "tfidf")) + f"; auto -> {chosen}")
+    for seed, shots, xs, ys in gold_sets(args, name, train):
+        task = Task.from_labels(sorted(set(ys)), name=name)
+        chosen = chosen_embedder(task, xs, [[y] for y in ys], load=lambda spec: vectors[KEYS[spec]])
+        cell = {"seed": seed, "shots": shots, "auto": chosen}
+        for key, cache in vectors.items():
+            began = time.perf_counter()
+            model = LinearSVMClassifier().fit(cache.get(xs), ys)
+            fit = time.perf_counter() - began
+            predicted = model.predict(cache.get(texts))
+            cell[key] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
+                         "fit_s": fit}
+        cell["tfidf"] = tfidf_cell(name, xs, ys, texts, truth)
+        cell["auto_method"] = KEYS[chosen]
+        cells.append(cell)
+        log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
+            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in ("minilm", "e5", "tfidf")) + f"; auto -> {chosen}")
     return {"name": name, "test_n": len(texts), "labels": len({r['label'] for r in train}), "texts_per_s": speed, "cells": cells}
 
 
@@ -162,13 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--shots", nargs="+", type=int, default=[8, 16])
     parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--no-markdown", action="store_true")
-    parser.add_argument("--markdown-only", action="store_true", help="only rebuild the BENCHMARKS.md section from --out")
+    output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if args.markdown_only:
-        write_markdown_section(MARKDOWN, SECTION_HEADING, markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+    if rebuilt_section_only(args, SECTION_HEADING, markdown):
         return 0
     began = time.monotonic()
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,

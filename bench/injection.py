@@ -36,8 +36,7 @@ from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
 from common import (
-    DEFAULT_DATA, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl,
-    test_sample, write_markdown_section,
+    REPO, log, machine_and_load, output_arguments, per_class_draw, publish, read_jsonl, rebuilt_section_only, test_sample,
 )
 
 DEFAULT_OUT = REPO / "bench" / "results" / "injection.json"
@@ -170,13 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=DATASETS)
     parser.add_argument("--texts", type=int, default=10, help="test texts per dataset; each gets every attack")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--no-markdown", action="store_true")
-    parser.add_argument("--markdown-only", action="store_true", help="only rebuild the RELIABILITY.md section from --out")
+    output_arguments(parser, DEFAULT_OUT, RELIABILITY)
     args = parser.parse_args(argv)
-    if args.markdown_only:
-        write_markdown_section(RELIABILITY, SECTION_HEADING, markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+    if rebuilt_section_only(args, SECTION_HEADING, markdown, RELIABILITY):
         return 0
     began = time.monotonic()
     embedder, engine = load_embedder("default"), load_engine(DEFAULT_ENGINE)

@@ -24,11 +24,9 @@ import datetime as dt
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
-from sklearn.svm import LinearSVC
 
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS, tune_body
@@ -36,9 +34,8 @@ from labelcascade.fallback.calibration import expected_calibration_error
 from labelcascade.retrieval import SentenceTransformerEmbedder, load_embedder
 from labelcascade.retrieval.embedders import default_model_dir
 
-from common import DEFAULT_DATA, MARKDOWN, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl, test_sample
-from common import write_markdown_section
-from embedders import DATASETS, EMBEDDERS, Vectors, tfidf
+from common import MARKDOWN, REPO, log, machine_and_load, output_arguments, publish, rebuilt_section_only
+from embedders import DATASETS, EMBEDDERS, Vectors, gold_sets, splits, tfidf_cell
 
 DEFAULT_OUT = REPO / "bench" / "results" / "student.json"
 CASCADE_RESULTS = REPO / "bench" / "results" / "cascade.json"
@@ -56,40 +53,32 @@ def scored(model: LinearSVMClassifier, vectors: np.ndarray, truth: np.ndarray) -
 
 
 def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
-    folder = args.data / name
-    train, test = read_jsonl(folder / "train.jsonl"), test_sample(read_jsonl(folder / "test.jsonl"), args.test_size)
-    texts, truth = [r["text"] for r in test], np.array([r["label"] for r in test])
+    train, texts, truth = splits(args, name)
     cells = []
-    for seed in args.seeds:
-        draw = per_class_draw(train, seed, name)
-        for shots in args.shots:
-            picked = [i for indices in draw.values() for i in indices[:shots]]
-            xs, ys = [train[i]["text"] for i in picked], [train[i]["label"] for i in picked]
-            cell = {"seed": seed, "shots": shots}
-            for key, cache in vectors.items():
-                cell[key] = scored(LinearSVMClassifier().fit(cache.get(xs), ys), cache.get(texts), truth)
-            vectorizer = tfidf(name)
-            predicted = LinearSVC(C=1.0).fit(vectorizer.fit_transform(xs), ys).predict(vectorizer.transform(texts))
-            cell["tfidf"] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro")}
-            with tempfile.TemporaryDirectory(prefix="tuned-") as body:
-                report = tune_body(default_model_dir(), xs, ys, body, max_seconds=args.tuning_seconds, seed=seed)
-                tuned = SentenceTransformerEmbedder(body, name="tuned")
-                began = time.perf_counter()
-                model = LinearSVMClassifier().fit(tuned.embed(xs), ys)
-                fit = report.seconds + time.perf_counter() - began
-                cell["tuned"] = scored(model, tuned.embed(texts), truth)
-            cell["tuned"].update(fit_s=fit, pairs=report.pairs_trained, pairs_planned=report.pairs_planned,
-                                 stopped_at_deadline=report.stopped_at_deadline)
-            if args.setfit:
-                from setfit_anchor import setfit_predict  # needs the bench extra: pip install -e '.[bench]'
+    for seed, shots, xs, ys in gold_sets(args, name, train):
+        cell = {"seed": seed, "shots": shots}
+        for key, cache in vectors.items():
+            cell[key] = scored(LinearSVMClassifier().fit(cache.get(xs), ys), cache.get(texts), truth)
+        cell["tfidf"] = tfidf_cell(name, xs, ys, texts, truth)
+        with tempfile.TemporaryDirectory(prefix="tuned-") as body:
+            report = tune_body(default_model_dir(), xs, ys, body, max_seconds=args.tuning_seconds, seed=seed)
+            tuned = SentenceTransformerEmbedder(body, name="tuned")
+            began = time.perf_counter()
+            model = LinearSVMClassifier().fit(tuned.embed(xs), ys)
+            fit = report.seconds + time.perf_counter() - began
+            cell["tuned"] = scored(model, tuned.embed(texts), truth)
+        cell["tuned"].update(fit_s=fit, pairs=report.pairs_trained, pairs_planned=report.pairs_planned,
+                             stopped_at_deadline=report.stopped_at_deadline)
+        if args.setfit:
+            from setfit_anchor import setfit_predict  # needs the bench extra: pip install -e '.[bench]'
 
-                anchor = setfit_predict(xs, ys, texts, seed=seed)
-                predicted = anchor["predictions"]
-                cell["setfit"] = {"accuracy": accuracy_score(truth, predicted), "fit_s": anchor["train_seconds"],
-                                  "macro_f1": f1_score(truth, predicted, average="macro")}
-            cells.append(cell)
-            log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
-                f"{m} {100 * cell[m]['accuracy']:.1f}" for m in METHODS) + f" (tuned in {fit:.0f} s)")
+            anchor = setfit_predict(xs, ys, texts, seed=seed)
+            predicted = anchor["predictions"]
+            cell["setfit"] = {"accuracy": accuracy_score(truth, predicted), "fit_s": anchor["train_seconds"],
+                              "macro_f1": f1_score(truth, predicted, average="macro")}
+        cells.append(cell)
+        log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
+            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in METHODS) + f" (tuned in {fit:.0f} s)")
     return {"name": name, "test_n": len(texts), "labels": len({r["label"] for r in train}), "cells": cells}
 
 
@@ -151,13 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--tuning-seconds", type=float, default=DEFAULT_MAX_SECONDS)
     parser.add_argument("--setfit", action="store_true", help="SetFit in the same run (needs the bench extra)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--no-markdown", action="store_true")
-    parser.add_argument("--markdown-only", action="store_true", help="only rebuild the BENCHMARKS.md section from --out")
+    output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
-    if args.markdown_only:
-        write_markdown_section(MARKDOWN, SECTION_HEADING, markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+    if rebuilt_section_only(args, SECTION_HEADING, markdown):
         return 0
     began = time.monotonic()
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
