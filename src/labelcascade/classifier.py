@@ -30,8 +30,8 @@ from sklearn.preprocessing import MultiLabelBinarizer
 
 from labelcascade.agent import Policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
-from labelcascade.records import Prediction
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
+from labelcascade.records import Prediction
 from labelcascade.retrieval import Embedder, load_embedder
 from labelcascade.retrieval.embedders import TUNED_EMBEDDER
 from labelcascade.session import Session, checked_texts, chosen_embedder, label_rows
@@ -183,7 +183,8 @@ class Classifier(ClassifierMixin, BaseEstimator):
         )
         estimator.session_ = Session.open(
             path,  # a tuned body is the workspace's own (checked against its digest), never shared
-            embedder=None if settings.embedder == TUNED_EMBEDDER else _shared(_embedders, estimator.embedder, load_embedder),
+            embedder=(None if settings.embedder == TUNED_EMBEDDER
+                      else _shared(_embedders, estimator.embedder, load_embedder)),
             engine=None if estimator.engine is None else _shared(_engines, estimator.engine, load_engine),
             private_copy=True,
         )

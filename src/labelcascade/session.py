@@ -42,13 +42,13 @@ from labelcascade.agent import (
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
-from labelcascade.prompts import PromptRenderer
-from labelcascade.records import Prediction, Source
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.fallback.body_tuning import tune_body
+from labelcascade.file_hash import folder_sha256
+from labelcascade.prompts import PromptRenderer
+from labelcascade.records import Prediction, Source
 from labelcascade.retrieval import AUTO_EMBEDDER, Embedder, ExampleStore, choose_embedder, load_embedder
 from labelcascade.retrieval.embedders import TUNED_EMBEDDER, default_model_dir, no_loading_bar
-from labelcascade.file_hash import folder_sha256
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import BODY_DIR, LOCK_FILE, Settings, Workspace
 
@@ -278,7 +278,10 @@ class Session:
         if embedder == TUNED_EMBEDDER:
             _check_tunable(task, seeds, tuning_seconds)
         temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
-        model = None if embedder == TUNED_EMBEDDER else load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
+        if embedder == TUNED_EMBEDDER:
+            model = None  # tuned once the workspace's folder exists
+        else:
+            model = load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
         settings = Settings(
             embedder=embedder if isinstance(embedder, str) else model.id,
             engine=engine if engine is None or isinstance(engine, str) else engine.spec,

@@ -8,14 +8,14 @@ examples are retrieved with them.
 
 The method is SetFit's: pairs of texts drawn per training text (one with a text of its own label, one with a text of
 another label), each pair's cosine similarity pulled to 1 or 0 by sentence-transformers' `CosineSimilarityLoss`,
-AdamW at 2e-5 with a linear warm-up and decay (`learning_rate_factor`), one pass. The loss is sentence-transformers' own; the loop is a few
-lines of torch so that training needs neither `setfit` nor `accelerate` (the trainers of both depend on it), and
-so that it can stop at a deadline.
+AdamW at 2e-5 with a linear warm-up and decay (`learning_rate_factor`), one pass. The loss is sentence-transformers'
+own; the loop is a few lines of torch so that training needs neither `setfit` nor `accelerate` (the trainers of
+both depend on it), and so that it can stop at a deadline.
 
 Cost follows the tokens that pass through the body more than the pairs (long news texts cost three times what short
 questions do), so the pairs are planned from a token budget (SetFit's 20 iterations where they fit, fewer for many
 or long texts, as bench/setfit_anchor.py measured), and `max_seconds` stops the pass where it has got to. The
-tuned body is saved with `safetensors` weights only; a body saved any other way is never written.
+tuned body's weights are written as safetensors only, never as a pickle.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def tune_body(
     on_step: Callable[[int, int], None] | None = None,
 ) -> TuningReport:
     """Tune the sentence-transformers body in `base_dir` on `texts` and their `labels` (one label per text) and
-    save it to `out_dir` (safetensors weights). Deterministic for a seed on one machine and thread count.
+    save it to `out_dir` (safetensors weights). Deterministic for a seed on one machine and thread count, unless
+    the time limit is reached (then how far it got depends on the machine's speed).
 
     `max_seconds` bounds the training pass (the body is saved as far as it got); `token_budget` plans the pairs;
     `on_step(pairs trained, pairs planned)` is called after every step (a progress bar).
@@ -105,7 +106,8 @@ def tune_body(
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
     if not all(isinstance(label, str) for label in labels):
-        raise ValueError("tuning takes one label per text (single-label tasks); a multi-label task keeps its frozen body")
+        raise ValueError("tuning takes one label per text (single-label tasks); a multi-label task keeps its "
+                         "frozen body")
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     import torch
