@@ -277,11 +277,10 @@ class Session:
             embedder = chosen_embedder(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
         if embedder == TUNED_EMBEDDER:
             _check_tunable(task, seeds, tuning_seconds)
-        temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
-        if embedder == TUNED_EMBEDDER:
             model = None  # tuned once the workspace's folder exists
         else:
             model = load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
+        temporary = None if workspace is not None else tempfile.TemporaryDirectory(prefix="labelcascade-")
         settings = Settings(
             embedder=embedder if isinstance(embedder, str) else model.id,
             engine=engine if engine is None or isinstance(engine, str) else engine.spec,
