@@ -72,6 +72,14 @@ def tfidf(name: str) -> TfidfVectorizer:
     return TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True)
 
 
+def gold_set_arguments(parser: argparse.ArgumentParser, *, seeds: list[int], shots: list[int], test_size: int) -> None:
+    """The options `splits` and `gold_sets` read, with a benchmark's own defaults."""
+    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=seeds)
+    parser.add_argument("--shots", nargs="+", type=int, default=shots)
+    parser.add_argument("--test-size", type=int, default=test_size)
+
+
 def splits(args, name: str) -> tuple[list[dict], list[str], np.ndarray]:
     """A dataset's training rows, and its fixed sample of --test-size test texts with their labels."""
     folder = args.data / name
@@ -171,10 +179,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--shots", nargs="+", type=int, default=[8, 16])
-    parser.add_argument("--test-size", type=int, default=300)
+    gold_set_arguments(parser, seeds=[0, 1, 2], shots=[8, 16], test_size=300)
     output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
     if rebuilt_section_only(args, SECTION_HEADING, markdown):

@@ -35,7 +35,7 @@ from labelcascade.retrieval import SentenceTransformerEmbedder, load_embedder
 from labelcascade.retrieval.embedders import default_model_dir
 
 from common import MARKDOWN, REPO, log, machine_and_load, output_arguments, publish, rebuilt_section_only
-from embedders import DATASETS, EMBEDDERS, Vectors, gold_sets, splits, tfidf_cell
+from embedders import EMBEDDERS, Vectors, gold_set_arguments, gold_sets, splits, tfidf_cell
 
 DEFAULT_OUT = REPO / "bench" / "results" / "student.json"
 CASCADE_RESULTS = REPO / "bench" / "results" / "cascade.json"
@@ -82,12 +82,14 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
     return {"name": name, "test_n": len(texts), "labels": len({r["label"] for r in train}), "cells": cells}
 
 
-def setfit_reference() -> dict[str, float]:
-    """SetFit's accuracy per dataset from bench/cascade.py's last run (seed 0, 8/class, its 500 test texts)."""
+def setfit_reference() -> tuple[dict[str, float], str | None]:
+    """SetFit's accuracy per dataset from bench/cascade.py's last run (seed 0, 8/class, its 500 test texts), and
+    that run's date."""
     if not CASCADE_RESULTS.is_file():
-        return {}
+        return {}, None
     result = json.loads(CASCADE_RESULTS.read_text(encoding="utf-8"))
-    return {d["dataset"]: d["arms"]["setfit"]["accuracy"] for d in result["datasets"] if "setfit" in d["arms"]}
+    return ({d["dataset"]: d["arms"]["setfit"]["accuracy"] for d in result["datasets"] if "setfit" in d["arms"]},
+            result["date"])
 
 
 def markdown(result: dict) -> str:
@@ -134,10 +136,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--shots", nargs="+", type=int, default=[8])
-    parser.add_argument("--test-size", type=int, default=500)
+    gold_set_arguments(parser, seeds=[0], shots=[8], test_size=500)
     parser.add_argument("--tuning-seconds", type=float, default=DEFAULT_MAX_SECONDS)
     parser.add_argument("--setfit", action="store_true", help="SetFit in the same run (needs the bench extra)")
     output_arguments(parser, DEFAULT_OUT)
@@ -150,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"student benchmark: {settings}")
     vectors = {key: Vectors(load_embedder(spec)) for key, spec in EMBEDDERS.items()}
     datasets = [run_dataset(name, args, vectors) for name in args.datasets]
-    cascade_date = json.loads(CASCADE_RESULTS.read_text(encoding="utf-8"))["date"] if CASCADE_RESULTS.is_file() else None
+    reference, reference_date = setfit_reference()
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings,
-              "datasets": datasets, "setfit_reference": setfit_reference(), "setfit_date": cascade_date}
+              "datasets": datasets, "setfit_reference": reference, "setfit_date": reference_date}
     publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
     return 0
 
