@@ -94,6 +94,7 @@ def tune_body(
     max_seconds: float = DEFAULT_MAX_SECONDS,
     token_budget: int = TOKEN_BUDGET,
     seed: int = 0,
+    freeze_token_embeddings: bool = False,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TuningReport:
     """Tune the sentence-transformers body in `base_dir` on `texts` and their `labels` (one label per text) and
@@ -101,7 +102,9 @@ def tune_body(
     the time limit is reached (then how far it got depends on the machine's speed).
 
     `max_seconds` bounds the training pass (the body is saved as far as it got); `token_budget` plans the pairs;
-    `on_step(pairs trained, pairs planned)` is called after every step (a progress bar).
+    `freeze_token_embeddings` keeps the token embedding matrix as it is (for a large vocabulary, where AdamW's
+    update of it costs more than the rest of a step); `on_step(pairs trained, pairs planned)` is called after
+    every step (a progress bar).
     """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
@@ -117,14 +120,17 @@ def tune_body(
     started = time.monotonic()
     torch.manual_seed(seed)
     model = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
-    tokenizer = model.tokenizer
-    train_tokens = sum(len(ids) for ids in tokenizer(list(texts), truncation=True,
-                                                     max_length=model.max_seq_length)["input_ids"])
+    # A body that embeds with a prompt (E5's "query: ") is tuned on what it embeds at answer time.
+    prompt = model.prompts.get(model.default_prompt_name or "", "")
+    train_tokens = sum(len(ids) for ids in model.tokenizer([prompt + text for text in texts], truncation=True,
+                                                           max_length=model.max_seq_length)["input_ids"])
     iterations = iterations_for(train_tokens, token_budget)
     pairs = contrastive_pairs(labels, iterations, seed)
     steps = -(-len(pairs) // BATCH_SIZE)
     loss_function = CosineSimilarityLoss(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    if freeze_token_embeddings:
+        model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     model.train()
     trained, stopped = 0, False
     for step, start in enumerate(range(0, len(pairs), BATCH_SIZE)):
@@ -135,7 +141,7 @@ def tune_body(
         for group in optimizer.param_groups:
             group["lr"] = LEARNING_RATE * learning_rate_factor(step, steps, elapsed / max_seconds)
         batch = pairs[start : start + BATCH_SIZE]
-        features = [model.preprocess([texts[pair[side]] for pair in batch]) for side in (0, 1)]
+        features = [model.preprocess([texts[pair[side]] for pair in batch], prompt=prompt or None) for side in (0, 1)]
         loss = loss_function(features, torch.tensor([pair[2] for pair in batch], dtype=torch.float32))
         loss.backward()
         optimizer.step()
