@@ -107,14 +107,17 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
 
 def setfit_reference(previous: Path) -> tuple[dict[str, float], str | None]:
     """SetFit's accuracy per dataset at seed 0, 8/class on the same 500 test texts, and the date it was measured:
-    from this bench's previous results (`previous`) where that run had --setfit, else from bench/cascade.py's last
-    run."""
+    from this bench's previous results (`previous`) where that run had --setfit or carried such a reference, else
+    from bench/cascade.py's last run."""
     if previous.is_file():
         result = json.loads(previous.read_text(encoding="utf-8"))
         found = {d["name"]: c["setfit"]["accuracy"] for d in result["datasets"] for c in d["cells"]
                  if "setfit" in c and c["seed"] == 0 and c["shots"] == 8}
-        if found and result["settings"]["test_size"] == 500:
-            return found, f"{result['date']} (bench/student.py --setfit)"
+        if result["settings"]["test_size"] == 500:
+            if found:
+                return found, f"{result['date']} (bench/student.py --setfit)"
+            if result.get("setfit_reference"):  # carried forward from the run before it
+                return result["setfit_reference"], result["setfit_date"]
     if not CASCADE_RESULTS.is_file():
         return {}, None
     result = json.loads(CASCADE_RESULTS.read_text(encoding="utf-8"))
@@ -159,8 +162,7 @@ def markdown(result: dict) -> str:
                 setfit = reference.get(dataset["name"]) if shots == 8 and s["seeds"] == [0] else None
                 setfit_text = f"{100 * setfit:.1f} (earlier run)" if setfit is not None else "-"
             student = [c[STUDENT[c["student_base"]]]["accuracy"] for c in cells]
-            picked = "/".join(sorted({STUDENT[c["student_base"]].replace("tuned_e5", "e5").replace("tuned", "minilm")
-                                      for c in cells}))
+            picked = "/".join(sorted({KEYS[c["student_base"]] for c in cells}))  # "minilm" or "e5"
             times = " / ".join(f"{np.median([c[m]['fit_s'] for c in cells]):.0f} "
                                f"({int(np.median([c[m]['pairs'] for c in cells]))})" for m in ("tuned", "tuned_e5"))
             lines.append(f"| {dataset['name']} | {shots} | {cell('minilm')} | {cell('e5')} | {cell('tfidf')} | "
