@@ -110,10 +110,9 @@ def tuned_base(
     task: Task, texts: Sequence[str], labels: Sequence[Sequence[str]], *, load: Callable[[str], Embedder] = load_embedder
 ) -> str:
     """The packaged body that embedder 'tuned' tunes: the one 'auto' would choose (`chosen_embedder`: measured on
-    the labelled texts, else guessed from the language), so Chinese texts get multilingual-e5-small. Tuning keeps
-    the frozen bodies' order where it was measured: tuned e5 is far ahead on sentiment, where frozen e5 is, and
-    tuned MiniLM on question types (BENCHMARKS.md, "Student: tuned body"). Logged as a warning, as 'auto' logs
-    its choice."""
+    the labelled texts, else guessed from the language), so Chinese texts get multilingual-e5-small. On six of the
+    seven benchmark sets the tuned form of that pick was the better of the two tuned bodies (BENCHMARKS.md,
+    "Student: tuned body"). Logged as a warning, as 'auto' logs its choice."""
     spec, why = _measured_or_guessed(task, texts, labels, load)
     logger.warning(f"task {task.name!r}: embedder 'tuned' tunes {spec!r} ({EMBEDDER_NAMES[spec]}) because {why}")
     return spec
