@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/job.py                  # 10,000 rows (the LLM arm takes about an hour on 2 cores)
     .venv/bin/python bench/job.py --rows 500       # a shorter run
+    .venv/bin/python bench/job.py --arms "fallback only" "fallback only, ray 1" "fallback only, ray 2"
 
 Setup: a workspace with 8 gold examples per class of ag_news (bench/fallback.py's 8/class set, seed 0), calibrated
 on 200 labelled training texts outside the pool (random.Random(7); target precision 0.95, LLM budget 0.4, the
@@ -11,10 +12,14 @@ a fixed random order, then the test split in file order (ag_news has 10,001 trai
 
 Two arms, each in its own copy of the workspace (so neither sees the other's answer cache or learned examples),
 run one after the other in the same session: the cascade as calibrated (learning on, as a user gets it) and the
-fallback alone (`--engine none`: the ceiling of what a job can do without the LLM). Each is a separate
-`labelcascade label` process; rows/s is its wall time (model loading included), peak memory its maximum resident
-set size (from wait4), the LLM share the routes in its output. Results: bench/results/job.json and a section of
-BENCHMARKS.md.
+fallback alone (`--engine none`: the ceiling of what a job can do without the LLM); and each of them again on Ray
+Data (`--ray local`, a Ray instance started on this machine by the job) with 1 and 2 workers per stage. Each is a
+separate `labelcascade label` process; rows/s is its wall time (model loading and, on Ray, starting Ray included),
+peak memory its maximum resident set size (from wait4) and, on Ray, the largest of each worker kind's
+(`ray::...FallbackStage` / `LLMStage` processes, sampled from /proc every 0.2 s), the LLM share the routes in its
+output. Results: bench/results/job.json and a section of BENCHMARKS.md (`--out`, `--heading` for another; the Ray
+arms at 1,000 rows: `--rows 1000 --out bench/results/job_ray.json --heading "## Labelling job on Ray Data
+(bench/job.py --rows 1000)"`; `--markdown-only` writes the section again from the JSON).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -70,14 +76,58 @@ def build_workspace(path: Path, pool: list[dict], dev: list[dict]) -> dict:
     return report.policy.model_dump()
 
 
-def run_job(workspace: Path, source: Path, destination: Path, engine: str | None) -> dict:
+ARMS = {  # name: (engine, Ray workers per stage or None)
+    "cascade": (None, None), "fallback only": ("none", None),
+    "cascade, ray 1": (None, 1), "cascade, ray 2": (None, 2),
+    "fallback only, ray 1": ("none", 1), "fallback only, ray 2": ("none", 2),
+}
+WORKER_KINDS = ("FallbackStage", "LLMStage")
+
+
+class WorkerMemory:
+    """Peak resident memory of each kind of Ray worker (`ray::...FallbackStage...` processes), sampled from /proc
+    while a job runs."""
+
+    def __init__(self) -> None:
+        self.peak_mb = {kind: 0.0 for kind in WORKER_KINDS}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for proc in Path("/proc").iterdir():
+                try:
+                    command = (proc / "cmdline").read_bytes().decode(errors="replace")
+                    if not command.startswith("ray::"):
+                        continue
+                    kind = next((k for k in WORKER_KINDS if k in command), None)
+                    rss = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
+                               if line.startswith("VmRSS:"))
+                except (OSError, StopIteration, ValueError):
+                    continue
+                if kind is not None:
+                    self.peak_mb[kind] = max(self.peak_mb[kind], rss / 1024)
+
+
+def run_job(workspace: Path, source: Path, destination: Path, engine: str | None, ray_workers: int | None) -> dict:
     """One `labelcascade label` process: wall time, peak memory and the routes of its output."""
     command = [str(LABELCASCADE), "label", str(workspace), str(source), str(destination), "--no-progress"]
     if engine is not None:
         command += ["--engine", engine]
+    if ray_workers is not None:
+        command += ["--ray", "local", "--fallback-workers", str(ray_workers), "--llm-workers", str(ray_workers)]
     began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    with WorkerMemory() as workers:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - began
     stderr = process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
@@ -85,35 +135,98 @@ def run_job(workspace: Path, source: Path, destination: Path, engine: str | None
     routes = Counter(json.loads(line)["route"] for line in destination.read_text(encoding="utf-8").splitlines())
     rows = sum(routes.values())
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "worker_peak_rss_mb": workers.peak_mb if ray_workers is not None else None, "ray_workers": ray_workers,
             "routes": dict(routes), "llm_share": routes.get("llm", 0) / rows, "summary": stderr.strip().splitlines()[-1]}
 
 
-def section(result: dict) -> str:
-    cascade, ceiling = result["arms"]["cascade"], result["arms"]["fallback only"]
-    lines = [HEADING, "", f"Generated by `bench/job.py` on {result['date']}; raw numbers in `bench/results/job.json`. "
+def section(result: dict, heading: str = HEADING, out: Path = DEFAULT_OUT) -> str:
+    arms = result["arms"]
+    lines = [heading, "", f"Generated by `bench/job.py` on {result['date']}; raw numbers in `bench/results/{out.name}`. "
              f"{result['rows']} rows of {DATASET} texts (training texts outside pool and dev, then test texts); workspace: {SHOTS} gold/class, calibrated "
              f"on {DEV_SIZE} dev texts (target precision {TARGET_PRECISION}, LLM budget {LLM_BUDGET}; chosen accept "
              f"{result['policy']['accept_threshold']:.3f}, LLM weight {result['policy']['llm_weight']:.1f}); each arm a separate "
              f"`labelcascade label` process in its own copy of the workspace, run back to back; {result['machine']['cpu_count']} "
-             f"shared CPU cores, load {result['machine']['load_start']} at start.", "",
-             "| arm | rows | rows/s | sent to LLM | routes | peak memory MB | wall s |", "|---|---:|---:|---:|---|---:|---:|"]
-    for name, arm in result["arms"].items():
+             f"shared CPU cores, load {result['machine']['load_start']} at start. Ray arms: `--ray local` with N "
+             "fallback and N LLM workers (one CPU each); their peak memory is the driver's, then the largest worker "
+             "of each stage's.", "",
+             "| arm | rows | rows/s | sent to LLM | routes | peak memory MB (driver / fallback worker / LLM worker) "
+             "| wall s |", "|---|---:|---:|---:|---|---:|---:|"]
+    for name, arm in arms.items():
         routes = ", ".join(f"{route} {count}" for route, count in sorted(arm["routes"].items()))
+        memory = f"{arm['peak_rss_mb']:.0f}"
+        if arm.get("worker_peak_rss_mb"):
+            memory += "".join(f" / {arm['worker_peak_rss_mb'][kind]:.0f}" if arm["worker_peak_rss_mb"][kind] else " / -"
+                              for kind in WORKER_KINDS)
         lines.append(f"| {name} | {arm['rows']} | {arm['rows_per_s']:.1f} | {arm['llm_share']:.1%} | {routes} "
-                     f"| {arm['peak_rss_mb']:.0f} | {arm['seconds']:.0f} |")
-    lines += ["", f"Cascade / fallback-only throughput: {cascade['rows_per_s'] / ceiling['rows_per_s']:.3f} "
-              f"(the fallback-only job is {ceiling['rows_per_s'] / cascade['rows_per_s']:.1f}x faster).", ""]
+                     f"| {memory} | {arm['seconds']:.0f} |")
+    lines.append("")
+    if "cascade" in arms and "fallback only" in arms:
+        cascade, ceiling = arms["cascade"], arms["fallback only"]
+        lines += [f"Cascade / fallback-only throughput: {cascade['rows_per_s'] / ceiling['rows_per_s']:.3f} "
+                  f"(the fallback-only job is {ceiling['rows_per_s'] / cascade['rows_per_s']:.1f}x faster).", ""]
+    for name, arm in arms.items():
+        single = arms.get(name.split(", ray")[0])
+        if arm.get("ray_workers") and single is not None:
+            lines.append(f"- {name}: {arm['rows_per_s'] / single['rows_per_s']:.2f}x the single-process job's rows/s.")
+    lines.append("")
+    lines += scaling_model(arms)
     return "\n".join(lines)
+
+
+def scaling_model(arms: dict) -> list[str]:
+    """What this run's per-row costs say a job on W workers would do (written beside the measured arms)."""
+    needed = ("cascade", "fallback only", "fallback only, ray 1")
+    if not all(name in arms for name in needed):
+        return []
+    cascade, fallback, on_ray = (arms[name] for name in needed)
+    llm_calls = cascade["routes"].get("llm", 0) + cascade["routes"].get("degraded", 0)
+    per_row = fallback["seconds"] / fallback["rows"]  # the fallback's cost per row, loading included
+    per_llm = (cascade["seconds"] - fallback["seconds"]) / max(llm_calls, 1)
+    share = llm_calls / cascade["rows"]
+    ray_start = on_ray["seconds"] - fallback["seconds"]
+    return [
+        "### Scaling model", "",
+        f"From this run: the fallback costs c_fb = {1000 * per_row:.1f} ms per row (one process, 2 cores, model "
+        f"loading included), the LLM c_llm = {per_llm:.2f} s per text it answers (llama.cpp, Gemma 3 270M, 2 threads), "
+        f"the calibrated cascade sends s = {share:.1%} of the rows to it, and Ray adds about {ray_start:.0f} s per job "
+        "(starting Ray, shipping the workspace, starting the actors; once per pass for the actors).",
+        "",
+        f"On this machine every worker shares the same {os.cpu_count()} cores, so the Ray arms show the overhead, not "
+        "a speed-up: a second llama.cpp worker takes threads from the first (each runs 2), and the fallback's rows/s "
+        "already uses both cores in one process. A speed-up needs workers with cores (or GPUs) of their own.",
+        "",
+        "With W_fb fallback workers and W_llm LLM workers, each with its own cores, a pass runs at about "
+        "rows/s = min(W_fb / c_fb, W_llm / (s x c_llm), R_driver): the two stages stream, so the slower one sets the "
+        f"pace. On CPU the LLM is that one: with c_llm = {per_llm:.2f} s and s = {share:.0%}, each llama.cpp worker adds "
+        f"about {1 / (share * per_llm):.1f} rows/s, and one fallback worker keeps up with about "
+        f"{share * per_llm / per_row:.0f} of them. With a vLLM engine per GPU worker (`--llm-gpus 1 --engine "
+        "vllm-offline:MODEL`), c_llm is that GPU's seconds per scored text; it was not measured here (no GPU was "
+        "lent to this project's sessions), so put a measured value in the formula before sizing a cluster.",
+        "",
+        "What stays serial, on the machine that runs the command: reading and checking the file before any work, "
+        "committing each batch of answers to the job's state (SQLite, one transaction per batch), the answer cache, "
+        "writing the output in input order at the end, and between passes the learning (the pass's confident LLM "
+        "answers stored, the fallback retrained on one node) and shipping the workspace again. R_driver is the rate "
+        "of that part; the fallback-only Ray arms above bound it from below.", "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown", type=Path, default=MARKDOWN)
     parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--heading", default=HEADING)
+    parser.add_argument("--markdown-only", action="store_true", help="write the section again from --out; run nothing")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        text = section(json.loads(args.out.read_text(encoding="utf-8")), args.heading, args.out)
+        print(text)
+        write_markdown_section(args.markdown, args.heading, text)
+        return 0
     result = {"date": dt.date.today().isoformat(), "rows": args.rows, "arms": {},
               "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()]}}
     pool, dev, rows = prepare(args.data, args.rows)
@@ -123,18 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         source.write_text("".join(json.dumps({"id": i, "text": row["text"]}) + "\n" for i, row in enumerate(rows)))
         log(f"calibrating a workspace on {len(pool)} gold examples and {len(dev)} dev texts")
         result["policy"] = build_workspace(folder / "ws", pool, dev)
-        for name, engine in (("cascade", None), ("fallback only", "none")):
-            workspace = folder / f"ws-{name.replace(' ', '-')}"
+        for name in args.arms:
+            engine, ray_workers = ARMS[name]
+            workspace = folder / f"ws-{name.replace(' ', '-').replace(',', '')}"
             shutil.copytree(folder / "ws", workspace)
             log(f"{name}: labelling {args.rows} rows")
-            result["arms"][name] = run_job(workspace, source, folder / f"{workspace.name}.jsonl", engine)
+            result["arms"][name] = run_job(workspace, source, folder / f"{workspace.name}.jsonl", engine, ray_workers)
             log(f"  {result['arms'][name]['summary']}")
     result["machine"]["load_end"] = [round(x, 1) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(section(result))
+    text = section(result, args.heading, args.out)
+    print(text)
     if not args.no_markdown:
-        write_markdown_section(args.markdown, HEADING, section(result))
+        write_markdown_section(args.markdown, args.heading, text)
     return 0
 
 

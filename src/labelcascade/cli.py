@@ -278,11 +278,29 @@ def label(
     ] = None,
     review_below: Annotated[float, typer.Option(help="Confidence under which a row goes to the review file.")] = 0.5,
     cache: Annotated[bool, typer.Option(help="Reuse the LLM's earlier answers to the same texts (and keep new ones).")] = True,
+    ray: Annotated[str | None, typer.Option(
+        help="Classify on a Ray cluster: 'local' (started here for the job), 'auto' (the cluster this machine is in) "
+             "or its address (ray://HOST:10001). Needs the ray extra.")] = None,
+    fallback_workers: Annotated[int, typer.Option(min=1, help="With --ray: embedding + fallback actors.")] = 1,
+    llm_workers: Annotated[int, typer.Option(min=1, help="With --ray: LLM actors, one engine each.")] = 1,
+    llm_gpus: Annotated[float, typer.Option(min=0, help="With --ray: GPUs per LLM actor (1 for a vLLM engine).")] = 0,
+    pass_rows: Annotated[int, typer.Option(
+        min=1, help="With --ray: rows per pass; the workers get the workspace again after each pass is learned from.")
+    ] = 10_000,
 ) -> None:
     """Label every row of a file; rerun the same command after an interruption to resume where it stopped."""
     session = _open(workspace, engine)
-    job = LabelJob(session, source, destination, text_column=text_column, batch_size=batch_size, prefix=prefix,
-                   max_llm_calls=max_llm_calls, cache=cache, review=review, review_below=review_below)
+    options = dict(text_column=text_column, batch_size=batch_size, prefix=prefix, max_llm_calls=max_llm_calls,
+                   cache=cache, review=review, review_below=review_below)
+    if ray is None:
+        job = LabelJob(session, source, destination, **options)
+    else:
+        try:
+            from labelcascade.ray_jobs import RayLabelJob
+        except ImportError as error:
+            raise InputError(f"--ray needs Ray Data ({error}); install it with: pip install 'labelcascade[ray]'") from None
+        job = RayLabelJob(session, source, destination, address=ray, fallback_workers=fallback_workers,
+                          llm_workers=llm_workers, llm_gpus=llm_gpus, pass_rows=pass_rows, **options)
     if plan:
         typer.echo(job.plan().describe())
     else:

@@ -175,8 +175,7 @@ class LabelJob:
             llm_calls, cached = self._llm_counts(state)
             total = self._count_rows()
             bar = JobBar(total, len(done), self.max_llm_calls) if progress else None
-            for batch in self._pending_batches(done):
-                predictions, from_cache, asked = self._answer([row.text for _, row in batch], llm_calls, bar)
+            for batch, predictions, from_cache, asked in self._answered(done, llm_calls, bar):
                 records = [
                     (position, p.route.value, int(hit), p.confidence, json.dumps(self._record(row, p), ensure_ascii=False))
                     for (position, row), p, hit in zip(batch, predictions, from_cache, strict=True)
@@ -195,6 +194,16 @@ class LabelJob:
             review_rows = self._write_review(state)
         return JobSummary(rows=total, done_before=len(done), routes=dict(routes), llm_calls=llm_calls, cached=cached,
                           output=self.destination, review=self.review, review_rows=review_rows)
+
+    def _answered(self, done: set[int], llm_calls: int,
+                  bar: JobBar | None) -> Iterator[tuple[list[tuple[int, Row]], list[Prediction], list[bool], int]]:
+        """The rows not done yet, a batch at a time, with their answers, which came from the cache, and how many
+        texts the LLM answered for them (`llm_calls`: how many it answered for the job before). What is yielded is
+        committed before the next batch is asked for. A Ray job answers them on a cluster instead (ray_jobs.py)."""
+        for batch in self._pending_batches(done):
+            predictions, from_cache, asked = self._answer([row.text for _, row in batch], llm_calls, bar)
+            llm_calls += asked
+            yield batch, predictions, from_cache, asked
 
     def _answer(self, texts: list[str], llm_calls: int,
                 bar: JobBar | None = None) -> tuple[list[Prediction], list[bool], int]:
@@ -298,12 +307,7 @@ class LabelJob:
         return sum(1 for _ in read_rows(self.source, text_column=self.text_column))
 
     def _record(self, row: Row, prediction: Prediction) -> dict:
-        answer = {
-            self.prefix + "label": prediction.label if not self.session.task.multi_label else "|".join(prediction.labels),
-            self.prefix + "confidence": round(prediction.confidence, 4),
-            self.prefix + "route": prediction.route.value,
-            self.prefix + "top": prediction.summary(self.top)["top"],
-        }
+        answer = answer_columns(prediction, multi_label=self.session.task.multi_label, top=self.top, prefix=self.prefix)
         clash = sorted(set(answer) & set(row.columns))
         if clash:
             raise InputError(f"{self.source}: line {row.line}: the input already has the columns {clash}; "
@@ -348,6 +352,17 @@ class LabelJob:
         _write_atomically(labelstudio.config_path(path), lambda temporary: temporary.write_text(config, "utf-8"))
         _write_atomically(path, partial(labelstudio.write_tasks, records=records, prefix=self.prefix,
                                         model_version=f"labelcascade {__version__}"))
+
+
+def answer_columns(prediction: Prediction, *, multi_label: bool, top: int, prefix: str = "") -> dict:
+    """The columns a job adds to a row: `label` (multi-label: the labels joined by "|"), `confidence`, `route` and
+    `top` (the `top` most probable labels as {"label", "probability"} records), each name after `prefix`."""
+    return {
+        prefix + "label": "|".join(prediction.labels) if multi_label else prediction.label,
+        prefix + "confidence": round(prediction.confidence, 4),
+        prefix + "route": prediction.route.value,
+        prefix + "top": prediction.summary(top)["top"],
+    }
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

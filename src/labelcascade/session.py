@@ -589,6 +589,15 @@ class Session:
             return np.zeros(len(texts), dtype=bool)
         return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(checked_texts(texts)))))
 
+    def learn(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
+        """Learn from answers other sessions made on copies of this workspace (a Ray job's workers): what
+        `classify` would have learned from them here (the confident LLM answers, stored as `llm` examples; the
+        fallback retrained when due)."""
+        texts = checked_texts(texts)
+        if len(texts) != len(predictions):
+            raise ValueError(f"{len(texts)} texts but {len(predictions)} predictions; give one per text")
+        self.cascade.learn(texts, predictions)
+
     # --- state ----------------------------------------------------------------------------------------------
 
     @property
@@ -599,6 +608,12 @@ class Session:
     def labels(self) -> list[str]:
         """All of the task's labels, in task order (the order of every probability vector)."""
         return self.task.label_names
+
+    @property
+    def engine_spec(self) -> str | None:
+        """The spec of the LLM this session asks (what `agent.engines.load_engine` loads; another process can load
+        the same), or None when the fallback answers alone."""
+        return None if self._engine is None else self._engine.spec
 
     @property
     def store(self) -> ExampleStore:

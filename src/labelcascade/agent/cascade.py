@@ -275,12 +275,14 @@ class Cascade:
         llm_limit: int | None = None,
         learn: bool = True,
         fallback_answers: bool = False,
+        vectors: np.ndarray | None = None,
         on_llm: Callable[[LLMProgress], None] | None = None,
     ) -> Answers:
         """`classify`, also returning the fallback's certainties and, with `fallback_answers`, its own answers
-        (built only then: classifying does not need them)."""
+        (built only then: classifying does not need them). `vectors`: the texts' embeddings, when a stage before
+        this one made them (a Ray job's fallback stage hands them to its LLM stage), so they are not made twice."""
         start = time.perf_counter()
-        vectors = self.embedder.embed(texts)
+        vectors = self.embedder.embed(texts) if vectors is None else vectors
         proba = self.probabilities(vectors)
         fallback_proba = proba.copy() if fallback_answers else proba[:0]  # the LLM's answers are pooled into proba
         certainty = self.certainty(proba)
@@ -346,14 +348,27 @@ class Cascade:
             latency_ms=latency_ms,
         )
 
-    def _learn(self, texts: Sequence[str], vectors: np.ndarray, predictions: Sequence[Prediction]) -> None:
-        """Hand confident LLM answers to the learner; install the retrained fallback it may return."""
+    def learn(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
+        """Learn from answers made elsewhere with this cascade's policy (a Ray job's workers answer on copies of
+        the workspace; their answers come back here): the confident LLM answers are embedded and stored, and the
+        fallback retrained when due, as if they had been made here."""
+        keep = self._learnable(predictions)
+        if keep:
+            self._learn([texts[i] for i in keep], self.embedder.embed([texts[i] for i in keep]),
+                        [predictions[i] for i in keep])
+
+    def _learnable(self, predictions: Sequence[Prediction]) -> list[int]:
+        """The answers the learner takes: confident LLM answers with a label, when the policy learns."""
         if self.learner is None or not self.policy.learn:
-            return
-        keep = [
+            return []
+        return [
             i for i, p in enumerate(predictions)
             if p.route is Route.LLM and p.labels and p.confidence >= self.policy.learn_threshold
         ]
+
+    def _learn(self, texts: Sequence[str], vectors: np.ndarray, predictions: Sequence[Prediction]) -> None:
+        """Hand confident LLM answers to the learner; install the retrained fallback it may return."""
+        keep = self._learnable(predictions)
         if not keep:
             return
         retrained = self.learner.learn(
