@@ -123,7 +123,7 @@ def run_job(workspace: Path, source: Path, destination: Path, engine: str | None
     if engine is not None:
         command += ["--engine", engine]
     if ray_workers is not None:
-        command += ["--ray", "local", "--fallback-workers", str(ray_workers), "--llm-workers", str(ray_workers)]
+        command += ["--ray", "local", "--embed-workers", str(ray_workers), "--llm-workers", str(ray_workers)]
     began = time.perf_counter()
     with WorkerMemory() as workers:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

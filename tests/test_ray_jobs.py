@@ -58,6 +58,8 @@ def test_a_bad_row_stops_a_ray_job_before_any_work_and_names_its_line(fallback_w
     assert ray.is_initialized() == connected  # refused before any cluster was started
     with pytest.raises(ValueError, match="llm_workers must be at least 1"):
         RayLabelJob(session, bad, tmp_path / "out.jsonl", llm_workers=0)
+    with pytest.raises(ValueError, match="llm_gpus must be 0 or more"):
+        RayLabelJob(session, bad, tmp_path / "out.jsonl", llm_gpus=-1)
 
 
 @pytest.mark.slow
@@ -114,14 +116,14 @@ def test_with_the_llm_a_ray_job_answers_as_one_process_and_holds_the_budget_over
 def test_a_ray_job_learns_between_passes(cluster, llm_session, tmp_path):
     llm_session.set_policy(llm_session.policy.model_copy(
         update={"accept_threshold": 1.0, "learn": True, "learn_threshold": 0.0, "retrain_every": 4}))
-    trained_at = llm_session._workspace.fallback_trained_at()
+    fallback = llm_session.cascade.fallback.fingerprint()
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text in banking_messages()[0][30:38]))
     summary = RayLabelJob(llm_session, source, tmp_path / "out.jsonl", batch_size=4, pass_rows=4,
                           cache=False).run(progress=False)
     assert summary.routes == {"llm": 8}
     assert llm_session.store.count(Source.LLM) == 8  # both passes' answers came back to the workspace
-    assert llm_session._workspace.fallback_trained_at() > trained_at  # retrained after the first pass
+    assert llm_session.cascade.fallback.fingerprint() != fallback  # retrained after the first pass's four
 
 
 @pytest.mark.slow

@@ -281,9 +281,10 @@ def label(
     ray: Annotated[str | None, typer.Option(
         help="Classify on a Ray cluster: 'local' (started here for the job), 'auto' (the cluster this machine is in) "
              "or its address (ray://HOST:10001). Needs the ray extra.")] = None,
-    fallback_workers: Annotated[int, typer.Option(min=1, help="With --ray: embedding + fallback actors.")] = 1,
+    fallback_workers: Annotated[int, typer.Option(
+        "--embed-workers", min=1, help="With --ray: actors that embed the rows and answer with the fallback.")] = 1,
     llm_workers: Annotated[int, typer.Option(min=1, help="With --ray: LLM actors, one engine each.")] = 1,
-    llm_gpus: Annotated[float, typer.Option(min=0, help="With --ray: GPUs per LLM actor (1 for a vLLM engine).")] = 0,
+    llm_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per LLM actor (1 for a vLLM engine).")] = 0,
     pass_rows: Annotated[int, typer.Option(
         min=1, help="With --ray: rows per pass; the workers get the workspace again after each pass is learned from.")
     ] = 10_000,

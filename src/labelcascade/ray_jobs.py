@@ -272,6 +272,8 @@ class RayLabelJob(LabelJob):
                             ("pass_rows", pass_rows)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if llm_gpus < 0:
+            raise ValueError(f"llm_gpus must be 0 or more, got {llm_gpus}")
         self.address = address
         self.fallback_workers, self.llm_workers, self.llm_gpus = fallback_workers, llm_workers, llm_gpus
         self.pass_rows = pass_rows
