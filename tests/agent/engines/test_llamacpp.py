@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy.special import softmax
 
 from labelcascade.agent.engines import EngineTimeout, load_engine
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine, _groups, default_model_path
@@ -93,16 +94,21 @@ def test_scoring_is_exact_with_sequential_evaluation():
 
 
 def test_batched_scores_stay_within_kernel_rounding(engine):
-    """Batched evaluation rounds differently with batch shape (llama.cpp's CPU kernels); the answers agree."""
+    """Batched evaluation rounds differently with batch shape (llama.cpp's CPU kernels pick other matrix paths by
+    batch size and instruction set), so each label token's log-probability may move a little and a label's score by
+    its number of tokens times that; the label probabilities the cascade reads, and the answer, agree."""
     llm, log_likelihood = brute_force(n_batch=512)
     renderer = PromptRenderer(BANKING)
     candidates = renderer.candidates(BANKING.label_names)
+    tokens = np.array([len(engine.tokenize(c, bos=False)) for c in candidates])
     try:
         for prompt in banking_prompts(2):
             scores = engine.score([prompt], [candidates])[0]
-            reference = {candidate: log_likelihood(prompt, candidate) for candidate in candidates}
-            assert max(abs(scores[c] - reference[c]) for c in candidates) < 0.25
-            assert max(scores, key=scores.get) == max(reference, key=reference.get)
+            batched = np.array([scores[c] for c in candidates])
+            reference = np.array([log_likelihood(prompt, c) for c in candidates])
+            assert (np.abs(batched - reference) / tokens).max() < 0.1  # nats per label token
+            assert np.abs(softmax(batched) - softmax(reference)).max() < 0.1
+            assert batched.argmax() == reference.argmax()
     finally:
         llm.close()
 
