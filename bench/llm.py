@@ -149,6 +149,8 @@ def run_mode(engine, kind: str, ds: dict, mode: str, n: int, with_twins: bool = 
         "scores": kept,  # per text: [log-probabilities of the labels for the text, for its twin]; --scores-out keeps them
     }
     result["template"] = "chat" if renderer.chat else renderer.template
+    if mode == "cached":  # the renderer keeps those that fit its byte cap on the static part (prompts/render.py)
+        result["static_examples_shown"] = len(renderer.static_examples)
     if kind != "vllm":  # llama.cpp; the prefix-cache bar: computed <= 1.2 x (uncached suffix + label tokens)
         static = len(engine.tokenize(renderer.static, bos=True))
         uncached = 0  # what no cache could spare: a text's prompt after the static part, its twin after the text's prompt
@@ -314,7 +316,11 @@ def settings_lines(result: dict) -> list[str]:
         f"test: up to {s['test_size']} texts per dataset (fixed sample, random.Random({TEST_SEED})); per-engine text caps: {', '.join(f'{k}={v}' for k, v in s['caps'].items()) or 'none'}"
         + (f"; --limit {s['limit']} (smoke run)" if s["limit"] else ""),
         f"modes {', '.join(s.get('modes', MODES))}; cached = {s.get('static_per_label', STATIC_PER_LABEL)} pool examples per label in the static part + "
-        f"{s.get('k_cached', K_CACHED)} nearest retrieved; "
+        f"{s.get('k_cached', K_CACHED)} nearest retrieved"
+        + (" (static examples shown, the rest cut by the renderer's byte cap on the static part: "
+           + ", ".join(f"{c['engine']}/{c['dataset']} {c['static_examples_shown']}" for c in result["cells"]
+                       if "static_examples_shown" in c) + ")"
+           if any("static_examples_shown" in c for c in result["cells"]) else "") + "; "
         + ("each text's content-free twin scored too (cc column; texts/s and tokens count both)" if s.get("twins", True)
            else "no content-free twins (--no-twins: each text's prompt only, as the cascade by default; no cc column)"),
         f"batches: {BATCH}; texts/s = texts / wall time of engine.score() only (embedding, rendering excluded); tokens per text from engine.stats deltas",
