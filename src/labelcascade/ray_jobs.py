@@ -171,8 +171,8 @@ class LLMBudget:
             self.left += unspent
 
 
-def cascade_pipeline(dataset, session: Session, *, text_column: str = TEXT, max_llm_calls: int | None = None, batch_size: int = 64, fallback_workers: int = 1,
-                     llm_workers: int = 1, llm_gpus: float = 0):
+def cascade_pipeline(dataset, session: Session, *, text_column: str = TEXT, max_llm_calls: int | None = None,
+                     batch_size: int = 64, fallback_workers: int = 1, llm_workers: int = 1, llm_gpus: float = 0):
     """`dataset` with the internal answer columns added (ANSWER: each row's Prediction as JSON; ASKED: whether the
     LLM answered it), lazily: the two actor pools described in the module docstring. The LLM workers load the
     engine `session` asks (`Session.engine_spec`); none when it has none."""
@@ -311,9 +311,9 @@ class RayLabelJob(LabelJob):
         tables = [pa.table({ROW: pa.array(misses[i:i + block], pa.int64()),
                             TEXT: pa.array([texts[j] for j in misses[i:i + block]], pa.string())})
                   for i in range(0, len(misses), block)]
-        answered = cascade_pipeline(ray.data.from_arrow(tables), self.session, text_column=TEXT, max_llm_calls=left, batch_size=self.batch_size,
-                                    fallback_workers=self.fallback_workers, llm_workers=self.llm_workers,
-                                    llm_gpus=self.llm_gpus)
+        answered = cascade_pipeline(ray.data.from_arrow(tables), self.session, text_column=TEXT, max_llm_calls=left,
+                                    batch_size=self.batch_size, fallback_workers=self.fallback_workers,
+                                    llm_workers=self.llm_workers, llm_gpus=self.llm_gpus)
         learned: list[tuple[str, Prediction]] = []
         for table in answered.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
             indices = table.column(ROW).to_pylist()
