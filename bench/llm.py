@@ -309,6 +309,7 @@ HEADER = ["engine", "dataset", "mode", "n", "acc %", "macro-F1 %", "cc acc %", "
 
 def settings_lines(result: dict) -> list[str]:
     s, m = result["settings"], result["settings"]["machine"]
+    shown = [f"{c['engine']}/{c['dataset']} {c['static_examples_shown']}" for c in result["cells"] if "static_examples_shown" in c]
     lines = [f"engine {name}: " + ", ".join(f"{k} {v}" for k, v in e.items()) for name, e in s["engines"].items()]
     return lines + [
         f"template {s['template']}, k {s['k']} nearest of a pool of {s['shots']}/class (seed {s['seed']}: random.Random({TRAIN_SEED_BASE}+seed), "
@@ -317,10 +318,8 @@ def settings_lines(result: dict) -> list[str]:
         + (f"; --limit {s['limit']} (smoke run)" if s["limit"] else ""),
         f"modes {', '.join(s.get('modes', MODES))}; cached = {s.get('static_per_label', STATIC_PER_LABEL)} pool examples per label in the static part + "
         f"{s.get('k_cached', K_CACHED)} nearest retrieved"
-        + (" (static examples shown, the rest cut by the renderer's byte cap on the static part: "
-           + ", ".join(f"{c['engine']}/{c['dataset']} {c['static_examples_shown']}" for c in result["cells"]
-                       if "static_examples_shown" in c) + ")"
-           if any("static_examples_shown" in c for c in result["cells"]) else "") + "; "
+        + (f" (static examples shown, the rest cut by the renderer's byte cap on the static part: {', '.join(shown)})"
+           if shown else "") + "; "
         + ("each text's content-free twin scored too (cc column; texts/s and tokens count both)" if s.get("twins", True)
            else "no content-free twins (--no-twins: each text's prompt only, as the cascade by default; no cc column)"),
         f"batches: {BATCH}; texts/s = texts / wall time of engine.score() only (embedding, rendering excluded); tokens per text from engine.stats deltas",
