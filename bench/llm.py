@@ -44,7 +44,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from labelcascade.agent import label_bias
 from labelcascade.agent.engines.base import common_prefix
 from labelcascade.agent.cascade import renderer_for_engine
-from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer
+from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer, static_examples_that_fit
 from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
@@ -88,7 +88,7 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedder) -> dict:
     by_label: dict[str, list] = {}
     for example in store.examples():
         by_label.setdefault(example.label, []).append(example)
-    static = [row[turn] for turn in range(STATIC_PER_LABEL) for row in by_label.values() if turn < len(row)]
+    static = static_examples_that_fit([row[turn] for turn in range(STATIC_PER_LABEL) for row in by_label.values() if turn < len(row)])
     shown = {example.id for example in static}
     nearest = [[n.example for n in row if n.example.id not in shown][:K_CACHED]
                for row in store.search(vectors, k=K_CACHED + len(shown))]

@@ -63,6 +63,24 @@ def test_static_examples_are_the_first_labelled_ones_labels_in_turn_and_never_re
     assert Cascade(task, embedder, fallback, store=store).static_examples() == []  # off by default
 
 
+def test_static_examples_the_static_part_has_no_room_for_stay_retrievable(embedder):
+    task = Task.from_labels(["weather", "card"])
+    store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
+    # each text is cut to MAX_STATIC_EXAMPLE_BYTES in the static part, and MAX_STATIC_BYTES holds only so many
+    long = [(f"{topic} " + "and so on " * 60, label) for i in range(8) for topic, label in
+            ((f"rain and storms on day {i}", "weather"), (f"my card number {i} was declined", "card"))]
+    store.add([t for t, _ in long], [label for _, label in long], embedder.embed([t for t, _ in long]))
+    fallback = LinearSVMClassifier().fit(embedder.embed([t for t, _ in long]), [label for _, label in long])
+    cascade = Cascade(task, embedder, fallback, store=store, policy=Policy(static_examples=8, examples=2))
+    static = cascade.static_examples()
+    assert 0 < len(static) < len(long)  # the cap cut some of the 8 per label asked for
+    # what a prompt shows is exactly what retrieval leaves out
+    assert list(cascade.renderer.with_static_examples(static).static_examples) == static
+    shown = {e.id for e in static}
+    for row in cascade.neighbors(embedder.embed(["is it going to rain", "my card does not work"])):
+        assert len(row) == 2 and not shown & {neighbor.example.id for neighbor in row}
+
+
 # --- the LLM branch, on the real embedded model ----------------------------------------------------------------
 
 CHEAP = Policy(examples=2, max_candidates=3)  # short prompts and few candidates keep the real LLM quick

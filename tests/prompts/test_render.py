@@ -44,12 +44,13 @@ def test_static_examples_are_in_the_static_part_and_the_retrieved_ones_follow(te
 
 
 def test_static_examples_are_cut_and_capped_so_the_text_keeps_its_room():
-    from labelcascade.prompts.render import MAX_STATIC_BYTES, MAX_STATIC_EXAMPLE_BYTES
+    from labelcascade.prompts.render import MAX_STATIC_BYTES, MAX_STATIC_EXAMPLE_BYTES, static_examples_that_fit
 
     many = [Example(i, "word " * 200, ("card_arrival",)) for i in range(40)]
     renderer = PromptRenderer(TASK).with_static_examples(many)
     shown = len(renderer.static_examples)
     assert 0 < shown < len(many) and shown == MAX_STATIC_BYTES // MAX_STATIC_EXAMPLE_BYTES
+    assert renderer.static_examples == tuple(static_examples_that_fit(many))  # what the cascade keeps out of retrieval
     assert len(renderer.static.encode()) < len(PromptRenderer(TASK).static.encode()) + MAX_STATIC_BYTES + 40 * shown
 
 

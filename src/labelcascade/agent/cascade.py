@@ -30,7 +30,7 @@ from labelcascade.agent.label_bias import biased_softmax
 from labelcascade.agent.learning import Learner
 from labelcascade.agent.policy import Policy, mix
 from labelcascade.fallback import LinearSVMClassifier
-from labelcascade.prompts import PromptRenderer
+from labelcascade.prompts import PromptRenderer, static_examples_that_fit
 from labelcascade.prompts.render import AUTO, CONTENT_FREE, chat_turns
 from labelcascade.records import Example, Neighbor, Prediction, Route, Source
 from labelcascade.retrieval import Embedder, ExampleStore
@@ -165,7 +165,8 @@ class Cascade:
     def static_examples(self, policy: Policy | None = None) -> list[Example]:
         """The examples in every prompt's static part (`Policy.static_examples` per label): the first ones people
         labelled (gold, then reviewed), labels taken in turn, so the list is balanced, and stable as the store
-        grows (the engine's prefix cache keeps serving it)."""
+        grows (the engine's prefix cache keeps serving it); only those the static part has room for, so the ones
+        it cuts stay retrievable."""
         per_label = (policy or self.policy).static_examples
         if self.store is None or per_label == 0:
             return []
@@ -175,7 +176,8 @@ class Cascade:
                 first = by_label.get(example.label)
                 if first is not None and len(first) < per_label:
                     first.append(example)
-        return [row[turn] for turn in range(per_label) for row in by_label.values() if turn < len(row)]
+        in_turn = [row[turn] for turn in range(per_label) for row in by_label.values() if turn < len(row)]
+        return static_examples_that_fit(in_turn)
 
     def llm_scores(
         self,

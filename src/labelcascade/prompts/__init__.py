@@ -9,6 +9,8 @@ from labelcascade.prompts.render import (
     PromptRenderer,
     chat_turns,
     clean_text,
+    static_examples_that_fit,
 )
 
-__all__ = ["ANSWER_END", "CONTENT_FREE", "GEMMA_TURNS", "ChatTurns", "Prompt", "PromptRenderer", "chat_turns", "clean_text"]
+__all__ = ["ANSWER_END", "CONTENT_FREE", "GEMMA_TURNS", "ChatTurns", "Prompt", "PromptRenderer", "chat_turns", "clean_text",
+           "static_examples_that_fit"]

@@ -123,7 +123,7 @@ class PromptRenderer:
                  static_examples: Sequence[Example] = ()):
         """`turns`: the model's chat turns for the `chat` template (default Gemma's; `chat_turns` reads a model's).
         `static_examples`: examples shown to every text, in the static part, in this order (those past
-        MAX_STATIC_BYTES are left out; see `with_static_examples`)."""
+        MAX_STATIC_BYTES are left out: `static_examples_that_fit`)."""
         self.task = task
         self.template = template  # "auto": `completion` until an engine's chat template says otherwise (`for_model`)
         self.turns = turns or GEMMA_TURNS
@@ -134,8 +134,8 @@ class PromptRenderer:
         self._template = _load_template(template)
         self._answers = {label.name: label.verbalizer or label.name for label in task.labels}
         labels = [{"answer": self._answers[label.name], "description": label.description} for label in task.labels]
-        shown = _within(self._shown(static_examples, MAX_STATIC_EXAMPLE_BYTES), MAX_STATIC_BYTES)
-        self.static_examples = tuple(static_examples[: len(shown)])
+        self.static_examples = tuple(static_examples_that_fit(static_examples))
+        shown = self._shown(self.static_examples, MAX_STATIC_EXAMPLE_BYTES)
         self._context = {"task": task, "labels": labels, "turns": self.turns, "static_examples": shown}
         # Rendered once: the static block depends on the task (and its fixed examples) alone.
         self.static = "".join(self._template.blocks["static"](self._template.new_context(self._context)))
@@ -211,12 +211,14 @@ def clean_text(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
     return encoded[:room].decode("utf-8", errors="ignore") + ELLIPSIS
 
 
-def _within(shown: list[dict], max_total_bytes: int) -> list[dict]:
-    """The leading shown examples whose texts fit in `max_total_bytes` together."""
+def static_examples_that_fit(examples: Sequence[Example]) -> list[Example]:
+    """The leading `examples` that a static part shows: each text cut to MAX_STATIC_EXAMPLE_BYTES, as many as fit in
+    MAX_STATIC_BYTES together. Whoever keeps the static examples out of retrieval asks this, so an example cut by
+    the cap stays retrievable instead of being neither shown nor found."""
     kept, total = [], 0
-    for example in shown:
-        total += len(example["text"].encode("utf-8"))
-        if total > max_total_bytes:
+    for example in examples:
+        total += len(clean_text(example.text, MAX_STATIC_EXAMPLE_BYTES).encode("utf-8"))
+        if total > MAX_STATIC_BYTES:
             break
         kept.append(example)
     return kept
