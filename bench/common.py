@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 MARKDOWN = REPO / "BENCHMARKS.md"
-DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec"]
+DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec"]  # English
+CHINESE = ["eprstmt", "csldcp"]
 TRAIN_SEED_BASE = 1000  # seed s draws its gold examples with random.Random(1000 + s)
 TEST_SEED = 20240607  # fixed sample of a test split larger than the size asked for
 DRAW_PER_CLASS = 16  # every seed draws 16 per class; fewer shots take a prefix, so the sets nest

@@ -36,14 +36,13 @@ from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
 
 from common import (
-    MARKDOWN, REPO, log, machine_and_load, output_arguments, per_class_draw, publish, read_jsonl, rebuilt_section_only,
+    CHINESE, DATASETS as ENGLISH, MARKDOWN, REPO, log, machine_and_load, output_arguments, per_class_draw, publish, read_jsonl, rebuilt_section_only,
     test_sample,
 )
 
 DEFAULT_OUT = REPO / "bench" / "results" / "embedders.json"
 SECTION_HEADING = "## Embedders (bench/embedders.py)"
-DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec", "eprstmt", "csldcp"]
-CHINESE = {"eprstmt", "csldcp"}
+DATASETS = ENGLISH + CHINESE
 EMBEDDERS = {"minilm": "default", "e5": "multilingual"}
 KEYS = {spec: key for key, spec in EMBEDDERS.items()}
 METHODS = ["minilm", "e5", "tfidf", "auto"]

@@ -49,7 +49,7 @@ from labelcascade.retrieval import ExampleStore, load_embedder
 from labelcascade.task import Task
 
 from common import (
-    DATASETS, DEFAULT_DATA, DRAW_PER_CLASS, MARKDOWN, REPO, TEST_SEED, TRAIN_SEED_BASE, log, per_class_draw, read_jsonl,
+    CHINESE, DATASETS, DEFAULT_DATA, DRAW_PER_CLASS, MARKDOWN, REPO, TEST_SEED, TRAIN_SEED_BASE, log, per_class_draw, read_jsonl,
     test_sample, write_markdown_section,
 )
 
@@ -57,7 +57,6 @@ DEFAULT_OUT = REPO / "bench" / "results" / "llm.json"
 SECTION_HEADING = "## LLM engines (bench/llm.py)"
 ENGINES = ["llamacpp", "vllm"]  # the default run; the packaged instruct models on request
 INSTRUCT = ["qwen-0.5b", "qwen-1.5b"]
-CHINESE = ["eprstmt", "csldcp"]
 MODES = ["zero-shot", "few-shot", "cached"]
 SHOTS, K = 8, 8
 STATIC_PER_LABEL, K_CACHED = 4, 2  # the cached layout: 4 pool examples per label in the static part, 2 retrieved
