@@ -101,12 +101,14 @@ def test_answers_agree_with_the_exact_engine_on_the_same_model(engine, exact, da
     # A token likelier than 1/K is always among the top K shown: at most K - 1 others can be likelier.
     surely_shown = math.log(1 / engine.top_logprobs) + SAME_TOKEN_TOLERANCE
     agree = 0
-    for approx, scores in zip(approximate, reference, strict=True):
+    for i, (approx, scores) in enumerate(zip(approximate, reference, strict=True)):
         agree += max(approx, key=approx.get) == max(candidates, key=scores.get)
         for candidate, first in zip(candidates, first_tokens, strict=True):
-            assert approx[candidate] >= scores[first] - SAME_TOKEN_TOLERANCE >= scores[candidate] - SAME_TOKEN_TOLERANCE
+            # which side moved, should this fail again (once in a full clean-clone run, 2026-12-03; not reproduced)
+            seen = f"prompt {i}, {candidate!r}: server {approx}, exact {scores}"
+            assert approx[candidate] >= scores[first] - SAME_TOKEN_TOLERANCE >= scores[candidate] - SAME_TOKEN_TOLERANCE, seen
             if scores[first] > surely_shown:
-                assert approx[candidate] == pytest.approx(scores[first], abs=SAME_TOKEN_TOLERANCE)
+                assert approx[candidate] == pytest.approx(scores[first], abs=SAME_TOKEN_TOLERANCE), seen
     assert agree >= len(prompts) - 1
     delta = {key: value - before[key] for key, value in vars(engine.stats).items()}
     assert delta["prompts"] == delta["candidate_tokens"] == len(prompts)  # one request each
