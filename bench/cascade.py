@@ -54,6 +54,7 @@ from labelcascade.task import Task
 from common import (
     CHINESE, DATASETS, DEFAULT_DATA, MARKDOWN, REPO, TEST_SEED, log, per_class_draw, read_jsonl, test_sample, write_markdown_section,
 )
+from embedders import Vectors
 
 DEFAULT_OUT = REPO / "bench" / "results" / "cascade.json"
 ARMS_HEADING = "## Cascade (bench/cascade.py)"
@@ -89,19 +90,21 @@ def prepare(data: Path, name: str, args) -> dict:
 
 
 class Embedders:
-    """The packaged embedders, each loaded once per run, and the one 'auto' picks for a dataset's pool."""
+    """The packaged embedders, each loaded once per run, and the one 'auto' picks for a dataset's pool. Texts they
+    embed while choosing (the pool, in cross-validation) are kept, so the chosen one does not embed the pool again."""
 
     def __init__(self):
         self.loaded = {}
 
-    def load(self, spec: str):
+    def load(self, spec: str) -> Vectors:
         if spec not in self.loaded:
-            self.loaded[spec] = load_embedder(spec)
+            self.loaded[spec] = Vectors(load_embedder(spec))
         return self.loaded[spec]
 
     def for_pool(self, ds: dict) -> PoolVectors:
         texts, labels = texts_labels(ds["pool"])
-        return PoolVectors(self.load(chosen_embedder(ds["task"], texts, [[label] for label in labels], load=self.load)), texts)
+        chosen = self.load(chosen_embedder(ds["task"], texts, [[label] for label in labels], load=self.load))
+        return PoolVectors(chosen.embedder, dict(zip(texts, chosen.embed(texts), strict=True)))
 
 
 class PoolVectors:
@@ -109,9 +112,8 @@ class PoolVectors:
     (multilingual-e5-small takes minutes for csldcp's 536 pool texts on 2 cores); other texts are embedded at every
     call, so an arm's texts/s still includes embedding the texts it classifies."""
 
-    def __init__(self, embedder, pool: list[str]):
-        self.embedder, self.id, self.dim = embedder, embedder.id, embedder.dim
-        self.pool = dict(zip(pool, embedder.embed(pool), strict=True))
+    def __init__(self, embedder, pool: dict[str, np.ndarray]):
+        self.embedder, self.id, self.dim, self.pool = embedder, embedder.id, embedder.dim, pool
 
     def __deepcopy__(self, memo) -> PoolVectors:  # shared, not copied, as the packaged embedders are
         return self
