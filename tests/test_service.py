@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from labelcascade import Session, Task
 from labelcascade.agent import Policy
+from labelcascade.retrieval.embedder_process import EmbedderProcess
 from labelcascade.service import create_app, serve
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out
@@ -86,6 +87,31 @@ def test_200_concurrent_requests_are_batched_and_answer_as_the_classifier_does(b
         assert answer["top"][0] == {"label": answer["label"], "probability": answer["confidence"]} and len(answer["top"]) == 3
     assert metric(exposition, "labelcascade_classify_batch_texts_sum") == 200
     assert metric(exposition, "labelcascade_classify_batch_texts_count") < 200  # waiting requests were joined
+
+
+@pytest.mark.slow
+def test_with_the_embedder_in_child_processes_the_next_batch_is_embedded_ahead_and_answers_alike(
+        embedder, tmp_path, monkeypatch):
+    """What `serve` runs: the session's embedder in child processes. While one batch is answered, the requests
+    waiting are sent to the children as soon as they are free; the answers are those of this process's embedder."""
+    Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
+    texts = [MESSAGES[i % len(MESSAGES)] for i in range(120)]
+    with Session.open(tmp_path / "ws", embedder=embedder) as here:
+        expected = here.classify(texts, learn=False)
+    sent_ahead = []
+    with EmbedderProcess("default", workers=2) as children, \
+            Session.open(tmp_path / "ws", embedder=children) as session:
+        embed_soon = children.embed_soon
+        monkeypatch.setattr(children, "embed_soon", lambda batch: sent_ahead.append(embed_soon(batch)) or sent_ahead[-1])
+        with running(create_app(session)) as url:
+            responses = post_concurrently(url, [{"text": text} for text in texts], concurrency=16)
+        assert children.on_idle is None  # the service let go of its embedder when it stopped
+    assert [r.status_code for r in responses] == [200] * len(texts)
+    for response, prediction in zip(responses, expected, strict=True):
+        [answer] = response.json()["answers"]
+        assert answer["label"] == prediction.label
+        assert answer["confidence"] == pytest.approx(prediction.confidence, abs=1e-4)
+    assert any(sent_ahead)  # some batches were embedded while the one before them was still being answered
 
 
 def test_a_list_of_texts_is_answered_in_order_with_the_top_labels_asked_for(banking, direct):

@@ -29,6 +29,13 @@ every request waiting (up to `max_texts` texts, a request is never split), answe
 `session.classify(texts)` call and hands each request its own slice. There is no waiting window: an idle service
 answers a lone request at once, and a busy one batches exactly the requests that arrived during the previous batch.
 
+Why the next batch is embedded ahead: embedding is most of a batch's time, and the embedder's children would
+otherwise sit idle while the worker thread finishes a batch (the fallback, the answers) and while its callers get
+their answers and send their next requests. When an `EmbedderProcess` (what `serve` uses) says its children are
+done with the batch's texts (`on_idle`), the requests waiting at that moment become the next batch and its texts go
+to the children at once (`embed_soon`); the worker's `classify` of that batch then only collects the vectors. A batch
+is still answered whole and in turn; only its embedding starts early. (BENCHMARKS.md, "HTTP service".)
+
 Who may overrule whom: feedback is a `review` example, which outranks the LLM's labels, but not a gold label: a text
 the workspace holds with a gold label (the task's seeds, `labelcascade add`) keeps it, and feedback giving it
 another label gets 409; a person with the workspace changes gold labels with `labelcascade add --review`. Feedback
@@ -238,6 +245,11 @@ class SessionWorker:
         self._queue: asyncio.Queue[_Waiting] | None = None
         self._retraining: asyncio.Task | None = None
         self._retrain_again = False
+        self._held: _Waiting | None = None  # the request that did not fit in the previous batch
+        self._next: list[_Waiting] | None = None  # the next batch, when its texts were sent to the embedder ahead
+        self._busy = False  # a batch is being answered
+        embedder = getattr(session, "embedder", None)
+        self._ahead_embedder = embedder if isinstance(embedder, EmbedderProcess) else None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -246,6 +258,9 @@ class SessionWorker:
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelcascade-retrain")
         self._queue = asyncio.Queue()
         auto_retrain, self.session.auto_retrain = self.session.auto_retrain, False
+        if self._ahead_embedder is not None:
+            loop = asyncio.get_running_loop()
+            self._ahead_embedder.on_idle = lambda: loop.call_soon_threadsafe(self._embed_ahead)
         batching = asyncio.create_task(self._batch_forever())
         try:
             yield
@@ -257,6 +272,8 @@ class SessionWorker:
             self._trainer.shutdown(wait=True)
             self._executor.shutdown(wait=True)
             self.session.auto_retrain = auto_retrain
+            if self._ahead_embedder is not None:
+                self._ahead_embedder.on_idle = None
 
     @property
     def retraining(self) -> bool:
@@ -295,19 +312,36 @@ class SessionWorker:
         return await waiting.predictions
 
     async def _batch_forever(self) -> None:
-        held: _Waiting | None = None  # the request that did not fit in the previous batch
         while True:
-            batch = [held or await self._queue.get()]
-            held = None
-            size = len(batch[0].texts)
-            while not self._queue.empty():
-                waiting = self._queue.get_nowait()
-                if size + len(waiting.texts) > self.max_batch:
-                    held = waiting
-                    break
-                batch.append(waiting)
-                size += len(waiting.texts)
-            await self._answer([waiting for waiting in batch if not waiting.predictions.cancelled()])
+            batch = self._next or self._joined(self._held or await self._queue.get())
+            self._next = None
+            self._busy = True
+            try:
+                await self._answer([waiting for waiting in batch if not waiting.predictions.cancelled()])
+            finally:
+                self._busy = False
+
+    def _joined(self, first: _Waiting) -> list[_Waiting]:
+        """`first` and the requests waiting behind it, up to `max_batch` texts (the one that does not fit is held
+        for the next batch)."""
+        self._held = None
+        batch, size = [first], len(first.texts)
+        while not self._queue.empty():
+            waiting = self._queue.get_nowait()
+            if size + len(waiting.texts) > self.max_batch:
+                self._held = waiting
+                break
+            batch.append(waiting)
+            size += len(waiting.texts)
+        return batch
+
+    def _embed_ahead(self) -> None:
+        """The embedder's children finished the running batch's texts: make the next batch of the requests waiting
+        now and start embedding it (see "Why the next batch is embedded ahead")."""
+        if not self._busy or self._next is not None or (self._held is None and self._queue.empty()):
+            return
+        self._next = self._joined(self._held or self._queue.get_nowait())
+        self._ahead_embedder.embed_soon([text for waiting in self._next for text in waiting.texts])
 
     async def _answer(self, batch: list[_Waiting]) -> None:
         if not batch:

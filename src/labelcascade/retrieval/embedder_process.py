@@ -8,7 +8,8 @@ model ran. In child processes the model has interpreters of its own; the service
 Why several one-thread children rather than one child with a thread per core: the service's batches are small (the
 requests that arrived during the previous batch), and torch's threads share out a small batch's matrices poorly. A
 batch is sorted by length and cut into one contiguous run per child, so each child's texts are padded to similar
-lengths and the children work at once; a batch of a few texts goes to one child. (BENCHMARKS.md, "HTTP service".)
+lengths; the runs are cut to cost about the same (more of the short texts, fewer of the long), so the children
+finish together; a batch of a few texts goes to one child. (BENCHMARKS.md, "HTTP service".)
 
 Each child is a new interpreter (`python -m labelcascade.retrieval.embedder_process SPEC`: not a fork, which is
 unsafe with torch's threads running, and not multiprocessing's spawn, which re-runs the caller's main script). It
@@ -26,7 +27,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -48,8 +50,11 @@ class EmbedderProcess:
     def __init__(self, spec: str, *, workers: int | None = None):
         self.spec = spec
         self.workers = workers if workers is not None else max(1, min(4, os.cpu_count() or 1))
+        self.on_idle: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._children: list[_Child] = []
+        self._ahead: _Ahead | None = None
+        self._broken = False
         try:
             self._children = _started(spec, self.workers)
         except BaseException:
@@ -62,30 +67,82 @@ class EmbedderProcess:
             raise TypeError("embed() takes a sequence of texts; wrap a single text in a list")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        order = np.argsort([len(text) for text in texts], kind="stable")
-        runs = [run for run in np.array_split(order, min(len(self._children), -(-len(texts) // SMALL_BATCH))) if len(run)]
-        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
         with self._lock:
-            try:
-                answers = self._ask(texts, runs, batch_size)
-            except (EOFError, OSError):  # a child died (killed, out of memory): once more with new ones
-                self._restart()
-                answers = self._ask(texts, runs, batch_size)
+            answers, runs = self._collected(texts, batch_size)
+            if answers is None:
+                runs = self._runs(texts)
+                try:
+                    answers = self._ask(texts, runs, batch_size)
+                except (EOFError, OSError):  # a child died (killed, out of memory): once more with new ones
+                    self._restart()
+                    answers = self._ask(texts, runs, batch_size)
+        if self.on_idle is not None:
+            self.on_idle()
+        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
         for run, (kind, value) in zip(runs, answers, strict=True):
             if kind == ERROR:
                 raise EmbedderProcessError(f"embedder {self.spec!r}: {value.decode()}")
             vectors[run] = np.frombuffer(value, dtype=np.float32).reshape(len(run), self.dim)
         return vectors
 
-    def _ask(self, texts: Sequence[str], runs: list[np.ndarray], batch_size: int) -> list[tuple[bytes, bytes]]:
+    def embed_soon(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> bool:
+        """Start embedding `texts` if the children are free, and return at once (False: they were busy, nothing
+        started). A later `embed` of the same texts only collects the vectors; any other call first collects and
+        drops them. The service sends its next batch this way when `on_idle` says the children finished the
+        previous one, so they embed it while the worker thread still finishes the previous batch and its answers
+        go out, instead of waiting for the worker."""
+        if len(texts) == 0 or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._ahead is not None or self._broken or not self._children:
+                return False
+            runs = self._runs(texts)
+            try:
+                self._send(texts, runs, batch_size)
+            except OSError:  # a child died: the next `embed` starts new ones (not here, on the caller's thread)
+                self._broken = True
+                return False
+            self._ahead = _Ahead(list(texts), runs, batch_size)
+            return True
+        finally:
+            self._lock.release()
+
+    def _collected(self, texts: Sequence[str], batch_size: int) -> tuple[list[tuple[bytes, bytes]] | None, list]:
+        """The answers to what `embed_soon` sent, if it sent these texts; else (None, []), with whatever it sent
+        collected and dropped, and the children restarted if one died."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and not self._broken:
+            try:
+                answers = [child.receive() for child, _ in zip(self._children, ahead.runs, strict=False)]
+            except (EOFError, OSError):
+                self._broken = True
+            else:
+                if ahead.texts == list(texts) and ahead.batch_size == batch_size:
+                    return answers, ahead.runs
+        if self._broken:
+            self._restart()
+        return None, []
+
+    def _runs(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`texts`' positions sorted by length, cut into one run per child (`balanced_cuts`)."""
+        lengths = np.array([len(text) for text in texts])
+        order = np.argsort(lengths, kind="stable")
+        cuts = balanced_cuts(lengths[order], min(len(self._children), -(-len(texts) // SMALL_BATCH)))
+        return [order[start:end] for start, end in zip([0, *cuts], [*cuts, len(texts)], strict=True)]
+
+    def _send(self, texts: Sequence[str], runs: list[np.ndarray], batch_size: int) -> None:
         for child, run in zip(self._children, runs, strict=False):  # all children start before any answer is read
             child.send([texts[i] for i in run], batch_size)
+
+    def _ask(self, texts: Sequence[str], runs: list[np.ndarray], batch_size: int) -> list[tuple[bytes, bytes]]:
+        self._send(texts, runs, batch_size)
         return [child.receive() for child, _ in zip(self._children, runs, strict=False)]
 
     def _restart(self) -> None:
         for child in self._children:
             child.stop()  # a live child may hold an unread answer: start every one afresh
         self._children = _started(self.spec, self.workers)
+        self._broken = False
 
     def close(self) -> None:
         """Stop the child processes."""
@@ -93,6 +150,7 @@ class EmbedderProcess:
             for child in self._children:
                 child.stop()
             self._children = []
+            self._ahead = None
 
     def __enter__(self) -> EmbedderProcess:
         return self
@@ -105,6 +163,52 @@ class EmbedderProcess:
 
     def __repr__(self) -> str:
         return f"EmbedderProcess(id={getattr(self, 'id', None)!r}, spec={self.spec!r}, workers={self.workers})"
+
+
+RUN_OVERHEAD_CHARS = 40  # a run's fixed cost (one forward pass, the pipes), in characters of text
+
+
+def balanced_cuts(lengths: np.ndarray, runs: int) -> list[int]:
+    """Where to cut texts sorted by length (`lengths`, ascending) into at most `runs` contiguous runs whose largest
+    cost is smallest. A run is padded to its longest text, so it costs about `len(run) * longest + overhead`:
+    cutting into equal counts gives the run of the longest texts the most work, and every child waits for it
+    (BENCHMARKS.md, "HTTP service"). Found by bisecting the largest cost, filling each run greedily."""
+    count = len(lengths)
+    if runs <= 1 or count <= 1:
+        return []
+    padded = lengths.astype(np.float64)
+
+    def cuts_within(limit: float) -> list[int] | None:
+        cuts, start = [], 0
+        while start < count:
+            cost = (np.arange(1, count - start + 1) * padded[start:] + RUN_OVERHEAD_CHARS)
+            end = start + max(1, int(np.searchsorted(cost, limit, side="right")))
+            if end < count:
+                if len(cuts) == runs - 1:
+                    return None
+                cuts.append(end)
+            start = end
+        return cuts
+
+    low, high = 0.0, float(count * padded[-1] + RUN_OVERHEAD_CHARS)
+    best = cuts_within(high)
+    for _ in range(24):
+        middle = (low + high) / 2
+        found = cuts_within(middle)
+        if found is None:
+            low = middle
+        else:
+            high, best = middle, found
+    return best
+
+
+@dataclass
+class _Ahead:
+    """What `embed_soon` sent to the children, whose answers are still to be read."""
+
+    texts: list[str]
+    runs: list[np.ndarray]
+    batch_size: int
 
 
 def _started(spec: str, count: int) -> list[_Child]:
