@@ -74,7 +74,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -260,7 +260,12 @@ class SessionWorker:
         auto_retrain, self.session.auto_retrain = self.session.auto_retrain, False
         if self._ahead_embedder is not None:
             loop = asyncio.get_running_loop()
-            self._ahead_embedder.on_idle = lambda: loop.call_soon_threadsafe(self._embed_ahead)
+
+            def children_idle() -> None:  # on the thread that called `embed`
+                with suppress(RuntimeError):  # the loop has closed: no next batch to embed
+                    loop.call_soon_threadsafe(self._embed_ahead)
+
+            self._ahead_embedder.on_idle = children_idle
         batching = asyncio.create_task(self._batch_forever())
         try:
             yield
