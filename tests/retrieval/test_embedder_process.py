@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from labelcascade import Session
-from labelcascade.retrieval.embedder_process import EmbedderProcess, EmbedderProcessError, balanced_cuts
+from labelcascade.retrieval.embedder_process import RUN_OVERHEAD_CHARS, EmbedderProcess, EmbedderProcessError, balanced_cuts
 
 from ..conftest import BANKING_TASK, held_out
 
@@ -91,7 +91,7 @@ def test_a_child_that_dies_while_texts_are_sent_ahead_is_replaced_and_the_call_a
 def cost(lengths: np.ndarray, cuts: list[int]) -> float:
     """The largest cost of the runs `cuts` makes: texts times the longest, plus a fixed cost per run."""
     bounds = [0, *cuts, len(lengths)]
-    return max((end - start) * lengths[end - 1] + 40 for start, end in zip(bounds, bounds[1:]))
+    return max((end - start) * lengths[end - 1] + RUN_OVERHEAD_CHARS for start, end in zip(bounds, bounds[1:]))
 
 
 def test_runs_are_cut_to_cost_about_the_same_not_to_hold_the_same_count():
