@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import signal
 import socket
@@ -82,13 +83,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measured_load(url: str, server: int, bodies: Path, concurrency: int, seconds: float) -> dict:
-    """`load`, plus the CPU time per request the server (with its embedder processes) and the client used, and the
-    mean texts per classifier call (the service's /metrics)."""
-    processes = [server, *children(server)]
-    server_before = sum(cpu_seconds(pid) for pid in processes)
+    """`load`, plus the CPU time per request that the server used (its main process, which answers HTTP and runs the
+    classifier's head, and its embedder processes, apart) and the client used, and the mean texts per classifier
+    call (the service's /metrics)."""
+    embedders = children(server)
+    main_before, embedders_before = cpu_seconds(server), sum(cpu_seconds(pid) for pid in embedders)
     batches_before = batch_counts(url)
     result = load(url, bodies, concurrency, seconds)
-    result["server_cpu_ms"] = (sum(cpu_seconds(pid) for pid in processes) - server_before) / result["requests"] * 1000
+    per_request = 1000 / result["requests"]
+    result["main_cpu_ms"] = (cpu_seconds(server) - main_before) * per_request
+    result["embedders_cpu_ms"] = (sum(cpu_seconds(pid) for pid in embedders) - embedders_before) * per_request
+    result["server_cpu_ms"] = result["main_cpu_ms"] + result["embedders_cpu_ms"]
     texts, calls = (after - before for after, before in zip(batch_counts(url), batches_before, strict=True))
     result["texts_per_batch"] = texts / calls if calls else 0.0
     return result
@@ -208,7 +213,7 @@ def main() -> None:
         f"{len(rounds)} rounds; banking77, 77 labels x 8 gold examples (seed 0), all-MiniLM-L6-v2, no LLM; one text "
         f"per request, {args.seconds:g} s of load per setting after {WARM_UP_S} s of warm-up; wrk on the same machine. "
         "Median over rounds (range).", "",
-        "| setting | texts/s or requests/s | ratio to direct | p50 ms | p99 ms | server CPU ms/request | client CPU ms/request | texts per batch |",
+        "| setting | texts/s or requests/s | ratio to direct | p50 ms | p99 ms | server CPU ms/request (main + embedders) | client CPU ms/request | texts per batch |",
         "|---|---|---|---|---|---|---|---|",
         f"| direct batch (`session.classify` of {args.texts} texts) | {spread(direct_rate)} | 1.00 | - | - | - | - | - |",
         f"| direct, 32 texts per call (the most a batch holds at concurrency 32) | "
@@ -222,17 +227,26 @@ def main() -> None:
         ratio = statistics.median([r[key]["requests_per_s"] / r["direct_texts_per_s"] for r in rounds])
         p50 = statistics.median(r[key]["p50_ms"] for r in rounds)
         p99 = statistics.median(r[key]["p99_ms"] for r in rounds)
-        cpu = {f"{side}_cpu_ms": statistics.median(r[key][f"{side}_cpu_ms"] for r in rounds)
-               for side in ("server", "client")}
+        cpu = {f"{side}_cpu_ms": statistics.median(r[key].get(f"{side}_cpu_ms", math.nan) for r in rounds)
+               for side in ("server", "main", "embedders", "client")}
         batch = statistics.median(r[key]["texts_per_batch"] for r in rounds)
         summary[key] = {"requests_per_s": statistics.median(rate), "ratio": ratio, "p50_ms": p50, "p99_ms": p99, **cpu,
                         "texts_per_batch": batch}
         lines.append(f"| service, concurrency {concurrency} | {spread(rate)} | {ratio:.2f} | {p50:.0f} | {p99:.0f} | "
-                     f"{cpu['server_cpu_ms']:.1f} | {cpu['client_cpu_ms']:.1f} | {batch:.1f} |")
+                     f"{cpu['server_cpu_ms']:.1f} ({cpu['main_cpu_ms']:.1f} + {cpu['embedders_cpu_ms']:.1f}) | "
+                     f"{cpu['client_cpu_ms']:.1f} | {batch:.1f} |")
     core_ms = (os.cpu_count() or 1) * 1000 / statistics.median(direct_rate)
     lines += ["", f"The direct batch uses {core_ms:.1f} ms of CPU time per text ({os.cpu_count()} cores busy); the "
               f"service uses {summary['c32']['server_cpu_ms']:.1f} ms per one-text request at concurrency 32 and the "
               f"client {summary['c32']['client_cpu_ms']:.1f} ms, on the same cores."]
+    busy = summary["c32"]["server_cpu_ms"] + summary["c32"]["client_cpu_ms"]
+    ceiling = (os.cpu_count() or 1) * 1000 / busy
+    used = summary["c32"]["requests_per_s"] / ceiling
+    lines += ["", f"What bounds concurrency 32: at {busy:.1f} ms of CPU per request (server and client), {os.cpu_count()} "
+              f"fully busy cores would answer {ceiling:.0f} requests/s, {ceiling / statistics.median(direct_rate):.2f} "
+              f"of the direct batch; the service reached {used:.0%} of that (the rest: cores left idle while a batch "
+              f"waits for its texts or its vectors). A ratio of 0.80 needs both cores busy at <= "
+              f"{core_ms / 0.8:.1f} ms per request."]
     direct_32 = statistics.median(r["direct_32_texts_per_s"] for r in rounds)
     lines += ["", f"At concurrency 32 a batch holds 32 texts at most: in-process calls of 32 texts run {direct_32:.0f} "
               f"texts/s, and the service answers {summary['c32']['requests_per_s']:.0f} requests/s "
