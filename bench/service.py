@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import signal
 import socket
@@ -227,7 +226,7 @@ def main() -> None:
         ratio = statistics.median([r[key]["requests_per_s"] / r["direct_texts_per_s"] for r in rounds])
         p50 = statistics.median(r[key]["p50_ms"] for r in rounds)
         p99 = statistics.median(r[key]["p99_ms"] for r in rounds)
-        cpu = {f"{side}_cpu_ms": statistics.median(r[key].get(f"{side}_cpu_ms", math.nan) for r in rounds)
+        cpu = {f"{side}_cpu_ms": statistics.median(r[key][f"{side}_cpu_ms"] for r in rounds)
                for side in ("server", "main", "embedders", "client")}
         batch = statistics.median(r[key]["texts_per_batch"] for r in rounds)
         summary[key] = {"requests_per_s": statistics.median(rate), "ratio": ratio, "p50_ms": p50, "p99_ms": p99, **cpu,
@@ -244,8 +243,8 @@ def main() -> None:
     used = summary["c32"]["requests_per_s"] / ceiling
     lines += ["", f"What bounds concurrency 32: at {busy:.1f} ms of CPU per request (server and client), {os.cpu_count()} "
               f"fully busy cores would answer {ceiling:.0f} requests/s, {ceiling / statistics.median(direct_rate):.2f} "
-              f"of the direct batch; the service reached {used:.0%} of that (the rest: cores left idle while a batch "
-              f"waits for its texts or its vectors). A ratio of 0.80 needs both cores busy at <= "
+              f"of the direct batch; the service reached {used:.0%} of that (the rest: cores left idle, while one "
+              f"embedder process waits for the other's run or a batch for its texts). A ratio of 0.80 needs both cores busy at <= "
               f"{core_ms / 0.8:.1f} ms per request."]
     direct_32 = statistics.median(r["direct_32_texts_per_s"] for r in rounds)
     lines += ["", f"At concurrency 32 a batch holds 32 texts at most: in-process calls of 32 texts run {direct_32:.0f} "
