@@ -234,18 +234,18 @@ def main() -> None:
         lines.append(f"| service, concurrency {concurrency} | {spread(rate)} | {ratio:.2f} | {p50:.0f} | {p99:.0f} | "
                      f"{cpu['server_cpu_ms']:.1f} ({cpu['main_cpu_ms']:.1f} + {cpu['embedders_cpu_ms']:.1f}) | "
                      f"{cpu['client_cpu_ms']:.1f} | {batch:.1f} |")
-    core_ms = (os.cpu_count() or 1) * 1000 / statistics.median(direct_rate)
-    lines += ["", f"The direct batch uses {core_ms:.1f} ms of CPU time per text ({os.cpu_count()} cores busy); the "
+    cores, direct_median = os.cpu_count() or 1, statistics.median(direct_rate)
+    core_ms = cores * 1000 / direct_median
+    lines += ["", f"The direct batch uses {core_ms:.1f} ms of CPU time per text ({cores} cores busy); the "
               f"service uses {summary['c32']['server_cpu_ms']:.1f} ms per one-text request at concurrency 32 and the "
               f"client {summary['c32']['client_cpu_ms']:.1f} ms, on the same cores."]
     busy = summary["c32"]["server_cpu_ms"] + summary["c32"]["client_cpu_ms"]
-    ceiling = (os.cpu_count() or 1) * 1000 / busy
-    used = summary["c32"]["requests_per_s"] / ceiling
-    lines += ["", f"What bounds concurrency 32: at {busy:.1f} ms of CPU per request (server and client), {os.cpu_count()} "
-              f"fully busy cores would answer {ceiling:.0f} requests/s, {ceiling / statistics.median(direct_rate):.2f} "
-              f"of the direct batch; the service reached {used:.0%} of that (the rest: cores left idle, while one "
-              f"embedder process waits for the other's run or a batch for its texts). A ratio of 0.80 needs both cores busy at <= "
-              f"{core_ms / 0.8:.1f} ms per request."]
+    ceiling = cores * 1000 / busy
+    lines += ["", f"What bounds concurrency 32: at {busy:.1f} ms of CPU per request (server and client), {cores} "
+              f"fully busy cores would answer {ceiling:.0f} requests/s, {ceiling / direct_median:.2f} of the direct "
+              f"batch; the service reached {summary['c32']['requests_per_s'] / ceiling:.0%} of that (the rest: cores "
+              "left idle, while one embedder process waits for the other's run or a batch for its texts). A ratio of "
+              f"0.80 needs both cores busy at <= {core_ms / 0.8:.1f} ms per request."]
     direct_32 = statistics.median(r["direct_32_texts_per_s"] for r in rounds)
     lines += ["", f"At concurrency 32 a batch holds 32 texts at most: in-process calls of 32 texts run {direct_32:.0f} "
               f"texts/s, and the service answers {summary['c32']['requests_per_s']:.0f} requests/s "
@@ -260,7 +260,7 @@ def main() -> None:
               f"{'PASS' if p99_8 < 150 else 'FAIL'}."]
     lines.append("")
     result = {"date": dt.date.today().isoformat(), **started, "load_end": round(os.getloadavg()[0], 1),
-              "rounds": rounds, "summary": summary, "direct_texts_per_s": statistics.median(direct_rate)}
+              "rounds": rounds, "summary": summary, "direct_texts_per_s": direct_median}
     publish(result, args.out, "\n".join(lines), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
 
 

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from labelcascade import Session
-from labelcascade.retrieval.embedder_process import RUN_OVERHEAD_CHARS, EmbedderProcess, EmbedderProcessError, balanced_cuts
+from labelcascade.retrieval.embedder_process import (
+    RUN_OVERHEAD_CHARS,
+    EmbedderProcess,
+    EmbedderProcessError,
+    balanced_cuts,
+)
 
 from ..conftest import BANKING_TASK, held_out
 
