@@ -104,7 +104,6 @@ def test_answers_agree_with_the_exact_engine_on_the_same_model(engine, exact, da
     for i, (approx, scores) in enumerate(zip(approximate, reference, strict=True)):
         agree += max(approx, key=approx.get) == max(candidates, key=scores.get)
         for candidate, first in zip(candidates, first_tokens, strict=True):
-            # which side moved, should this fail again (once in a full clean-clone run, 2026-12-03; not reproduced)
             seen = f"prompt {i}, {candidate!r}: server {approx}, exact {scores}"
             assert approx[candidate] >= scores[first] - SAME_TOKEN_TOLERANCE >= scores[candidate] - SAME_TOKEN_TOLERANCE, seen
             if scores[first] > surely_shown:
@@ -113,6 +112,31 @@ def test_answers_agree_with_the_exact_engine_on_the_same_model(engine, exact, da
     delta = {key: value - before[key] for key, value in vars(engine.stats).items()}
     assert delta["prompts"] == delta["candidate_tokens"] == len(prompts)  # one request each
     assert delta["computed_tokens"] == delta["prompt_tokens"] > 0  # this server reports no cached tokens
+
+
+@pytest.mark.slow
+def test_a_candidate_that_follows_a_piece_inside_a_word_keeps_the_bound(server_url, exact):
+    """Right after an sst2 prompt (which shares 17 tokens with it), a news prompt's top K shows " S" and not " Sci":
+    this server reuses the shared prefix, and the rounding of the shorter evaluation lifts " S" (a near tie with the
+    20th token) into the top K. " Sci/Tech" and " Sports" follow " S", then miss at the second request; they still
+    score at least the first request's lowest shown, above their exact scores. (Found as a rare failure of the test
+    above: its four requests reach the server in any order.)"""
+    sst2, sst2_candidates = rendered("sst2", 4, shots=True)
+    news, candidates = rendered("ag_news", 4, shots=False)
+    engine = OpenAICompatibleEngine(server_url, concurrency=1)
+    try:
+        engine.score(sst2[2:3], [sst2_candidates])
+        top, floor = engine._next_token_logprobs(news[3], None, first=True)
+        assert " S" in top and " Sci" not in top and " Sports" not in top  # what this test is about
+        engine.score(sst2[2:3], [sst2_candidates])
+        scores = engine.score(news[3:4], [candidates])[0]
+    finally:
+        engine.close()
+    reference = exact.score(news[3:4], [candidates])[0]
+    for candidate in (" Sci/Tech\n\n", " Sports\n\n"):
+        assert scores[candidate] == pytest.approx(floor, abs=SAME_TOKEN_TOLERANCE)
+        assert scores[candidate] >= reference[candidate]
+    assert max(scores, key=scores.get) == max(reference, key=reference.get)
 
 
 @pytest.mark.slow

@@ -13,7 +13,9 @@ completion). A prompt's candidates are then scored by walking a text trie over t
 - candidates that followed the same token go on together: the next request is the prompt plus that token's text;
 - a candidate stops once no other candidate shares its path (the tokens so far tell it apart), or once its text is
   used up, or after `max_depth` requests along its path;
-- a candidate whose next piece is not among the shown tokens gets the lowest log-probability shown instead, and stops.
+- a candidate whose next piece is not among the shown tokens gets the lowest log-probability shown instead, and stops;
+- a candidate that follows a piece ending inside a word (" S" of " Sci/Tech") may be written by the model with a
+  longer token that is not shown (" Sci"): it scores at least what it had before that piece plus the lowest shown.
 
 So with labels whose first tokens differ, a label's score is its first token's log-probability, from one request per
 prompt. Requests for different prompts run concurrently; a prompt's own requests, one after another.
@@ -27,10 +29,12 @@ compare the two on the same model).
 - The floor: a candidate whose next token is not in the top K gets the lowest log-probability shown, an upper bound of
   its own, so a distribution with many likely tokens flatters the labels outside it, and they all tie.
 - Tokenization: matching is on text, and the path a candidate takes may not be the model's own tokenization of it
-  (a shown short piece, " c" for " card", where the model writes " card" with one token it did not show). A server
-  whose token texts hide part of the text (a special token shown as empty, a partial UTF-8 character), tokens that
-  cross the candidate's end, or a prompt plus a token's text that the server tokenizes differently from the path it
-  took, misdirect the walk too; the score is then neither the exact one nor a bound of it.
+  (a shown short piece, " c" for " card", where the model writes " card" with one token it did not show). Within a
+  word this keeps the bound (the rule above): which of two near ties makes the top K moves with kernel rounding, so
+  " S" is shown after one prompt order and not after another (seen with llama-cpp-python's server). A server whose
+  token texts hide part of the text (a special token shown as empty, a partial UTF-8 character), tokens that cross
+  the candidate's end, or a prompt plus a token's text that the server tokenizes differently from the path it took,
+  misdirect the walk; the score is then neither the exact one nor a bound of it.
 - K: the default asks for 20; a server that refuses it and names its maximum in the refusal (OpenAI's own legacy
   route allows 5) is asked for that from then on. A smaller K floors more labels.
 
@@ -42,6 +46,7 @@ vLLM engine keeps them (`OpenAIServerMixin`): the `timeout` of a scoring call bo
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -120,6 +125,7 @@ class OpenAICompatibleEngine(OpenAIServerMixin, ScoringEngine):
     def _score_prompt(self, prompt: str, options: Sequence[str], deadline: float | None) -> dict[str, float]:
         """Walk the text trie of `options` over the server's top-K tokens (module docstring)."""
         scores = dict.fromkeys(options, 0.0)
+        bounds: dict[str, float] = {}  # for candidates that followed a piece ending inside a word (module docstring)
         paths: list[tuple[str, list[str]]] = [("", list(options))]  # (text after the prompt, candidates along it)
         for depth in range(self.max_depth):
             following = []
@@ -132,6 +138,8 @@ class OpenAICompatibleEngine(OpenAIServerMixin, ScoringEngine):
                     if token is None:  # not among the shown tokens: an upper bound, and the walk ends here
                         scores[option] += floor
                         continue
+                    if _ends_inside_a_word(rest, token):
+                        bounds[option] = max(bounds.get(option, -math.inf), scores[option] + floor)
                     scores[option] += top[token]
                     branches.setdefault(token, []).append(option)
                 for token, group in branches.items():
@@ -141,7 +149,7 @@ class OpenAICompatibleEngine(OpenAIServerMixin, ScoringEngine):
             paths = following
             if not paths:
                 break
-        return scores
+        return {option: max(score, bounds.get(option, score)) for option, score in scores.items()}
 
     def _next_token_logprobs(self, text: str, deadline: float | None, *, first: bool) -> tuple[dict[str, float], float]:
         """The server's top-K next-token log-probabilities after `text`, by token text, and the lowest of them."""
@@ -194,6 +202,11 @@ def _begins_with_token(text: str, token: str) -> bool:
     if not text.startswith(token):
         return False
     return not (token.strip(" ") == "" and text[len(token) : len(token) + 1].isalpha())
+
+
+def _ends_inside_a_word(text: str, token: str) -> bool:
+    """Whether the token's text, at the start of `text`, stops between two letters or digits of one word."""
+    return len(text) > len(token) and token[-1:].isalnum() and text[len(token)].isalnum()
 
 
 def _shown_logprobs(logprobs) -> list[tuple[str, float]]:
