@@ -117,13 +117,19 @@ class WorkerMemory:
                     self.peak_mb[kind] = max(self.peak_mb[kind], rss / 1024)
 
 
+def llm_cpus(ray_workers: int) -> int:
+    """CPUs (and llama.cpp threads) per LLM worker: the machine's cores shared out, as the single process uses them."""
+    return max(1, (os.cpu_count() or 1) // ray_workers)
+
+
 def run_job(workspace: Path, source: Path, destination: Path, engine: str | None, ray_workers: int | None) -> dict:
     """One `labelcascade label` process: wall time, peak memory and the routes of its output."""
     command = [str(LABELCASCADE), "label", str(workspace), str(source), str(destination), "--no-progress"]
     if engine is not None:
         command += ["--engine", engine]
     if ray_workers is not None:
-        command += ["--ray", "local", "--embed-workers", str(ray_workers), "--llm-workers", str(ray_workers)]
+        command += ["--ray", "local", "--embed-workers", str(ray_workers), "--llm-workers", str(ray_workers),
+                    "--llm-cpus", str(llm_cpus(ray_workers))]
     began = time.perf_counter()
     with WorkerMemory() as workers:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -147,7 +153,8 @@ def section(result: dict, heading: str = HEADING, out: Path = DEFAULT_OUT) -> st
              f"{result['policy']['accept_threshold']:.3f}, LLM weight {result['policy']['llm_weight']:.1f}); each arm a separate "
              f"`labelcascade label` process in its own copy of the workspace, run back to back; {result['machine']['cpu_count']} "
              f"shared CPU cores, load {result['machine']['load_start']} at start. Ray arms: `--ray local` with N "
-             "fallback and N LLM workers (one CPU each); their peak memory is the driver's, then the largest worker "
+             "fallback workers (one CPU each) and N LLM workers (`--llm-cpus` cores/N each: their llama.cpp "
+             "threads); their peak memory is the driver's, then the largest worker "
              "of each stage's.", "",
              "| arm | rows | rows/s | sent to LLM | routes | peak memory MB (driver / fallback worker / LLM worker) "
              "| wall s |", "|---|---:|---:|---:|---|---:|---:|"]
@@ -192,7 +199,7 @@ def scaling_model(arms: dict) -> list[str]:
         "(starting Ray, shipping the workspace, starting the actors; once per pass for the actors).",
         "",
         f"On this machine every worker shares the same {os.cpu_count()} cores, so the Ray arms show the overhead, not "
-        "a speed-up: a second llama.cpp worker takes threads from the first (each runs 2), and the fallback's rows/s "
+        "a speed-up: two llama.cpp workers split the cores (one thread each), and the fallback's rows/s "
         "already uses both cores in one process. A speed-up needs workers with cores (or GPUs) of their own.",
         "",
         "With W_fb fallback workers and W_llm LLM workers, each with its own cores, a pass runs at about "

@@ -20,7 +20,7 @@ from labelcascade.tables import InputError
 from .conftest import BANKING_TASK, banking_messages, label_command, load_split, rows_done, write_texts_jsonl
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
-from labelcascade.ray_jobs import RayLabelJob, label_dataset  # noqa: E402
+from labelcascade.ray_jobs import LLMStage, RayLabelJob, label_dataset, workspace_archive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_with_the_llm_a_ray_job_answers_as_one_process_and_holds_the_budget_over
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text in banking_messages()[0][:24]))
     single = LabelJob(llm_session, source, tmp_path / "single.jsonl", batch_size=8, cache=False).run(progress=False)
     assert 0 < single.routes["llm"] < 24
-    RayLabelJob(llm_session, source, tmp_path / "ray.jsonl", batch_size=8, cache=False).run(progress=False)
+    RayLabelJob(llm_session, source, tmp_path / "ray.jsonl", batch_size=8, cache=False, llm_cpus=2).run(progress=False)
     one, many = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
                  for name in ("single.jsonl", "ray.jsonl"))
     assert [(r["label"], r["route"]) for r in many] == [(r["label"], r["route"]) for r in one]
@@ -111,6 +111,20 @@ def test_with_the_llm_a_ray_job_answers_as_one_process_and_holds_the_budget_over
     capped = RayLabelJob(llm_session, source, tmp_path / "capped.jsonl", batch_size=2, max_llm_calls=5,
                          llm_workers=2, cache=False).run(progress=False)
     assert capped.llm_calls == 5 and capped.routes == {"llm": 5, "fallback": 19}
+
+
+def test_an_llm_actor_runs_llama_cpp_on_the_cpus_it_reserves(cluster, llm_session, tmp_path):
+    """Ray places actors by the CPUs they reserve (`llm_cpus`, 1 unless told): a llama.cpp engine on more threads
+    than that would crowd the cores of the actors placed beside it."""
+    archive = [ray.put(workspace_archive(llm_session))]
+    for cpus in (1, 2):
+        stage = LLMStage(archive, "text", llm_session.engine_spec, None, cpus=cpus)
+        engine = stage.session._engine.loaded
+        assert engine.spec == llm_session.engine_spec and engine._llm.context_params.n_threads == cpus
+        stage.session.close()
+        engine.close()
+    with pytest.raises(ValueError, match="llm_cpus must be at least 1"):
+        RayLabelJob(llm_session, tmp_path / "in.jsonl", tmp_path / "out.jsonl", llm_cpus=0)
 
 
 def test_a_ray_job_learns_between_passes(cluster, llm_session, tmp_path):

@@ -285,6 +285,8 @@ def label(
         "--embed-workers", min=1, help="With --ray: actors that embed the rows and answer with the fallback.")] = 1,
     llm_workers: Annotated[int, typer.Option(min=1, help="With --ray: LLM actors, one engine each.")] = 1,
     llm_gpus: Annotated[float, typer.Option(help="With --ray: GPUs per LLM actor (1 for a vLLM engine).")] = 0,
+    llm_cpus: Annotated[int, typer.Option(
+        min=1, help="With --ray: CPUs per LLM actor, and the threads of a llama.cpp engine there.")] = 1,
     pass_rows: Annotated[int, typer.Option(
         min=1, help="With --ray: rows per pass; the workers get the workspace again after each pass is learned from.")
     ] = 10_000,
@@ -301,7 +303,8 @@ def label(
         except ImportError as error:
             raise InputError(f"--ray needs Ray Data ({error}); install it with: pip install 'labelcascade[ray]'") from None
         job = RayLabelJob(session, source, destination, address=ray, fallback_workers=fallback_workers,
-                          llm_workers=llm_workers, llm_gpus=llm_gpus, pass_rows=pass_rows, **options)
+                          llm_workers=llm_workers, llm_gpus=llm_gpus, llm_cpus=llm_cpus, pass_rows=pass_rows,
+                          **options)
     if plan:
         typer.echo(job.plan().describe())
     else:

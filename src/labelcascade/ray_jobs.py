@@ -18,7 +18,9 @@ narrowing, the prompt layout, each label's exact log-probability from `Engine.sc
 label offsets and pooling), the same code for every engine. Ray 2.60's vLLM stage does return `prompt_logprobs`,
 so a label could be scored there as the prompt followed by the label; it would duplicate that code for one engine.
 On a GPU host an actor with the `vllm-offline:` engine per GPU (`llm_gpus=1`) runs the same scoring in vLLM, with
-its prefix cache; on CPU hosts, llama.cpp. (Not run on a GPU here: no GPU was lent to the sessions that built it.)
+its prefix cache; on CPU hosts, llama.cpp, on as many threads as the CPUs its actor reserves (`llm_cpus`): Ray places
+actors by what they reserve, and llama.cpp threads that outnumber the cores slow each other down many times over.
+(Not run on a GPU here: no GPU was lent to the sessions that built it.)
 
 The file job (`RayLabelJob`) keeps everything else of the single-process job, on the driver: the file is read and
 checked by the same reader (a bad row stops the job before any work, named by its line), the job's state file
@@ -46,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from labelcascade.agent import LLMProgress
+from labelcascade.agent.engines import Engine
 from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import JobBar, LabelJob, answer_columns
 from labelcascade.records import Prediction, Route
@@ -79,7 +82,7 @@ def workspace_archive(session: Session) -> bytes:
     return buffer.getvalue()
 
 
-def open_archive(archive: bytes, engine: str | None) -> tuple[Session, tempfile.TemporaryDirectory]:
+def open_archive(archive: bytes, engine: str | Engine | None) -> tuple[Session, tempfile.TemporaryDirectory]:
     """A session on a private copy of a shipped workspace (unpacked with tarfile's `data` filter: no links out,
     no absolute paths); delete the folder after closing the session."""
     folder = tempfile.TemporaryDirectory(prefix="labelcascade-worker-")
@@ -115,9 +118,13 @@ class LLMStage:
     """Ray Data actor: sends a batch's unsure rows to its engine, within the job's shared budget; the other rows
     pass through as the fallback answered them."""
 
-    def __init__(self, archive: list, text_column: str, engine: str | None, budget):
+    def __init__(self, archive: list, text_column: str, engine: str | None, budget, cpus: int = 1):
         import ray
 
+        if engine is not None and engine.startswith("llamacpp:"):  # its threads on the CPUs this actor reserved
+            from labelcascade.agent.engines import load_engine
+
+            engine = load_engine(engine, n_threads=cpus)
         self.session, self._folder = open_archive(ray.get(archive[0]), engine=engine)
         self.text_column, self.budget = text_column, budget
 
@@ -172,7 +179,8 @@ class LLMBudget:
 
 
 def cascade_pipeline(dataset, session: Session, *, text_column: str = TEXT, max_llm_calls: int | None = None,
-                     batch_size: int = 64, fallback_workers: int = 1, llm_workers: int = 1, llm_gpus: float = 0):
+                     batch_size: int = 64, fallback_workers: int = 1, llm_workers: int = 1, llm_gpus: float = 0,
+                     llm_cpus: int = 1):
     """`dataset` with the internal answer columns added (ANSWER: each row's Prediction as JSON; ASKED: whether the
     LLM answered it), lazily: the two actor pools described in the module docstring. The LLM workers load the
     engine `session` asks (`Session.engine_spec`); none when it has none."""
@@ -189,8 +197,8 @@ def cascade_pipeline(dataset, session: Session, *, text_column: str = TEXT, max_
     budget = ray.remote(LLMBudget).options(num_cpus=0).remote(max_llm_calls)
     return answered.map_batches(
         LLMStage, fn_constructor_kwargs={"archive": archive, "text_column": text_column, "engine": engine,
-                                         "budget": budget},
-        batch_size=batch_size, batch_format="pyarrow", concurrency=llm_workers, num_cpus=1, num_gpus=llm_gpus)
+                                         "budget": budget, "cpus": llm_cpus},
+        batch_size=batch_size, batch_format="pyarrow", concurrency=llm_workers, num_cpus=llm_cpus, num_gpus=llm_gpus)
 
 
 def _no_llm(table):
@@ -202,7 +210,7 @@ def _no_llm(table):
 
 def label_dataset(session: Session, dataset, *, text_column: str = TEXT, max_llm_calls: int | None = None,
                   top: int = 3, prefix: str = "", batch_size: int = 64, fallback_workers: int = 1,
-                  llm_workers: int = 1, llm_gpus: float = 0):
+                  llm_workers: int = 1, llm_gpus: float = 0, llm_cpus: int = 1):
     """A `ray.data.Dataset` labelled by `session`'s workspace and engine on the Ray cluster: `dataset`'s rows in
     their order (Ray Data's `preserve_order` is turned on) with the job's answer columns added (`label`,
     `confidence`, `route`, `top`, each name after `prefix`). Lazy, as Ray datasets are: write or iterate it to run
@@ -213,7 +221,7 @@ def label_dataset(session: Session, dataset, *, text_column: str = TEXT, max_llm
     multi_label = session.task.multi_label
     answered = cascade_pipeline(dataset, session, text_column=text_column, max_llm_calls=max_llm_calls,
                                 batch_size=batch_size, fallback_workers=fallback_workers, llm_workers=llm_workers,
-                                llm_gpus=llm_gpus)
+                                llm_gpus=llm_gpus, llm_cpus=llm_cpus)
 
     def with_answers(table):
         import pyarrow as pa
@@ -261,21 +269,23 @@ class RayLabelJob(LabelJob):
     resume, answer cache, budget, output and review file as the single-process job."""
 
     def __init__(self, session: Session, source: str | Path, destination: str | Path, *, address: str | None = LOCAL,
-                 fallback_workers: int = 1, llm_workers: int = 1, llm_gpus: float = 0,
+                 fallback_workers: int = 1, llm_workers: int = 1, llm_gpus: float = 0, llm_cpus: int = 1,
                  pass_rows: int = 10_000, **options):
         """`address`: the Ray cluster ("local": one started here for the job; "auto"; "ray://host:10001").
-        `fallback_workers`, `llm_workers`: actors in each pool (`llm_gpus` GPUs each: 1 for a vLLM engine per GPU).
+        `fallback_workers`, `llm_workers`: actors in each pool (`llm_gpus` GPUs each: 1 for a vLLM engine per GPU;
+        `llm_cpus` CPUs each, the threads of a llama.cpp engine).
         `pass_rows`: rows per pass; the workers' workspace is shipped again after each pass has been learned from.
         Other options as `LabelJob`."""
         super().__init__(session, source, destination, **options)
         for name, value in (("fallback_workers", fallback_workers), ("llm_workers", llm_workers),
-                            ("pass_rows", pass_rows)):
+                            ("llm_cpus", llm_cpus), ("pass_rows", pass_rows)):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if llm_gpus < 0:
             raise ValueError(f"llm_gpus must be 0 or more, got {llm_gpus}")
         self.address = address
         self.fallback_workers, self.llm_workers, self.llm_gpus = fallback_workers, llm_workers, llm_gpus
+        self.llm_cpus = llm_cpus
         self.pass_rows = pass_rows
 
     def _answered(self, done: set[int], llm_calls: int, bar: JobBar | None):
@@ -313,7 +323,7 @@ class RayLabelJob(LabelJob):
                   for i in range(0, len(misses), block)]
         answered = cascade_pipeline(ray.data.from_arrow(tables), self.session, text_column=TEXT, max_llm_calls=left,
                                     batch_size=self.batch_size, fallback_workers=self.fallback_workers,
-                                    llm_workers=self.llm_workers, llm_gpus=self.llm_gpus)
+                                    llm_workers=self.llm_workers, llm_gpus=self.llm_gpus, llm_cpus=self.llm_cpus)
         learned: list[tuple[str, Prediction]] = []
         for table in answered.iter_batches(batch_size=self.batch_size, batch_format="pyarrow"):
             indices = table.column(ROW).to_pylist()
