@@ -349,7 +349,9 @@ def evaluate_bars(result: dict) -> list[dict]:
         best = max(row["svm_on_llm_texts"]["accuracy"], arms["llm few-shot"]["accuracy"])
         ok = same["accuracy"] >= best and arms["cascade"]["llm_share"] <= LLM_BUDGET
         wins += ok
-        measured.append(f"{row['dataset']} {100 * same['accuracy']:.1f} vs {100 * best:.1f} at {arms['cascade']['llm_share']:.0%} LLM")
+        # the share on the same texts as the accuracies; the budget holds over the whole test set
+        measured.append(f"{row['dataset']} {100 * same['accuracy']:.1f} vs {100 * best:.1f} at {same['llm_share']:.0%} LLM "
+                        f"({arms['cascade']['llm_share']:.0%} of all {arms['cascade']['n']})")
     complete = len(result["datasets"]) == len(ALL_DATASETS)
     bars.append({"bar": f"cascade accuracy >= max(svm, llm few-shot) with <= {LLM_BUDGET:.0%} sent to the LLM, on >= {WIN_BAR} of {len(ALL_DATASETS)} datasets",
                  "measured": f"{wins}/{len(result['datasets'])}: " + "; ".join(measured), "pass": wins >= WIN_BAR if complete else None})
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.markdown_only:
         result = json.loads(args.out.read_text(encoding="utf-8"))
-        result.setdefault("bars", evaluate_bars(result))  # a run stopped before its end has none yet
+        result["bars"] = evaluate_bars(result)  # by this code (a run stopped before its end has none yet)
         write_markdown(result, args)
         return 0
     t0, embedders, engine = time.monotonic(), Embedders(), LlamaCppEngine(n_threads=args.threads)
