@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from labelcascade.agent import LLMProgress
-from labelcascade.agent.engines import Engine
+from labelcascade.agent.engines import Engine, load_engine
 from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import JobBar, LabelJob, answer_columns
 from labelcascade.records import Prediction, Route
@@ -122,9 +122,10 @@ class LLMStage:
         import ray
 
         if engine is not None and engine.startswith("llamacpp:"):  # its threads on the CPUs this actor reserved
-            from labelcascade.agent.engines import load_engine
-
-            engine = load_engine(engine, n_threads=cpus)
+            try:
+                engine = load_engine(engine, n_threads=cpus)
+            except Exception:  # noqa: BLE001 - left to the session, which degrades as one process would (EngineSlot)
+                pass
         self.session, self._folder = open_archive(ray.get(archive[0]), engine=engine)
         self.text_column, self.budget = text_column, budget
 
