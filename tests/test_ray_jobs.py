@@ -127,6 +127,23 @@ def test_an_llm_actor_runs_llama_cpp_on_the_cpus_it_reserves(cluster, llm_sessio
         RayLabelJob(llm_session, tmp_path / "in.jsonl", tmp_path / "out.jsonl", llm_cpus=0)
 
 
+def test_an_llm_that_cannot_load_on_a_worker_answers_degraded_as_in_one_process(cluster, tmp_path, embedder):
+    model = tmp_path / "broken.gguf"
+    model.write_bytes(b"not a model")
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=f"llamacpp:{model}",
+                             policy=Policy(accept_threshold=1.0, learn=False))  # every row wants the LLM
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in banking_messages()[0][:6]))
+    try:
+        single = LabelJob(session, source, tmp_path / "single.jsonl", batch_size=3, cache=False).run(progress=False)
+        distributed = RayLabelJob(session, source, tmp_path / "ray.jsonl", batch_size=3, cache=False,
+                                  llm_cpus=2).run(progress=False)
+    finally:
+        session.close()
+    assert single.routes == distributed.routes == {"degraded": 6}
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "single.jsonl").read_text()
+
+
 def test_a_ray_job_learns_between_passes(cluster, llm_session, tmp_path):
     llm_session.set_policy(llm_session.policy.model_copy(
         update={"accept_threshold": 1.0, "learn": True, "learn_threshold": 0.0, "retrain_every": 4}))
