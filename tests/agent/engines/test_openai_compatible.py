@@ -88,7 +88,7 @@ def rendered(dataset: str, size: int, *, shots: bool) -> tuple[list[str], list[s
 @pytest.mark.parametrize(("dataset", "shots"), [("sst2", True), ("ag_news", False)])
 def test_answers_agree_with_the_exact_engine_on_the_same_model(engine, exact, dataset, shots):
     """Labels whose first tokens differ (sentiment, news topics) are scored by their first token alone, from one
-    request per prompt. A label whose first token the server shows scores the exact engine's log-probability of that
+    request per prompt (two where the server shows a piece two labels share). A label whose first token the server shows scores the exact engine's log-probability of that
     token (to kernel rounding); one it does not show scores the lowest shown, above its exact log-probability. Both
     are upper bounds of the exact score of the whole candidate, and the answers are the exact engine's. Without
     examples the news labels " Sci/Tech" and " Sports" are unlikely enough to be left out of the top K."""
@@ -110,8 +110,14 @@ def test_answers_agree_with_the_exact_engine_on_the_same_model(engine, exact, da
                 assert approx[candidate] == pytest.approx(scores[first], abs=SAME_TOKEN_TOLERANCE), seen
     assert agree >= len(prompts) - 1
     delta = {key: value - before[key] for key, value in vars(engine.stats).items()}
-    assert delta["prompts"] == delta["candidate_tokens"] == len(prompts)  # one request each
-    assert delta["computed_tokens"] == delta["prompt_tokens"] > 0  # this server reports no cached tokens
+    # One request each, and one more where the server showed a piece that two labels share inside a word (" S" of
+    # " Sci/Tech" and " Sports": shown after some prompt orders, see the module's docstring) to tell them apart.
+    assert delta["prompts"] == len(prompts) <= delta["candidate_tokens"] <= 2 * len(prompts)
+    assert delta["prompt_tokens"] > 0  # this server reports no cached tokens: every request's tokens are computed
+    if delta["candidate_tokens"] == len(prompts):
+        assert delta["computed_tokens"] == delta["prompt_tokens"]
+    else:  # the follow-up requests' tokens are computed, and counted as no prompt's
+        assert delta["computed_tokens"] > delta["prompt_tokens"]
 
 
 @pytest.mark.slow
