@@ -88,10 +88,11 @@ def rendered(dataset: str, size: int, *, shots: bool) -> tuple[list[str], list[s
 @pytest.mark.parametrize(("dataset", "shots"), [("sst2", True), ("ag_news", False)])
 def test_answers_agree_with_the_exact_engine_on_the_same_model(engine, exact, dataset, shots):
     """Labels whose first tokens differ (sentiment, news topics) are scored by their first token alone, from one
-    request per prompt (two where the server shows a piece two labels share). A label whose first token the server shows scores the exact engine's log-probability of that
-    token (to kernel rounding); one it does not show scores the lowest shown, above its exact log-probability. Both
-    are upper bounds of the exact score of the whole candidate, and the answers are the exact engine's. Without
-    examples the news labels " Sci/Tech" and " Sports" are unlikely enough to be left out of the top K."""
+    request per prompt (two where the server shows a piece two labels share). A label whose first token the server
+    shows scores the exact engine's log-probability of that token (to kernel rounding); one it does not show scores
+    the lowest shown, above its exact log-probability. Both are upper bounds of the exact score of the whole
+    candidate, and the answers are the exact engine's. Without examples the news labels " Sci/Tech" and " Sports"
+    are unlikely enough to be left out of the top K."""
     prompts, candidates = rendered(dataset, 4, shots=shots)
     first_tokens = [exact._token_text(exact.tokenize(candidate, bos=False)[0]) for candidate in candidates]
     assert len(set(first_tokens)) == len(candidates)  # what this test is about

@@ -18,7 +18,8 @@ completion). A prompt's candidates are then scored by walking a text trie over t
   longer token that is not shown (" Sci"): it scores at least what it had before that piece plus the lowest shown.
 
 So with labels whose first tokens differ, a label's score is its first token's log-probability, from one request per
-prompt; one more where the server shows a shorter piece two labels share (" S" of " Sci/Tech" and " Sports"). Requests for different prompts run concurrently; a prompt's own requests, one after another.
+prompt; one more where the server shows a shorter piece two labels share (" S" of " Sci/Tech" and " Sports").
+Requests for different prompts run concurrently; a prompt's own requests, one after another.
 
 Limits: these scores approximate the whole-continuation log-probabilities of the llama.cpp and vLLM engines (tests
 compare the two on the same model).
