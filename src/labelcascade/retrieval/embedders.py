@@ -229,7 +229,7 @@ def choose_embedder(texts: Sequence[str], language: str = "") -> tuple[str, str]
     return DEFAULT_EMBEDDER, "the task's texts read as English"
 
 
-def load_tuned_body(folder: Path, sha256: str) -> SentenceTransformerEmbedder:
+def load_tuned_body(folder: Path, sha256: str) -> Embedder:
     """A tuned body from `folder`, once the digest of all its files (`file_hash.folder_sha256`) equals `sha256`, the
     one recorded when it was tuned: a changed file, a file added (a pickled `pytorch_model.bin`, code a
     `modules.json` could name) or a link is refused before sentence-transformers reads anything. Its id carries
