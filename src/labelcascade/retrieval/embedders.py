@@ -89,19 +89,24 @@ class SentenceTransformerEmbedder(_LoadedEmbedder):
                 f"{model_dir} is not a sentence-transformers model folder (no modules.json or config.json); "
                 "pass the folder of a locally saved model, or 'default' for the packaged all-MiniLM-L6-v2"
             )
-        # Weights come from disk only: a run-time download would fail on machines without a model hub.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
-        with no_loading_bar():
-            self._model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        self._model = load_sentence_transformer(model_dir, device)
         self.id = f"sentence-transformers:{name or model_dir.name}"
         self.dim = int(self._model.get_embedding_dimension())
 
     def _embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         with _torch_threads(1 if len(texts) <= SMALL_BATCH else None):
             return self._model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def load_sentence_transformer(model_dir: Path, device: str = "cpu"):
+    """The sentence-transformers model saved in `model_dir`, read from disk only (a run-time download would fail on
+    machines without a model hub) and without transformers' loading bar."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    with no_loading_bar():
+        return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade.retrieval.embedders import SMALL_BATCH, _LoadedEmbedder, no_loading_bar
+from labelcascade.retrieval.embedders import SMALL_BATCH, _LoadedEmbedder, load_sentence_transformer
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ def write_onnx_graph(folder: str | Path) -> bool:
     logged) when the body's shape is not one this runtime reproduces or `onnx` is not installed, and the body then
     answers in torch. Reads the body from the folder, so the graph is what is on disk."""
     folder = Path(folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    with no_loading_bar():
-        model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    model = load_sentence_transformer(folder)
     modules = [type(module).__name__ for module in model]
     pooling = getattr(model[1], "pooling_mode", None) if len(model) > 1 else None
     if modules != ["Transformer", "Pooling", "Normalize"] or pooling != "mean" or not model[1].include_prompt:
