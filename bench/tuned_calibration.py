@@ -29,10 +29,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import random
 import tempfile
 import time
-
-import random
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
@@ -40,14 +39,15 @@ from sklearn.model_selection import StratifiedKFold
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS, tune_body
 from labelcascade.fallback.calibration import fit_temperature
-from labelcascade.retrieval import SentenceTransformerEmbedder, load_embedder
-from labelcascade.retrieval.e5_body import write_e5_body
+from labelcascade.retrieval import SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.session import tuned_base
 
-from common import MARKDOWN, REPO, log, machine_and_load, output_arguments, publish, rebuilt_section_only
-from embedders import EMBEDDERS, KEYS, Vectors, gold_set_arguments, gold_sets, splits
-from student import scored, task_of
+from common import (
+    MARKDOWN, REPO, log, machine_and_load, measured_on, output_arguments, publish, rebuilt_section_only,
+)
+from embedders import KEYS, Vectors, gold_set_arguments, gold_sets, splits
+from student import run_datasets, score_text, scored, task_of
 
 DEFAULT_OUT = REPO / "bench" / "results" / "tuned_calibration.json"
 SECTION_HEADING = "## Student: calibration of the tuned body (bench/tuned_calibration.py)"
@@ -138,9 +138,7 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
         SECTION_HEADING, "",
-        f"Measured {result['date']} in {result['run_seconds']:.0f} s on {s['machine']} (1-min load {s['load_start']} at "
-        f"the start), seeds {s['seeds']}, {s['test_size']} test texts per dataset (fewer where the test split is "
-        f"smaller), tuning limit {s['tuning_seconds']:.0f} s, share kept from tuning {s['share']}. Accuracy "
+        f"{measured_on(result)}, tuning limit {s['tuning_seconds']:.0f} s, share kept from tuning {s['share']}. Accuracy "
         "(macro-F1) [ECE] in %, mean over seeds. body: the one `embedder=\"tuned\"` tunes. frozen: the SVM over it "
         "untuned. tuned on all: tuned on every gold text, the SVM's temperature fitted on their out-of-fold scores "
         "(the product). held out: tuned on the rest, SVM on all, temperature on the out-of-fold scores of the texts "
@@ -155,18 +153,15 @@ def markdown(result: dict) -> str:
         for shots in s["shots"]:
             cells = [c for c in dataset["cells"] if c["shots"] == shots]
 
-            def mean(arm: str, key: str, scale: float = 100) -> float:
-                return scale * float(np.mean([c[arm][key] for c in cells]))
-
-            def cell(arm: str) -> str:
-                return f"{mean(arm, 'accuracy'):.1f} ({mean(arm, 'macro_f1'):.1f}) [{mean(arm, 'ece'):.1f}]"
+            def mean(arm: str, key: str) -> float:
+                return float(np.mean([c[arm][key] for c in cells]))
 
             bodies = "/".join(sorted({c["body"] for c in cells}))
             lines.append(
-                f"| {dataset['name']} | {shots} | {bodies} | " + " | ".join(cell(arm) for arm in ARMS) + " | "
-                f"{mean('all', 'temperature', 1):.3f} / {mean('held_out', 'temperature', 1):.3f} / "
-                f"{mean('best_t', 'temperature', 1):.3f} | "
-                f"{mean('all', 'fit_s', 1):.0f} / {mean('held_out', 'fit_s', 1):.0f} |")
+                f"| {dataset['name']} | {shots} | {bodies} | " + " | ".join(score_text(cells, arm) for arm in ARMS) + " | "
+                f"{mean('all', 'temperature'):.3f} / {mean('held_out', 'temperature'):.3f} / "
+                f"{mean('best_t', 'temperature'):.3f} | "
+                f"{mean('all', 'fit_s'):.0f} / {mean('held_out', 'fit_s'):.0f} |")
     lines += ["", "Rerun: `.venv/bin/python bench/tuned_calibration.py`.", ""]
     return "\n".join(lines)
 
@@ -185,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
                 "tuning_seconds": args.tuning_seconds, "share": args.share, **machine_and_load()}
     log(f"tuned-body calibration benchmark: {settings}")
-    vectors = {key: Vectors(load_embedder(spec)) for key, spec in EMBEDDERS.items()}
-    with tempfile.TemporaryDirectory(prefix="e5-body-") as scratch:
-        args.e5_body = write_e5_body(scratch)
-        datasets = [run_dataset(name, args, vectors) for name in args.datasets]
+    datasets = run_datasets(args, run_dataset)
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings,
               "datasets": datasets}
     publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
