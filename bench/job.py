@@ -206,9 +206,10 @@ def scaling_model(arms: dict) -> list[str]:
         "rows/s = min(W_fb / c_fb, W_llm / (s x c_llm), R_driver): the two stages stream, so the slower one sets the "
         f"pace. On CPU the LLM is that one: with c_llm = {per_llm:.2f} s and s = {share:.0%}, each llama.cpp worker adds "
         f"about {1 / (share * per_llm):.1f} rows/s, and one fallback worker keeps up with about "
-        f"{share * per_llm / per_row:.0f} of them. With a vLLM engine per GPU worker (`--llm-gpus 1 --engine "
-        "vllm-offline:MODEL`), c_llm is that GPU's seconds per scored text; it was not measured here (no GPU was "
-        "lent to this project's sessions), so put a measured value in the formula before sizing a cluster.",
+        f"{share * per_llm / per_row:.0f} of them. On a GPU worker (`--llm-gpus 1` with `--engine transformers:PATH`, "
+        "which takes the GPU by default, or `vllm-offline:PATH`), c_llm is that GPU's seconds per scored text: "
+        "bench/gpu_llm.py measured it for the transformers engine on one GPU (section \"One GPU LLM worker\" below); "
+        "vLLM on a GPU was not measured.",
         "",
         "What stays serial, on the machine that runs the command: reading and checking the file before any work, "
         "committing each batch of answers to the job's state (SQLite, one transaction per batch), the answer cache, "
