@@ -132,6 +132,8 @@ def test_specs_and_malformed_input(transformers_engine, tmp_path):
         load_engine(f"transformers:{tmp_path / 'absent'}")
     import torch
 
+    # By default the GPU when torch sees one (bench/gpu_llm.py saw `cuda` chosen on a GPU machine), else the CPU.
+    assert transformers_engine._device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():  # checked before anything is loaded
         with pytest.raises(EngineError, match="no CUDA GPU"):
             load_engine(transformers_engine.spec, device="cuda")

@@ -38,13 +38,14 @@ class TransformersEngine(ScoringEngine):
         self,
         model_path: str | Path,
         *,
-        device: str = "cpu",
+        device: str | None = None,
         dtype: str = "float32",
         n_batch: int = 512,
         max_length: int | None = None,
         n_threads: int | None = None,
     ):
-        """`device` is "cpu" (default) or "cuda"/"cuda:N" when torch sees a GPU. `dtype` is a torch dtype name;
+        """`device` is "cpu" or "cuda"/"cuda:N"; by default the GPU when torch sees one (so that an LLM worker of a
+        Ray job given a GPU uses it), else the CPU. `dtype` is a torch dtype name;
         float32 by default so that scores match other float32 engines closely (bfloat16 moves them visibly).
         Prompts are evaluated `n_batch` tokens per step, with the deadline checked between steps. `n_threads` sets
         torch's CPU threads for the whole process (torch.set_num_threads); on a CPU that other processes keep busy,
@@ -62,6 +63,7 @@ class TransformersEngine(ScoringEngine):
         path = Path(model_path)
         if not (path / "config.json").is_file():
             raise EngineError(f"{path}: no Hugging Face checkpoint (config.json) in this folder")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineError(f"device {device!r} asked for, but torch sees no CUDA GPU")
         torch_dtype = getattr(torch, dtype, None)
