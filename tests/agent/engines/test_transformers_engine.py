@@ -1,6 +1,7 @@
 """The transformers engine on the real Gemma 3 270M checkpoint (converted from the llama.cpp engine's GGUF)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -94,7 +95,11 @@ def test_batches_and_log_probabilities(transformers_engine):
     renderer = PromptRenderer(BANKING)
     prompt = renderer.render("new pin please", SHOTS).text
     candidates = renderer.candidates(BANKING.label_names)
-    alone = transformers_engine.score([prompt], [candidates])[0]
+    transformers_engine._reset()  # nothing cached: the prompt and the candidates both run a forward pass
+    with warnings.catch_warnings(record=True) as seen:  # the cache goes by the keyword this transformers takes
+        warnings.simplefilter("always")
+        alone = transformers_engine.score([prompt], [candidates])[0]
+    assert not [w for w in seen if "deprecated" in str(w.message)], [str(w.message) for w in seen]
     batch = transformers_engine.score([prompt, "The capital of France is", prompt], [candidates, [" Paris", " a city"], candidates])
     assert batch[0] == pytest.approx(alone, abs=1e-4) and batch[2] == pytest.approx(alone, abs=1e-4)
     assert batch[1][" Paris"] > batch[1][" a city"]

@@ -20,6 +20,7 @@ pass from scratch (the tests check this on prompts longer than Gemma 3's 512-tok
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,6 +84,10 @@ class TransformersEngine(ScoringEngine):
         except (OSError, ValueError) as error:
             raise EngineError(f"transformers could not load {path}: {error}") from error
         self._model.to(device).eval()
+        # The keyword the model's forward takes its cache by: `cache` in newer transformers, which still accept the
+        # older `past_key_values` with a warning that it goes in 5.40; older ones know only `past_key_values`.
+        forward = inspect.signature(self._model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in forward else "past_key_values"
         self._device = torch.device(device)
         self._n_batch = n_batch
         self._max_length = max_length or getattr(config, "max_position_embeddings", None) or 4096
@@ -157,7 +162,7 @@ class TransformersEngine(ScoringEngine):
         if rows is not None:  # hidden states [batch, length, dim] -> [positions wanted, dim], before the output layer
             handle = head.register_forward_pre_hook(lambda module, args: (args[0][rows.to(args[0].device)], *args[1:]))
         try:
-            logits = self._model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kwargs).logits
+            logits = self._model(input_ids=input_ids, use_cache=True, **{self._cache_keyword: cache}, **kwargs).logits
         except (RuntimeError, ValueError) as error:
             raise EngineError(f"transformers failed to evaluate the prompt: {error}") from error
         finally:
