@@ -5,6 +5,7 @@ model of a job on Ray Data (issue 18), beside the embedded llama.cpp engine on t
     .venv/bin/python bench/gpu_llm.py prepare            # here: the job's prompts (+ llama.cpp on them, ~2 min)
     python3 bench/gpu_llm.py measure --folder .gpu --out OUT/gpu_llm.json    # on the GPU machine
     .venv/bin/python bench/gpu_llm.py --markdown-only    # the BENCHMARKS section from bench/results/gpu_llm.json
+    .venv/bin/python bench/gpu_llm.py cpu                # here: llama.cpp vs transformers on these prompts (~12 min)
 
 `prepare` builds bench/job.py's workspace (ag_news, 8 gold examples per class, seed 0) with the policy that job's
 calibration chose (bench/results/job_ray_llm.json: its retrieved examples, candidates and batch), takes the first
@@ -21,6 +22,8 @@ the engine's scores on the GPU equal a forward pass from scratch (prompts past G
 included), then times the transformers engine on the GPU as the job's LLM stage calls it (batches of the policy's
 llm_batch, the device chosen by the engine's default), in bfloat16 and float32; and, as a bound for an engine that
 batches texts (vLLM), one forward pass over a batch of whole prompts (left-padded; first-token distributions only).
+
+`cpu` compares the engines on this CPU with the real weights, on the same prompts (bench/results/cpu_engines.json).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ REPO = BENCH.parent
 DEFAULT_FOLDER = REPO / ".gpu"  # in .gitignore: what `prepare` writes for the GPU machine
 DEFAULT_OUT = BENCH / "results" / "gpu_llm.json"
 HEADING = "## One GPU LLM worker: the job's prompts on a GPU (bench/gpu_llm.py)"
+CPU_HEADING = "## The job's LLM prompts on this CPU: llama.cpp vs transformers (bench/gpu_llm.py cpu)"
+CPU_OUT = BENCH / "results" / "cpu_engines.json"
 CHECKPOINT = REPO / ".cache" / "gemma3-270m-bf16"  # tools/vllm_server.sh setup converts it from the packaged GGUF
 CARRIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 JOB_RESULT = BENCH / "results" / "job_ray_llm.json"  # the policy its calibration chose
@@ -67,9 +72,9 @@ def prepare(args: argparse.Namespace) -> int:
         session = Session.create(Task.from_labels(labels, name=DATASET), workspace=workspace)
         session.add_examples([row["text"] for row in pool], [row["label"] for row in pool], retrain=True)
         session.set_policy(type(session.policy).model_validate(policy))
-        texts = [row["text"] for row in rows]
-        unsure = session.unsure(texts)
-        texts = [text for text, asked in zip(texts, unsure, strict=True) if asked][: args.texts]
+        unsure = session.unsure([row["text"] for row in rows])
+        asked_rows = [row for row, asked in zip(rows, unsure, strict=True) if asked][: args.texts]
+        texts = [row["text"] for row in asked_rows]
         if len(texts) < args.texts:
             raise SystemExit(f"only {len(texts)} of the first {args.rows} rows go to the LLM; raise --rows")
         cascade = session.cascade
@@ -91,7 +96,8 @@ def prepare(args: argparse.Namespace) -> int:
         cpu = time_engine(engine, asked, warm_up=WARM_UP // batch)
         session.close()
     (args.folder / "prompts.json").write_text(json.dumps({
-        "dataset": DATASET, "policy": policy, "texts": len(texts), "calls": asked}), encoding="utf-8")
+        "dataset": DATASET, "policy": policy, "texts": len(texts), "calls": asked,
+        "gold": [row["label"] for row in asked_rows]}), encoding="utf-8")  # the job reads texts only; for `cpu`
     (args.folder / "cpu.json").write_text(json.dumps({
         "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_start": round(os.getloadavg()[0], 1), "engine": engine.spec, **cpu}, indent=1), encoding="utf-8")
@@ -257,6 +263,95 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_engines(args: argparse.Namespace) -> int:
+    """Here: the recorded prompts on this CPU, the embedded llama.cpp engine against the transformers engine on the
+    real Gemma 3 270M checkpoint in float32 and bfloat16, 2 threads each; each engine twice, in turn and then in
+    reverse order (the machine is shared), with accuracy against the texts' gold labels and agreement."""
+    sys.path.insert(0, str(BENCH))
+    from common import log
+
+    from labelcascade.agent.engines import load_engine
+
+    recorded = json.loads((args.folder / "prompts.json").read_text(encoding="utf-8"))
+    if "gold" not in recorded:
+        raise SystemExit(f"{args.folder / 'prompts.json'} has no gold labels: run `prepare` again")
+    calls = recorded["calls"][: args.calls]
+    checkpoint = str(args.checkpoint)
+    specs = {"llama.cpp (Q4_K_M GGUF)": ("llamacpp:default", {"n_threads": 2}),
+             "transformers, float32": (f"transformers:{checkpoint}", {"dtype": "float32", "n_threads": 2}),
+             "transformers, bfloat16": (f"transformers:{checkpoint}", {"dtype": "bfloat16", "n_threads": 2})}
+    warm_up = max(1, WARM_UP // recorded["policy"]["llm_batch"])
+    texts = sum(len(prompts) for prompts, _ in calls[warm_up:])
+    gold = recorded["gold"][sum(len(prompts) for prompts, _ in calls[:warm_up]) :][:texts]
+    result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "load_start": round(os.getloadavg()[0], 1), "dataset": recorded["dataset"], "texts": texts,
+              "warm_up_texts": sum(len(prompts) for prompts, _ in calls[:warm_up]), "cpu_flags": bf16_flags(),
+              "engines": {}}
+    answers: dict[str, list[str]] = {}
+    for name in [*specs, *reversed(specs)]:
+        spec, options = specs[name]
+        engine = load_engine(spec, **options)
+        for prompts, candidates in calls[:warm_up]:
+            engine.score(prompts, candidates)
+        seconds, got = 0.0, []
+        for prompts, candidates in calls[warm_up:]:
+            began = time.perf_counter()
+            scores = engine.score(prompts, candidates)
+            seconds += time.perf_counter() - began
+            got += [max(row, key=row.get).strip() for row in scores]
+        engine.close()
+        answers.setdefault(name, got)
+        row = result["engines"].setdefault(name, {"spec": spec, "options": options, "seconds_per_text": []})
+        row["seconds_per_text"].append(seconds / texts)
+        row["accuracy"] = sum(a == b for a, b in zip(got, gold, strict=True)) / texts
+        log(f"{name}: {1000 * seconds / texts:.0f} ms per text, accuracy {100 * row['accuracy']:.1f}%")
+    reference = next(iter(specs))
+    for name, row in result["engines"].items():
+        row["agreement_with_llamacpp"] = sum(a == b for a, b in zip(answers[name], answers[reference])) / texts
+    result["load_end"] = round(os.getloadavg()[0], 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    from common import MARKDOWN, write_markdown_section
+
+    write_markdown_section(MARKDOWN, CPU_HEADING, cpu_markdown(result))
+    return 0
+
+
+def bf16_flags() -> str:
+    """The CPU's bfloat16 instructions, which torch's bfloat16 matrix products use and this llama.cpp build does not
+    (built without AMX: see the Makefile)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(encoding="utf-8").split())
+    except OSError:
+        return ""
+    return ", ".join(sorted(flags & {"avx512_bf16", "amx_bf16"})) or "no bfloat16 instructions"
+
+
+def cpu_markdown(result: dict) -> str:
+    """The BENCHMARKS section of the `cpu` step."""
+    lines = [
+        CPU_HEADING, "",
+        f"Measured {result['date']} on {result['machine']} (1-min load {result['load_start']} at the start, "
+        f"{result['load_end']} at the end). The {result['texts']} texts after {result['warm_up_texts']} of warm-up from "
+        f"the prompts `prepare` recorded (bench/job.py's {result['dataset']} texts that its calibrated policy sends to "
+        "the LLM: the hard ones), each engine on the real Gemma 3 270M with 2 threads, twice: all in turn, then in "
+        "reverse order. Accuracy against the texts' gold labels; agreement = the same label as llama.cpp's.",
+        "",
+        "| engine | ms per text (both runs) | accuracy % | agreement with llama.cpp % |",
+        "|---|---|---:|---:|",
+    ]
+    for name, row in result["engines"].items():
+        runs = " / ".join(f"{1000 * s:.0f}" for s in row["seconds_per_text"])
+        lines.append(f"| {name} | {runs} | {100 * row['accuracy']:.1f} | {100 * row['agreement_with_llamacpp']:.1f} |")
+    mean = {name: statistics.mean(row["seconds_per_text"]) for name, row in result["engines"].items()}
+    llamacpp, best = next(iter(mean)), min(mean, key=mean.get)
+    if best != llamacpp:
+        lines += ["", f"Read: {best} took {mean[best] / mean[llamacpp]:.2f} of llama.cpp's time per text (mean of the "
+                  "two runs) on this CPU" + (f" ({result['cpu_flags']})" if result.get("cpu_flags") else "") + "."]
+    lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     """The BENCHMARKS section, from the JSON `measure` wrote."""
     cpu, gpu = result["cpu"], result["engine"]
@@ -334,7 +429,7 @@ def scaling(fast: float, slow: float, cpu: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", nargs="?", choices=["prepare", "measure"])
+    parser.add_argument("step", nargs="?", choices=["prepare", "measure", "cpu"])
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     parser.add_argument("--texts", type=int, default=200)
@@ -343,15 +438,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the BENCHMARKS section from --out")
     args = parser.parse_args(argv)
+    if args.step == "cpu" and args.out == DEFAULT_OUT:
+        args.out = CPU_OUT
     if args.markdown_only:
         sys.path.insert(0, str(BENCH))
         from common import MARKDOWN, write_markdown_section
 
-        write_markdown_section(MARKDOWN, HEADING, markdown(json.loads(args.out.read_text(encoding="utf-8"))))
+        result = json.loads(args.out.read_text(encoding="utf-8"))
+        heading, text = (CPU_HEADING, cpu_markdown(result)) if args.step == "cpu" else (HEADING, markdown(result))
+        write_markdown_section(MARKDOWN, heading, text)
         return 0
     if args.step is None:
-        parser.error("name a step (prepare, measure) or --markdown-only")
-    return prepare(args) if args.step == "prepare" else measure(args)
+        parser.error("name a step (prepare, measure, cpu) or --markdown-only")
+    return {"prepare": prepare, "measure": measure, "cpu": cpu_engines}[args.step](args)
 
 
 if __name__ == "__main__":
