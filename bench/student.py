@@ -55,12 +55,29 @@ ECE_BINS = 15
 STUDENT = {"default": "tuned", "multilingual": "tuned_e5"}  # the tuned body embedder="tuned" keeps, by its base
 
 
+def label_balanced_ece(proba: np.ndarray, truth_index: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE with each test text weighted by 1 / its label's share of the test texts, so every label weighs the same,
+    as in the balanced gold sets the student is fitted on: an ECE that falls this way comes from the test split's
+    label shares, not from the student's confidence. (The top-1 ECE of `fallback.calibration`, weighted.)"""
+    labels, counts = np.unique(truth_index, return_counts=True)
+    weights = (len(truth_index) / counts)[np.searchsorted(labels, truth_index)]
+    confidence, correct = proba.max(axis=1), proba.argmax(axis=1) == truth_index
+    bins = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, n_bins + 1)[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for b in np.unique(bins):
+        w = weights[bins == b]
+        gap = np.average(correct[bins == b], weights=w) - np.average(confidence[bins == b], weights=w)
+        ece += w.sum() / weights.sum() * abs(gap)
+    return float(ece)
+
+
 def scored(model: LinearSVMClassifier, vectors: np.ndarray, truth: np.ndarray) -> dict:
     proba = model.predict_proba(vectors)
     predicted = model.classes_[proba.argmax(axis=1)]
     truth_index = np.searchsorted(model.classes_, truth)  # every test label is among the gold set's classes
     return {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
-            "ece": float(expected_calibration_error(proba, truth_index, ECE_BINS))}
+            "ece": float(expected_calibration_error(proba, truth_index, ECE_BINS)),
+            "ece_label_balanced": label_balanced_ece(proba, truth_index)}
 
 
 def tuned_cell(base_dir, freeze: bool, args, seed: int, xs, ys, texts, truth) -> dict:
