@@ -131,8 +131,10 @@ def test_a_gemma_tokenizer_without_bos_is_refused(hf_model, tmp_path):
 
 def test_specs_and_malformed_input(transformers_engine, tmp_path):
     assert transformers_engine.spec.startswith("transformers:") and transformers_engine.spec.endswith("gemma3-270m-bf16")
-    with pytest.raises(ValueError, match="'transformers:/path/to/hf-model'"):
+    with pytest.raises(ValueError, match=r"'transformers:/path/to/hf-model\[#DTYPE\]'"):
         load_engine("transformers:")
+    with pytest.raises(ValueError, match="names dtype 'bfloat16', and dtype='float16' was passed too"):
+        load_engine(f"{transformers_engine.spec}#bfloat16", dtype="float16")
     with pytest.raises(EngineError, match="no Hugging Face checkpoint"):
         load_engine(f"transformers:{tmp_path / 'absent'}")
     import torch
@@ -144,3 +146,22 @@ def test_specs_and_malformed_input(transformers_engine, tmp_path):
             load_engine(transformers_engine.spec, device="cuda")
     with pytest.raises(ValueError, match="duplicate candidates"):
         transformers_engine.score(["p"], [[" a\n", " a\n"]])
+
+
+def test_the_spec_names_the_dtype_and_loads_it_again(hf_model):
+    """`#bfloat16` in the spec picks the dtype, and the engine's spec keeps it: a workspace reopened or a Ray worker
+    loads the engine from its spec, and must get the same scores (float32, the default, is left out)."""
+    import torch
+
+    engine = load_engine(f"transformers:{hf_model}#bfloat16")
+    try:
+        assert engine._model.dtype == torch.bfloat16 and engine.spec == f"transformers:{hf_model}#bfloat16"
+        again = load_engine(engine.spec)
+        assert again._model.dtype == torch.bfloat16 and again.spec == engine.spec
+        prompt, candidates = "The capital of France is", [" Paris", " a city"]
+        assert again.score([prompt], [candidates]) == engine.score([prompt], [candidates])
+        again.close()
+    finally:
+        engine.close()
+    with pytest.raises(EngineError, match="unknown torch dtype 'bfloat17'"):
+        load_engine(f"transformers:{hf_model}#bfloat17")

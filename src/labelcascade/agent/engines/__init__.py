@@ -8,7 +8,8 @@
     openai:http://127.0.0.1:8080/v1#model   any OpenAI-compatible server (llama.cpp, Ollama, a hosted API), scored
                                 approximately from its top next-token log-probabilities (see openai_compatible);
                                 the API key from OPENAI_API_KEY
-    transformers:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with transformers (PyTorch)
+    transformers:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with transformers (PyTorch);
+                                `#bfloat16` after the path picks the torch dtype (float32 when left out)
     vllm-offline:/path/to/hf-model   a local Hugging Face checkpoint folder, in-process with vLLM (`vllm.LLM`)
 
 Keyword options of `load_engine` go to the engine's constructor: `device="cuda"` for transformers, vllm.LLM's own
@@ -43,7 +44,12 @@ def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
     if scheme == "transformers" and target:
         from labelcascade.agent.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(target, **options)
+        path, _, dtype = target.partition("#")
+        if dtype and options.get("dtype", dtype) != dtype:
+            raise ValueError(f"engine spec {spec!r} names dtype {dtype!r}, and dtype={options['dtype']!r} was passed too")
+        if dtype:
+            options["dtype"] = dtype
+        return TransformersEngine(path, **options)
     if scheme == "vllm-offline" and target:
         from labelcascade.agent.engines.vllm_offline import VLLMOfflineEngine
 
@@ -51,7 +57,7 @@ def load_engine(spec: str = DEFAULT_ENGINE, **options) -> Engine:
     raise ValueError(
         f"unknown engine spec {spec!r}; supported: 'llamacpp:default', 'llamacpp:qwen-0.5b', 'llamacpp:qwen-1.5b', "
         "'llamacpp:/path/model.gguf', "
-        "'vllm:http://HOST:PORT/v1#MODEL', 'openai:http://HOST:PORT/v1#MODEL', 'transformers:/path/to/hf-model', "
+        "'vllm:http://HOST:PORT/v1#MODEL', 'openai:http://HOST:PORT/v1#MODEL', 'transformers:/path/to/hf-model[#DTYPE]', "
         "'vllm-offline:/path/to/hf-model'"
     )
 

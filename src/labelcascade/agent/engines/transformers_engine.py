@@ -73,7 +73,9 @@ class TransformersEngine(ScoringEngine):
         if n_threads:
             torch.set_num_threads(n_threads)
         self._torch, self._cache_class = torch, DynamicCache
-        super().__init__(f"transformers:{path}")
+        # The spec names what changes the scores, so that the engine loaded again from it (a workspace reopened, a Ray
+        # worker) is the same: the dtype, when not the default.
+        super().__init__(f"transformers:{path}" + (f"#{dtype}" if dtype != "float32" else ""))
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=True)
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
