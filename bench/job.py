@@ -4,6 +4,7 @@
     .venv/bin/python bench/job.py                  # 10,000 rows (the LLM arm takes about an hour on 2 cores)
     .venv/bin/python bench/job.py --rows 500       # a shorter run
     .venv/bin/python bench/job.py --arms "fallback only" "fallback only, ray 1" "fallback only, ray 2"
+    .venv/bin/python bench/job.py --rows 2000 --arms cascade "cascade, transformers bfloat16"   # after tools/vllm_server.sh setup
 
 Setup: a workspace with 8 gold examples per class of ag_news (bench/fallback.py's 8/class set, seed 0), calibrated
 on 200 labelled training texts outside the pool (random.Random(7); target precision 0.95, LLM budget 0.4, the
@@ -80,6 +81,9 @@ ARMS = {  # name: (engine, Ray workers per stage or None)
     "cascade": (None, None), "fallback only": ("none", None),
     "cascade, ray 1": (None, 1), "cascade, ray 2": (None, 2),
     "fallback only, ray 1": ("none", 1), "fallback only, ray 2": ("none", 2),
+    # the same Gemma 3 270M through the transformers engine in bfloat16 (the checkpoint `tools/vllm_server.sh setup`
+    # converts from the packaged GGUF), in one process; the workspace was calibrated on llama.cpp's scores
+    "cascade, transformers bfloat16": (f"transformers:{REPO / '.cache' / 'gemma3-270m-bf16'}#bfloat16", None),
 }
 WORKER_KINDS = ("FallbackStage", "LLMStage")
 
@@ -175,6 +179,9 @@ def section(result: dict, heading: str = HEADING, out: Path = DEFAULT_OUT) -> st
         single = arms.get(name.split(", ray")[0])
         if arm.get("ray_workers") and single is not None:
             lines.append(f"- {name}: {arm['rows_per_s'] / single['rows_per_s']:.2f}x the single-process job's rows/s.")
+        elif "transformers" in name and "cascade" in arms:
+            lines.append(f"- {name}: {arm['rows_per_s'] / arms['cascade']['rows_per_s']:.2f}x the llama.cpp cascade's "
+                         f"rows/s, at {arm['peak_rss_mb'] / arms['cascade']['peak_rss_mb']:.2f}x its peak memory.")
     lines.append("")
     lines += scaling_model(arms)
     return "\n".join(lines)
@@ -222,7 +229,7 @@ def scaling_model(arms: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=10_000)
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=[name for name in ARMS if "transformers" not in name])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown", type=Path, default=MARKDOWN)
