@@ -61,7 +61,7 @@ def prepare(args: argparse.Namespace) -> int:
 
     from labelcascade import Session, Task
 
-    checkpoint = args.checkpoint
+    checkpoint, load_start = args.checkpoint, round(os.getloadavg()[0], 1)
     if not (checkpoint / "config.json").is_file():
         raise SystemExit(f"{checkpoint}: no Hugging Face checkpoint; run `tools/vllm_server.sh setup` first")
     policy = json.loads(JOB_RESULT.read_text(encoding="utf-8"))["policy"]
@@ -100,7 +100,8 @@ def prepare(args: argparse.Namespace) -> int:
         "gold": [row["label"] for row in asked_rows]}), encoding="utf-8")  # the job reads texts only; for `cpu`
     (args.folder / "cpu.json").write_text(json.dumps({
         "date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_start": round(os.getloadavg()[0], 1), "engine": engine.spec, **cpu}, indent=1), encoding="utf-8")
+        "load_start": load_start, "load_end": round(os.getloadavg()[0], 1), "engine": engine.spec, **cpu}, indent=1),
+        encoding="utf-8")
     (args.folder / "model").mkdir(exist_ok=True)
     for name in CARRIED:
         if (checkpoint / name).is_file():
@@ -352,6 +353,12 @@ def cpu_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def load(cpu: dict) -> str:
+    """The CPU run's 1-min load average (the first runs recorded it once, when the timing had ended)."""
+    start, end = cpu.get("load_start"), cpu.get("load_end")
+    return f"1-min load {start} at the start, {end} at the end" if start is not None else f"1-min load {end} at the end"
+
+
 def markdown(result: dict) -> str:
     """The BENCHMARKS section, from the JSON `measure` wrote."""
     cpu, gpu = result["cpu"], result["engine"]
@@ -359,8 +366,8 @@ def markdown(result: dict) -> str:
     lines = [
         HEADING, "",
         f"Measured {result['date']} on one {result['gpu']} ({result['machine']}; torch {result['torch']}, transformers "
-        f"{result['transformers']}) and, for the CPU row, on this machine ({cpu['machine']}, 1-min load "
-        f"{cpu['load_start']} at the start) on {cpu['date']}. The same {result['texts']} texts: the first of "
+        f"{result['transformers']}) and, for the CPU row, on this machine ({cpu['machine']}, {load(cpu)}) on "
+        f"{cpu['date']}. The same {result['texts']} texts: the first of "
         f"bench/job.py's {result['dataset']} rows that its calibrated policy sends to the LLM (8 retrieved examples, "
         f"all labels as candidates), as the job's LLM stage asks for them: {result['llm_batch']} texts per engine call, "
         f"the first {result['texts'] - cpu['texts']} untimed (warm-up), {cpu['texts']} timed. The exact prompts the "
