@@ -55,20 +55,13 @@ ECE_BINS = 15
 STUDENT = {"default": "tuned", "multilingual": "tuned_e5"}  # the tuned body embedder="tuned" keeps, by its base
 
 
-def label_balanced_ece(proba: np.ndarray, truth_index: np.ndarray, n_bins: int = ECE_BINS) -> float:
+def label_balanced_ece(proba: np.ndarray, truth_index: np.ndarray) -> float:
     """ECE with each test text weighted by 1 / its label's share of the test texts, so every label weighs the same,
     as in the balanced gold sets the student is fitted on: an ECE that falls this way comes from the test split's
-    label shares, not from the student's confidence. (The top-1 ECE of `fallback.calibration`, weighted.)"""
+    label shares, not from the student's confidence."""
     labels, counts = np.unique(truth_index, return_counts=True)
     weights = (len(truth_index) / counts)[np.searchsorted(labels, truth_index)]
-    confidence, correct = proba.max(axis=1), proba.argmax(axis=1) == truth_index
-    bins = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, n_bins + 1)[1:-1], right=True), 0, n_bins - 1)
-    ece = 0.0
-    for b in np.unique(bins):
-        w = weights[bins == b]
-        gap = np.average(correct[bins == b], weights=w) - np.average(confidence[bins == b], weights=w)
-        ece += w.sum() / weights.sum() * abs(gap)
-    return float(ece)
+    return expected_calibration_error(proba, truth_index, ECE_BINS, sample_weight=weights)
 
 
 def scored(model: LinearSVMClassifier, vectors: np.ndarray, truth: np.ndarray) -> dict:
@@ -187,12 +180,10 @@ def markdown(result: dict) -> str:
             def mean(method: str, key: str) -> float:
                 return 100 * float(np.mean([c[method][key] for c in cells]))
 
-            def cell(method: str) -> str:
-                return score_text(cells, method)
-
             best_frozen = max(mean(m, "accuracy") for m in ("minilm", "e5", "tfidf"))
             if "setfit" in cells[0]:
-                setfit_text = f"{cell('setfit')} in {np.median([c['setfit']['fit_s'] for c in cells]):.0f} s"
+                fit_s = np.median([c["setfit"]["fit_s"] for c in cells])
+                setfit_text = f"{score_text(cells, 'setfit')} in {fit_s:.0f} s"
             else:
                 setfit = reference.get(dataset["name"]) if shots == 8 and s["seeds"] == [0] else None
                 setfit_text = f"{100 * setfit:.1f} (earlier run)" if setfit is not None else "-"
@@ -200,8 +191,8 @@ def markdown(result: dict) -> str:
             picked = "/".join(sorted({KEYS[c["student_base"]] for c in cells}))  # "minilm" or "e5"
             times = " / ".join(f"{np.median([c[m]['fit_s'] for c in cells]):.0f} "
                                f"({int(np.median([c[m]['pairs'] for c in cells]))})" for m in ("tuned", "tuned_e5"))
-            lines.append(f"| {dataset['name']} | {shots} | {cell('minilm')} | {cell('e5')} | {cell('tfidf')} | "
-                         f"{cell('tuned')} | {cell('tuned_e5')} | {100 * np.mean(student):.1f} ({picked}) | "
+            methods = " | ".join(score_text(cells, m) for m in ("minilm", "e5", "tfidf", "tuned", "tuned_e5"))
+            lines.append(f"| {dataset['name']} | {shots} | {methods} | {100 * np.mean(student):.1f} ({picked}) | "
                          f"{100 * np.mean(student) - best_frozen:+.1f} | {setfit_text} | {times} |")
     lines += ["", "Rerun: `.venv/bin/python bench/student.py`.", ""]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from scipy.special import softmax
 
 from labelcascade.fallback.calibration import expected_calibration_error, fit_temperature
@@ -28,3 +29,15 @@ def test_ece_of_perfectly_calibrated_and_of_overconfident_answers():
     overconfident = np.column_stack([np.full(1000, 0.99), np.full(1000, 0.01)])
     half_right = np.arange(1000) % 2
     assert abs(expected_calibration_error(overconfident, half_right) - 0.49) < 1e-9
+
+
+def test_ece_sample_weights_count_rows_that_many_times():
+    rng = np.random.default_rng(2)
+    proba = rng.dirichlet(np.ones(3), size=300)
+    y = rng.integers(0, 3, size=300)
+    times = rng.integers(1, 4, size=300)
+    repeated = np.repeat(np.arange(300), times)
+    assert expected_calibration_error(proba, y, sample_weight=times) == pytest.approx(
+        expected_calibration_error(proba[repeated], y[repeated]), abs=1e-12)
+    assert expected_calibration_error(proba, y, sample_weight=np.ones(300)) == pytest.approx(
+        expected_calibration_error(proba, y), abs=1e-12)

@@ -51,11 +51,15 @@ def sigmoid(scores: np.ndarray, a: float, b: float) -> np.ndarray:
     return expit(a * scores + b)
 
 
-def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
+def expected_calibration_error(
+    proba: np.ndarray, y: np.ndarray, n_bins: int = 15, sample_weight: np.ndarray | None = None
+) -> float:
     """ECE of the top-1 answer: the mean |accuracy - confidence| over equal-width confidence bins, weighted by size.
 
-    `proba` is (n, n_classes), `y` the index of each row's true class.
+    `proba` is (n, n_classes), `y` the index of each row's true class. `sample_weight` (one per row, sklearn's
+    convention) counts a row that many times: in each bin's accuracy and confidence and in the bin's size.
     """
+    weight = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
     confidence = proba.max(axis=1)
     correct = proba.argmax(axis=1) == y
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -64,5 +68,7 @@ def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 1
     for b in range(n_bins):
         in_bin = bins == b
         if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+            w = weight[in_bin]
+            gap = np.average(correct[in_bin], weights=w) - np.average(confidence[in_bin], weights=w)
+            ece += w.sum() / weight.sum() * abs(gap)
     return float(ece)
