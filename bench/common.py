@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
+HF_CHECKPOINT = REPO / ".cache" / "gemma3-270m-bf16"  # Gemma 3 270M converted by `tools/vllm_server.sh setup`
 MARKDOWN = REPO / "BENCHMARKS.md"
 DATASETS = ["banking77", "ag_news", "sst2", "sms_spam", "trec"]  # English
 CHINESE = ["eprstmt", "csldcp"]

@@ -40,6 +40,9 @@ import time
 import types
 from pathlib import Path
 
+# bench/common.py needs only the standard library, so the GPU machine imports it too (the script folder is on the path)
+from common import DEFAULT_DATA, HF_CHECKPOINT, MARKDOWN, log, write_markdown_section
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEFAULT_FOLDER = REPO / ".gpu"  # in .gitignore: what `prepare` writes for the GPU machine
@@ -47,7 +50,6 @@ DEFAULT_OUT = BENCH / "results" / "gpu_llm.json"
 HEADING = "## One GPU LLM worker: the job's prompts on a GPU (bench/gpu_llm.py)"
 CPU_HEADING = "## The job's LLM prompts on this CPU: llama.cpp vs transformers (bench/gpu_llm.py cpu)"
 CPU_OUT = BENCH / "results" / "cpu_engines.json"
-CHECKPOINT = REPO / ".cache" / "gemma3-270m-bf16"  # tools/vllm_server.sh setup converts it from the packaged GGUF
 CARRIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 JOB_RESULT = BENCH / "results" / "job_ray_llm.json"  # the policy its calibration chose
 WARM_UP, BOUND_BATCHES, CHECKED, LONG_CHECKED, PASSES = 16, (1, 8, 32, 128), 8, 2, (1, 2)
@@ -55,8 +57,6 @@ WARM_UP, BOUND_BATCHES, CHECKED, LONG_CHECKED, PASSES = 16, (1, 8, 32, 128), 8, 
 
 def prepare(args: argparse.Namespace) -> int:
     """Here, on the CPU: the job's LLM prompts, the llama.cpp engine timed on them, config and tokenizer."""
-    sys.path.insert(0, str(BENCH))
-    from common import DEFAULT_DATA, log
     from job import DATASET, prepare as job_rows
 
     from labelcascade import Session, Task
@@ -93,7 +93,7 @@ def prepare(args: argparse.Namespace) -> int:
             cascade.llm_scores(texts[chunk], cascade.probabilities(vectors[chunk]), cascade.neighbors(vectors[chunk]))
         del engine.score  # the real method again
         log(f"recorded {len(asked)} engine calls for {len(texts)} texts; timing llama.cpp on them")
-        cpu = time_engine(engine, asked, warm_up=WARM_UP // batch)
+        cpu, _ = time_engine(engine, asked, warm_up=warm_up_calls(batch))
         session.close()
     (args.folder / "prompts.json").write_text(json.dumps({
         "dataset": DATASET, "policy": policy, "texts": len(texts), "calls": asked,
@@ -103,32 +103,36 @@ def prepare(args: argparse.Namespace) -> int:
         "load_start": load_start, "load_end": round(os.getloadavg()[0], 1), "engine": engine.spec, **cpu}, indent=1),
         encoding="utf-8")
     (args.folder / "model").mkdir(exist_ok=True)
-    for name in CARRIED:
-        if (checkpoint / name).is_file():
-            (args.folder / "model" / name).write_bytes((checkpoint / name).read_bytes())
+    copy_carried(checkpoint, args.folder / "model")
     log(f"llama.cpp on this CPU: {cpu['seconds_per_text']:.3f} s per text; wrote {args.folder}")
     return 0
 
 
-def time_engine(engine, calls: list, warm_up: int) -> dict:
+def warm_up_calls(llm_batch: int) -> int:
+    """Engine calls left untimed before timing: WARM_UP texts' worth, at least one."""
+    return max(1, WARM_UP // llm_batch)
+
+
+def time_engine(engine, calls: list, warm_up: int) -> tuple[dict, list[str]]:
     """Seconds per text over `calls` (after `warm_up` untimed calls), one engine.score per call as the job makes
-    them, and the engine's token counts per text."""
+    them, and the engine's token counts per text; and the label each timed text got (its best candidate)."""
     for prompts, candidates in calls[:warm_up]:
         engine.score(prompts, candidates)
-    before, seconds, per_call = vars(engine.stats).copy(), 0.0, []
+    before, seconds, per_call, answers = vars(engine.stats).copy(), 0.0, [], []
     timed = calls[warm_up:]
     for prompts, candidates in timed:
         began = time.perf_counter()
-        engine.score(prompts, candidates)
+        scores = engine.score(prompts, candidates)
         elapsed = time.perf_counter() - began
         seconds += elapsed
         per_call.append(elapsed / len(prompts))
-    texts = sum(len(prompts) for prompts, _ in timed)
+        answers += [max(row, key=row.get).strip() for row in scores]
+    texts = len(answers)
     delta = {key: getattr(engine.stats, key) - before[key] for key in before}
     return {"texts": texts, "seconds": seconds, "seconds_per_text": seconds / texts, "texts_per_s": texts / seconds,
             "median_call_seconds_per_text": statistics.median(per_call),
             "prompt_tokens_per_text": delta["prompt_tokens"] / texts,
-            "computed_tokens_per_text": delta["computed_tokens"] / texts}
+            "computed_tokens_per_text": delta["computed_tokens"] / texts}, answers
 
 
 def import_engine_alone():
@@ -150,11 +154,16 @@ def random_checkpoint(model_folder: Path, into: Path, torch) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_folder)).to(torch.bfloat16)
-    model.save_pretrained(into, safe_serialization=True)
-    for name in CARRIED:
-        if name != "config.json" and (model_folder / name).is_file():
-            (into / name).write_bytes((model_folder / name).read_bytes())
+    model.save_pretrained(into, safe_serialization=True)  # its own config.json
+    copy_carried(model_folder, into, but=("config.json",))
     return into
+
+
+def copy_carried(source: Path, into: Path, but: tuple[str, ...] = ()) -> None:
+    """The CARRIED files `source` has (config and tokenizer), but `but`, into `into`."""
+    for name in CARRIED:
+        if name not in but and (source / name).is_file():
+            (into / name).write_bytes((source / name).read_bytes())
 
 
 def from_scratch(model, engine, prompt: str, options: list[str], torch) -> dict[str, float]:
@@ -244,7 +253,7 @@ def measure(args: argparse.Namespace) -> int:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             for run in PASSES:  # the same calls twice: the first run over them was seen to be the slower
-                timed = time_engine(engine, calls, warm_up=max(1, WARM_UP // result["llm_batch"]))
+                timed, _ = time_engine(engine, calls, warm_up=warm_up_calls(result["llm_batch"]))
                 timed.update(dtype=dtype, run=run,
                              peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0)
                 result["engine"].append(timed)
@@ -268,9 +277,6 @@ def cpu_engines(args: argparse.Namespace) -> int:
     """Here: the recorded prompts on this CPU, the embedded llama.cpp engine against the transformers engine on the
     real Gemma 3 270M checkpoint in float32 and bfloat16, 2 threads each; each engine twice, in turn and then in
     reverse order (the machine is shared), with accuracy against the texts' gold labels and agreement."""
-    sys.path.insert(0, str(BENCH))
-    from common import log
-
     from labelcascade.agent.engines import load_engine
 
     recorded = json.loads((args.folder / "prompts.json").read_text(encoding="utf-8"))
@@ -281,39 +287,30 @@ def cpu_engines(args: argparse.Namespace) -> int:
     specs = {"llama.cpp (Q4_K_M GGUF)": ("llamacpp:default", {"n_threads": 2}),
              "transformers, float32": (f"transformers:{checkpoint}", {"dtype": "float32", "n_threads": 2}),
              "transformers, bfloat16": (f"transformers:{checkpoint}", {"dtype": "bfloat16", "n_threads": 2})}
-    warm_up = max(1, WARM_UP // recorded["policy"]["llm_batch"])
-    texts = sum(len(prompts) for prompts, _ in calls[warm_up:])
-    gold = recorded["gold"][sum(len(prompts) for prompts, _ in calls[:warm_up]) :][:texts]
+    warm_up = warm_up_calls(recorded["policy"]["llm_batch"])
+    warm_up_texts = sum(len(prompts) for prompts, _ in calls[:warm_up])
+    texts = sum(len(prompts) for prompts, _ in calls) - warm_up_texts
+    gold = recorded["gold"][warm_up_texts:][:texts]
     result = {"date": dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "load_start": round(os.getloadavg()[0], 1), "dataset": recorded["dataset"], "texts": texts,
-              "warm_up_texts": sum(len(prompts) for prompts, _ in calls[:warm_up]), "cpu_flags": bf16_flags(),
-              "engines": {}}
+              "warm_up_texts": warm_up_texts, "cpu_flags": bf16_flags(), "engines": {}}
     answers: dict[str, list[str]] = {}
     for name in [*specs, *reversed(specs)]:
         spec, options = specs[name]
         engine = load_engine(spec, **options)
-        for prompts, candidates in calls[:warm_up]:
-            engine.score(prompts, candidates)
-        seconds, got = 0.0, []
-        for prompts, candidates in calls[warm_up:]:
-            began = time.perf_counter()
-            scores = engine.score(prompts, candidates)
-            seconds += time.perf_counter() - began
-            got += [max(row, key=row.get).strip() for row in scores]
+        timed, got = time_engine(engine, calls, warm_up)
         engine.close()
         answers.setdefault(name, got)
         row = result["engines"].setdefault(name, {"spec": spec, "options": options, "seconds_per_text": []})
-        row["seconds_per_text"].append(seconds / texts)
+        row["seconds_per_text"].append(timed["seconds_per_text"])
         row["accuracy"] = sum(a == b for a, b in zip(got, gold, strict=True)) / texts
-        log(f"{name}: {1000 * seconds / texts:.0f} ms per text, accuracy {100 * row['accuracy']:.1f}%")
+        log(f"{name}: {1000 * timed['seconds_per_text']:.0f} ms per text, accuracy {100 * row['accuracy']:.1f}%")
     reference = next(iter(specs))
     for name, row in result["engines"].items():
         row["agreement_with_llamacpp"] = sum(a == b for a, b in zip(answers[name], answers[reference])) / texts
     result["load_end"] = round(os.getloadavg()[0], 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    from common import MARKDOWN, write_markdown_section
-
     write_markdown_section(MARKDOWN, CPU_HEADING, cpu_markdown(result))
     return 0
 
@@ -353,12 +350,6 @@ def cpu_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def load(cpu: dict) -> str:
-    """The CPU run's 1-min load average (the first runs recorded it once, when the timing had ended)."""
-    start, end = cpu.get("load_start"), cpu.get("load_end")
-    return f"1-min load {start} at the start, {end} at the end" if start is not None else f"1-min load {end} at the end"
-
-
 def markdown(result: dict) -> str:
     """The BENCHMARKS section, from the JSON `measure` wrote."""
     cpu, gpu = result["cpu"], result["engine"]
@@ -366,7 +357,8 @@ def markdown(result: dict) -> str:
     lines = [
         HEADING, "",
         f"Measured {result['date']} on one {result['gpu']} ({result['machine']}; torch {result['torch']}, transformers "
-        f"{result['transformers']}) and, for the CPU row, on this machine ({cpu['machine']}, {load(cpu)}) on "
+        f"{result['transformers']}) and, for the CPU row, on this machine ({cpu['machine']}, 1-min load {cpu['load_start']} at the start, "
+        f"{cpu['load_end']} at the end) on "
         f"{cpu['date']}. The same {result['texts']} texts: the first of "
         f"bench/job.py's {result['dataset']} rows that its calibrated policy sends to the LLM (8 retrieved examples, "
         f"all labels as candidates), as the job's LLM stage asks for them: {result['llm_batch']} texts per engine call, "
@@ -438,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", nargs="?", choices=["prepare", "measure", "cpu"])
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER)
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, default=HF_CHECKPOINT)
     parser.add_argument("--texts", type=int, default=200)
     parser.add_argument("--rows", type=int, default=2000, help="job rows to look through for --texts unsure ones")
     parser.add_argument("--calls", type=int, default=None, help="measure: only the first CALLS engine calls")
@@ -448,9 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "cpu" and args.out == DEFAULT_OUT:
         args.out = CPU_OUT
     if args.markdown_only:
-        sys.path.insert(0, str(BENCH))
-        from common import MARKDOWN, write_markdown_section
-
         result = json.loads(args.out.read_text(encoding="utf-8"))
         heading, text = (CPU_HEADING, cpu_markdown(result)) if args.step == "cpu" else (HEADING, markdown(result))
         write_markdown_section(MARKDOWN, heading, text)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from labelcascade import Session, Task
 
-from common import DEFAULT_DATA, MARKDOWN, REPO, log, per_class_draw, read_jsonl, write_markdown_section
+from common import DEFAULT_DATA, HF_CHECKPOINT, MARKDOWN, REPO, log, per_class_draw, read_jsonl, write_markdown_section
 
 DEFAULT_OUT = REPO / "bench" / "results" / "job.json"
 HEADING = "## Labelling job (bench/job.py)"
@@ -83,7 +83,7 @@ ARMS = {  # name: (engine, Ray workers per stage or None)
     "fallback only, ray 1": ("none", 1), "fallback only, ray 2": ("none", 2),
     # the same Gemma 3 270M through the transformers engine in bfloat16 (the checkpoint `tools/vllm_server.sh setup`
     # converts from the packaged GGUF), in one process; the workspace was calibrated on llama.cpp's scores
-    "cascade, transformers bfloat16": (f"transformers:{REPO / '.cache' / 'gemma3-270m-bf16'}#bfloat16", None),
+    "cascade, transformers bfloat16": (f"transformers:{HF_CHECKPOINT}#bfloat16", None),
 }
 WORKER_KINDS = ("FallbackStage", "LLMStage")
 
