@@ -311,7 +311,10 @@ def cpu_engines(args: argparse.Namespace) -> int:
     result["load_end"] = round(os.getloadavg()[0], 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    write_markdown_section(MARKDOWN, CPU_HEADING, cpu_markdown(result))
+    if args.no_markdown:
+        print(cpu_markdown(result))
+    else:
+        write_markdown_section(MARKDOWN, CPU_HEADING, cpu_markdown(result))
     return 0
 
 
@@ -436,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=None, help="measure: only the first CALLS engine calls")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--markdown-only", action="store_true", help="rebuild the BENCHMARKS section from --out")
+    parser.add_argument("--no-markdown", action="store_true", help="cpu: print its section, leave BENCHMARKS.md as is")
     args = parser.parse_args(argv)
     if args.step == "cpu" and args.out == DEFAULT_OUT:
         args.out = CPU_OUT
