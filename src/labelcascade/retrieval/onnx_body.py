@@ -1,19 +1,25 @@
-"""A tuned body run by onnxruntime: the vectors sentence-transformers computes in torch, in about half the time.
+"""A sentence-transformers body run by onnxruntime: the vectors sentence-transformers computes in torch, in about
+half the time or less.
 
 Why: a router classifies one text at a time, and a tuned multilingual-e5-small in torch answered one text in about
 twice the time of the frozen bodies, past the latency bar (BENCHMARKS.md, "Student latency"). onnxruntime runs the
-same forward pass as one optimised graph (fused attention and layer norms, no Python per layer), so the tuned body
-keeps its accuracy and comes back under the bar; the vectors match torch's to float rounding, so both runtimes
-share one embedder id and one store.
+same forward pass as one optimised graph (fused attention and layer norms, no Python per layer), so a body keeps its
+accuracy and answers faster; the vectors match torch's to float rounding, so both runtimes share one embedder id
+and one store. The packaged all-MiniLM-L6-v2 answers this way too: one text in less than half of torch's time, a
+large batch in about half (BENCHMARKS.md, "Student latency" and "HTTP service").
 
-How the graph reaches a workspace: `write_onnx_graph`, called when a body is tuned, exports the body's transformer
-with torch's ONNX exporter into `model.onnx` beside the body's `model.safetensors`, and points every weight of the
-graph at that file (ONNX external data: file, offset, length into the safetensors' raw little-endian tensors,
-checked byte for byte at export). The graph is then a few hundred KB: the workspace keeps one copy of the weights,
-and onnxruntime maps them from the file. What sentence-transformers adds around the transformer (the prompt, the
-length cut, lower-casing, mean pooling, L2 normalisation) is written to `onnx_body.json` and redone here in numpy;
-a body of any other shape (another pooling, extra modules) gets no graph and stays in torch. Both files fall under
-the digest the workspace records for the body folder, so they are checked before anything reads them.
+How the graph reaches a body: `write_onnx_graph` exports the body's transformer with torch's ONNX exporter into
+`model.onnx` beside the body's `model.safetensors`, and points every weight of the graph at that file (ONNX
+external data: file, offset, length into the safetensors' raw little-endian tensors, checked byte for byte at
+export). The graph is then a few hundred KB, one copy of the weights is kept, and onnxruntime maps them from the
+file. What sentence-transformers adds around the transformer (the prompt, the length cut, lower-casing, mean
+pooling, L2 normalisation) is written to `onnx_body.json` and redone here in numpy; a body of any other shape
+(another pooling, extra modules) gets no graph and stays in torch.
+- A tuned body gets its graph when it is tuned, in the workspace; both files fall under the digest the workspace
+  records for the body folder, so they are checked before anything reads them.
+- The packaged body gets its graph on its first load on a machine, in the models folder (`packaged_graph`): a
+  package's folder is not ours to write into, and a graph depends on the installed package alone, so all
+  workspaces share it. Its digest is recorded beside it and checked on each load.
 
 At answer time neither torch nor transformers is imported: the tokenizer is the body's own `tokenizer.json` read by
 `tokenizers`, and the graph runs on onnxruntime's CPU provider. Small batches (a chat message) run on one thread,
@@ -23,17 +29,23 @@ machine's other work is not slowed by them.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from labelcascade.atomic_file import write_text_atomically
+from labelcascade.file_hash import file_sha256, folder_sha256
+from labelcascade.models_folder import models_folder
 from labelcascade.retrieval.embedders import SMALL_BATCH, _LoadedEmbedder, load_sentence_transformer
 
 log = logging.getLogger(__name__)
@@ -125,6 +137,54 @@ def write_onnx_graph(folder: str | Path) -> bool:
     }
     (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     return True
+
+
+def packaged_graph(model_dir: Path, name: str) -> Path | None:
+    """The folder of the packaged body `model_dir` with its onnxruntime graph, in the models folder; made on the
+    first call on a machine (torch exports it, about ten seconds), reused after. None, with the reason logged, when
+    it cannot be made (a read-only cache folder, an exporter that fails): the body then answers in torch.
+
+    The folder is named after the name and the sha256 of the package's weights, so another version of the package
+    gets a graph of its own; it holds a copy of the body (the graph's weights point into its own safetensors, and
+    onnxruntime reads external data only from beside the graph). Its digest (`folder_sha256`) is recorded beside it
+    when it is made and checked on every load: a graph changed or cut short is made again, never run. A lock file
+    makes concurrent first loads (the service's embedder processes, Ray workers) export it once."""
+    folder = models_folder() / f"{name}-onnx-{file_sha256(model_dir / WEIGHTS_FILE)[:16]}"
+    record = folder.with_name(folder.name + ".sha256")
+    if _made(folder, record):
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with (folder.parent / f".{folder.name}.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+            if _made(folder, record):  # another process made it while this one waited
+                return folder
+            log.info("exporting %s to onnxruntime once, into %s", name, folder)
+            with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as scratch:
+                made = Path(shutil.copytree(model_dir, Path(scratch) / "body"))
+                if not write_onnx_graph(made):
+                    return None
+                record.unlink(missing_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)  # a graph that failed its check
+                made.rename(folder)
+            write_text_atomically(record, folder_sha256(folder) + "\n")
+    except OSError as error:
+        log.warning("the packaged body %s answers in torch, about half as fast: its onnxruntime graph could not be "
+                    "written into %s (%s); set LABELCASCADE_MODELS to a writable folder", name, folder.parent, error)
+        return None
+    except Exception as error:  # noqa: BLE001 - the graph only makes answers faster; torch gives the same vectors
+        log.warning("the packaged body %s answers in torch, about half as fast: torch could not export its "
+                    "onnxruntime graph (%s: %s)", name, type(error).__name__, error)
+        return None
+    return folder
+
+
+def _made(folder: Path, record: Path) -> bool:
+    """Whether `folder` holds a whole graph: its digest is the one recorded when it was made."""
+    try:
+        return folder.is_dir() and record.read_text().strip() == folder_sha256(folder)
+    except (OSError, ValueError):
+        return False
 
 
 def usable_threads() -> int:

