@@ -14,8 +14,9 @@ network, so it is not an arm of its own.
 Per dataset, one session per embedder ("default", "multilingual", "tuned": the body `embedder="tuned"` tunes,
 which 'auto' picks on the gold set), each created from the same gold set (bench/common.py's draw, seed 0, --shots
 per class) with no LLM, plus "default, torch" and "tuned, torch": the same bodies in sentence-transformers (how the
-default body answers where its graph cannot be written, and a body tuned before graphs were). Then --calls test texts of at most --max-chars characters (a fixed shuffle), after
---warm-up calls; each text is classified by every session in turn, so the arms share the machine's noise.
+default body answers where its graph cannot be written, and a body tuned before graphs were). Then --calls test
+texts of at most --max-chars characters (a fixed shuffle), after --warm-up calls; each text is classified by every
+session in turn, so the arms share the machine's noise.
 Results: bench/results/latency.json and the "## Student latency (bench/latency.py)" section of BENCHMARKS.md.
 """
 
