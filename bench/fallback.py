@@ -15,7 +15,7 @@ What it measures (details in BENCHMARKS.md, section "Fallback session"):
    Training draw for seed s: `random.Random(1000 + s)`, labels in sorted order, `rng.sample(pool, 16)` per label;
    the 8-shot set is the first 8 of the 16-shot draw, so the sets nest. Test: all of sst2 (872) and trec (500),
    a fixed sample of 1,000 for the others (`random.Random(20240607)`).
-2. Throughput: texts/s of the raw sentence-transformers `encode` (batch 32, normalised) vs
+2. Throughput: texts/s of the embedder's own `embed` (batch 32; the packaged body on onnxruntime) vs
    `Session.classify(list_of_1000)` on the same 1,000 ag_news test texts, alternating, 3 repetitions each.
 3. Latency: `Session.classify(one short text)` p50/p90 over 200 calls after 20 warm-up calls (banking77,
    16/class session, test texts of at most 40 characters).
@@ -217,14 +217,13 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
     ds = datasets[THROUGHPUT_DATASET]
     texts = ds["test_texts"][:THROUGHPUT_N]
     clf = fitted(ds, THROUGHPUT_SHOTS)
-    model = embedder._model
-    model.encode(texts[:64], batch_size=EMBED_BATCH, normalize_embeddings=True)  # warm-up, both paths
+    embedder.embed(texts[:64], batch_size=EMBED_BATCH)  # warm-up, both paths
     clf.classify(texts[:64])
     raw, cls = [], []
     predictions = None
     for rep in range(THROUGHPUT_REPS):
         t0 = time.perf_counter()
-        model.encode(texts, batch_size=EMBED_BATCH, normalize_embeddings=True)
+        embedder.embed(texts, batch_size=EMBED_BATCH)
         raw.append(len(texts) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         predictions = clf.classify(texts)
@@ -264,7 +263,7 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
     calls = (short * (needed // max(len(short), 1) + 1))[:needed]
     for text in calls[:LATENCY_WARMUP]:
         clf.classify(text)
-        model.encode([text], batch_size=EMBED_BATCH, normalize_embeddings=True)
+        embedder.embed([text], batch_size=EMBED_BATCH)
     # Each timed classify call is followed by a raw encode of the same text, for reference (not part of the bar).
     times_ms, raw_ms = [], []
     for text in calls[LATENCY_WARMUP:]:
@@ -272,7 +271,7 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
         clf.classify(text)
         times_ms.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
-        model.encode([text], batch_size=EMBED_BATCH, normalize_embeddings=True)
+        embedder.embed([text], batch_size=EMBED_BATCH)
         raw_ms.append((time.perf_counter() - t0) * 1000)
     clf.close()
     results["latency"] = {
@@ -430,7 +429,7 @@ def print_report(result: dict) -> None:
     if cls:
         t, lat = cls["throughput"], cls["latency"]
         log(f"Throughput ({t['dataset']}, {t['n_texts']} test texts, batch {t['batch_size']}, {t['repetitions']} alternating reps, median):")
-        log(f"  raw SentenceTransformer.encode  {t['raw_encode_median']:7.1f} texts/s   reps {', '.join(f'{v:.0f}' for v in t['raw_encode_texts_per_s'])}")
+        log(f"  raw embedder.embed             {t['raw_encode_median']:7.1f} texts/s   reps {', '.join(f'{v:.0f}' for v in t['raw_encode_texts_per_s'])}")
         log(f"  Session.classify(list)       {t['classify_median']:7.1f} texts/s   reps {', '.join(f'{v:.0f}' for v in t['classify_texts_per_s'])}")
         log(f"  ratio classify / raw            {t['ratio']:7.2f}")
         log(f"  classify accuracy on these texts {100 * t['classify_accuracy']:.1f}%, "
@@ -438,7 +437,7 @@ def print_report(result: dict) -> None:
         log(f"Latency ({lat['dataset']} {lat['classifier_shots']}/class session, {lat['calls']} calls after "
             f"{lat['warmup_calls']} warm-up, texts <= {lat['text_max_chars']} chars, median {lat['median_text_chars']:.0f}):")
         log(f"  classify(text)      p50 {lat['p50_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms")
-        log(f"  raw encode([text])  p50 {lat['raw_encode_p50_ms']:.1f} ms, p90 {lat['raw_encode_p90_ms']:.1f} ms (reference, interleaved)")
+        log(f"  raw embed([text])   p50 {lat['raw_encode_p50_ms']:.1f} ms, p90 {lat['raw_encode_p90_ms']:.1f} ms (reference, interleaved)")
         log(f"  1-min load average {lat['load_average_before'][0]:.1f} before, {lat['load_average_after'][0]:.1f} after "
             f"({os.cpu_count()} cores)")
     else:
@@ -480,7 +479,7 @@ def markdown_section(result: dict) -> str:
         t, lat = cls["throughput"], cls["latency"]
         lines.append("| measurement | setting | result |")
         lines.append("|---|---|---:|")
-        lines.append(f"| raw `SentenceTransformer.encode` | {t['n_texts']} {t['dataset']} test texts, batch {t['batch_size']}, "
+        lines.append(f"| raw `embedder.embed` | {t['n_texts']} {t['dataset']} test texts, batch {t['batch_size']}, "
                      f"median of {t['repetitions']} | {t['raw_encode_median']:.0f} texts/s |")
         lines.append(f"| `Session.classify(list)` | same texts, {t['classifier_shots']}/class session, alternating with the above | "
                      f"{t['classify_median']:.0f} texts/s |")
@@ -488,7 +487,7 @@ def markdown_section(result: dict) -> str:
         lines.append(f"| `classify(one text)` p50 | {lat['dataset']} {lat['classifier_shots']}/class, texts <= {lat['text_max_chars']} chars, "
                      f"{lat['calls']} calls after {lat['warmup_calls']} warm-up | {lat['p50_ms']:.1f} ms |")
         lines.append(f"| `classify(one text)` p90 | same | {lat['p90_ms']:.1f} ms |")
-        lines.append(f"| raw `encode([text])` p50 / p90 (reference) | same texts, interleaved with the calls above | "
+        lines.append(f"| raw `embed([text])` p50 / p90 (reference) | same texts, interleaved with the calls above | "
                      f"{lat['raw_encode_p50_ms']:.1f} / {lat['raw_encode_p90_ms']:.1f} ms |")
         lines.append(f"| 1-min load average before / after the latency calls | {os.cpu_count()} cores | "
                      f"{lat['load_average_before'][0]:.1f} / {lat['load_average_after'][0]:.1f} |")
@@ -496,10 +495,12 @@ def markdown_section(result: dict) -> str:
         lines.append(f"`classify` answers agreed with a directly trained `LinearSVMClassifier` on "
                      f"{100 * t['agreement_with_direct_svm']:.1f}% of the throughput texts.")
         lines.append("")
-        lines.append("The embedder runs batches of up to 4 texts on one torch thread (`SMALL_BATCH` in "
-                     "`retrieval/embedders.py`), the raw reference on torch's default of two: one thread is ~3 ms "
-                     "slower on an idle machine, but with another process busy on the second core a two-thread "
-                     "single-text encode measured p50 496 ms against 9.7 ms on one thread.")
+        runtime = result["settings"]["embedder"].get("runtime", "SentenceTransformerEmbedder")
+        lines.append(f"The embedder ran as `{runtime}` (`OnnxBodyEmbedder`: the packaged body on onnxruntime; "
+                     "`SentenceTransformerEmbedder`: in torch, as before 2026-12-04); it runs batches of up to 4 "
+                     "texts on one thread (`SMALL_BATCH` in `retrieval/embedders.py`): with another process busy on "
+                     "the second core a two-thread single-text encode in torch measured p50 496 ms against 9.7 ms on "
+                     "one thread.")
     else:
         lines.append(f"Not measured in this run: {result.get('classifier_skipped', 'skipped')}.")
     lines.append("")
@@ -565,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     embedder = load_embedder("default")
     cache = VectorCache(embedder)
     settings = {
-        "embedder": {"id": embedder.id, "dim": embedder.dim, "batch_size": EMBED_BATCH},
+        "embedder": {"id": embedder.id, "dim": embedder.dim, "batch_size": EMBED_BATCH,
+                     "runtime": type(embedder).__name__},
         "svm": {"class": "labelcascade.fallback.svm.LinearSVMClassifier", "C": SVM_C, "cv": 5, "random_state": 0},
         "knn": {"class": "sklearn.neighbors.KNeighborsClassifier", "n_neighbors": KNN_K, "metric": "cosine",
                 "weights": "uniform"},
@@ -601,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(runs)
 
     session, skipped = None, None
-    if args.no_classifier:
+    if args.no_session:
         skipped = "--no-session"
     else:
         log("Session part: throughput and latency ...")
