@@ -90,11 +90,12 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedders: dict, c
         spec = "multilingual" if name in CHINESE else "default"
     embedder = embedders[spec]
     store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
-    store.add([r["text"] for r in pool], [r["label"] for r in pool], embedder.embed([r["text"] for r in pool]))
+    pool_vectors = embedder.embed([r["text"] for r in pool])
+    store.add([r["text"] for r in pool], [r["label"] for r in pool], pool_vectors)
     texts = [r["text"] for r in test]
     vectors = embedder.embed(texts)
     # the fallback on the same embedder and pool, for issue 15's bar (the LLM few-shot >= the fallback)
-    fallback = LinearSVMClassifier().fit(embedder.embed([r["text"] for r in pool]), [r["label"] for r in pool])
+    fallback = LinearSVMClassifier().fit(pool_vectors, [r["label"] for r in pool])
     neighbours = store.search(vectors, k=K)
     # the cached layout: the first STATIC_PER_LABEL pool examples of each label, labels in turn (as
     # Cascade.static_examples picks them), then the K_CACHED nearest of the other pool examples
