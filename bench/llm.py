@@ -256,7 +256,9 @@ def keep_other_cells(result: dict, earlier: dict) -> None:
     ran, settings = {(c["engine"], c["dataset"]) for c in result["cells"]}, result["settings"]
     kept = [c for c in earlier["cells"] if (c["engine"], c["dataset"]) not in ran]
     result["cells"] = kept + result["cells"]
-    settings["datasets"] = [d for d in DATASETS if d in settings["datasets"] or d in earlier["settings"]["datasets"]]
+    settings["datasets"] = [d for d in DATASETS + CHINESE if d in settings["datasets"] or d in earlier["settings"]["datasets"]]
+    if kept and earlier["settings"]["embedder"] != settings["embedder"]:
+        settings["embedder"] += f"; the kept cells: {earlier['settings']['embedder']}"
     settings["test_in_pool"] = earlier["settings"]["test_in_pool"] | settings["test_in_pool"]
     run = {"date": earlier["date"], "run_seconds": round(earlier["run_seconds"]), "machine": earlier["settings"]["machine"]}
     for key in sorted({f"{c['engine']}:{c['dataset']}" for c in kept}):
