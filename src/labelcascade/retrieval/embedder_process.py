@@ -229,8 +229,8 @@ class _Child:
 
     def __init__(self, spec: str):
         self.spec = spec
-        # one thread each (module docstring): torch reads OMP_NUM_THREADS when imported, onnxruntime's bodies when
-        # they size a batch's session (onnx_body.usable_threads)
+        # one thread each (module docstring): torch takes its thread count from OMP_NUM_THREADS when imported,
+        # onnxruntime's bodies when they size a batch's session (onnx_body.usable_threads)
         self.process = subprocess.Popen([sys.executable, "-m", __name__, spec], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.sending: Connection | None = Connection(os.dup(self.process.stdin.fileno()), readable=False)
@@ -287,7 +287,6 @@ def _serve(spec: str) -> None:
     os.dup2(2, 1)  # what libraries print must not reach the parent as a message
     try:
         embedder = load_embedder(spec)
-        _one_thread()
     except Exception as error:  # noqa: BLE001 - any load failure is reported to the parent, which raises it
         answering.send_bytes(ERROR + f"{type(error).__name__}: {error}".encode())
         return
@@ -309,13 +308,6 @@ def _serve(spec: str) -> None:
             answering.send_bytes(answer)
         except OSError:  # the parent stopped listening (it is restarting its children, or gone)
             return
-
-
-def _one_thread() -> None:
-    """Each child computes on one core (see the module docstring; OMP_NUM_THREADS is 1 in its environment too);
-    torch is there only for torch models."""
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
 
 
 if __name__ == "__main__":
