@@ -82,11 +82,18 @@ def prepare(data: Path, name: str, args) -> dict:
     pool = [train[i] for label in sorted(picked) for i in picked[label][:SHOTS]]
     used = {row["text"] for row in pool}
     rest = [row for row in train if row["text"] not in used]
-    order = random.Random(DEV_SEED).sample(range(len(rest)), min(len(rest), args.dev_size + args.stream_size))
+    unlabeled = folder / "unlabeled.jsonl"  # eprstmt's texts for learning streams (its train split holds 320)
+    from_train = 0 if unlabeled.is_file() else args.stream_size
+    order = random.Random(DEV_SEED).sample(range(len(rest)), min(len(rest), args.dev_size + from_train))
     dev = [rest[i] for i in order[: args.dev_size]]
     stream = [rest[i] for i in order[args.dev_size :]]
+    if unlabeled.is_file():
+        texts = read_jsonl(unlabeled)
+        stream = [texts[i] for i in random.Random(STREAM_SEED).sample(range(len(texts)), min(len(texts), args.stream_size))]
     test = test_sample(test, args.test_size)[: args.limit]
-    return {"name": name, "task": task, "pool": pool, "dev": dev, "stream": stream, "test": test}
+    return {"name": name, "task": task, "pool": pool, "dev": dev, "stream": stream, "test": test,
+            "stream_source": (f"unlabeled.jsonl (random.Random({STREAM_SEED}) order)" if unlabeled.is_file()
+                              else f"training texts outside pool and dev (random.Random({DEV_SEED}) order)")}
 
 
 class Embedders:
@@ -243,18 +250,25 @@ def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Session, dict]:
 
 
 def rerun_stream(args) -> None:
-    """Redo only the stream of an earlier run (same pool, dev, stream and test texts), then bars and markdown."""
-    result = json.loads(args.out.read_text(encoding="utf-8"))
-    for key in ("test_size", "dev_size", "limit"):
-        setattr(args, key, result["settings"][key])
+    """Redo only the stream of an earlier run (same pool, dev, stream and test texts), then bars and markdown; with
+    no earlier run in --out, a result of streams alone, on the --test-size and --dev-size given."""
+    if args.out.exists():
+        result = json.loads(args.out.read_text(encoding="utf-8"))
+        for key in ("test_size", "dev_size", "limit"):
+            setattr(args, key, result["settings"][key])
+    else:
+        result = {"date": dt.date.today().isoformat(), "datasets": [], "settings": {
+            "datasets": [], "test_size": args.test_size, "dev_size": args.dev_size, "limit": args.limit, "calibrate": CALIBRATE,
+            "engine": "llamacpp:default (Gemma 3 270M Q4_K_M)", "llama_threads": args.threads}}
+    load = [round(x, 1) for x in os.getloadavg()]
     t0, embedders, engine = time.monotonic(), Embedders(), LlamaCppEngine(n_threads=args.threads)
     ds = prepare(args.data, args.stream_dataset, args)
     session, calibration = calibrated_classifier(ds, embedders.for_pool(ds), engine)
     before = run_classifier(session, *texts_labels(ds["test"]))
     log(f"{ds['name']}: stream of {len(ds['stream'])} texts")
     stream = run_stream(ds, session, before) | {
-        "calibration": calibration, "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0,
-        "llama_threads": args.threads, "load_start": [round(x, 1) for x in os.getloadavg()]}
+        "calibration": calibration, "source": ds["stream_source"], "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0,
+        "llama_threads": args.threads, "load_start": load}
     result["streams"] = [s for s in streams(result) if (s["dataset"], s["learn_rule"]) != (stream["dataset"], LEARN_RULE)]
     result["streams"].append(stream)
     result.pop("stream", None)
@@ -343,6 +357,8 @@ def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> fl
 
 def evaluate_bars(result: dict) -> list[dict]:
     bars, wins, measured = [], 0, []
+    if not result["datasets"]:  # streams alone (--stream-only into a new --out)
+        return stream_bars(result)
     for row in result["datasets"]:
         arms = row["arms"]
         same = row["cascade_on_llm_texts"]  # the cascade on the texts the LLM arms saw, so the comparison is fair
@@ -355,6 +371,12 @@ def evaluate_bars(result: dict) -> list[dict]:
     complete = len(result["datasets"]) == len(ALL_DATASETS)
     bars.append({"bar": f"cascade accuracy >= max(svm, llm few-shot) with <= {LLM_BUDGET:.0%} sent to the LLM, on >= {WIN_BAR} of {len(ALL_DATASETS)} datasets",
                  "measured": f"{wins}/{len(result['datasets'])}: " + "; ".join(measured), "pass": wins >= WIN_BAR if complete else None})
+    return bars + stream_bars(result)
+
+
+def stream_bars(result: dict) -> list[dict]:
+    """Issue 14's stream bar for each stream: the LLM share in the last window <= half the first, accuracy not lower."""
+    bars = []
     for stream in streams(result):
         if len(stream["windows"]) < 2:
             continue
@@ -364,6 +386,8 @@ def evaluate_bars(result: dict) -> list[dict]:
                             "<= half the first, test accuracy not lower",
                      "measured": f"{first:.1%} -> {last:.1%}; cascade accuracy {100 * stream['cascade_before']['accuracy']:.1f} -> "
                                  f"{100 * stream['cascade_after']['accuracy']:.1f}", "pass": holds})
+        if first == 0:  # calibration sent nothing to the LLM from the start: there is no share to halve
+            bars[-1] |= {"pass": None, "na": "nothing sent to the LLM from the start"}
     return bars
 
 
@@ -398,7 +422,7 @@ def arms_section(result: dict, heading: str = ARMS_HEADING, out: Path = DEFAULT_
                      f"| {100 * c['fallback_accuracy']:.1f} | {100 * c['cascade_accuracy']:.1f} | {c['llm_share']:.0%} | {recall} | {learn_cell(c)} |")
     lines += ["", "| bar | measured | result |", "|---|---|---|"]
     for bar in result["bars"]:
-        verdict = f"n/a (not all {len(ALL_DATASETS)} datasets run)" if bar["pass"] is None else ("**PASS**" if bar["pass"] else "**FAIL**")
+        verdict = f"n/a ({bar.get('na', f'not all {len(ALL_DATASETS)} datasets run')})" if bar["pass"] is None else ("**PASS**" if bar["pass"] else "**FAIL**")
         lines.append(f"| {bar['bar']} | {bar['measured']} | {verdict} |")
     return "\n".join(lines + [""])
 
@@ -435,13 +459,17 @@ def streams(result: dict) -> list[dict]:
     return result.get("streams", [])
 
 
-def stream_section(result: dict) -> str:
-    lines = [STREAM_HEADING, "", "Generated with the section above. Each stream: unlabelled training texts (outside pool and dev, "
-             f"random.Random({DEV_SEED}) order) fed {STREAM_CHUNK} per classify call to the calibrated session with learning on, "
+def stream_section(result: dict, heading: str = STREAM_HEADING) -> str:
+    st = result["settings"]
+    lines = [heading, "", "Generated by `bench/cascade.py` with its arms' section, or alone by `--stream-only` (each stream then "
+             f"calibrated on its own dev set of {st['dev_size']} texts by {st['calibrate']}, as the arms' cascade is; test "
+             f"{st['test_size']} texts, the fixed sample of bench/common.py). Each stream: unlabelled texts (training texts outside pool and dev in "
+             f"random.Random({DEV_SEED}) order; a dataset's unlabeled.jsonl where it has one) fed {STREAM_CHUNK} per classify call to the calibrated session with learning on, "
              f"retraining every {RETRAIN_EVERY} LLM labels; test accuracy before and after on the section's test texts.", ""]
     for stream in streams(result):
-        rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") else ""
-        lines += [f"**{stream['dataset']}**, {stream['stream_texts']} texts, learning from LLM answers where {stream['learn_rule']} is at "
+        rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") and result["datasets"] else ""
+        source = f" from {stream['source']}" if "source" in stream else ""
+        lines += [f"**{stream['dataset']}**, {stream['stream_texts']} texts{source}, learning from LLM answers where {stream['learn_rule']} is at "
                   f"least {stream['policy']['learn_threshold']:.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){rerun}:", "",
                   "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
         for i, w in enumerate(stream["windows"], 1):
@@ -450,15 +478,26 @@ def stream_section(result: dict) -> str:
         lines += ["", f"Test ({b['n']} texts): cascade accuracy {100 * b['accuracy']:.1f}% -> {100 * a['accuracy']:.1f}% "
                   f"(sent to LLM {b['llm_share']:.0%} -> {a['llm_share']:.0%}); fallback alone {100 * stream['fallback_before']:.1f}% -> "
                   f"{100 * stream['fallback_after']:.1f}%.", ""]
+        if "load_start" in stream:
+            lines[-1:] = [f"Run on {stream.get('rerun', result['date'])}: {stream['seconds']:.0f} s in all, llama.cpp threads "
+                          f"{stream['llama_threads'] or 2}, 1/5/15-min load {stream['load_start']} at the start.", ""]
+    if not result["datasets"]:  # streams alone: their bars are not in an arms' section
+        lines += ["| bar | measured | result |", "|---|---|---|"]
+        lines += [f"| {bar['bar']} | {bar['measured']} | "
+                  + (f"n/a ({bar['na']})" if bar["pass"] is None else "**PASS**" if bar["pass"] else "**FAIL**") + " |"
+                  for bar in stream_bars(result)]
+        lines.append("")
     return "\n".join(lines)
 
 
 def write_markdown(result: dict, args) -> None:
     """The arms' section under --heading and, when the run has one, the stream's section, in --markdown."""
     path, heading = args.markdown, "## " + args.heading
-    write_markdown_section(path, heading, arms_section(result, heading, args.out))
+    if result["datasets"]:
+        write_markdown_section(path, heading, arms_section(result, heading, args.out))
     if streams(result):
-        write_markdown_section(path, STREAM_HEADING, stream_section(result))
+        stream_heading = "## " + args.stream_heading
+        write_markdown_section(path, stream_heading, stream_section(result, stream_heading))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade-only", action="store_true",
                         help="only redo the calibrated cascade arm of the run in --out, for --datasets")
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
+    parser.add_argument("--stream-heading", default=STREAM_HEADING[3:], help="the BENCHMARKS.md section of the streams")
     parser.add_argument("--stream-only", action="store_true",
                         help="only redo the stream (calibrating again) for the results in --out")
     args = parser.parse_args(argv)
