@@ -53,6 +53,7 @@ CPU_OUT = BENCH / "results" / "cpu_engines.json"
 CARRIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
 JOB_RESULT = BENCH / "results" / "job_ray_llm.json"  # the policy its calibration chose
 WARM_UP, BOUND_BATCHES, CHECKED, LONG_CHECKED, PASSES = 16, (1, 8, 32, 128), 8, 2, (1, 2)
+CHECKED_CALLS = 3  # engine calls (of the job's batch of prompts) checked batched against one prompt at a time
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -243,22 +244,32 @@ def measure(args: argparse.Namespace) -> int:
         print(f"check: {len(checked)} prompts ({min(lengths)}-{max(lengths)} tokens), max |engine - scratch| = "
               f"{worst:.2e}", flush=True)
         del reference
+        # the prompts of a call batched (batch_texts) against the same engine one prompt at a time, first calls
+        batching = TransformersEngine(path, dtype="float32", batch_texts=True)
+        batch_worst = 0.0
+        for call_prompts, call_options in calls[:CHECKED_CALLS]:
+            together = batching.score(call_prompts, call_options)
+            alone = [engine.score([p], [o])[0] for p, o in zip(call_prompts, call_options, strict=True)]
+            batch_worst = max(batch_worst, max(abs(a[o] - b[o]) for a, b in zip(together, alone, strict=True) for o in a))
+        batching.close()
+        result["check"]["batched_max_abs_difference"] = batch_worst
+        print(f"check: prompts batched vs one at a time, {CHECKED_CALLS} calls, max difference {batch_worst:.2e}", flush=True)
 
         device = engine._device
         result["engine"] = []
-        for dtype in ("float32", "bfloat16"):  # float32 first: the engine the check used
-            if dtype != "float32":
+        for dtype, batched in (("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)):
+            if (dtype, batched) != ("float32", False):  # float32 one at a time first: the engine the check used
                 engine.close()
-                engine = TransformersEngine(path, dtype=dtype)
+                engine = TransformersEngine(path, dtype=dtype, batch_texts=batched)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             for run in PASSES:  # the same calls twice: the first run over them was seen to be the slower
                 timed, _ = time_engine(engine, calls, warm_up=warm_up_calls(result["llm_batch"]))
-                timed.update(dtype=dtype, run=run,
+                timed.update(dtype=dtype, batched=batched, run=run,
                              peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0)
                 result["engine"].append(timed)
-                print(f"transformers engine, {dtype}, run {run}: {timed['seconds_per_text'] * 1000:.1f} ms per "
-                      f"text, {timed['texts_per_s']:.1f} texts/s", flush=True)
+                print(f"transformers engine, {dtype}{', prompts batched' if batched else ''}, run {run}: "
+                      f"{timed['seconds_per_text'] * 1000:.1f} ms per text, {timed['texts_per_s']:.1f} texts/s", flush=True)
         engine.close()
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
@@ -286,7 +297,9 @@ def cpu_engines(args: argparse.Namespace) -> int:
     checkpoint = str(args.checkpoint)
     specs = {"llama.cpp (Q4_K_M GGUF)": ("llamacpp:default", {"n_threads": 2}),
              "transformers, float32": (f"transformers:{checkpoint}", {"dtype": "float32", "n_threads": 2}),
-             "transformers, bfloat16": (f"transformers:{checkpoint}", {"dtype": "bfloat16", "n_threads": 2})}
+             "transformers, bfloat16": (f"transformers:{checkpoint}", {"dtype": "bfloat16", "n_threads": 2}),
+             "transformers, bfloat16, prompts batched": (f"transformers:{checkpoint}",
+                                                         {"dtype": "bfloat16", "n_threads": 2, "batch_texts": True})}
     warm_up = warm_up_calls(recorded["policy"]["llm_batch"])
     warm_up_texts = sum(len(prompts) for prompts, _ in calls[:warm_up])
     texts = sum(len(prompts) for prompts, _ in calls) - warm_up_texts
@@ -372,7 +385,10 @@ def markdown(result: dict) -> str:
         "so these rows time the same shapes, not answers: no accuracy is measured there. Before timing, the engine's "
         f"scores on the GPU (float32) matched a forward pass from scratch on {check['prompts']} prompts of "
         f"{min(check['prompt_tokens'])}-{max(check['prompt_tokens'])} tokens (past the 512-token sliding window) "
-        f"within {check['max_abs_difference']:.1e}; the engine chose `{result['default_device']}` by default.",
+        f"within {check['max_abs_difference']:.1e}; the engine chose `{result['default_device']}` by default."
+        + (f" Batching the prompts of a call (`batch_texts`) moved no score by more than "
+           f"{check['batched_max_abs_difference']:.1e} against one prompt at a time ({CHECKED_CALLS} calls)."
+           if "batched_max_abs_difference" in check else ""),
         "",
         "| engine | device | ms per text | texts/s | prompt tok/text | computed tok/text | peak GPU MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -380,11 +396,14 @@ def markdown(result: dict) -> str:
         f"{cpu['texts_per_s']:.2f} | {cpu['prompt_tokens_per_text']:.0f} | {cpu['computed_tokens_per_text']:.0f} | - |",
     ]
     for row in gpu:
-        lines.append(f"| transformers ({row['dtype']}, run {row['run']} over the texts) | {result['gpu']} | "
+        batched = ", prompts batched" if row.get("batched") else ""
+        lines.append(f"| transformers ({row['dtype']}{batched}, run {row['run']} over the texts) | {result['gpu']} | "
                      f"{1000 * row['seconds_per_text']:.1f} | "
                      f"{row['texts_per_s']:.1f} | {row['prompt_tokens_per_text']:.0f} | "
                      f"{row['computed_tokens_per_text']:.0f} | {row['peak_gpu_mib']:.0f} |")
-    fast, slow = min(row["seconds_per_text"] for row in gpu), max(row["seconds_per_text"] for row in gpu)
+    alone = [row for row in gpu if not row.get("batched")]
+    together = [row["seconds_per_text"] for row in gpu if row.get("batched")]
+    fast, slow = min(row["seconds_per_text"] for row in alone), max(row["seconds_per_text"] for row in alone)
     bounds = ", ".join(f"batch {b['batch']}: {b['texts_per_s']:.0f}" for b in result["batched_bound"])
     lines += ["", f"Batched bound (bfloat16, one forward pass per batch of whole prompts, left-padded, first-token "
               f"distribution only; not an engine of this package), texts/s: {bounds}.", ""]
@@ -396,9 +415,13 @@ def markdown(result: dict) -> str:
         "faster than llama.cpp on 2 CPU threads. The engine evaluates one text per forward pass (the prompt, then its "
         "candidates as one batch); the batched bound shows what that leaves on the GPU: whole prompts at batch 1 run "
         f"at {result['batched_bound'][0]['texts_per_s']:.0f} texts/s, at batch {result['batched_bound'][-1]['batch']} "
-        f"at {result['batched_bound'][-1]['texts_per_s']:.0f}. An engine that batches texts (vLLM, or this engine "
-        "batching the texts of one call) is what would use a GPU well; neither was measured here (vLLM cannot reach "
-        "that machine: nothing is fetched there and a call carries at most 64 MiB).",
+        f"at {result['batched_bound'][-1]['texts_per_s']:.0f}. "
+        + (f"With the prompts of each call batched (`batch_texts`, the default on a GPU since 2026-12-04) the engine "
+           f"took {1000 * min(together):.0f}-{1000 * max(together):.0f} ms per text. vLLM was not measured (it cannot "
+           "reach that machine: nothing is fetched there and a call carries at most 64 MiB)." if together else
+           "An engine that batches texts (vLLM, or this engine batching the texts of one call) is what would use a "
+           "GPU well; neither was measured here (vLLM cannot reach that machine: nothing is fetched there and a call "
+           "carries at most 64 MiB)."),
         "",
     ]
     lines += scaling(fast, slow, cpu["seconds_per_text"])

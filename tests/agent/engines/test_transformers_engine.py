@@ -165,3 +165,53 @@ def test_the_spec_names_the_dtype_and_loads_it_again(hf_model):
         engine.close()
     with pytest.raises(EngineError, match="unknown torch dtype 'bfloat17'"):
         load_engine(f"transformers:{hf_model}#bfloat17")
+
+
+@pytest.fixture(scope="module")
+def batching_engine(hf_model):
+    """The engine with the prompts of a call evaluated as one batch after their shared prefix (the default on a GPU
+    only), in steps of 256 tokens so that long prompts take several."""
+    engine = TransformersEngine(hf_model, batch_texts=True, n_batch=256)
+    yield engine
+    engine.close()
+
+
+def test_prompts_batched_score_as_one_at_a_time(batching_engine, transformers_engine):
+    """Prompts of different lengths sharing the static part, a prompt twice, one sharing only <bos>, and 77 labels
+    with 8 examples (~850 tokens, past Gemma 3's 512-token sliding window, the batch in several steps): every
+    candidate's log-probability as the engine gives it one prompt at a time, which the tests above check against a
+    forward from scratch."""
+    renderer = PromptRenderer(BANKING)
+    candidates = renderer.candidates(BANKING.label_names)
+    short = [renderer.render(text, SHOTS).text for text in ("lost card", "I was charged twice for one coffee this morning", "lost card")]
+    task = banking77()
+    long_renderer = PromptRenderer(task)
+    texts, labels = few_shot("banking77", 1)
+    shots = [Example(i, text, (label,)) for i, (text, label) in enumerate(zip(texts, labels, strict=True))]
+    long = [long_renderer.render(text, shots[:8]).text for text in ("my card still hasn't come", "how do I top up by cheque?")]
+    long_candidates = long_renderer.candidates(task.label_names)
+    cases = [(short, [candidates] * 3), (short[:1] + ["The capital of France is"], [candidates, [" Paris", " a city"]]),
+             (long, [long_candidates] * 2)]
+    for prompts, options in cases:
+        before = batching_engine.stats.computed_tokens
+        batched = batching_engine.score(prompts, options)
+        one_at_a_time = [transformers_engine.score([p], [o])[0] for p, o in zip(prompts, options, strict=True)]
+        for got, expected in zip(batched, one_at_a_time, strict=True):
+            assert list(got) == list(expected)
+            assert got == pytest.approx(expected, abs=1e-3)
+        assert batching_engine.stats.computed_tokens > before
+    assert batched[0] != pytest.approx(batched[1], abs=1e-3)  # the two long prompts' own scores, not one row's twice
+
+
+def test_a_batch_that_times_out_leaves_the_engine_usable(batching_engine):
+    renderer = PromptRenderer(BANKING)
+    candidates = renderer.candidates(BANKING.label_names)
+    prompts = [renderer.render(text, SHOTS).text for text in ("card declined at the shop", "where is my refund")]
+    before = batching_engine.score(prompts, [candidates] * 2)
+    with pytest.raises(EngineTimeout):
+        batching_engine.score([renderer.render("a brand new text " * 30).text, prompts[0]], [candidates] * 2, timeout=0)
+    assert batching_engine.score(prompts, [candidates] * 2) == [pytest.approx(s, abs=1e-4) for s in before]
+
+
+def test_batching_is_off_on_the_cpu_by_default(transformers_engine):
+    assert transformers_engine._batch_texts is False

@@ -4,6 +4,10 @@ Scoring is exact (the candidate tokens' log-probabilities under the model, nothi
 shares work in two ways:
 - Prefix reuse: the keys and values of the previous prompt are kept, and a new prompt only evaluates what
   follows the longest common token prefix (the task's static part at least, see `prompts`).
+- One forward for the prompts of a call (`batch_texts`): what follows the prefix they all share is evaluated as one
+  right-padded batch on top of that prefix's keys and values, instead of one forward per prompt. On a GPU a forward
+  of one short suffix leaves most of the device idle (BENCHMARKS.md, "One GPU LLM worker"); each prompt's
+  candidates are then scored from its own row of the batch's cache, as below.
 - One batched forward for all candidates of a prompt: the prompt's keys and values are repeated once per
   candidate and every candidate's tokens but its last run on top of them (right-padded, with an attention mask;
   padding after a causal sequence cannot change what comes before it). A candidate's first token needs no
@@ -24,7 +28,7 @@ import inspect
 from collections.abc import Sequence
 from pathlib import Path
 
-from labelcascade.agent.engines.base import EngineError, ScoringEngine, reusable_prefix, version_at_least
+from labelcascade.agent.engines.base import EngineError, ScoringEngine, common_prefix, reusable_prefix, version_at_least
 
 MIN_TRANSFORMERS_VERSION = (4, 56)  # `dtype=` in from_pretrained, DynamicCache made of layers
 INSTALL = "pip install 'labelcascade[transformers]'"
@@ -44,13 +48,16 @@ class TransformersEngine(ScoringEngine):
         n_batch: int = 512,
         max_length: int | None = None,
         n_threads: int | None = None,
+        batch_texts: bool | None = None,
     ):
         """`device` is "cpu" or "cuda"/"cuda:N"; by default the GPU when torch sees one (so that an LLM worker of a
         Ray job given a GPU uses it), else the CPU. `dtype` is a torch dtype name;
         float32 by default so that scores match other float32 engines closely (bfloat16 moves them visibly).
         Prompts are evaluated `n_batch` tokens per step, with the deadline checked between steps. `n_threads` sets
         torch's CPU threads for the whole process (torch.set_num_threads); on a CPU that other processes keep busy,
-        fewer threads than cores can be several times faster.
+        fewer threads than cores can be several times faster. `batch_texts`: the prompts of one call evaluated as one
+        batch after their shared prefix (see the module docstring); by default on a GPU only, where one short
+        forward leaves the device mostly idle (`bench/gpu_llm.py cpu` measures it on a CPU).
         """
         try:
             import torch
@@ -91,6 +98,7 @@ class TransformersEngine(ScoringEngine):
         forward = inspect.signature(self._model.forward).parameters
         self._cache_keyword = "cache" if "cache" in forward else "past_key_values"
         self._device = torch.device(device)
+        self._batch_texts = self._device.type == "cuda" if batch_texts is None else batch_texts
         self._n_batch = n_batch
         self._max_length = max_length or getattr(config, "max_position_embeddings", None) or 4096
         self._pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
@@ -105,18 +113,24 @@ class TransformersEngine(ScoringEngine):
         self, prompts: Sequence[str], candidates: Sequence[Sequence[str]], deadline: float | None
     ) -> list[dict[str, float]]:
         with self._torch.inference_mode():
-            return [self._score_one(p, options, deadline) for p, options in zip(prompts, candidates, strict=True)]
+            prompt_ids = [self.tokenize(prompt, bos=True) for prompt in prompts]
+            encoded = [[self.candidate_ids(option) for option in options] for options in candidates]
+            for ids, options in zip(prompt_ids, encoded, strict=True):
+                if len(ids) + max(map(len, options)) > self._max_length:
+                    raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {self._max_length}")
+            self.stats.prompts += len(prompts)
+            self.stats.prompt_tokens += sum(map(len, prompt_ids))
+            if self._batch_texts and len(prompts) > 1:
+                return self._score_batch(prompt_ids, encoded, candidates, deadline)
+            scores = []
+            for ids, options, names in zip(prompt_ids, encoded, candidates, strict=True):
+                first = self._extend(ids, deadline)
+                scores.append(self._score_candidates(self._kv, len(ids), options, names, first, deadline))
+            return scores
 
-    def _score_one(self, prompt: str, options: Sequence[str], deadline: float | None) -> dict[str, float]:
-        torch = self._torch
-        prompt_ids = self.tokenize(prompt, bos=True)
-        encoded = [self.candidate_ids(option) for option in options]
-        if len(prompt_ids) + max(map(len, encoded)) > self._max_length:
-            raise EngineError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self._max_length}")
-        self.stats.prompts += 1
-        self.stats.prompt_tokens += len(prompt_ids)
-
-        # The prompt: evaluate only what follows the cached prefix (at least its last token, for its logits).
+    def _extend(self, prompt_ids: list[int], deadline: float | None):
+        """Bring the cache to `prompt_ids`, evaluating only what follows the cached prefix (at least the last token,
+        for its logits); the log-probabilities of the token after the prompt."""
         reuse = reusable_prefix(self._cached, prompt_ids)
         self._kv = [(keys[:, :, :reuse], values[:, :, :reuse]) for keys, values in self._kv] if reuse else []
         self._cached = self._cached[:reuse]
@@ -124,28 +138,77 @@ class TransformersEngine(ScoringEngine):
             self.check_deadline(deadline)
             chunk = prompt_ids[start : start + self._n_batch]
             cache = self._cache_class(ddp_cache_data=self._kv) if self._kv else self._cache_class()
-            logprobs = self._forward(torch.tensor([chunk], device=self._device), cache, logits_to_keep=1)
+            logprobs = self._forward(self._torch.tensor([chunk], device=self._device), cache, logits_to_keep=1)
             self._kv = [tuple(layer[:2]) for layer in cache]  # only now: a failed step leaves the old prefix
             self._cached += chunk
             self.stats.computed_tokens += len(chunk)
-        first = logprobs[0, -1]  # the distribution of every candidate's first token
+        return logprobs[0, -1]
 
-        # The candidates: every token but the last is context for the next, so those run as one right-padded batch.
+    def _score_batch(self, prompt_ids: list[list[int]], encoded: list, candidates: Sequence[Sequence[str]],
+                     deadline: float | None) -> list[dict[str, float]]:
+        """The prompts' shared prefix through the cache, then every prompt's rest as one right-padded batch on top
+        of it (padding after a sequence cannot change what comes before it, and every real token keeps the position
+        it has alone, so sliding windows apply as they would), then each prompt's candidates from its own row."""
+        torch = self._torch
+        shared = min(min(common_prefix(prompt_ids[0], ids) for ids in prompt_ids[1:]), min(map(len, prompt_ids)) - 1)
+        if shared:
+            self._extend(prompt_ids[0][:shared], deadline)
+        else:
+            self._kv, self._cached = [], []
+        rest = [ids[shared:] for ids in prompt_ids]
+        rows, width = len(rest), max(map(len, rest))
+        inputs = torch.full((rows, width), self._pad, dtype=torch.long)
+        mask = torch.zeros((rows, shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        last = torch.zeros((rows, width), dtype=torch.bool)  # each prompt's last token: its logits are the ones needed
+        for row, ids in enumerate(rest):
+            inputs[row, : len(ids)] = torch.tensor(ids)
+            mask[row, shared : shared + len(ids)] = 1
+            last[row, len(ids) - 1] = True
+        kv = [(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in self._kv]
+        firsts = []
+        for start in range(0, width, self._n_batch):
+            self.check_deadline(deadline)
+            end = min(width, start + self._n_batch)
+            cache = self._cache_class(ddp_cache_data=kv) if kv else self._cache_class()
+            logprobs = self._forward(inputs[:, start:end].to(self._device), cache,
+                                     attention_mask=mask[:, : shared + end].to(self._device), rows=last[:, start:end])
+            kv = [tuple(layer[:2]) for layer in cache]
+            firsts.append((last[:, start:end].any(dim=1), logprobs))
+            self.stats.computed_tokens += rows * (end - start)  # padding included: the layers evaluate it too
+        first = [None] * rows
+        for present, logprobs in firsts:  # rows come out in order, one per prompt whose last token was in the step
+            for row, values in zip(present.nonzero()[:, 0].tolist(), logprobs, strict=True):
+                first[row] = values
+        scores = []
+        for row, ids in enumerate(rest):
+            own = [(keys[row : row + 1, :, : shared + len(ids)], values[row : row + 1, :, : shared + len(ids)])
+                   for keys, values in kv]
+            scores.append(self._score_candidates(own, shared + len(ids), encoded[row], candidates[row], first[row], deadline))
+        self._kv, self._cached = own, list(prompt_ids[-1])  # the last prompt's cache, for the next call's prefix
+        return scores
+
+    def _score_candidates(self, kv: list[tuple], prompt_len: int, encoded: list[list[int]], options: Sequence[str], first,
+                    deadline: float | None) -> dict[str, float]:
+        """The candidates' log-probabilities after a prompt whose keys and values are `kv` (batch 1) and whose next
+        token's log-probabilities are `first`: every candidate token but the last is context for the next, so those
+        run as one right-padded batch."""
+        torch = self._torch
         scores = first[torch.tensor([ids[0] for ids in encoded], device=first.device)].double().tolist()
         width = max(len(ids) for ids in encoded) - 1
         if width:
             self.check_deadline(deadline)
             rows = len(encoded)
             inputs = torch.full((rows, width), self._pad, dtype=torch.long)
-            mask = torch.zeros((rows, len(prompt_ids) + width), dtype=torch.long)
-            mask[:, : len(prompt_ids)] = 1
+            mask = torch.zeros((rows, prompt_len + width), dtype=torch.long)
+            mask[:, :prompt_len] = 1
             for row, ids in enumerate(encoded):
                 inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-                mask[row, len(prompt_ids) : len(prompt_ids) + len(ids) - 1] = 1
-            cache = self._cache_class(ddp_cache_data=self._kv)
+                mask[row, prompt_len : prompt_len + len(ids) - 1] = 1
+            cache = self._cache_class(ddp_cache_data=kv)
             for layer in cache.layers:  # views: the forward's concatenation makes the one copy per candidate
                 layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
-            wanted = mask[:, len(prompt_ids) :].bool()  # the positions whose next-token distributions are needed
+            wanted = mask[:, prompt_len:].bool()  # the positions whose next-token distributions are needed
             logprobs = self._forward(inputs.to(self._device), cache, attention_mask=mask.to(self._device), rows=wanted)
             targets = torch.tensor([token for ids in encoded for token in ids[1:]], device=logprobs.device)
             picked = logprobs.gather(-1, targets[:, None])[:, 0].double().tolist()
