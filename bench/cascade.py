@@ -6,6 +6,8 @@
     .venv/bin/python bench/cascade.py --markdown-only               # rebuild the BENCHMARKS.md sections from the JSON
     .venv/bin/python bench/cascade.py --cascade-only --threads 1    # redo only the calibrated cascade arm of the JSON's run
     .venv/bin/python bench/cascade.py --stream-only --stream-dataset sst2 --threads 1   # redo only one stream
+    .venv/bin/python bench/cascade.py --stream-only --stream-dataset eprstmt --test-size 300 --out bench/results/stream.json \
+        --stream-heading "Learning from a stream: ag_news, sst2, eprstmt (bench/cascade.py --stream-only)"   # streams alone
     .venv/bin/python bench/cascade.py --datasets eprstmt csldcp --stream-size 0 --no-setfit \
         --out bench/results/cascade_chinese.json --heading "Cascade: Chinese datasets (bench/cascade.py)"  # a part, apart
 
@@ -22,9 +24,11 @@ engine is the embedded default (Gemma 3 270M Q4_K_M through llama.cpp). Arms, ea
   switched off so every test text meets the same model;
 - setfit: SetFit with the MiniLM body on the same pool (bench/setfit_anchor.py; `pip install -e '.[bench]'`), on
   the English datasets only (that body does not read Chinese; bench/student.py has the multilingual comparison).
-Stream (one dataset, default ag_news): the calibrated session, learning on (retrain every 50 LLM labels), is fed
---stream-size unlabelled training texts (outside pool and dev) in order, 20 at a time; per 200-text window the
-share sent to the LLM; test accuracy of the cascade and of its fallback before and after.
+Stream (one dataset, default ag_news): the calibrated session, learning on (retrain every --retrain-every LLM labels,
+default 50), is fed --stream-size unlabelled texts in order, 20 at a time: training texts outside pool and dev, or the
+dataset's unlabeled.jsonl where it has one (eprstmt); per 200-text window the share sent to the LLM; test accuracy of
+the cascade and of its fallback before and after. With --stream-only and no earlier result in --out, a result of
+streams alone (each calibrated on its own dev set), whose section carries their bars.
 texts/s is wall time of `classify` (embedding included). Results: bench/results/cascade.json and two sections of
 BENCHMARKS.md.
 """
@@ -266,10 +270,10 @@ def rerun_stream(args) -> None:
     session, calibration = calibrated_classifier(ds, embedders.for_pool(ds), engine)
     before = run_classifier(session, *texts_labels(ds["test"]))
     log(f"{ds['name']}: stream of {len(ds['stream'])} texts")
-    stream = run_stream(ds, session, before) | {
+    stream = run_stream(ds, session, before, args.retrain_every) | {
         "calibration": calibration, "source": ds["stream_source"], "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0,
         "llama_threads": args.threads, "load_start": load}
-    result["streams"] = [s for s in streams(result) if (s["dataset"], s["learn_rule"]) != (stream["dataset"], LEARN_RULE)]
+    result["streams"] = [s for s in streams(result) if same_stream(s) != same_stream(stream)]
     result["streams"].append(stream)
     result.pop("stream", None)
     session.close()
@@ -322,11 +326,11 @@ def candidate_recall(session: Session, texts: list[str], gold: list[str]) -> flo
     return float(np.mean(hits))
 
 
-def run_stream(ds: dict, session: Session, before: dict) -> dict:
+def run_stream(ds: dict, session: Session, before: dict, retrain_every: int = RETRAIN_EVERY) -> dict:
     """Feed unlabelled texts to the calibrated session with learning on; measure what it sends to the LLM."""
     test_texts, test_gold = texts_labels(ds["test"])
     fallback_before = fallback_accuracy(session, test_texts, test_gold)
-    session.set_policy(session.policy.model_copy(update={"learn": True, "retrain_every": RETRAIN_EVERY}))
+    session.set_policy(session.policy.model_copy(update={"learn": True, "retrain_every": retrain_every}))
     texts = [row["text"] for row in ds["stream"]]
     windows, routes, began = [], [], time.perf_counter()
     for start in range(0, len(texts), STREAM_CHUNK):
@@ -344,9 +348,19 @@ def run_stream(ds: dict, session: Session, before: dict) -> dict:
                 f"{chosen.llm_share:.1%}")
     session.set_policy(session.policy.model_copy(update={"learn": False}))
     after = run_classifier(session, test_texts, test_gold)
-    return {"dataset": ds["name"], "learn_rule": LEARN_RULE, "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": RETRAIN_EVERY,
+    return {"dataset": ds["name"], "learn_rule": LEARN_RULE, "stream_texts": len(texts), "chunk": STREAM_CHUNK, "retrain_every": retrain_every,
             "policy": session.policy.model_dump(), "windows": windows, "cascade_before": before, "cascade_after": after,
             "fallback_before": fallback_before, "fallback_after": fallback_accuracy(session, test_texts, test_gold)}
+
+
+def same_stream(stream: dict) -> tuple:
+    """What a stream is a rerun of: a new run replaces the earlier one with the same dataset, rule and retraining."""
+    return stream["dataset"], stream["learn_rule"], stream.get("retrain_every", RETRAIN_EVERY)
+
+
+def retraining(stream: dict) -> str:
+    every = stream.get("retrain_every", RETRAIN_EVERY)
+    return "" if every == RETRAIN_EVERY else f", retraining every {every} LLM labels"
 
 
 def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> float:
@@ -382,7 +396,7 @@ def stream_bars(result: dict) -> list[dict]:
             continue
         first, last = stream["windows"][0]["llm_share"], stream["windows"][-1]["llm_share"]
         holds = last <= first / 2 and stream["cascade_after"]["accuracy"] >= stream["cascade_before"]["accuracy"]
-        bars.append({"bar": f"stream ({stream['dataset']}, learning from {stream['learn_rule']}): LLM share in the last window "
+        bars.append({"bar": f"stream ({stream['dataset']}, learning from {stream['learn_rule']}{retraining(stream)}): LLM share in the last window "
                             "<= half the first, test accuracy not lower",
                      "measured": f"{first:.1%} -> {last:.1%}; cascade accuracy {100 * stream['cascade_before']['accuracy']:.1f} -> "
                                  f"{100 * stream['cascade_after']['accuracy']:.1f}", "pass": holds})
@@ -465,12 +479,12 @@ def stream_section(result: dict, heading: str = STREAM_HEADING) -> str:
              f"calibrated on its own dev set of {st['dev_size']} texts by {st['calibrate']}, as the arms' cascade is; test "
              f"{st['test_size']} texts, the fixed sample of bench/common.py). Each stream: unlabelled texts (training texts outside pool and dev in "
              f"random.Random({DEV_SEED}) order; a dataset's unlabeled.jsonl where it has one) fed {STREAM_CHUNK} per classify call to the calibrated session with learning on, "
-             f"retraining every {RETRAIN_EVERY} LLM labels; test accuracy before and after on the section's test texts.", ""]
+             f"retraining every {RETRAIN_EVERY} LLM labels unless said otherwise; test accuracy before and after on the section's test texts.", ""]
     for stream in streams(result):
         rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") and result["datasets"] else ""
         source = f" from {stream['source']}" if "source" in stream else ""
         lines += [f"**{stream['dataset']}**, {stream['stream_texts']} texts{source}, learning from LLM answers where {stream['learn_rule']} is at "
-                  f"least {stream['policy']['learn_threshold']:.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){rerun}:", "",
+                  f"least {stream['policy']['learn_threshold']:.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){retraining(stream)}{rerun}:", "",
                   "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
         for i, w in enumerate(stream["windows"], 1):
             lines.append(f"| {i} | {w['texts']} | {w['llm_share']:.1%} | {w['llm_examples']} | {w['seconds']:.0f} |")
@@ -524,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade-only", action="store_true",
                         help="only redo the calibrated cascade arm of the run in --out, for --datasets")
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
+    parser.add_argument("--retrain-every", type=int, default=RETRAIN_EVERY,
+                        help="stream: retrain the fallback after this many new LLM examples (Policy.retrain_every)")
     parser.add_argument("--stream-heading", default=STREAM_HEADING[3:], help="the BENCHMARKS.md section of the streams")
     parser.add_argument("--stream-only", action="store_true",
                         help="only redo the stream (calibrating again) for the results in --out")
@@ -559,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         result["datasets"].append(row)
         if name == args.stream_dataset and args.stream_size:
             log(f"{name}: stream of {len(ds['stream'])} texts")
-            stream = run_stream(ds, session, row["arms"]["cascade"])
-            result["streams"] = [s for s in earlier if (s["dataset"], s["learn_rule"]) != (name, LEARN_RULE)] + [stream]
+            stream = run_stream(ds, session, row["arms"]["cascade"], args.retrain_every)
+            result["streams"] = [s for s in earlier if same_stream(s) != same_stream(stream)] + [stream]
         session.close()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
