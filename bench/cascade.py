@@ -363,6 +363,12 @@ def retraining(stream: dict) -> str:
     return "" if every == RETRAIN_EVERY else f", retraining every {every} LLM labels"
 
 
+def learn_threshold(stream: dict) -> float:
+    """The learn threshold calibration chose before the stream (the policy after it, chosen again after each retrain,
+    may have another: 1.0 once learning more would not keep the precision on the dev set)."""
+    return (stream.get("calibration") or {}).get("policy", stream["policy"])["learn_threshold"]
+
+
 def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> float:
     cascade = session.cascade
     proba = cascade.probabilities(cascade.embedder.embed(texts))
@@ -484,7 +490,7 @@ def stream_section(result: dict, heading: str = STREAM_HEADING) -> str:
         rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") and result["datasets"] else ""
         source = f" from {stream['source']}" if "source" in stream else ""
         lines += [f"**{stream['dataset']}**, {stream['stream_texts']} texts{source}, learning from LLM answers where {stream['learn_rule']} is at "
-                  f"least {stream['policy']['learn_threshold']:.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){retraining(stream)}{rerun}:", "",
+                  f"least {learn_threshold(stream):.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){retraining(stream)}{rerun}:", "",
                   "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
         for i, w in enumerate(stream["windows"], 1):
             lines.append(f"| {i} | {w['texts']} | {w['llm_share']:.1%} | {w['llm_examples']} | {w['seconds']:.0f} |")
