@@ -57,7 +57,8 @@ class TransformersEngine(ScoringEngine):
         torch's CPU threads for the whole process (torch.set_num_threads); on a CPU that other processes keep busy,
         fewer threads than cores can be several times faster. `batch_texts`: the prompts of one call evaluated as one
         batch after their shared prefix (see the module docstring); by default on a GPU only, where one short
-        forward leaves the device mostly idle (`bench/gpu_llm.py cpu` measures it on a CPU).
+        forward leaves the device mostly idle; on this project's CPU it took the time one prompt at a time does
+        (BENCHMARKS.md, "The job's LLM prompts on this CPU").
         """
         try:
             import torch
