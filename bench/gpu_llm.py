@@ -412,8 +412,8 @@ def markdown(result: dict) -> str:
     lines += [
         f"Read: one GPU worker with the transformers engine scored the job's LLM texts at {1000 * fast:.0f}-"
         f"{1000 * slow:.0f} ms each, {cpu['seconds_per_text'] / slow:.0f}-{cpu['seconds_per_text'] / fast:.0f}x "
-        "faster than llama.cpp on 2 CPU threads. The engine evaluates one text per forward pass (the prompt, then its "
-        "candidates as one batch); the batched bound shows what that leaves on the GPU: whole prompts at batch 1 run "
+        "faster than llama.cpp on 2 CPU threads (one prompt at a time). So run, the engine evaluates one text per forward "
+        "pass (the prompt, then its candidates as one batch); the batched bound shows what that leaves on the GPU: whole prompts at batch 1 run "
         f"at {result['batched_bound'][0]['texts_per_s']:.0f} texts/s, at batch {result['batched_bound'][-1]['batch']} "
         f"at {result['batched_bound'][-1]['texts_per_s']:.0f}. "
         + (f"With the prompts of each call batched (`batch_texts`, the default on a GPU since 2026-12-04) the engine "
