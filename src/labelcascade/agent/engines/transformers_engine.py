@@ -138,7 +138,7 @@ class TransformersEngine(ScoringEngine):
         for start in range(reuse, len(prompt_ids), self._n_batch):
             self.check_deadline(deadline)
             chunk = prompt_ids[start : start + self._n_batch]
-            cache = self._cache_class(ddp_cache_data=self._kv) if self._kv else self._cache_class()
+            cache = self._cache(self._kv)
             logprobs = self._forward(self._torch.tensor([chunk], device=self._device), cache, logits_to_keep=1)
             self._kv = [tuple(layer[:2]) for layer in cache]  # only now: a failed step leaves the old prefix
             self._cached += chunk
@@ -157,21 +157,17 @@ class TransformersEngine(ScoringEngine):
         else:
             self._kv, self._cached = [], []
         rest = [ids[shared:] for ids in prompt_ids]
-        rows, width = len(rest), max(map(len, rest))
-        inputs = torch.full((rows, width), self._pad, dtype=torch.long)
-        mask = torch.zeros((rows, shared + width), dtype=torch.long)
-        mask[:, :shared] = 1
+        inputs, mask = self._right_padded(rest, shared)
+        rows, width = inputs.shape
         last = torch.zeros((rows, width), dtype=torch.bool)  # each prompt's last token: its logits are the ones needed
         for row, ids in enumerate(rest):
-            inputs[row, : len(ids)] = torch.tensor(ids)
-            mask[row, shared : shared + len(ids)] = 1
             last[row, len(ids) - 1] = True
-        kv = [(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1)) for keys, values in self._kv]
+        kv = self._kv
         firsts = []
         for start in range(0, width, self._n_batch):
             self.check_deadline(deadline)
             end = min(width, start + self._n_batch)
-            cache = self._cache_class(ddp_cache_data=kv) if kv else self._cache_class()
+            cache = self._cache(kv, rows)
             logprobs = self._forward(inputs[:, start:end].to(self._device), cache,
                                      attention_mask=mask[:, : shared + end].to(self._device), rows=last[:, start:end])
             kv = [tuple(layer[:2]) for layer in cache]
@@ -189,8 +185,8 @@ class TransformersEngine(ScoringEngine):
         self._kv, self._cached = own, list(prompt_ids[-1])  # the last prompt's cache, for the next call's prefix
         return scores
 
-    def _score_candidates(self, kv: list[tuple], prompt_len: int, encoded: list[list[int]], options: Sequence[str], first,
-                    deadline: float | None) -> dict[str, float]:
+    def _score_candidates(self, kv: list[tuple], prompt_len: int, encoded: list[list[int]], options: Sequence[str],
+                          first, deadline: float | None) -> dict[str, float]:
         """The candidates' log-probabilities after a prompt whose keys and values are `kv` (batch 1) and whose next
         token's log-probabilities are `first`: every candidate token but the last is context for the next, so those
         run as one right-padded batch."""
@@ -200,15 +196,8 @@ class TransformersEngine(ScoringEngine):
         if width:
             self.check_deadline(deadline)
             rows = len(encoded)
-            inputs = torch.full((rows, width), self._pad, dtype=torch.long)
-            mask = torch.zeros((rows, prompt_len + width), dtype=torch.long)
-            mask[:, :prompt_len] = 1
-            for row, ids in enumerate(encoded):
-                inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-                mask[row, prompt_len : prompt_len + len(ids) - 1] = 1
-            cache = self._cache_class(ddp_cache_data=kv)
-            for layer in cache.layers:  # views: the forward's concatenation makes the one copy per candidate
-                layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+            inputs, mask = self._right_padded([ids[:-1] for ids in encoded], prompt_len)
+            cache = self._cache(kv, rows)
             wanted = mask[:, prompt_len:].bool()  # the positions whose next-token distributions are needed
             logprobs = self._forward(inputs.to(self._device), cache, attention_mask=mask.to(self._device), rows=wanted)
             targets = torch.tensor([token for ids in encoded for token in ids[1:]], device=logprobs.device)
@@ -220,6 +209,28 @@ class TransformersEngine(ScoringEngine):
             self.stats.computed_tokens += rows * width  # padding included: the layers evaluate it too
         self.stats.candidate_tokens += sum(map(len, encoded))
         return dict(zip(options, scores, strict=True))
+
+    def _right_padded(self, sequences: list[list[int]], past: int):
+        """Token rows right-padded to the longest, and the attention mask over the `past` cached positions (all
+        attended) and each row's own tokens (not its padding)."""
+        torch = self._torch
+        width = max(map(len, sequences))
+        inputs = torch.full((len(sequences), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), past + width), dtype=torch.long)
+        mask[:, :past] = 1
+        for row, ids in enumerate(sequences):
+            inputs[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, past : past + len(ids)] = 1
+        return inputs, mask
+
+    def _cache(self, kv: list[tuple], rows: int = 1):
+        """A cache holding `kv` (per layer, keys and values), batch-1 ones seen as `rows` rows: views set once the cache
+        is built (building it copies what it is given), so the forward's concatenation makes the one copy per row."""
+        cache = self._cache_class(ddp_cache_data=kv) if kv else self._cache_class()
+        if rows > 1:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+        return cache
 
     def _forward(self, input_ids, cache, *, rows=None, **kwargs):
         """Log-probabilities of the next token after each position (only at the positions `rows` marks, flattened,
