@@ -256,6 +256,8 @@ def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Session, dict]:
 def rerun_stream(args) -> None:
     """Redo only the stream of an earlier run (same pool, dev, stream and test texts), then bars and markdown; with
     no earlier run in --out, a result of streams alone, on the --test-size and --dev-size given."""
+    load = [round(x, 1) for x in os.getloadavg()]
+    t0, embedders, engine = time.monotonic(), Embedders(), LlamaCppEngine(n_threads=args.threads)
     if args.out.exists():
         result = json.loads(args.out.read_text(encoding="utf-8"))
         for key in ("test_size", "dev_size", "limit"):
@@ -263,9 +265,7 @@ def rerun_stream(args) -> None:
     else:
         result = {"date": dt.date.today().isoformat(), "datasets": [], "settings": {
             "datasets": [], "test_size": args.test_size, "dev_size": args.dev_size, "limit": args.limit, "calibrate": CALIBRATE,
-            "engine": "llamacpp:default (Gemma 3 270M Q4_K_M)", "llama_threads": args.threads}}
-    load = [round(x, 1) for x in os.getloadavg()]
-    t0, embedders, engine = time.monotonic(), Embedders(), LlamaCppEngine(n_threads=args.threads)
+            "engine": engine.spec + " (Gemma 3 270M Q4_K_M)", "llama_threads": args.threads}}
     ds = prepare(args.data, args.stream_dataset, args)
     session, calibration = calibrated_classifier(ds, embedders.for_pool(ds), engine)
     before = run_classifier(session, *texts_labels(ds["test"]))

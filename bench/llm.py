@@ -72,6 +72,7 @@ BATCH = {"llamacpp": 8, "vllm": 16, "qwen-0.5b": 8, "qwen-1.5b": 8}  # llama.cpp
 VLLM_CAP_MANY_LABELS, MANY_LABELS = 30, 6  # banking77 on the CPU vLLM: 349 trie-node requests per prompt, ~35 s/text
 RATIO_BAR, WIN_BAR, CACHED_SPEEDUP_BAR = 1.2, 4, 3.0
 FALLBACK_WIN_BAR, SPAM_BAR = 4, 0.85  # issue 15: the LLM few-shot >= the fallback on 4 of 7; sms_spam few-shot >= 85%
+READINGS = (("accuracy", ""), ("calibrated_accuracy", ", calibrated as `calibrate` leaves it"))  # issue 15's LLM bars, each on both
 PROBE = "our probe (200 texts, 8/class) saw few-shot 83.5% on sst2 and 70% on ag_news with this model"
 
 
@@ -197,7 +198,7 @@ def cross_fitted_bias(kept: list, gold: list[str], labels: list[str]) -> dict:
     if len(truth) < label_bias.MIN_TEXTS:
         return {}
     predicted = [labels[i] for i in label_bias.held_out_answers(logprobs, truth)]
-    folds = np.random.default_rng(0).permutation(len(truth)) % label_bias.FOLDS
+    folds = label_bias.fold_of(len(truth))  # the folds of the "bias" reading
     calibrated, with_offsets = np.empty(len(truth), dtype=int), 0
     for fold in range(label_bias.FOLDS):
         held_out = folds == fold
@@ -304,7 +305,7 @@ def evaluate_bars(result: dict) -> list[dict]:
         if ("ag_news", "few-shot") in acc and ("ag_news", "cached") in acc:
             bars.append(cached_layout_bar(engine, acc[("ag_news", "few-shot")], acc[("ag_news", "cached")]))
         few = [d for d in result["settings"]["datasets"] if (d, "few-shot") in acc and "fallback_accuracy" in acc[(d, "few-shot")]]
-        for key, how in (("accuracy", ""), ("calibrated_accuracy", ", calibrated as `calibrate` leaves it")):
+        for key, how in READINGS:
             scored = [d for d in few if key in acc[(d, "few-shot")]]
             if not scored:
                 continue
@@ -317,7 +318,7 @@ def evaluate_bars(result: dict) -> list[dict]:
                          "pass": len(beats) >= FALLBACK_WIN_BAR if everything else None})
         if ("sms_spam", "few-shot") in acc:
             spam = acc[("sms_spam", "few-shot")]
-            for key, how in (("accuracy", ""), ("calibrated_accuracy", ", calibrated as `calibrate` leaves it")):
+            for key, how in READINGS:
                 if key in spam:
                     bars.append({"bar": f"{engine}: sms_spam few-shot accuracy{how} >= {100 * SPAM_BAR:.0f}%",
                                  "measured": f"{100 * spam[key]:.1f}% (n {spam['n']})",

@@ -69,10 +69,15 @@ def fit(logprobs: np.ndarray, truth: np.ndarray) -> tuple[float, np.ndarray]:
     return float(np.exp(result.x[0])), result.x[1:]
 
 
+def fold_of(n: int, *, seed: int = 0) -> np.ndarray:
+    """Each of n texts' fold: FOLDS folds of a fixed permutation."""
+    return np.random.default_rng(seed).permutation(n) % FOLDS
+
+
 def held_out_answers(logprobs: np.ndarray, truth: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """Each text's answer with offsets fitted on the other folds (FOLDS folds of a fixed permutation), never on itself:
-    the accuracy `choose` decides by, and that bench/llm.py reports."""
-    folds = np.random.default_rng(seed).permutation(len(truth)) % FOLDS
+    """Each text's answer with offsets fitted on the other folds (`fold_of`), never on itself: the accuracy `choose`
+    decides by, and that bench/llm.py reports."""
+    folds = fold_of(len(truth), seed=seed)
     answers = np.empty(len(truth), dtype=int)
     for fold in range(FOLDS):
         held_out = folds == fold
