@@ -315,7 +315,7 @@ def candidate_recall(session: Session, texts: list[str], gold: list[str]) -> flo
 
     cascade = session.cascade
     vectors = cascade.embedder.embed(texts)
-    proba = cascade.probabilities(vectors)
+    proba = cascade.probabilities(vectors, texts)
     sent = np.flatnonzero(~cascade.policy.accepts(cascade.certainty(proba)))
     if not cascade.policy.asks_llm or not len(sent):
         return None
@@ -371,7 +371,7 @@ def learn_threshold(stream: dict) -> float:
 
 def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> float:
     cascade = session.cascade
-    proba = cascade.probabilities(cascade.embedder.embed(texts))
+    proba = cascade.probabilities(cascade.embedder.embed(texts), texts)
     return accuracy_score(gold, [cascade.task.label_names[i] for i in proba.argmax(axis=1)])
 
 

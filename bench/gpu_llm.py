@@ -91,7 +91,7 @@ def prepare(args: argparse.Namespace) -> int:
         batch = policy["llm_batch"]
         for start in range(0, len(texts), batch):  # as the job's LLM stage asks: one engine call per batch
             chunk = slice(start, start + batch)
-            cascade.llm_scores(texts[chunk], cascade.probabilities(vectors[chunk]), cascade.neighbors(vectors[chunk]))
+            cascade.llm_scores(texts[chunk], cascade.probabilities(vectors[chunk], texts[chunk]), cascade.neighbors(vectors[chunk]))
         del engine.score  # the real method again
         log(f"recorded {len(asked)} engine calls for {len(texts)} texts; timing llama.cpp on them")
         cpu, _ = time_engine(engine, asked, warm_up=warm_up_calls(batch))

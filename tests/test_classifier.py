@@ -34,10 +34,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_init_stores_its_parameters_and_does_no_work(embedder):
     classifier = Classifier("no/such/task.yaml", embedder=embedder, engine=None, C=0.5)
     assert classifier.get_params() == {"task": "no/such/task.yaml", "embedder": embedder, "engine": None,
-                                       "policy": None, "C": 0.5, "tuning_seconds": 240.0}
+                                       "policy": None, "C": 0.5, "text_features": "auto", "tuning_seconds": 240.0}
     assert not hasattr(classifier, "classes_")
     with pytest.raises(TaskError, match="no/such/task.yaml: no such task file"):
         classifier.fit(["a text"], ["a"])
+    with pytest.raises(ValueError, match="text_features must be 'auto' or a weight >= 0, got -1"):
+        Classifier(embedder=embedder, engine=None, text_features=-1).fit(["a text", "another"], ["a", "b"])
     copy = clone(classifier.set_params(C=2.0))
     assert copy.get_params()["C"] == 2.0 and copy.embedder is embedder  # a model is shared, not copied
 

@@ -62,6 +62,9 @@ class Classifier(ClassifierMixin, BaseEstimator):
     policy: thresholds and LLM settings (`agent.Policy`); None: the defaults. Learning from the LLM is always off
         in the estimator (see `Session` for that).
     C: inverse regularisation of the fallback's linear SVM.
+    text_features: the weight of the texts' TF-IDF n-grams beside their vectors in the fallback's SVM: 'auto'
+        (chosen by `fit` by cross-validation on its texts; 0 unless that classifies more of them right), a weight,
+        or 0 (vectors only).
     tuning_seconds: with embedder 'tuned', the most `fit` spends tuning the body.
     """
 
@@ -73,6 +76,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
         C: float = 1.0,
+        text_features: float | str = "auto",
         tuning_seconds: float = DEFAULT_TUNING_SECONDS,
     ):
         self.task = task
@@ -80,6 +84,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
         self.engine = engine
         self.policy = policy
         self.C = C
+        self.text_features = text_features
         self.tuning_seconds = tuning_seconds
 
     # --- learning -------------------------------------------------------------------------------------------
@@ -90,6 +95,8 @@ class Classifier(ClassifierMixin, BaseEstimator):
         task = self._task(labels)
         if not isinstance(self.C, int | float) or not self.C > 0:
             raise ValueError(f"C must be a positive number, got {self.C!r}")
+        if self.text_features != "auto" and not (isinstance(self.text_features, int | float) and self.text_features >= 0):
+            raise ValueError(f"text_features must be 'auto' or a weight >= 0, got {self.text_features!r}")
         if self.policy is not None and not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a labelcascade Policy or None, got {type(self.policy).__name__}")
         self._close_session()
@@ -104,6 +111,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
             engine=None if self.engine is None else _shared(_engines, self.engine, load_engine),
             policy=(self.policy or Policy()).model_copy(update={"learn": False}),
             svm_C=float(self.C),
+            text_features=self.text_features,
             examples=(texts, labels),
             tuning_seconds=self.tuning_seconds,
         )
@@ -180,6 +188,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
             engine=settings.engine if engine == "saved" else engine,
             policy=settings.policy,
             C=settings.svm_C,
+            text_features=settings.text_features,
         )
         estimator.session_ = Session.open(
             path,  # a tuned body is the workspace's own (checked against its digest), never shared

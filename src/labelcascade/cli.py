@@ -188,18 +188,41 @@ def init(
                                                "few minutes) or a local sentence-transformers folder.")] = "auto",
     tuning_seconds: Annotated[float, typer.Option(help="With --embedder tuned: the most time spent tuning.")] = (
         DEFAULT_TUNING_SECONDS),
+    text_features: Annotated[str, typer.Option(
+        help="The weight of the texts' TF-IDF n-grams beside their vectors in the fallback: 'auto' (chosen by "
+             "cross-validation on the examples at each training), a number, or 0 (vectors only).")] = "auto",
 ) -> None:
     """Create a workspace from a task file, or from a labelled data file, and train the fallback on its examples."""
     if (task is None) == (data is None):
         raise InputError("give the task as --task task.yaml, or the labelled examples as --data file.csv (one of them)")
+    weight = _text_features(text_features)
     built = Task.from_yaml(task) if task is not None else _task_from_data(data, name, text_column, label_column,
                                                                            allow_abstain)
     with Session.create(built, workspace=workspace, embedder=embedder, engine=_engine(engine),
-                        tuning_seconds=tuning_seconds) as session:
+                        tuning_seconds=tuning_seconds, text_features=weight) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
+        try:
+            fallback = session.cascade.fallback
+        except NotFittedError:  # no examples of two labels yet
+            fallback = None
+        ngrams = (f", TF-IDF n-grams at weight {fallback.text_weight_:g}" if fallback is not None and fallback.uses_texts
+                  else "")
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
-                   f"{trained} {len(session.store)} examples, embedder {session.embedder.id}, "
+                   f"{trained} {len(session.store)} examples, embedder {session.embedder.id}{ngrams}, "
                    f"engine {_engine(engine) or 'none (fallback only)'}")
+
+
+def _text_features(value: str) -> float | str:
+    """--text-features: 'auto' or a weight >= 0."""
+    if value == "auto":
+        return value
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not 0 <= weight < float("inf"):
+        raise InputError(f"--text-features: {value!r} is not 'auto' or a weight >= 0 (such as 0.3, or 0 for none)")
+    return weight
 
 
 @app.command()

@@ -259,6 +259,7 @@ class Session:
             C=workspace.settings.svm_C,
             save=workspace.save_fallback,
             trained_at=workspace.fallback_trained_at(),
+            text_features=workspace.settings.text_features,
         )
         self._cascade: Cascade | None = None
         fallback = workspace.load_fallback()
@@ -275,6 +276,7 @@ class Session:
         engine: str | Engine | None = DEFAULT_ENGINE,
         policy: Policy | None = None,
         svm_C: float = 1.0,
+        text_features: float | str = "auto",
         template: str = "auto",
         examples: tuple[Sequence[str], Labels] | None = None,
         tuning_seconds: float = DEFAULT_TUNING_SECONDS,
@@ -293,6 +295,9 @@ class Session:
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come
             from the fallback marked `degraded`.
         policy: thresholds and LLM settings (`agent.Policy`); `calibrate` chooses them from a labelled dev set.
+        text_features: the weight of the texts' TF-IDF n-grams beside their vectors in the fallback: 'auto' (chosen
+            at each training by cross-validation on the stored examples, 0 unless that classifies more of them
+            right; `fallback.text_features`), a weight, or 0 (vectors only).
         template: the LLM's prompt: 'auto' (the model's own chat turns when the engine reads a chat template from it,
             as from an instruct GGUF; 'completion' otherwise), 'completion', 'chat', or a .j2 file (`prompts`).
         """
@@ -324,6 +329,7 @@ class Session:
             engine=engine if engine is None or isinstance(engine, str) else engine.spec,
             policy=policy or Policy(),
             svm_C=svm_C,
+            text_features=text_features,
             template=str(template),
         )
         folder = Workspace.create(workspace if workspace is not None else temporary.name, task, settings)
@@ -590,7 +596,8 @@ class Session:
         cascade = self.cascade
         if self._engine is None or not cascade.policy.asks_llm:
             return np.zeros(len(texts), dtype=bool)
-        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(checked_texts(texts)))))
+        texts = checked_texts(texts)
+        return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(texts), texts)))
 
     def learn(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
         """Learn from answers other sessions made on copies of this workspace (a Ray job's workers): what

@@ -31,8 +31,9 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError
 
 from labelcascade.agent.calibration import Calibration
 from labelcascade.agent.policy import Policy
@@ -68,6 +69,10 @@ class Settings(BaseModel):
                                     "checked before they are loaded.")
     index: str = Field("auto", description="Example index: 'flat' (exact), 'ivf' (approximate) or 'auto' (by size).")
     svm_C: float = Field(1.0, gt=0, description="Inverse regularisation of the fallback SVM.")
+    text_features: Literal["auto"] | NonNegativeFloat = Field(
+        0.0, description="The weight of the texts' TF-IDF n-grams beside their vectors in the fallback SVM: 'auto' "
+        "(chosen by cross-validation at each training; what new workspaces get), a weight, or 0 (none; what "
+        "workspaces made before it existed keep).")
     engine: str | None = Field(None, description="LLM engine spec (see agent.engines.load_engine); None: fallback only.")
     template: str = Field("completion", description="Prompt template: 'auto' (the model's chat turns when its engine reads "
                           "a chat template from it, 'completion' otherwise), 'completion', 'chat' or a .j2 file's path.")

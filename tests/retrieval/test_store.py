@@ -333,7 +333,8 @@ def test_examples_and_training_data_keep_insertion_order():
     assert [e.text for e in store.examples()] == ["b", "a", "d", "c"]
     assert [e.text for e in store.examples("llm")] == ["d", "c"]
     assert all(isinstance(e, Example) for e in store.examples(Source.GOLD))
-    matrix, labels, sources, confidences = store.training_data()
+    matrix, labels, sources, confidences, texts = store.training_data()
+    assert texts == ["b", "a", "d", "c"]
     np.testing.assert_allclose(matrix, vectors, atol=1e-6)
     assert labels == [("x",), ("y",), ("y", "z"), ("x",)]
     assert sources == [Source.GOLD, Source.GOLD, Source.LLM, Source.LLM]

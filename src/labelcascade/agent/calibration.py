@@ -119,7 +119,8 @@ class DevSet:
     `llm`: the LLM's probabilities (temperature and label offsets applied; single-label 0 outside a text's
     candidates, multi-label NaN for labels not asked), or None when there is no engine. `label_bias`: the per-label
     offsets (agent/label_bias.py) where they raised the LLM's held-out dev accuracy, else None; `bias_accuracy`: that
-    accuracy without and with them.
+    accuracy without and with them. `texts`: the dev texts, for a fallback that reads their n-grams (None in a dev
+    set saved before they were kept).
     """
 
     vectors: np.ndarray
@@ -130,6 +131,7 @@ class DevSet:
     candidate_recall: float | None = None
     label_bias: np.ndarray | None = None
     bias_accuracy: tuple[float, float] | None = None
+    texts: list[str] | None = None
 
     @classmethod
     def measure(
@@ -151,10 +153,11 @@ class DevSet:
         task, names = cascade.task, cascade.task.label_names
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"calibrate needs labelled dev texts: got {len(texts)} texts and {len(labels)} labels")
-        dev = cls(cascade.embedder.embed(list(texts)), _truth(labels, names, task.multi_label, task.allow_abstain))
+        dev = cls(cascade.embedder.embed(list(texts)), _truth(labels, names, task.multi_label, task.allow_abstain),
+                  texts=list(texts))
         if cascade.engine is None:
             return dev
-        proba = cascade.probabilities(dev.vectors)
+        proba = cascade.probabilities(dev.vectors, dev.texts)
         policy = policy or cascade.policy
         neighbors = cascade.neighbors(dev.vectors, policy)
         if not task.multi_label:
@@ -201,12 +204,14 @@ class DevSet:
                                                    constant_values=np.nan if multi_label else 0.0)
         bias = None if self.label_bias is None else np.r_[self.label_bias, 0.0]
         return DevSet(self.vectors, truth, llm, self.temperature, self.max_candidates, self.candidate_recall, bias,
-                      self.bias_accuracy)
+                      self.bias_accuracy, self.texts)
 
     def save(self, path: str | Path) -> None:
         """Plain arrays in one .npz (no pickle), written beside and renamed into place."""
         path = Path(path)
         arrays = {"vectors": self.vectors, "truth": self.truth}
+        if self.texts is not None:
+            arrays["texts"] = np.array(self.texts, dtype=str)  # a unicode array: it loads without pickle
         if self.llm is not None:
             arrays |= {"llm": self.llm, "temperature": np.array(self.temperature),
                        "candidate_recall": np.array(np.nan if self.candidate_recall is None else self.candidate_recall),
@@ -224,7 +229,7 @@ class DevSet:
         """The saved dev set; ValueError naming the file when it is damaged (never a policy from half a file)."""
         try:
             with np.load(path, allow_pickle=False) as saved:
-                dev = cls(saved["vectors"], saved["truth"])
+                dev = cls(saved["vectors"], saved["truth"], texts=saved["texts"].tolist() if "texts" in saved else None)
                 if "llm" in saved:
                     recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
                     dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])
@@ -233,7 +238,8 @@ class DevSet:
                     dev.label_bias, dev.bias_accuracy = saved["label_bias"], tuple(saved["bias_accuracy"].tolist())
         except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:  # np.load of an empty file: EOFError
             raise ValueError(f"{path}: damaged calibration data ({error}); run calibrate again") from None
-        if len(dev.vectors) != len(dev.truth) or (dev.llm is not None and len(dev.llm) != len(dev.truth)):
+        if len(dev.vectors) != len(dev.truth) or (dev.llm is not None and len(dev.llm) != len(dev.truth)) or (
+                dev.texts is not None and len(dev.texts) != len(dev.truth)):
             raise ValueError(f"{path}: damaged calibration data (arrays of different lengths); run calibrate again")
         return dev
 
@@ -254,7 +260,7 @@ def choose_policy(
     `policy` (default: the cascade's; the one `dev` was measured with). `accuracy_floor`: the dev accuracy to keep
     after a retrain (None at `calibrate`, which measures it)."""
     multi = cascade.task.multi_label
-    proba = cascade.probabilities(dev.vectors)
+    proba = cascade.probabilities(dev.vectors, dev.texts)
     certainty = cascade.certainty(proba)
     fallback_right = _correct(proba, dev.truth, multi)
     precise = accept_threshold(certainty, fallback_right, target_precision)

@@ -137,11 +137,12 @@ class Cascade:
 
     # --- the two arms ---------------------------------------------------------------------------------------
 
-    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        """The fallback's probabilities (n, n_task_labels) in task label order."""
+    def probabilities(self, vectors: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """The fallback's probabilities (n, n_task_labels) in task label order, for these texts' vectors (and the
+        texts, which a fallback with TF-IDF features reads too: `LinearSVMClassifier.uses_texts`)."""
         fallback, columns = self.fallback, self._columns  # read together: `install` may swap them
         proba = np.zeros((len(vectors), len(self._labels)))
-        proba[:, columns] = fallback.predict_proba(vectors)
+        proba[:, columns] = fallback.predict_proba(vectors, texts)
         return proba
 
     def certainty(self, proba: np.ndarray) -> np.ndarray:
@@ -285,7 +286,7 @@ class Cascade:
         this one made them (a Ray job's fallback stage hands them to its LLM stage), so they are not made twice."""
         start = time.perf_counter()
         vectors = self.embedder.embed(texts) if vectors is None else vectors
-        proba = self.probabilities(vectors)
+        proba = self.probabilities(vectors, texts)
         fallback_proba = proba.copy() if fallback_answers else proba[:0]  # the LLM's answers are pooled into proba
         certainty = self.certainty(proba)
         routes = [Route.FALLBACK] * len(texts)

@@ -9,6 +9,9 @@ must be an error, never a source of wrong answers.
 Probabilities: single-label answers are a softmax over the one-vs-rest decision scores with one temperature;
 multi-label answers pass each label's score through one shared sigmoid. Both are fitted on out-of-fold scores,
 which keeps them honest at few shots (see `calibration`).
+
+With `text_features` the SVM also sees the texts' TF-IDF n-grams beside the vectors (`text_features`, the sparse
+tier): its methods then take the texts too, and the saved model keeps the n-grams and their idf as arrays.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from sklearn.svm import LinearSVC
 
 from labelcascade.fallback.calibration import fit_platt, fit_temperature, sigmoid, softmax_with_temperature
+from labelcascade.fallback.text_features import TextNgrams, analyzer_for, appended, choose_weight
 
-_FORMAT_VERSION = 2  # 2 adds the sha256; version 1 (no sha256) is refused: nothing would show it was not altered
+_FORMAT_VERSION = 3  # 3 adds the TF-IDF n-grams; 2 (no n-grams) still loads
+_READABLE_VERSIONS = (2, 3)  # version 1 (no sha256) is refused: nothing would show it was not altered
+AUTO = "auto"
 UNCALIBRATED_TEMPERATURE = 1.0  # used when some class has a single example and cross-validation is impossible
 
 
@@ -44,53 +50,70 @@ class LinearSVMClassifier:
     multi_label: if true, `y` holds a sequence of labels per row and each label is a separate yes/no decision.
     cv: folds used to collect out-of-fold scores for calibration (fewer if a class has fewer examples).
     random_state: seed for the folds and the SVM solver.
+    text_features: the weight of the texts' TF-IDF n-grams appended to the vectors (0: vectors only), or 'auto':
+        chosen at each `fit` by cross-validation on the training texts (`text_features.choose_weight`; 0 unless it
+        classifies more of them right; multi-label tasks get 0). `text_weight_` is the one used.
     """
 
-    def __init__(self, C: float = 1.0, *, multi_label: bool = False, cv: int = 5, random_state: int = 0):
+    def __init__(self, C: float = 1.0, *, multi_label: bool = False, cv: int = 5, random_state: int = 0,
+                 text_features: float | str = 0.0):
         if C <= 0:
             raise ValueError(f"C must be positive, got {C}")
         if cv < 2:
             raise ValueError(f"cv must be at least 2, got {cv}")
+        if text_features != AUTO and not (isinstance(text_features, int | float) and 0 <= text_features < math.inf):
+            raise ValueError(f"text_features must be 'auto' or a weight >= 0, got {text_features!r}")
         self.C = C
         self.multi_label = multi_label
         self.cv = cv
         self.random_state = random_state
+        self.text_features = text_features
 
     # --- learning -------------------------------------------------------------------------------------------
 
-    def fit(self, X: np.ndarray, y: Sequence, sample_weight: Sequence[float] | None = None) -> LinearSVMClassifier:
-        """Learn from vectors `X` (n, d) and labels `y` (one per row, or a sequence per row if multi_label)."""
+    def fit(self, X: np.ndarray, y: Sequence, sample_weight: Sequence[float] | None = None,
+            texts: Sequence[str] | None = None) -> LinearSVMClassifier:
+        """Learn from vectors `X` (n, d) and labels `y` (one per row, or a sequence per row if multi_label); `texts`
+        (one per row) are needed, and only read, when `text_features` is not 0."""
         X = _check_vectors(X)
         if len(y) != len(X):
             raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels; give one label per row")
         weights = np.ones(len(X)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
         if weights.shape != (len(X),) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
             raise ValueError(f"sample_weight must hold {len(X)} finite non-negative numbers")
+        if self.text_features:
+            texts = _check_texts(texts, len(X), "fit")
         if self.multi_label:
-            self._fit_multi_label(X, y, weights)
+            self.text_weight_ = 0.0 if self.text_features == AUTO else float(self.text_features)
+            self._fit_multi_label(X, y, weights, texts)
         else:
-            self._fit_single_label(X, np.asarray(y, dtype=object).astype(str), weights)
+            self._fit_single_label(X, np.asarray(y, dtype=object).astype(str), weights, texts)
         self.n_features_in_ = X.shape[1]
         return self
 
-    def _fit_single_label(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray) -> None:
+    def _fit_single_label(self, X: np.ndarray, y: np.ndarray, weights: np.ndarray, texts: list[str] | None) -> None:
         classes, y_index, counts = np.unique(y, return_inverse=True, return_counts=True)
         if len(classes) < 2:
             raise ValueError(f"need examples of at least 2 labels to fit, got only {list(classes)}")
+        if self.text_features == AUTO:
+            self.text_weight_ = choose_weight(X, texts, y_index, weights, self._fit_svm, random_state=self.random_state)
+        else:
+            self.text_weight_ = float(self.text_features)
         n_splits = min(self.cv, int(counts.min()))
         if n_splits >= 2:
             folds = StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state).split(X, y_index)
             scores = np.empty((len(X), len(classes)))
             for train, test in folds:
-                coef, intercept = self._fit_svm(X[train], y_index[train], weights[train])
-                scores[test] = _single_label_scores(X[test], coef, intercept)
+                fold = self._fit_linear(X, texts, train, y_index, weights, self._fit_svm)
+                scores[test] = _single_label_scores(fold.scores(X[test], _rows(texts, test)))
             self.temperature_ = fit_temperature(scores, y_index, weights)
         else:
             self.temperature_ = UNCALIBRATED_TEMPERATURE
         self.classes_ = classes
-        self.coef_, self.intercept_ = self._fit_svm(X, y_index, weights)
+        self._keep(self._fit_linear(X, texts, np.arange(len(X)), y_index, weights, self._fit_svm))
 
-    def _fit_multi_label(self, X: np.ndarray, y: Sequence[Sequence[str]], weights: np.ndarray) -> None:
+    def _fit_multi_label(self, X: np.ndarray, y: Sequence[Sequence[str]], weights: np.ndarray,
+                         texts: list[str] | None) -> None:
         rows = [(row,) if isinstance(row, str) else tuple(row) for row in y]
         binarizer = MultiLabelBinarizer()
         Y = binarizer.fit_transform(rows)
@@ -100,21 +123,37 @@ class LinearSVMClassifier:
         if n_splits >= 2:
             scores = np.empty(Y.shape)
             for train, test in KFold(n_splits, shuffle=True, random_state=self.random_state).split(X):
-                coef, intercept = self._fit_one_vs_rest(X[train], Y[train], weights[train])
-                scores[test] = X[test] @ coef.T + intercept
+                fold = self._fit_linear(X, texts, train, Y, weights, self._fit_one_vs_rest)
+                scores[test] = fold.scores(X[test], _rows(texts, test))
             self.platt_ = fit_platt(scores.ravel(), Y.ravel()) if 0 < Y.mean() < 1 else (1.0, 0.0)
         else:
             self.platt_ = (1.0, 0.0)
         self.classes_ = np.asarray(binarizer.classes_)
-        self.coef_, self.intercept_ = self._fit_one_vs_rest(X, Y, weights)
+        self._keep(self._fit_linear(X, texts, np.arange(len(X)), Y, weights, self._fit_one_vs_rest))
 
-    def _fit_svm(self, X: np.ndarray, y_index: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_linear(self, X, texts, rows, target, weights, fit) -> _Linear:
+        """`fit` on `rows` of the vectors, with their texts' TF-IDF n-grams (fitted on those texts) at
+        `text_weight_` beside them when it is not 0."""
+        weight = self.text_weight_
+        if not weight:
+            return _Linear(*fit(X[rows], target[rows], weights[rows]))
+        texts = _rows(texts, rows)
+        ngrams = TextNgrams(analyzer_for(texts)).fit(texts)
+        coef, intercept = fit(appended(X[rows], ngrams.transform(texts), weight), target[rows], weights[rows])
+        d = X.shape[1]
+        return _Linear(np.ascontiguousarray(coef[:, :d]), intercept, ngrams, (weight * coef[:, d:]).astype(np.float32))
+
+    def _keep(self, linear: _Linear) -> None:
+        self.coef_, self.intercept_, self.ngrams_, self.text_coef_ = (
+            linear.coef, linear.intercept, linear.ngrams, linear.text_coef)
+
+    def _fit_svm(self, X, y_index: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # The dual solver: with a few thousand examples it was twice as fast as the primal one that dual='auto'
         # picks (BENCHMARKS.md, "Measurements behind the code").
         svm = LinearSVC(C=self.C, dual=True, random_state=self.random_state).fit(X, y_index, sample_weight=weights)
         return svm.coef_.astype(np.float32), svm.intercept_.astype(np.float32)
 
-    def _fit_one_vs_rest(self, X: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_one_vs_rest(self, X, Y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One binary SVM per label; a label that is always (or never) present gets a constant score of +1 (or -1)."""
         coef = np.zeros((Y.shape[1], X.shape[1]), dtype=np.float32)
         intercept = np.zeros(Y.shape[1], dtype=np.float32)
@@ -128,27 +167,34 @@ class LinearSVMClassifier:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """Raw SVM scores, one column per class in `classes_` order."""
+    def decision_function(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
+        """Raw SVM scores, one column per class in `classes_` order; `texts` (one per row) when the model has
+        TF-IDF features (`uses_texts`), else ignored."""
         self._check_fitted()
         X = _check_vectors(X, dim=self.n_features_in_)
-        if self.multi_label:
-            return X @ self.coef_.T + self.intercept_
-        return _single_label_scores(X, self.coef_, self.intercept_)
+        linear = _Linear(self.coef_, self.intercept_, self.ngrams_, self.text_coef_)
+        scores = linear.scores(X, _check_texts(texts, len(X), "answer") if self.uses_texts else None)
+        return scores if self.multi_label else _single_label_scores(scores)
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """Calibrated probabilities (n, n_classes): rows sum to 1 for single-label, each cell is P(label) for multi-label."""
-        scores = self.decision_function(X)
+        scores = self.decision_function(X, texts)
         if self.multi_label:
             return sigmoid(scores, *self.platt_)
         return softmax_with_temperature(scores, self.temperature_)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: np.ndarray, texts: Sequence[str] | None = None) -> np.ndarray:
         """The most probable label per row; for multi-label, an indicator matrix of labels with P >= 0.5."""
-        proba = self.predict_proba(X)
+        proba = self.predict_proba(X, texts)
         if self.multi_label:
             return (proba >= 0.5).astype(int)
         return self.classes_[proba.argmax(axis=1)]
+
+    @property
+    def uses_texts(self) -> bool:
+        """Whether answering needs the texts beside their vectors (the fitted model has TF-IDF features)."""
+        self._check_fitted()
+        return self.ngrams_ is not None
 
     # --- persistence ----------------------------------------------------------------------------------------
 
@@ -158,13 +204,17 @@ class LinearSVMClassifier:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = io.BytesIO()
-        np.savez(arrays, coef=self.coef_, intercept=self.intercept_)
+        ngrams = {} if self.ngrams_ is None else {**self.ngrams_.to_arrays(), "text_coef": self.text_coef_}
+        np.savez(arrays, coef=self.coef_, intercept=self.intercept_, **ngrams)
         meta = {
             "format_version": _FORMAT_VERSION,
             "C": self.C,
             "multi_label": self.multi_label,
             "cv": self.cv,
             "random_state": self.random_state,
+            "text_features": self.text_features,
+            "text_weight": self.text_weight_,
+            "ngram_analyzer": None if self.ngrams_ is None else self.ngrams_.analyzer,
             "classes": [str(label) for label in self.classes_],
             "n_features_in": int(self.n_features_in_),
             "temperature": getattr(self, "temperature_", None),
@@ -189,10 +239,10 @@ class LinearSVMClassifier:
             raise FileNotFoundError(f"{folder}: no saved fallback model ({Path(error.filename).name} missing)") from None
         except (ValueError, OSError) as error:
             raise ValueError(f"{damaged} ({error})") from None
-        if not isinstance(meta, dict) or meta.get("format_version") != _FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_VERSIONS:
             version = meta.get("format_version") if isinstance(meta, dict) else None
-            raise ValueError(f"{folder}/model.json: format_version {version!r} is not {_FORMAT_VERSION}, the one that "
-                             "records a sha256 to check the model against")
+            raise ValueError(f"{folder}/model.json: format_version {version!r} is not one of {_READABLE_VERSIONS}, "
+                             "the ones that record a sha256 to check the model against")
         recorded = meta.pop("sha256", None)
         if recorded != _digest(arrays, meta):
             raise ValueError(f"{damaged} (model.npz or model.json does not match the sha256 recorded when it "
@@ -200,15 +250,23 @@ class LinearSVMClassifier:
         try:
             with np.load(io.BytesIO(arrays), allow_pickle=False) as stored:
                 coef, intercept = stored["coef"], stored["intercept"]
-            model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"])
+                analyzer = meta.get("ngram_analyzer")
+                ngrams = None if analyzer is None else TextNgrams.from_arrays(
+                    analyzer, stored["ngram_terms"], stored["ngram_idf"])
+                text_coef = None if analyzer is None else stored["text_coef"]
+            model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"],
+                        text_features=meta.get("text_features", 0.0))
             model.classes_ = np.asarray(meta["classes"])
             model.n_features_in_ = meta["n_features_in"]
+            model.text_weight_ = float(meta.get("text_weight", 0.0))
         except (ValueError, KeyError, TypeError, OSError) as error:
             raise ValueError(f"{damaged} ({error})") from None
         rows = 1 if len(model.classes_) == 2 and not model.multi_label else len(model.classes_)
-        if coef.shape != (rows, model.n_features_in_) or intercept.shape != (rows,):
+        if coef.shape != (rows, model.n_features_in_) or intercept.shape != (rows,) or (
+            ngrams is not None and (text_coef.shape != (rows, len(ngrams.terms)) or not np.isfinite(text_coef).all())
+        ):
             raise ValueError(f"{damaged} (weights of shape {coef.shape})")
-        model.coef_, model.intercept_ = coef, intercept
+        model.coef_, model.intercept_, model.ngrams_, model.text_coef_ = coef, intercept, ngrams, text_coef
         calibration = list(meta["platt"] or []) if model.multi_label else [meta["temperature"]]
         numbers = [value for value in calibration if isinstance(value, int | float) and math.isfinite(value)]
         usable = len(numbers) == len(calibration) == (2 if model.multi_label else 1)
@@ -229,6 +287,10 @@ class LinearSVMClassifier:
         self._check_fitted()
         digest = hashlib.sha256(np.ascontiguousarray(self.coef_, dtype=np.float64).tobytes())
         digest.update(np.ascontiguousarray(self.intercept_, dtype=np.float64).tobytes())
+        if self.ngrams_ is not None:
+            digest.update(np.ascontiguousarray(self.text_coef_, dtype=np.float64).tobytes())
+            digest.update(json.dumps([self.ngrams_.analyzer, self.ngrams_.terms.tolist(),
+                                      self.ngrams_.vectorizer_.idf_.tolist()]).encode())
         calibration = {"classes": [str(label) for label in self.classes_], "multi_label": self.multi_label,
                        "temperature": getattr(self, "temperature_", None), "platt": list(getattr(self, "platt_", ()))}
         digest.update(json.dumps(calibration, sort_keys=True).encode())
@@ -239,12 +301,39 @@ class LinearSVMClassifier:
             raise NotFittedError("this fallback classifier is not fitted yet; call fit() with labelled examples first")
 
 
-def _single_label_scores(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+class _Linear:
+    """One fitted linear model: weights over the vectors, and over the texts' TF-IDF n-grams when it has them."""
+
+    def __init__(self, coef: np.ndarray, intercept: np.ndarray, ngrams: TextNgrams | None = None,
+                 text_coef: np.ndarray | None = None):
+        self.coef, self.intercept, self.ngrams, self.text_coef = coef, intercept, ngrams, text_coef
+
+    def scores(self, X: np.ndarray, texts: list[str] | None) -> np.ndarray:
+        """One column per SVM (the one of a binary task, or one per class)."""
+        scores = X @ self.coef.T + self.intercept
+        if self.ngrams is not None:
+            scores = scores + np.asarray(self.ngrams.transform(texts) @ self.text_coef.T)
+        return scores
+
+
+def _single_label_scores(scores: np.ndarray) -> np.ndarray:
     """Decision scores with one column per class; a binary SVM's single score s becomes the pair (-s/2, s/2)."""
-    scores = X @ coef.T + intercept
     if scores.shape[1] == 1:
         return np.hstack([-scores / 2, scores / 2])
     return scores
+
+
+def _rows(texts: list[str] | None, rows: np.ndarray) -> list[str] | None:
+    return None if texts is None else [texts[i] for i in rows]
+
+
+def _check_texts(texts: Sequence[str] | None, n: int, doing: str) -> list[str]:
+    if texts is None:
+        raise ValueError(f"this fallback reads the texts' TF-IDF n-grams beside their vectors (text_features); "
+                         f"pass the texts to {doing} with, one per vector")
+    if isinstance(texts, str) or len(texts) != n or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"texts must be {n} strings, one per vector")
+    return list(texts)
 
 
 def _digest(arrays: bytes, meta: dict) -> str:

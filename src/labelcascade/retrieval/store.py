@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,6 +84,16 @@ class EmbedderMismatchError(ValueError):
 class StoreError(ValueError):
     """The store's files are damaged, or cannot be written (disk full, read-only); the message names the file and
     says what to do. A ValueError, like the store's other refusals, so that front doors report it in one line."""
+
+
+class TrainingData(NamedTuple):
+    """Every stored example, in id order, as the fallback is trained on them."""
+
+    vectors: np.ndarray
+    labels: list[tuple[str, ...]]
+    sources: list[Source]
+    confidences: np.ndarray
+    texts: list[str]
 
 
 class ExampleStore:
@@ -350,17 +361,17 @@ class ExampleStore:
         with self._lock:
             return [_example(row) for row in self._db.execute(query + " ORDER BY id", parameters)]
 
-    def training_data(self) -> tuple[np.ndarray, list[tuple[str, ...]], list[Source], np.ndarray]:
-        """Vectors, labels, sources and confidences of every example, in id order, for training the fallback."""
+    def training_data(self) -> TrainingData:
+        """Vectors, labels, sources, confidences and texts of every example, in id order, for training the fallback."""
         with self._lock:
-            rows = self._db.execute("SELECT vector, labels, source, confidence FROM examples ORDER BY id").fetchall()
+            rows = self._db.execute("SELECT vector, labels, source, confidence, text FROM examples ORDER BY id").fetchall()
         vectors = np.empty((len(rows), self.dim), dtype=np.float32)
         for position, row in enumerate(rows):
             vectors[position] = np.frombuffer(row[0], dtype=_VECTOR_DTYPE)
         labels = [tuple(json.loads(row[1])) for row in rows]
         sources = [Source(row[2]) for row in rows]
         confidences = np.array([row[3] for row in rows], dtype=np.float64)
-        return vectors, labels, sources, confidences
+        return TrainingData(vectors, labels, sources, confidences, [row[4] for row in rows])
 
     def count(self, source: Source | str | None = None, *, since: float | None = None) -> int:
         """How many examples there are, optionally only from one source and created after `since` (epoch seconds)."""
