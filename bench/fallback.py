@@ -247,6 +247,7 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
         "ratio": statistics.median(cls) / statistics.median(raw),
         "classify_accuracy": float(np.mean(answered == ds["test_labels"][: len(texts)])),
         "agreement_with_direct_svm": float(np.mean(answered == direct.astype(str))),
+        "text_weight": clf.cascade.fallback.text_weight_,  # the session's TF-IDF n-grams ('auto'; 0: none)
     }
     clf.close()
 
@@ -273,9 +274,11 @@ def classifier_part(datasets: dict, cache: VectorCache, embedder, seeds: list[in
         t0 = time.perf_counter()
         embedder.embed([text], batch_size=EMBED_BATCH)
         raw_ms.append((time.perf_counter() - t0) * 1000)
+    text_weight = clf.cascade.fallback.text_weight_
     clf.close()
     results["latency"] = {
         "dataset": LATENCY_DATASET,
+        "text_weight": text_weight,
         "classifier_shots": LATENCY_SHOTS,
         "text_max_chars": SHORT_CHARS,
         "distinct_texts": min(len(short), needed),
@@ -450,6 +453,12 @@ def print_report(result: dict) -> None:
     log("=" * 100)
 
 
+def _ngrams(measured: dict) -> str:
+    """The session's TF-IDF n-gram weight, which a new workspace chooses itself ('auto'), as the table says it."""
+    weight = measured.get("text_weight")
+    return "" if weight is None else f" (TF-IDF n-grams at weight {weight:g})" if weight else " (vectors only: n-gram weight 0)"
+
+
 def markdown_section(result: dict) -> str:
     lines = [SECTION_HEADING, ""]
     lines.append(
@@ -481,10 +490,10 @@ def markdown_section(result: dict) -> str:
         lines.append("|---|---|---:|")
         lines.append(f"| raw `embedder.embed` | {t['n_texts']} {t['dataset']} test texts, batch {t['batch_size']}, "
                      f"median of {t['repetitions']} | {t['raw_encode_median']:.0f} texts/s |")
-        lines.append(f"| `Session.classify(list)` | same texts, {t['classifier_shots']}/class session, alternating with the above | "
+        lines.append(f"| `Session.classify(list)` | same texts, {t['classifier_shots']}/class session{_ngrams(t)}, alternating with the above | "
                      f"{t['classify_median']:.0f} texts/s |")
         lines.append(f"| ratio classify / raw | | {t['ratio']:.2f} |")
-        lines.append(f"| `classify(one text)` p50 | {lat['dataset']} {lat['classifier_shots']}/class, texts <= {lat['text_max_chars']} chars, "
+        lines.append(f"| `classify(one text)` p50 | {lat['dataset']} {lat['classifier_shots']}/class{_ngrams(lat)}, texts <= {lat['text_max_chars']} chars, "
                      f"{lat['calls']} calls after {lat['warmup_calls']} warm-up | {lat['p50_ms']:.1f} ms |")
         lines.append(f"| `classify(one text)` p90 | same | {lat['p90_ms']:.1f} ms |")
         lines.append(f"| raw `embed([text])` p50 / p90 (reference) | same texts, interleaved with the calls above | "
@@ -492,7 +501,7 @@ def markdown_section(result: dict) -> str:
         lines.append(f"| 1-min load average before / after the latency calls | {os.cpu_count()} cores | "
                      f"{lat['load_average_before'][0]:.1f} / {lat['load_average_after'][0]:.1f} |")
         lines.append("")
-        lines.append(f"`classify` answers agreed with a directly trained `LinearSVMClassifier` on "
+        lines.append(f"`classify` answers agreed with a directly trained `LinearSVMClassifier` (vectors only) on "
                      f"{100 * t['agreement_with_direct_svm']:.1f}% of the throughput texts.")
         lines.append("")
         runtime = result["settings"]["embedder"].get("runtime", "SentenceTransformerEmbedder")
