@@ -31,6 +31,7 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from labelcascade.agent import Policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
+from labelcascade.fallback.svm import check_text_features
 from labelcascade.records import Prediction
 from labelcascade.retrieval import Embedder, load_embedder
 from labelcascade.retrieval.embedders import TUNED_EMBEDDER
@@ -95,8 +96,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
         task = self._task(labels)
         if not isinstance(self.C, int | float) or not self.C > 0:
             raise ValueError(f"C must be a positive number, got {self.C!r}")
-        if self.text_features != "auto" and not (isinstance(self.text_features, int | float) and self.text_features >= 0):
-            raise ValueError(f"text_features must be 'auto' or a weight >= 0, got {self.text_features!r}")
+        check_text_features(self.text_features)
         if self.policy is not None and not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a labelcascade Policy or None, got {type(self.policy).__name__}")
         self._close_session()

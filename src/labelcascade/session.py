@@ -44,6 +44,7 @@ from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.fallback.body_tuning import tune_body
+from labelcascade.fallback.svm import check_text_features
 from labelcascade.file_hash import folder_sha256
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
@@ -302,6 +303,7 @@ class Session:
             as from an instruct GGUF; 'completion' otherwise), 'completion', 'chat', or a .j2 file (`prompts`).
         """
         task = task if isinstance(task, Task) else Task.from_yaml(task)
+        check_text_features(text_features)
         loaded: dict[str, Embedder] = {}
 
         def load(spec: str) -> Embedder:  # the embedders the choice measured, kept for the one chosen

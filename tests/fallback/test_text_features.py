@@ -1,5 +1,7 @@
 """The sparse tier: TF-IDF n-grams of the texts beside their vectors, on real embeddings of real datasets."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -119,3 +121,13 @@ def test_a_workspace_keeps_its_ngrams_through_save_reopen_and_retrain(csldcp, em
     reopened.add_examples(test_texts[:5], [str(label) for label in csldcp[3][:5]], retrain=True)
     assert reopened.cascade.fallback.uses_texts
     reopened.close()
+    settings = json.loads((tmp_path / "ws" / "settings.json").read_text())
+    del settings["text_features"]  # as a workspace made before the field existed wrote it
+    (tmp_path / "ws" / "settings.json").write_text(json.dumps(settings))
+    old = Session.open(tmp_path / "ws", embedder=embedder)
+    assert old._workspace.settings.text_features == 0 and old.cascade.fallback.uses_texts  # the saved model stands
+    assert not old.retrain().cascade.fallback.uses_texts
+    old.close()
+    with pytest.raises(ValueError, match="text_features must be 'auto' or a weight >= 0, got 'yes'"):
+        Session.create(task, workspace=tmp_path / "refused", embedder=embedder, engine=None, text_features="yes")
+    assert not (tmp_path / "refused").exists()

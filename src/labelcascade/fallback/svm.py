@@ -61,8 +61,7 @@ class LinearSVMClassifier:
             raise ValueError(f"C must be positive, got {C}")
         if cv < 2:
             raise ValueError(f"cv must be at least 2, got {cv}")
-        if text_features != AUTO and not (isinstance(text_features, int | float) and 0 <= text_features < math.inf):
-            raise ValueError(f"text_features must be 'auto' or a weight >= 0, got {text_features!r}")
+        check_text_features(text_features)
         self.C = C
         self.multi_label = multi_label
         self.cv = cv
@@ -299,6 +298,12 @@ class LinearSVMClassifier:
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise NotFittedError("this fallback classifier is not fitted yet; call fit() with labelled examples first")
+
+
+def check_text_features(value: object) -> None:
+    """ValueError unless `value` is 'auto' or a finite weight >= 0: what `text_features` takes."""
+    if value != AUTO and not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf):
+        raise ValueError(f"text_features must be 'auto' or a weight >= 0, got {value!r}")
 
 
 class _Linear:
