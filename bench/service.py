@@ -53,12 +53,14 @@ CONCURRENCY = (1, 8, 32)
 WARM_UP_S = 3
 
 
-def workspace(path: Path, data: Path) -> None:
+def workspace(path: Path, data: Path) -> float:
+    """A new workspace as `init` makes it (text_features 'auto'); returns the TF-IDF n-gram weight it chose."""
     train = read_jsonl(data / "banking77" / "train.jsonl")
     picked = per_class_draw(train, 0, "banking77", draw=8)
     task = Task.build({"name": "banking77", "labels": [
         {"name": label, "examples": [train[i]["text"] for i in indices]} for label, indices in picked.items()]})
-    Session.create(task, workspace=path, embedder="default", engine=None).close()
+    with Session.create(task, workspace=path, embedder="default", engine=None) as session:
+        return session.cascade.fallback.text_weight_
 
 
 def free_port() -> int:
@@ -193,7 +195,7 @@ def main() -> None:
     rounds = []
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "ws"
-        workspace(path, args.data)
+        text_weight = workspace(path, args.data)
         # the same body in sentence-transformers, as it answers where its onnxruntime graph cannot be made
         torch_body = SentenceTransformerEmbedder(default_model_dir(), name="all-MiniLM-L6-v2")
         script = wrk_script(texts, Path(folder))
@@ -216,7 +218,9 @@ def main() -> None:
     lines = [
         SECTION_HEADING, "",
         f"Run {dt.date.today().isoformat()} on {started['machine']} (load {started['load_start']} at the start), "
-        f"{len(rounds)} rounds; banking77, 77 labels x 8 gold examples (seed 0), all-MiniLM-L6-v2, no LLM; one text "
+        f"{len(rounds)} rounds; banking77, 77 labels x 8 gold examples (seed 0), all-MiniLM-L6-v2 "
+        f"({f'TF-IDF n-grams beside it at weight {text_weight:g}' if text_weight else 'no TF-IDF n-grams'}, as "
+        "`text_features='auto'` chose), no LLM; one text "
         f"per request, {args.seconds:g} s of load per setting after {WARM_UP_S} s of warm-up; wrk on the same machine. "
         "Median over rounds (range).", "",
         "| setting | texts/s or requests/s | ratio to direct | p50 ms | p99 ms | server CPU ms/request (main + embedders) | client CPU ms/request | texts per batch |",
@@ -270,7 +274,7 @@ def main() -> None:
               f"{'PASS' if p99_8 < 150 else 'FAIL'}."]
     lines.append("")
     result = {"date": dt.date.today().isoformat(), **started, "load_end": round(os.getloadavg()[0], 1),
-              "rounds": rounds, "summary": summary, "direct_texts_per_s": direct_median}
+              "rounds": rounds, "summary": summary, "direct_texts_per_s": direct_median, "text_weight": text_weight}
     publish(result, args.out, "\n".join(lines), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
 
 
