@@ -174,6 +174,7 @@ def test_init_sets_the_fallbacks_text_features_and_refuses_a_weight_it_cannot_us
     assert "embedder sentence-transformers:all-MiniLM-L6-v2, TF-IDF n-grams at weight 0.3," in output
     assert json.loads((tmp_path / "ws" / "settings.json").read_text())["text_features"] == 0.3
     assert json.loads(run("classify", tmp_path / "ws", "my card got stolen"))["label"] == "lost_or_stolen_card"
+    assert "examples, TF-IDF n-grams at weight 0.3" in run("retrain", tmp_path / "ws")
     refused = command("init", tmp_path / "ws2", "--task", BANKING_TASK, "--engine", "none", "--text-features", "lots")
     assert refused.returncode == 1 and "--text-features: 'lots' is not 'auto' or a weight >= 0" in refused.stderr
     assert not (tmp_path / "ws2").exists()

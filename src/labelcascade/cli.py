@@ -201,15 +201,18 @@ def init(
     with Session.create(built, workspace=workspace, embedder=embedder, engine=_engine(engine),
                         tuning_seconds=tuning_seconds, text_features=weight) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
-        try:
-            fallback = session.cascade.fallback
-        except NotFittedError:  # no examples of two labels yet
-            fallback = None
-        ngrams = (f", TF-IDF n-grams at weight {fallback.text_weight_:g}" if fallback is not None and fallback.uses_texts
-                  else "")
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
-                   f"{trained} {len(session.store)} examples, embedder {session.embedder.id}{ngrams}, "
+                   f"{trained} {len(session.store)} examples, embedder {session.embedder.id}{_ngrams(session)}, "
                    f"engine {_engine(engine) or 'none (fallback only)'}")
+
+
+def _ngrams(session: Session) -> str:
+    """', TF-IDF n-grams at weight W' when the fallback reads them (the weight 'auto' chose at its training)."""
+    try:
+        fallback = session.cascade.fallback
+    except NotFittedError:  # no examples of two labels yet
+        return ""
+    return f", TF-IDF n-grams at weight {fallback.text_weight_:g}" if fallback.uses_texts else ""
 
 
 def _text_features(value: str) -> float | str:
@@ -240,7 +243,7 @@ def add(
     session.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
     session.retrain()
     typer.echo(f"added {len(session.store) - before} new examples ({len(texts)} rows); "
-               f"{len(session.store)} stored; fallback retrained")
+               f"{len(session.store)} stored; fallback retrained{_ngrams(session)}")
     session.close()
 
 
@@ -452,7 +455,7 @@ def retrain(workspace: Workspace) -> None:
     """Retrain the fallback on every stored example (gold, review and LLM labels, weighted by source)."""
     session = _open(workspace, "none")
     session.retrain()
-    typer.echo(f"retrained on {len(session.store)} examples")
+    typer.echo(f"retrained on {len(session.store)} examples{_ngrams(session)}")
     session.close()
 
 
