@@ -53,7 +53,7 @@ def test_calibration_chooses_measures_and_stores_the_policy(calibrated):
     assert report.dev_texts == len(texts)
     policy = report.policy
     cascade = session.cascade
-    proba = cascade.probabilities(session.embedder.embed(texts))
+    proba = cascade.probabilities(session.embedder.embed(texts), texts)
     sent = ~policy.accepts(cascade.certainty(proba))
     truth = np.array([session.task.label_names.index(label) for label in labels])
     fallback_right = proba.argmax(axis=1) == truth
@@ -61,6 +61,7 @@ def test_calibration_chooses_measures_and_stores_the_policy(calibrated):
     # no accept threshold and weight do better on the dev set than this choice plus the tolerance
     dev = DevSet.load(session.path / "calibration.npz")
     assert dev.vectors.shape == (len(texts), session.embedder.dim) and (dev.truth == truth).all()
+    assert dev.texts == texts  # for a fallback that reads their n-grams when the policy is chosen again
     assert np.allclose(dev.llm.sum(axis=1), 1.0) and dev.temperature == policy.llm_temperature
     if (~sent).any() and fallback_right[~sent].mean() < 0.999:
         everything_sent = max(cascade.pool(proba, dev.llm, w).argmax(axis=1).__eq__(truth).mean()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from labelcascade.fallback import LinearSVMClassifier
-from labelcascade.fallback.text_features import MAX_NGRAMS, TextNgrams, analyzer_for
+from labelcascade.fallback.text_features import MAX_NGRAMS, TextNgrams, analyzer_for, packed_texts, unpacked_texts
 from labelcascade.session import Session
 from labelcascade.task import Task
 
@@ -89,11 +89,20 @@ def test_ngrams_rebuilt_from_their_arrays_give_the_same_rows_as_scikit_learn(csl
         expected = ngrams.vectorizer_.transform(test)
         assert abs(ngrams.transform(test) - expected).max() < 1e-6 and ngrams.transform(test).nnz == expected.nnz
         arrays = ngrams.to_arrays()
-        rebuilt = TextNgrams.from_arrays(analyzer, arrays["ngram_terms"], arrays["ngram_idf"])
+        rebuilt = TextNgrams.from_arrays(analyzer, arrays["ngram_bytes"], arrays["ngram_ends"], arrays["ngram_idf"])
         assert abs(rebuilt.transform(test) - expected).max() < 1e-6
     assert ngrams.transform(["", "zzzz qqqq"]).nnz == 0  # nothing known: an empty row, not a division by zero
     with pytest.raises(ValueError, match="distinct n-grams expected with one idf each"):
-        TextNgrams.from_arrays("word", arrays["ngram_terms"], arrays["ngram_idf"][:-1])
+        TextNgrams.from_arrays("word", arrays["ngram_bytes"], arrays["ngram_ends"], arrays["ngram_idf"][:-1])
+    with pytest.raises(ValueError, match="packed texts whose ends do not fit their bytes"):
+        TextNgrams.from_arrays("word", arrays["ngram_bytes"][:-1], arrays["ngram_ends"], arrays["ngram_idf"])
+
+
+def test_texts_are_packed_as_bytes_not_as_a_unicode_array_sized_by_the_longest():
+    texts = ["", "short", "水稻品种", "x" * 1_000_000]
+    data, ends = packed_texts(texts)
+    assert data.nbytes == sum(len(text.encode()) for text in texts) and unpacked_texts(data, ends) == texts
+    assert unpacked_texts(*packed_texts([])) == []
 
 
 def test_texts_without_ngrams_get_the_vectors_alone_or_a_clear_error(embed):

@@ -46,6 +46,7 @@ from labelcascade.agent.cascade import Cascade
 from labelcascade.agent.policy import Policy
 from labelcascade.atomic_file import replace_atomically
 from labelcascade.fallback.calibration import fit_temperature
+from labelcascade.fallback.text_features import packed_texts, unpacked_texts
 
 TABLE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 WEIGHTS = tuple(np.round(np.arange(0.1, 1.01, 0.1), 2))
@@ -211,7 +212,7 @@ class DevSet:
         path = Path(path)
         arrays = {"vectors": self.vectors, "truth": self.truth}
         if self.texts is not None:
-            arrays["texts"] = np.array(self.texts, dtype=str)  # a unicode array: it loads without pickle
+            arrays["text_bytes"], arrays["text_ends"] = packed_texts(self.texts)
         if self.llm is not None:
             arrays |= {"llm": self.llm, "temperature": np.array(self.temperature),
                        "candidate_recall": np.array(np.nan if self.candidate_recall is None else self.candidate_recall),
@@ -229,7 +230,8 @@ class DevSet:
         """The saved dev set; ValueError naming the file when it is damaged (never a policy from half a file)."""
         try:
             with np.load(path, allow_pickle=False) as saved:
-                dev = cls(saved["vectors"], saved["truth"], texts=saved["texts"].tolist() if "texts" in saved else None)
+                texts = unpacked_texts(saved["text_bytes"], saved["text_ends"]) if "text_ends" in saved else None
+                dev = cls(saved["vectors"], saved["truth"], texts=texts)
                 if "llm" in saved:
                     recall, m = float(saved["candidate_recall"]), int(saved["max_candidates"])
                     dev.llm, dev.temperature = saved["llm"], float(saved["temperature"])

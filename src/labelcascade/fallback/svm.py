@@ -251,7 +251,7 @@ class LinearSVMClassifier:
                 coef, intercept = stored["coef"], stored["intercept"]
                 analyzer = meta.get("ngram_analyzer")
                 ngrams = None if analyzer is None else TextNgrams.from_arrays(
-                    analyzer, stored["ngram_terms"], stored["ngram_idf"])
+                    analyzer, stored["ngram_bytes"], stored["ngram_ends"], stored["ngram_idf"])
                 text_coef = None if analyzer is None else stored["text_coef"]
             model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"],
                         text_features=meta.get("text_features", 0.0))

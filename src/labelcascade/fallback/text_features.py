@@ -88,17 +88,36 @@ class TextNgrams:
         return self.vectorizer_.get_feature_names_out()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """What `from_arrays` rebuilds it from: the n-grams (a unicode array: saved without pickle) and their idf."""
-        return {"ngram_terms": np.asarray(self.terms, dtype=str), "ngram_idf": self.vectorizer_.idf_}
+        """What `from_arrays` rebuilds it from: the n-grams (`packed_texts`) and their idf."""
+        data, ends = packed_texts(self.terms.tolist())
+        return {"ngram_bytes": data, "ngram_ends": ends, "ngram_idf": self.vectorizer_.idf_}
 
     @classmethod
-    def from_arrays(cls, analyzer: str, terms: np.ndarray, idf: np.ndarray) -> TextNgrams:
-        if terms.ndim != 1 or idf.shape != terms.shape or len(set(terms.tolist())) != len(terms):
+    def from_arrays(cls, analyzer: str, data: np.ndarray, ends: np.ndarray, idf: np.ndarray) -> TextNgrams:
+        terms = unpacked_texts(data, ends)
+        if idf.shape != (len(terms),) or len(set(terms)) != len(terms):
             raise ValueError(f"{len(terms)} distinct n-grams expected with one idf each")
         ngrams = cls(analyzer)
-        ngrams.vectorizer_ = ngrams._vectorizer({str(term): i for i, term in enumerate(terms)})
+        ngrams.vectorizer_ = ngrams._vectorizer({term: i for i, term in enumerate(terms)})
         ngrams.vectorizer_.idf_ = idf.astype(np.float32)  # the dtype fit gives it: the same rows to the last bit
         return ngrams
+
+
+def packed_texts(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts as two plain arrays for an .npz file (loaded without pickle): their UTF-8 bytes one after another, and
+    where each one ends. Not a unicode array: numpy sizes every cell of one by the longest text, so a single
+    megabyte-long text among a thousand would take gigabytes."""
+    encoded = [text.encode("utf-8") for text in texts]
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+
+def unpacked_texts(data: np.ndarray, ends: np.ndarray) -> list[str]:
+    """The texts `packed_texts` made the arrays from; ValueError when they cannot be (damaged arrays)."""
+    if data.dtype != np.uint8 or data.ndim != 1 or ends.ndim != 1 or (len(ends) and (
+            ends[-1] != len(data) or np.any(np.diff(ends) < 0) or ends[0] < 0)):
+        raise ValueError("packed texts whose ends do not fit their bytes")
+    blob, starts = data.tobytes(), np.r_[0, ends[:-1]] if len(ends) else []
+    return [blob[start:end].decode("utf-8") for start, end in zip(starts, ends, strict=True)]
 
 
 def appended(X: np.ndarray, ngram_rows: sparse.spmatrix, weight: float) -> sparse.csr_matrix | np.ndarray:
