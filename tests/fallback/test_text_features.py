@@ -39,7 +39,7 @@ def test_where_the_body_cannot_read_the_words_the_ngrams_carry_the_labels(csldcp
     plain = LinearSVMClassifier().fit(X, labels)
     auto = LinearSVMClassifier(text_features="auto").fit(X, labels, texts=texts)
     assert auto.text_weight_ > 0 and auto.uses_texts and auto.ngrams_.analyzer == "char"
-    assert len(auto.ngrams_.terms) <= MAX_NGRAMS
+    assert len(auto.ngrams_.terms_) <= MAX_NGRAMS
     plain_accuracy = (plain.predict(X_test) == test_labels).mean()
     auto_accuracy = (auto.predict(X_test, test_texts) == test_labels).mean()
     assert auto_accuracy >= plain_accuracy + 0.05, (plain_accuracy, auto_accuracy)

@@ -65,6 +65,7 @@ class TextNgrams:
             if "empty vocabulary" not in str(error):
                 raise
             raise NoNgrams("the texts hold no word or character n-grams for TF-IDF features; use text_features=0") from None
+        self.terms_ = self.vectorizer_.get_feature_names_out().tolist()  # it sorts the vocabulary at each call
         return self
 
     def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
@@ -82,14 +83,10 @@ class TextNgrams:
         return sparse.csr_matrix((np.array(data, dtype=np.float32), np.array(indices, dtype=np.int32), indptr),
                                  shape=(len(indptr) - 1, len(vocabulary)))
 
-    @property
-    def terms(self) -> np.ndarray:
-        """The n-grams, in column order."""
-        return self.vectorizer_.get_feature_names_out()
-
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """What `from_arrays` rebuilds it from: the n-grams (`packed_texts`) and their idf."""
-        data, ends = packed_texts(self.terms.tolist())
+        """What `from_arrays` rebuilds it from: the n-grams (`terms_`, in column order; `packed_texts`) and their
+        idf."""
+        data, ends = packed_texts(self.terms_)
         return {"ngram_bytes": data, "ngram_ends": ends, "ngram_idf": self.vectorizer_.idf_}
 
     @classmethod
@@ -100,6 +97,7 @@ class TextNgrams:
         ngrams = cls(analyzer)
         ngrams.vectorizer_ = ngrams._vectorizer({term: i for i, term in enumerate(terms)})
         ngrams.vectorizer_.idf_ = idf.astype(np.float32)  # the dtype fit gives it: the same rows to the last bit
+        ngrams.terms_ = terms
         return ngrams
 
 
