@@ -28,6 +28,7 @@ from labelcascade.agent.engines import EngineError
 from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS, install, packaged_model
 from labelcascade.fallback import NotFittedError
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
+from labelcascade.fallback.svm import check_text_features
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Route, Source
 from labelcascade.reports import evaluate
@@ -216,15 +217,12 @@ def _ngrams(session: Session) -> str:
 
 
 def _text_features(value: str) -> float | str:
-    """--text-features: 'auto' or a weight >= 0."""
-    if value == "auto":
-        return value
+    """--text-features: 'auto' or a weight, as `check_text_features` takes them."""
     try:
-        weight = float(value)
+        weight = value if value == "auto" else float(value)
+        check_text_features(weight)
     except ValueError:
-        weight = -1.0
-    if not 0 <= weight < float("inf"):
-        raise InputError(f"--text-features: {value!r} is not 'auto' or a weight >= 0 (such as 0.3, or 0 for none)")
+        raise InputError(f"--text-features: {value!r} is not 'auto' or a weight >= 0 (such as 0.3, or 0 for none)") from None
     return weight
 
 
