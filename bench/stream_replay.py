@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Learning rules for a stream, compared offline: the LLM's answers asked once, the stream replayed under each rule.
+
+    .venv/bin/python bench/stream_replay.py collect sst2 --all-stream   # the LLM's answers (~10 min for sst2 here)
+    .venv/bin/python bench/stream_replay.py replay sst2 --orders 5      # every rule, 5 stream orders (seconds)
+
+Why: a stream of bench/cascade.py --stream-only takes 4-12 minutes of LLM time per dataset and rule, and one stream
+order says little (the bar compares two 200-text windows and 300 test texts). With prompts that show people's labels
+only (the default), the LLM's answer to a text does not depend on what was learned: retrieval reads gold examples
+only, and with every label a candidate (sst2, ag_news) the fallback does not narrow them. So its log-probabilities
+can be asked once per text and the stream replayed under any learning rule, in any order, in seconds.
+
+`collect`: the session of bench/cascade.py's stream (same pool, dev and test texts, same calibrate settings), then the
+LLM's log-probabilities for the test texts and for the stream texts (those the calibrated fallback sends to the LLM,
+or all of them with --all-stream), saved under --cache (.cache/stream_replay, not committed).
+`replay`: per rule and stream order, the stream fed 20 texts at a time as `Cascade.classify` would: texts under the
+accept threshold pooled with the LLM's answer, answers at least the learn threshold stored as `llm` examples
+(weighted as fallback/weights.py does), the fallback retrained on schedule (LinearSVMClassifier with the session's
+text_features) and the policy chosen again on the dev set by `choose_policy`, with the rule's accuracy floor. A text
+sent to the LLM whose answer was not collected counts as sent but teaches nothing ("unanswered": collect with
+--all-stream to have none). The cascade's test accuracy before and after uses the collected test answers.
+Checked: the "shipped" rule in the first order reproduces the streams of BENCHMARKS.md's "Learning from a stream:
+ag_news, sst2, eprstmt" (sst2 windows 26.5% ... 28.0%, 49 LLM labels, 78.7 -> 78.7; ag_news 10.0% ... 1.5%,
+80.3 -> 83.7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from labelcascade.agent import DevSet, Policy, choose_policy
+from labelcascade.agent.engines.llamacpp import LlamaCppEngine
+from labelcascade.agent.label_bias import biased_softmax
+from labelcascade.agent.policy import mix
+from labelcascade.fallback import LinearSVMClassifier, sample_weights
+from labelcascade.session import DEV_FILE
+
+from cascade import (
+    LEARN_PRECISION, LLM_BUDGET, STREAM_CHUNK, STREAM_WINDOW, TARGET_PRECISION, TOLERANCE, Embedders, calibrated_classifier,
+    prepare, texts_labels,
+)
+from common import DEFAULT_DATA, REPO, log
+
+DEFAULT_CACHE = REPO / ".cache" / "stream_replay"
+
+
+def collect(args) -> None:
+    ds = prepare(args.data, args.dataset, args)
+    engine = LlamaCppEngine(n_threads=args.threads)
+    session, calibration = calibrated_classifier(ds, Embedders().for_pool(ds), engine)
+    cascade, policy = session.cascade, session.cascade.policy
+
+    def answers(texts: list[str]) -> np.ndarray:
+        vectors = cascade.embedder.embed(texts)
+        proba, neighbors = cascade.probabilities(vectors, texts), cascade.neighbors(vectors, policy)
+        batch = policy.llm_batch
+        return np.concatenate([cascade.llm_scores(texts[s:s + batch], proba[s:s + batch], neighbors[s:s + batch],
+                                                  policy).logprobs for s in range(0, len(texts), batch)])
+
+    test_texts, test_gold = texts_labels(ds["test"])
+    stream = [row["text"] for row in ds["stream"]]
+    stream_vectors = cascade.embedder.embed(stream)
+    sent = ~policy.accepts(cascade.certainty(cascade.probabilities(stream_vectors, stream)))
+    asked = np.arange(len(stream)) if args.all_stream else np.flatnonzero(sent)
+    began = time.perf_counter()
+    test_llm = answers(test_texts)
+    stream_llm = answers([stream[i] for i in asked])
+    log(f"{args.dataset}: {len(test_texts)} test and {len(asked)} stream texts asked in {time.perf_counter() - began:.0f} s")
+    pool_texts, pool_labels = texts_labels(ds["pool"])
+    args.cache.mkdir(parents=True, exist_ok=True)
+    np.savez(args.cache / f"{args.dataset}.npz", test_vectors=cascade.embedder.embed(test_texts), test_llm=test_llm,
+             stream_vectors=stream_vectors, asked=asked, stream_llm=stream_llm, pool_vectors=cascade.embedder.embed(pool_texts))
+    (args.cache / f"{args.dataset}_dev.npz").write_bytes((session.path / DEV_FILE).read_bytes())
+    (args.cache / f"{args.dataset}.json").write_text(json.dumps({
+        "labels": cascade.task.label_names, "policy": policy.model_dump(), "accuracy_floor": calibration["accuracy_floor"],
+        "text_features": cascade.fallback.text_features, "test_texts": test_texts, "test_gold": test_gold,
+        "stream": stream, "stream_gold": [row.get("label") for row in ds["stream"]], "pool_texts": pool_texts,
+        "pool_labels": pool_labels, "embedder": cascade.embedder.id, "engine": engine.spec}), encoding="utf-8")
+    session.close()
+    engine.close()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When to learn and retrain, and what the policy chosen after a retrain keeps."""
+
+    every: int = 50  # retrain after this many new LLM examples (Policy.retrain_every)
+    share: float | None = None  # ... or sooner: after this share of the examples the fallback was trained on (min 5)
+    floor: str = "kept"  # kept: calibrate's best dev accuracy (shipped); none: today's best - tolerance; half: between
+
+
+RULES = {
+    "shipped (every 50, floor kept)": Rule(),
+    "every 20, floor kept": Rule(every=20),
+    "every 20, no floor": Rule(every=20, floor="none"),
+    "every 50 or 25%, floor kept": Rule(share=0.25),
+    "every 50 or 25%, no floor": Rule(share=0.25, floor="none"),
+    "every 50 or 25%, half floor": Rule(share=0.25, floor="half"),
+    "every 50 or 50%, no floor": Rule(share=0.5, floor="none"),
+    "every 50, half floor": Rule(floor="half"),
+}
+MIN_NEW = 5
+
+
+class Replay:
+    """A collected dataset, replayed under rules."""
+
+    def __init__(self, cache: Path, name: str):
+        self.meta = json.loads((cache / f"{name}.json").read_text(encoding="utf-8"))
+        self.arrays = dict(np.load(cache / f"{name}.npz"))
+        self.dev = DevSet.load(cache / f"{name}_dev.npz")
+        self.labels = self.meta["labels"]
+        self.index = {label: i for i, label in enumerate(self.labels)}
+        self.policy = Policy(**self.meta["policy"]).model_copy(update={"learn": True})  # calibrated with it off
+        self.answers = dict(zip(self.arrays["asked"].tolist(), self.arrays["stream_llm"], strict=True))
+        self.test_gold = np.array([self.index[g] for g in self.meta["test_gold"]])
+        from labelcascade.task import Task
+        self.task = Task.from_labels(self.labels, name=name)
+
+    def fit(self, vectors, labels, weights, texts) -> LinearSVMClassifier:
+        return LinearSVMClassifier(text_features=self.meta["text_features"]).fit(
+            vectors, labels, sample_weight=weights, texts=texts)
+
+    def llm(self, logprobs: np.ndarray, policy: Policy) -> np.ndarray:
+        bias = np.array([policy.llm_label_bias.get(n, 0.0) for n in self.labels]) if policy.llm_label_bias else None
+        return biased_softmax(logprobs, policy.llm_temperature, bias)
+
+    def test(self, fallback, policy: Policy) -> tuple[float, float, float]:
+        """Cascade accuracy, fallback accuracy and share sent to the LLM on the test texts."""
+        proba = _Cascade(self, fallback, policy).probabilities(self.arrays["test_vectors"], self.meta["test_texts"])
+        sent = ~policy.accepts(proba.max(axis=1)) if policy.asks_llm else np.zeros(len(proba), dtype=bool)
+        final = proba.copy()
+        final[sent] = mix(proba[sent], self.llm(self.arrays["test_llm"][sent], policy), policy.llm_weight)
+        return (float(np.mean(final.argmax(1) == self.test_gold)), float(np.mean(proba.argmax(1) == self.test_gold)),
+                float(sent.mean()))
+
+    def run(self, rule: Rule, order_seed: int | None) -> dict:
+        texts, vectors, truth = self.meta["stream"], self.arrays["stream_vectors"], self.meta["stream_gold"]
+        order = np.arange(len(texts)) if order_seed is None else np.random.default_rng(order_seed).permutation(len(texts))
+        gold_v, gold_y, gold_t = list(self.arrays["pool_vectors"]), list(self.meta["pool_labels"]), list(self.meta["pool_texts"])
+        learned_v, learned_y, learned_t, learned_c, learned_right = [], [], [], [], []
+        fallback, policy = self.fit(np.array(gold_v), gold_y, None, gold_t), self.policy
+        before = self.test(fallback, policy)
+        sent_flags, unanswered, pending, retrains, trained_on = [], 0, 0, 0, len(gold_y)
+        for start in range(0, len(texts), STREAM_CHUNK):
+            batch = order[start:start + STREAM_CHUNK]
+            proba = _Cascade(self, fallback, policy).probabilities(vectors[batch], [texts[i] for i in batch])
+            sent = ~policy.accepts(proba.max(axis=1)) if policy.asks_llm else np.zeros(len(batch), dtype=bool)
+            for row, i in enumerate(batch):
+                sent_flags.append(bool(sent[row]))
+                if not sent[row]:
+                    continue
+                if i not in self.answers:
+                    unanswered += 1
+                    continue
+                pooled = mix(proba[row], self.llm(self.answers[i][None], policy)[0], policy.llm_weight)
+                if policy.learn and pooled.max() >= policy.learn_threshold:
+                    label = self.labels[int(pooled.argmax())]
+                    learned_v.append(vectors[i]), learned_y.append(label), learned_t.append(texts[i])
+                    learned_c.append(float(pooled.max())), learned_right.append(label == truth[i])
+                    pending += 1
+            due = rule.every if rule.share is None else min(rule.every, max(MIN_NEW, rule.share * trained_on))
+            if pending >= due:
+                weights = np.r_[np.ones(len(gold_y)), sample_weights(["llm"] * len(learned_y), learned_c)]
+                fallback = self.fit(np.array(gold_v + learned_v), gold_y + learned_y, weights, gold_t + learned_t)
+                pending, retrains, trained_on = 0, retrains + 1, len(gold_y) + len(learned_y)
+                policy = self.choose(fallback, policy, rule)
+        windows = [float(np.mean(sent_flags[k:k + STREAM_WINDOW])) for k in range(0, len(sent_flags), STREAM_WINDOW)]
+        after = self.test(fallback, policy)
+        return {"windows": windows, "before": before, "after": after, "llm_examples": len(learned_y), "retrains": retrains,
+                "learned_precision": float(np.mean(learned_right)) if learned_right else None, "unanswered": unanswered,
+                "passes": after[0] >= before[0] and windows[-1] <= windows[0] / 2}
+
+    def choose(self, fallback, policy: Policy, rule: Rule) -> Policy:
+        choose = lambda floor: choose_policy(  # noqa: E731
+            _Cascade(self, fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
+            learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, accuracy_floor=floor, policy=policy)
+        kept = self.meta["accuracy_floor"]
+        if rule.floor == "kept":
+            return choose(kept).policy
+        if rule.floor == "none":
+            return choose(None).policy
+        best = choose(None).accuracy_floor  # the best reachable now, as calibrate would measure it
+        return choose(max(kept, (kept + best) / 2)).policy
+
+
+class _Cascade:
+    """What `choose_policy` reads of a Cascade: the task, the policy, the fallback's probabilities, pooling."""
+
+    def __init__(self, replay: Replay, fallback, policy: Policy):
+        self.task, self.policy, self.fallback = replay.task, policy, fallback
+        self.columns = [replay.index[c] for c in fallback.classes_]
+        self.n = len(replay.labels)
+
+    def probabilities(self, vectors, texts=None) -> np.ndarray:
+        proba = np.zeros((len(vectors), self.n))
+        proba[:, self.columns] = self.fallback.predict_proba(vectors, texts)
+        return proba
+
+    def certainty(self, proba):
+        return proba.max(axis=1)
+
+    def pool(self, proba, llm, weight):
+        return mix(proba, llm, weight)
+
+
+def replay(args) -> None:
+    data = Replay(args.cache, args.dataset)
+    orders = [None, *range(1, args.orders)]
+    print(f"{args.dataset}: {len(data.meta['stream'])} stream texts ({len(data.answers)} with the LLM's answer), "
+          f"{len(data.test_gold)} test texts; orders: the collected one, then permutations 1..{args.orders - 1}\n")
+    print("| rule | passes | test accuracy before -> after (per order) | LLM share, first -> last window | "
+          "LLM examples (precision) | retrains | unanswered |")
+    print("|---|---:|---|---|---|---|---|")
+    for name, rule in RULES.items():
+        runs = [data.run(rule, seed) for seed in orders]
+        after = " / ".join(f"{100 * r['after'][0]:.1f}" for r in runs)
+        shares = " / ".join(f"{100 * r['windows'][0]:.0f}->{100 * r['windows'][-1]:.0f}" for r in runs)
+        learned = " / ".join(f"{r['llm_examples']} ({100 * (r['learned_precision'] or 0):.0f}%)" for r in runs)
+        retrains = " / ".join(str(r["retrains"]) for r in runs)
+        unanswered = " / ".join(str(r["unanswered"]) for r in runs)
+        print(f"| {name} | {sum(r['passes'] for r in runs)}/{len(runs)} | {100 * runs[0]['before'][0]:.1f} -> {after} | "
+              f"{shares} | {learned} | {retrains} | {unanswered} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=["collect", "replay"])
+    parser.add_argument("dataset")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--all-stream", action="store_true", help="collect: ask the LLM about every stream text")
+    parser.add_argument("--orders", type=int, default=5, help="replay: stream orders (the collected one first)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("LLAMA_THREADS", "2")))
+    parser.add_argument("--test-size", type=int, default=300)
+    parser.add_argument("--dev-size", type=int, default=200)
+    parser.add_argument("--stream-size", type=int, default=2000)
+    args = parser.parse_args(argv)
+    args.limit = None
+    collect(args) if args.step == "collect" else replay(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
