@@ -41,6 +41,7 @@ from labelcascade.agent.label_bias import biased_softmax
 from labelcascade.agent.policy import mix
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
 from labelcascade.session import DEV_FILE
+from labelcascade.task import Task
 
 from cascade import (
     LEARN_PRECISION, LLM_BUDGET, STREAM_CHUNK, STREAM_WINDOW, TARGET_PRECISION, TOLERANCE, Embedders, calibrated_classifier,
@@ -121,7 +122,6 @@ class Replay:
         self.policy = Policy(**self.meta["policy"]).model_copy(update={"learn": True})  # calibrated with it off
         self.answers = dict(zip(self.arrays["asked"].tolist(), self.arrays["stream_llm"], strict=True))
         self.test_gold = np.array([self.index[g] for g in self.meta["test_gold"]])
-        from labelcascade.task import Task
         self.task = Task.from_labels(self.labels, name=name)
 
     def fit(self, vectors, labels, weights, texts) -> LinearSVMClassifier:
