@@ -35,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade.agent import DevSet, Policy, choose_policy
+from labelcascade.agent import Cascade, DevSet, Policy, choose_policy
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine
-from labelcascade.agent.label_bias import biased_softmax
-from labelcascade.agent.policy import mix
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
 from labelcascade.session import DEV_FILE
 from labelcascade.task import Task
@@ -128,16 +126,22 @@ class Replay:
         return LinearSVMClassifier(text_features=self.meta["text_features"]).fit(
             vectors, labels, sample_weight=weights, texts=texts)
 
-    def llm(self, logprobs: np.ndarray, policy: Policy) -> np.ndarray:
-        bias = np.array([policy.llm_label_bias.get(n, 0.0) for n in self.labels]) if policy.llm_label_bias else None
-        return biased_softmax(logprobs, policy.llm_temperature, bias)
+    def cascade(self, fallback, policy: Policy) -> Cascade:
+        """The product's cascade for routing, the LLM's probabilities and pooling (no embedder, store or engine: the
+        vectors and the LLM's log-probabilities are collected)."""
+        return Cascade(self.task, None, fallback, policy=policy)
+
+    def llm(self, cascade: Cascade, logprobs: np.ndarray) -> np.ndarray:
+        policy = cascade.policy
+        return cascade.llm_probabilities(logprobs, policy.llm_temperature, policy.llm_label_bias)
 
     def test(self, fallback, policy: Policy) -> tuple[float, float, float]:
         """Cascade accuracy, fallback accuracy and share sent to the LLM on the test texts."""
-        proba = _Cascade(self, fallback, policy).probabilities(self.arrays["test_vectors"], self.meta["test_texts"])
+        cascade = self.cascade(fallback, policy)
+        proba = cascade.probabilities(self.arrays["test_vectors"], self.meta["test_texts"])
         sent = ~policy.accepts(proba.max(axis=1)) if policy.asks_llm else np.zeros(len(proba), dtype=bool)
         final = proba.copy()
-        final[sent] = mix(proba[sent], self.llm(self.arrays["test_llm"][sent], policy), policy.llm_weight)
+        final[sent] = cascade.pool(proba[sent], self.llm(cascade, self.arrays["test_llm"][sent]), policy.llm_weight)
         return (float(np.mean(final.argmax(1) == self.test_gold)), float(np.mean(proba.argmax(1) == self.test_gold)),
                 float(sent.mean()))
 
@@ -151,7 +155,8 @@ class Replay:
         sent_flags, unanswered, pending, retrains, trained_on = [], 0, 0, 0, len(gold_y)
         for start in range(0, len(texts), STREAM_CHUNK):
             batch = order[start:start + STREAM_CHUNK]
-            proba = _Cascade(self, fallback, policy).probabilities(vectors[batch], [texts[i] for i in batch])
+            cascade = self.cascade(fallback, policy)
+            proba = cascade.probabilities(vectors[batch], [texts[i] for i in batch])
             sent = ~policy.accepts(proba.max(axis=1)) if policy.asks_llm else np.zeros(len(batch), dtype=bool)
             for row, i in enumerate(batch):
                 sent_flags.append(bool(sent[row]))
@@ -160,7 +165,7 @@ class Replay:
                 if i not in self.answers:
                     unanswered += 1
                     continue
-                pooled = mix(proba[row], self.llm(self.answers[i][None], policy)[0], policy.llm_weight)
+                pooled = cascade.pool(proba[row], self.llm(cascade, self.answers[i][None])[0], policy.llm_weight)
                 if policy.learn and pooled.max() >= policy.learn_threshold:
                     label = self.labels[int(pooled.argmax())]
                     learned_v.append(vectors[i]), learned_y.append(label), learned_t.append(texts[i])
@@ -180,7 +185,7 @@ class Replay:
 
     def choose(self, fallback, policy: Policy, rule: Rule) -> Policy:
         choose = lambda floor: choose_policy(  # noqa: E731
-            _Cascade(self, fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
+            self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
             learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, accuracy_floor=floor, policy=policy)
         kept = self.meta["accuracy_floor"]
         if rule.floor == "kept":
@@ -189,26 +194,6 @@ class Replay:
             return choose(None).policy
         best = choose(None).accuracy_floor  # the best reachable now, as calibrate would measure it
         return choose(max(kept, (kept + best) / 2)).policy
-
-
-class _Cascade:
-    """What `choose_policy` reads of a Cascade: the task, the policy, the fallback's probabilities, pooling."""
-
-    def __init__(self, replay: Replay, fallback, policy: Policy):
-        self.task, self.policy, self.fallback = replay.task, policy, fallback
-        self.columns = [replay.index[c] for c in fallback.classes_]
-        self.n = len(replay.labels)
-
-    def probabilities(self, vectors, texts=None) -> np.ndarray:
-        proba = np.zeros((len(vectors), self.n))
-        proba[:, self.columns] = self.fallback.predict_proba(vectors, texts)
-        return proba
-
-    def certainty(self, proba):
-        return proba.max(axis=1)
-
-    def pool(self, proba, llm, weight):
-        return mix(proba, llm, weight)
 
 
 def replay(args) -> None:
