@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from labelcascade.fallback import LinearSVMClassifier
-from labelcascade.fallback.text_features import MAX_NGRAMS, TextNgrams, analyzer_for, packed_texts, unpacked_texts
+from labelcascade.fallback.text_features import MAX_NGRAMS, TextNgrams, analyzer_for
 from labelcascade.session import Session
 from labelcascade.task import Task
 
@@ -96,13 +96,6 @@ def test_ngrams_rebuilt_from_their_arrays_give_the_same_rows_as_scikit_learn(csl
         TextNgrams.from_arrays("word", arrays["ngram_bytes"], arrays["ngram_ends"], arrays["ngram_idf"][:-1])
     with pytest.raises(ValueError, match="packed texts whose ends do not fit their bytes"):
         TextNgrams.from_arrays("word", arrays["ngram_bytes"][:-1], arrays["ngram_ends"], arrays["ngram_idf"])
-
-
-def test_texts_are_packed_as_bytes_not_as_a_unicode_array_sized_by_the_longest():
-    texts = ["", "short", "水稻品种", "x" * 1_000_000]
-    data, ends = packed_texts(texts)
-    assert data.nbytes == sum(len(text.encode()) for text in texts) and unpacked_texts(data, ends) == texts
-    assert unpacked_texts(*packed_texts([])) == []
 
 
 def test_texts_without_ngrams_get_the_vectors_alone_or_a_clear_error(embed):

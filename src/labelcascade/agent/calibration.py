@@ -46,7 +46,7 @@ from labelcascade.agent.cascade import Cascade
 from labelcascade.agent.policy import Policy
 from labelcascade.atomic_file import replace_atomically
 from labelcascade.fallback.calibration import fit_temperature
-from labelcascade.fallback.text_features import packed_texts, unpacked_texts
+from labelcascade.packed_texts import packed_texts, unpacked_texts
 
 TABLE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 WEIGHTS = tuple(np.round(np.arange(0.1, 1.01, 0.1), 2))

@@ -13,6 +13,7 @@ and kept as plain arrays (its vocabulary and idf), so a saved model never needs 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import Counter
@@ -22,6 +23,8 @@ import numpy as np
 from scipy import sparse
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from labelcascade.packed_texts import packed_texts, unpacked_texts
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)  # 1 and more lost 5-20 points on multilingual-e5-small in the measurement
 CV_FOLDS = 4
@@ -66,6 +69,7 @@ class TextNgrams:
                 raise
             raise NoNgrams("the texts hold no word or character n-grams for TF-IDF features; use text_features=0") from None
         self.terms_ = self.vectorizer_.get_feature_names_out().tolist()  # it sorts the vocabulary at each call
+        self._digest = None
         return self
 
     def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
@@ -89,6 +93,16 @@ class TextNgrams:
         data, ends = packed_texts(self.terms_)
         return {"ngram_bytes": data, "ngram_ends": ends, "ngram_idf": self.vectorizer_.idf_}
 
+    def digest(self) -> bytes:
+        """The sha256 of the analyzer and of what `to_arrays` gives, computed once per fit: the fallback's
+        fingerprint, which the answer cache asks for at every batch, would otherwise pack the n-grams every time."""
+        if getattr(self, "_digest", None) is None:
+            digest = hashlib.sha256(self.analyzer.encode())
+            for array in self.to_arrays().values():
+                digest.update(np.ascontiguousarray(array).tobytes())
+            self._digest = digest.digest()
+        return self._digest
+
     @classmethod
     def from_arrays(cls, analyzer: str, data: np.ndarray, ends: np.ndarray, idf: np.ndarray) -> TextNgrams:
         terms = unpacked_texts(data, ends)
@@ -99,23 +113,6 @@ class TextNgrams:
         ngrams.vectorizer_.idf_ = idf.astype(np.float32)  # the dtype fit gives it: the same rows to the last bit
         ngrams.terms_ = terms
         return ngrams
-
-
-def packed_texts(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Texts as two plain arrays for an .npz file (loaded without pickle): their UTF-8 bytes one after another, and
-    where each one ends. Not a unicode array: numpy sizes every cell of one by the longest text, so a single
-    megabyte-long text among a thousand would take gigabytes."""
-    encoded = [text.encode("utf-8") for text in texts]
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64)
-
-
-def unpacked_texts(data: np.ndarray, ends: np.ndarray) -> list[str]:
-    """The texts `packed_texts` made the arrays from; ValueError when they cannot be (damaged arrays)."""
-    if data.dtype != np.uint8 or data.ndim != 1 or ends.ndim != 1 or (len(ends) and (
-            ends[-1] != len(data) or np.any(np.diff(ends) < 0) or ends[0] < 0)):
-        raise ValueError("packed texts whose ends do not fit their bytes")
-    blob, starts = data.tobytes(), np.r_[0, ends[:-1]] if len(ends) else []
-    return [blob[start:end].decode("utf-8") for start, end in zip(starts, ends, strict=True)]
 
 
 def appended(X: np.ndarray, ngram_rows: sparse.spmatrix, weight: float) -> sparse.csr_matrix | np.ndarray:
