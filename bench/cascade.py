@@ -70,7 +70,8 @@ CALIBRATE = (f"calibrate(target_precision={TARGET_PRECISION}, llm_budget={LLM_BU
 LEARN_RULE = ("the pooled probability of the answer; the policy chosen again on the dev set after every retrain; prompts "
               "show people's labels only")
 TIMEOUT_S = 600.0  # per text: a benchmark measures answers, not how the cascade degrades on a loaded machine
-STREAM_CHUNK, STREAM_WINDOW, RETRAIN_EVERY = 20, 200, 50
+STREAM_CHUNK, STREAM_WINDOW = 20, 200
+RETRAIN_EVERY = Policy.model_fields["retrain_every"].default  # the product's default
 ALL_DATASETS = DATASETS + CHINESE
 WIN_BAR = 5  # of the seven datasets
 MANY_LABELS = 10  # scoring every label is the LLM arms' cost: 77 labels take several seconds per text on 2 cores
@@ -82,7 +83,7 @@ def prepare(data: Path, name: str, args) -> dict:
     descriptions = meta.get("descriptions") or {}
     task = Task.build({"name": name, "labels": [{"name": n, "description": descriptions.get(n, "")} for n in meta["labels"]]})
     train, test = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl")
-    picked = per_class_draw(train, SEED, name)
+    picked = per_class_draw(train, getattr(args, "pool_seed", SEED), name)  # bench/stream_replay.py draws other pools
     pool = [train[i] for label in sorted(picked) for i in picked[label][:SHOTS]]
     used = {row["text"] for row in pool}
     rest = [row for row in train if row["text"] not in used]

@@ -3,12 +3,15 @@
 
     .venv/bin/python bench/stream_replay.py collect sst2 --all-stream   # the LLM's answers (~10 min for sst2 here)
     .venv/bin/python bench/stream_replay.py replay sst2 --orders 5      # every rule, 5 stream orders (seconds)
+    .venv/bin/python bench/stream_replay.py collect sst2 --all-stream --pool-seed 1   # another gold pool: sst2_seed1
+    .venv/bin/python bench/stream_replay.py summary sst2 sst2_seed1 ag_news            # every rule over them all
 
 Why: a stream of bench/cascade.py --stream-only takes 4-12 minutes of LLM time per dataset and rule, and one stream
 order says little (the bar compares two 200-text windows and 300 test texts). With prompts that show people's labels
 only (the default), the LLM's answer to a text does not depend on what was learned: retrieval reads gold examples
-only, and with every label a candidate (sst2, ag_news) the fallback does not narrow them. So its log-probabilities
-can be asked once per text and the stream replayed under any learning rule, in any order, in seconds.
+only, and with every label a candidate (sst2, ag_news, eprstmt) the fallback does not narrow them. So its
+log-probabilities can be asked once per text and the stream replayed under any learning rule, in any order, in
+seconds.
 
 `collect`: the session of bench/cascade.py's stream (same pool, dev and test texts, same calibrate settings), then the
 LLM's log-probabilities for the test texts and for the stream texts (those the calibrated fallback sends to the LLM,
@@ -16,9 +19,13 @@ or all of them with --all-stream), saved under --cache (.cache/stream_replay, no
 `replay`: per rule and stream order, the stream fed 20 texts at a time as `Cascade.classify` would: texts under the
 accept threshold pooled with the LLM's answer, answers at least the learn threshold stored as `llm` examples
 (weighted as fallback/weights.py does), the fallback retrained on schedule (LinearSVMClassifier with the session's
-text_features) and the policy chosen again on the dev set by `choose_policy`, with the rule's accuracy floor. A text
-sent to the LLM whose answer was not collected counts as sent but teaches nothing ("unanswered": collect with
---all-stream to have none). The cascade's test accuracy before and after uses the collected test answers.
+text_features) and the policy chosen again on the dev set by `choose_policy`, with the rule's accuracy floor (and,
+for "share capped", an LLM budget no higher than the dev share sent before the retrain; for "guarded", the retrained
+fallback kept out when its cascade's dev accuracy is lower than the serving one's). A text sent to the LLM whose
+answer was not collected counts as sent but teaches nothing ("unanswered": collect with --all-stream to have none).
+The cascade's test accuracy before and after uses the collected test answers.
+`summary`: every rule over several collected streams (other gold pools: `collect --pool-seed N`, cached as
+DATASET_seedN), with the stream bar's passes and the test accuracy gained or lost.
 Checked: the "shipped" rule in the first order reproduces the streams of BENCHMARKS.md's "Learning from a stream:
 ag_news, sst2, eprstmt" (sst2 windows 26.5% ... 28.0%, 49 LLM labels, 78.7 -> 78.7; ag_news 10.0% ... 1.5%,
 80.3 -> 83.7).
@@ -50,6 +57,10 @@ from common import DEFAULT_DATA, REPO, log
 DEFAULT_CACHE = REPO / ".cache" / "stream_replay"
 
 
+def cache_name(args) -> str:
+    return args.dataset if args.pool_seed == 0 else f"{args.dataset}_seed{args.pool_seed}"
+
+
 def collect(args) -> None:
     ds = prepare(args.data, args.dataset, args)
     engine = LlamaCppEngine(n_threads=args.threads)
@@ -71,13 +82,14 @@ def collect(args) -> None:
     began = time.perf_counter()
     test_llm = answers(test_texts)
     stream_llm = answers([stream[i] for i in asked])
-    log(f"{args.dataset}: {len(test_texts)} test and {len(asked)} stream texts asked in {time.perf_counter() - began:.0f} s")
+    name = cache_name(args)
+    log(f"{name}: {len(test_texts)} test and {len(asked)} stream texts asked in {time.perf_counter() - began:.0f} s")
     pool_texts, pool_labels = texts_labels(ds["pool"])
     args.cache.mkdir(parents=True, exist_ok=True)
-    np.savez(args.cache / f"{args.dataset}.npz", test_vectors=cascade.embedder.embed(test_texts), test_llm=test_llm,
+    np.savez(args.cache / f"{name}.npz", test_vectors=cascade.embedder.embed(test_texts), test_llm=test_llm,
              stream_vectors=stream_vectors, asked=asked, stream_llm=stream_llm, pool_vectors=cascade.embedder.embed(pool_texts))
-    (args.cache / f"{args.dataset}_dev.npz").write_bytes((session.path / DEV_FILE).read_bytes())
-    (args.cache / f"{args.dataset}.json").write_text(json.dumps({
+    (args.cache / f"{name}_dev.npz").write_bytes((session.path / DEV_FILE).read_bytes())
+    (args.cache / f"{name}.json").write_text(json.dumps({
         "labels": cascade.task.label_names, "policy": policy.model_dump(), "accuracy_floor": calibration["accuracy_floor"],
         "text_features": cascade.fallback.text_features, "test_texts": test_texts, "test_gold": test_gold,
         "stream": stream, "stream_gold": [row.get("label") for row in ds["stream"]], "pool_texts": pool_texts,
@@ -93,6 +105,8 @@ class Rule:
     every: int = 50  # retrain after this many new LLM examples (Policy.retrain_every)
     share: float | None = None  # ... or sooner: after this share of the examples the fallback was trained on (min 5)
     floor: str = "kept"  # kept: calibrate's best dev accuracy (shipped); none: today's best - tolerance; half: between
+    capped: bool = False  # the LLM budget after a retrain: at most the dev share the policy sent before it
+    guarded: bool = False  # a retrained fallback is kept only if its cascade's dev accuracy is not lower
 
 
 RULES = {
@@ -104,6 +118,15 @@ RULES = {
     "every 50 or 25%, half floor": Rule(share=0.25, floor="half"),
     "every 50 or 50%, no floor": Rule(share=0.5, floor="none"),
     "every 50, half floor": Rule(floor="half"),
+    "every 50, no floor": Rule(floor="none"),
+    "every 10, no floor": Rule(every=10, floor="none"),
+    "every 10, no floor, share capped": Rule(every=10, floor="none", capped=True),
+    "every 20, no floor, share capped": Rule(every=20, floor="none", capped=True),
+    "every 20, no floor, guarded": Rule(every=20, floor="none", guarded=True),
+    "every 50, no floor, guarded": Rule(floor="none", guarded=True),
+    "every 50 or 25%, no floor, guarded": Rule(share=0.25, floor="none", guarded=True),
+    "every 10, no floor, guarded": Rule(every=10, floor="none", guarded=True),
+    "every 50 or 25%, no floor, share capped": Rule(share=0.25, floor="none", capped=True),
 }
 MIN_NEW = 5
 
@@ -152,7 +175,8 @@ class Replay:
         learned_v, learned_y, learned_t, learned_c, learned_right = [], [], [], [], []
         fallback, policy = self.fit(np.array(gold_v), gold_y, None, gold_t), self.policy
         before = self.test(fallback, policy)
-        sent_flags, unanswered, pending, retrains, trained_on = [], 0, 0, 0, len(gold_y)
+        dev_share = self.on_dev(fallback, policy)[1]
+        sent_flags, unanswered, pending, retrains, rejected, trained_on = [], 0, 0, 0, 0, len(gold_y)
         for start in range(0, len(texts), STREAM_CHUNK):
             batch = order[start:start + STREAM_CHUNK]
             cascade = self.cascade(fallback, policy)
@@ -174,61 +198,109 @@ class Replay:
             due = rule.every if rule.share is None else min(rule.every, max(MIN_NEW, rule.share * trained_on))
             if pending >= due:
                 weights = np.r_[np.ones(len(gold_y)), sample_weights(["llm"] * len(learned_y), learned_c)]
-                fallback = self.fit(np.array(gold_v + learned_v), gold_y + learned_y, weights, gold_t + learned_t)
+                retrained = self.fit(np.array(gold_v + learned_v), gold_y + learned_y, weights, gold_t + learned_t)
                 pending, retrains, trained_on = 0, retrains + 1, len(gold_y) + len(learned_y)
-                policy = self.choose(fallback, policy, rule)
+                chosen, share = self.choose(retrained, policy, rule, dev_share)
+                if rule.guarded and self.on_dev(retrained, chosen)[0] < self.on_dev(fallback, policy)[0]:
+                    rejected += 1
+                    continue
+                fallback, policy, dev_share = retrained, chosen, share
         windows = [float(np.mean(sent_flags[k:k + STREAM_WINDOW])) for k in range(0, len(sent_flags), STREAM_WINDOW)]
         after = self.test(fallback, policy)
         return {"windows": windows, "before": before, "after": after, "llm_examples": len(learned_y), "retrains": retrains,
-                "learned_precision": float(np.mean(learned_right)) if learned_right else None, "unanswered": unanswered,
+                "rejected": rejected, "learned_precision": float(np.mean(learned_right)) if learned_right else None,
+                "unanswered": unanswered,
                 "passes": after[0] >= before[0] and windows[-1] <= windows[0] / 2}
 
-    def choose(self, fallback, policy: Policy, rule: Rule) -> Policy:
+    def on_dev(self, fallback, policy: Policy) -> tuple[float, float]:
+        """The cascade's accuracy on the dev texts (with the LLM's collected dev answers where it would be asked) and
+        the share of them it sends to the LLM."""
+        cascade = self.cascade(fallback, policy)
+        proba = cascade.probabilities(self.dev.vectors, self.dev.texts)
+        sent = ~policy.accepts(cascade.certainty(proba)) if policy.asks_llm else np.zeros(len(proba), dtype=bool)
+        proba[sent] = cascade.pool(proba[sent], self.dev.llm[sent], policy.llm_weight)
+        return float(np.mean(proba.argmax(axis=1) == self.dev.truth)), float(sent.mean())
+
+    def choose(self, fallback, policy: Policy, rule: Rule, dev_share: float) -> tuple[Policy, float]:
+        """The policy chosen again after a retrain under `rule`, and the share of dev texts it sends to the LLM."""
+        budget = min(LLM_BUDGET, dev_share) if rule.capped else LLM_BUDGET
         choose = lambda floor: choose_policy(  # noqa: E731
-            self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
+            self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=budget,
             learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, accuracy_floor=floor, policy=policy)
         kept = self.meta["accuracy_floor"]
         if rule.floor == "kept":
-            return choose(kept).policy
-        if rule.floor == "none":
-            return choose(None).policy
-        best = choose(None).accuracy_floor  # the best reachable now, as calibrate would measure it
-        return choose(max(kept, (kept + best) / 2)).policy
+            chosen = choose(kept)
+        elif rule.floor == "none":
+            chosen = choose(None)
+        else:
+            best = choose(None).accuracy_floor  # the best reachable now, as calibrate would measure it
+            chosen = choose(max(kept, (kept + best) / 2))
+        return chosen.policy, chosen.llm_share
+
+
+def chosen_rules(args) -> list[tuple[str, Rule]]:
+    return [(name, rule) for name, rule in RULES.items() if not args.rule or name in args.rule]
 
 
 def replay(args) -> None:
-    data = Replay(args.cache, args.dataset)
+    data = Replay(args.cache, cache_name(args))
     orders = [None, *range(1, args.orders)]
-    print(f"{args.dataset}: {len(data.meta['stream'])} stream texts ({len(data.answers)} with the LLM's answer), "
+    print(f"{cache_name(args)} (gold pool seed {args.pool_seed}): {len(data.meta['stream'])} stream texts "
+          f"({len(data.answers)} with the LLM's answer), "
           f"{len(data.test_gold)} test texts; orders: the collected one, then permutations 1..{args.orders - 1}\n")
     print("| rule | passes | test accuracy before -> after (per order) | LLM share, first -> last window | "
           "LLM examples (precision) | retrains | unanswered |")
     print("|---|---:|---|---|---|---|---|")
-    for name, rule in RULES.items():
+    for name, rule in chosen_rules(args):
         runs = [data.run(rule, seed) for seed in orders]
         after = " / ".join(f"{100 * r['after'][0]:.1f}" for r in runs)
         shares = " / ".join(f"{100 * r['windows'][0]:.0f}->{100 * r['windows'][-1]:.0f}" for r in runs)
         learned = " / ".join(f"{r['llm_examples']} ({100 * (r['learned_precision'] or 0):.0f}%)" for r in runs)
-        retrains = " / ".join(str(r["retrains"]) for r in runs)
+        retrains = " / ".join(f"{r['retrains']}" + (f" ({r['rejected']} kept out)" if r["rejected"] else "") for r in runs)
         unanswered = " / ".join(str(r["unanswered"]) for r in runs)
         print(f"| {name} | {sum(r['passes'] for r in runs)}/{len(runs)} | {100 * runs[0]['before'][0]:.1f} -> {after} | "
               f"{shares} | {learned} | {retrains} | {unanswered} |", flush=True)
 
 
+def summary(args) -> None:
+    """Every rule over several collected streams (cache names: sst2, sst2_seed1, ...), each in --orders orders."""
+    data = [Replay(args.cache, name) for name in args.datasets]
+    orders = [None, *range(1, args.orders)]
+    print(f"{len(data)} collected streams ({', '.join(args.datasets)}), {args.orders} orders each\n")
+    print("| rule | passes | test accuracy after - before, mean (min, max) | LLM share of the last window, mean | "
+          "passes per stream |")
+    print("|---|---:|---|---:|---|")
+    for name, rule in chosen_rules(args):
+        runs = {d.task.name: [d.run(rule, seed) for seed in orders] for d in data}
+        every = [r for rs in runs.values() for r in rs]
+        gain = np.array([100 * (r["after"][0] - r["before"][0]) for r in every])
+        per = " / ".join(f"{sum(r['passes'] for r in rs)}" for rs in runs.values())
+        print(f"| {name} | {sum(r['passes'] for r in every)}/{len(every)} | {gain.mean():+.1f} ({gain.min():+.1f}, "
+              f"{gain.max():+.1f}) | {100 * np.mean([r['windows'][-1] for r in every]):.1f}% | {per} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["collect", "replay"])
-    parser.add_argument("dataset")
+    parser.add_argument("step", choices=["collect", "replay", "summary"])
+    parser.add_argument("datasets", nargs="+", help="collect, replay: one dataset; summary: cache names")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--all-stream", action="store_true", help="collect: ask the LLM about every stream text")
     parser.add_argument("--orders", type=int, default=5, help="replay: stream orders (the collected one first)")
+    parser.add_argument("--pool-seed", type=int, default=0, help="the gold pool's draw (bench/fallback.py's seeds)")
+    parser.add_argument("--rule", action="append", choices=list(RULES), help="replay, summary: only these rules")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("LLAMA_THREADS", "2")))
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--dev-size", type=int, default=200)
     parser.add_argument("--stream-size", type=int, default=2000)
     args = parser.parse_args(argv)
     args.limit = None
+    if args.step == "summary":
+        summary(args)
+        return 0
+    if len(args.datasets) != 1:
+        parser.error(f"{args.step} takes one dataset")
+    args.dataset = args.datasets[0]
     collect(args) if args.step == "collect" else replay(args)
     return 0
 
