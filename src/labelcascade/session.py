@@ -529,18 +529,26 @@ class Session:
         return report
 
     def _recalibrate(self) -> None:
-        """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls)."""
+        """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls), by
+        `calibrate`'s own rule (the cheapest accept threshold within `tolerance` of the best dev accuracy reachable
+        now), with the LLM's budget at most the dev share the policy sent before: learning never makes the cascade
+        ask the LLM more. Not by keeping the dev accuracy reached at `calibrate` and spending every gain on asking
+        less, the rule before: 200 dev texts overstate what a few LLM labels add, so it stopped asking the LLM after
+        one retrain, which ended learning and lost test accuracy (BENCHMARKS.md, "rules over more gold pools")."""
         previous = self._workspace.load_calibration()
         if previous is None or not (self.path / DEV_FILE).exists():
             return
+        dev = DevSet.load(self.path / DEV_FILE)
+        budget = previous.llm_budget
+        if dev.llm is not None:  # without an engine there is no LLM share to hold (the threshold marks unsure texts)
+            budget = previous.llm_share if budget is None else min(budget, previous.llm_share)
         report = choose_policy(
             self.cascade,
-            DevSet.load(self.path / DEV_FILE),
+            dev,
             target_precision=previous.target_precision,
-            llm_budget=previous.llm_budget,
+            llm_budget=budget,
             learn_precision=previous.learn_precision,
             tolerance=previous.tolerance,
-            accuracy_floor=previous.accuracy_floor,
         )
         report.retrains = previous.retrains + 1
         self.set_policy(report.policy)

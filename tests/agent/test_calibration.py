@@ -91,9 +91,11 @@ def test_after_a_retrain_the_policy_is_chosen_again_without_asking_the_llm(embed
     assert gemma.stats.prompts == asked
     again = session._workspace.load_calibration()
     assert again.retrains == first.retrains + 1 == 1
+    # calibrate's own rule for the new fallback, sending at most the share of dev texts sent before
     expected = choose_policy(session.cascade, DevSet.load(tmp_path / "ws" / "calibration.npz"),
-                             accuracy_floor=first.accuracy_floor)
-    assert again.accuracy_floor == first.accuracy_floor >= first.cascade_accuracy
+                             llm_budget=first.llm_share)
+    assert again.llm_budget == first.llm_share and again.llm_share <= first.llm_share
+    assert again.accuracy_floor == expected.accuracy_floor >= again.cascade_accuracy  # the best reachable now
     assert session.policy == expected.policy == again.policy
     assert again.fallback_accuracy >= first.fallback_accuracy  # its own dev texts' labels are now known to it
 

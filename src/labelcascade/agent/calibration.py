@@ -11,10 +11,11 @@ Two steps, so the policy can be chosen again after every retrain without asking 
    - the accept threshold: the fallback answers alone where (a) its answers keep the target precision (default
      0.95), or (b) asking the LLM would not raise the dev accuracy by more than `tolerance` (default 0.01): the
      cheapest threshold whose accuracy is within `tolerance` of the best any threshold and pooling weight reach.
-     After a retrain, (b) keeps the best dev accuracy reachable at calibration (its `accuracy_floor`), or the best
-     now reachable less `tolerance` where that is lower: what the fallback learned from the LLM beyond that is
-     spent on asking the LLM less, which is how the LLM's share falls as the cascade works. Optionally capped so that no more than `llm_budget`
-     of the texts go to the LLM;
+     Optionally capped so that no more than `llm_budget` of the texts go to the LLM. After a retrain the session
+     chooses again by the same rule, with the budget at most the share sent before (session.py): the LLM's share
+     falls as the fallback, taught by the LLM, is more often sure and right. (`accuracy_floor`, a dev accuracy to
+     keep instead of the best now reachable, spends every gain on asking the LLM less: the session's rule until
+     2026-12-05, it ended learning at the first retrain);
    - the LLM's weight in the pool with the fallback: the best dev accuracy on the texts the LLM will see. When no
      weight beats the fallback alone, the weight is 0 and nothing is sent to the LLM: on some tasks a small LLM
      does not help, and then it should cost nothing;
@@ -66,11 +67,14 @@ class Calibration(BaseModel):
     dev_texts: int
     target_precision: float
     learn_precision: float
-    llm_budget: float | None
+    llm_budget: float | None = Field(
+        description="The most of the dev texts the policy may send to the LLM: `calibrate`'s, and after a retrain at "
+        "most the share sent before it."
+    )
     tolerance: float = Field(0.01, description="Dev accuracy the cascade may give up to send fewer texts to the LLM.")
     retrains: int = Field(0, description="Retrains of the fallback since `calibrate`; the policy is chosen after each.")
     accuracy_floor: float | None = Field(
-        None, description="The best dev accuracy reachable at `calibrate`, which the policies chosen after retrains keep."
+        None, description="The best dev accuracy reachable when the policy was chosen, or the one it was told to keep."
     )
     fallback_accuracy: float
     cascade_accuracy: float

@@ -63,7 +63,9 @@ class Policy(BaseModel):
     learn_threshold: float = Field(
         0.9, ge=0, le=1, description="LLM answers at least this probable are stored as `llm` examples."
     )
-    retrain_every: int = Field(50, ge=1, description="Retrain the fallback after this many new `llm` examples.")
+    retrain_every: int = Field(
+        20, ge=1, description="Retrain the fallback after this many new `llm` examples: the first few lift it most."
+    )
     timeout_s: float = Field(
         30.0, gt=0, description="Seconds the engine may take per text; past it the batch is answered `degraded`."
     )
