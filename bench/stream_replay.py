@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from labelcascade.agent import Cascade, DevSet, Policy, choose_policy
+from labelcascade.agent import Calibration, Cascade, DevSet, Policy, choose_policy
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
 from labelcascade.session import DEV_FILE
@@ -158,15 +158,35 @@ class Replay:
         policy = cascade.policy
         return cascade.llm_probabilities(logprobs, policy.llm_temperature, policy.llm_label_bias)
 
+    @staticmethod
+    def sent(cascade: Cascade, proba: np.ndarray) -> np.ndarray:
+        """Which texts the cascade's policy sends to the LLM, as `Cascade.classify` routes them."""
+        policy = cascade.policy
+        return ~policy.accepts(cascade.certainty(proba)) if policy.asks_llm else np.zeros(len(proba), dtype=bool)
+
+    def answered(self, fallback, policy: Policy, vectors, texts, llm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fallback's probabilities on the texts, the cascade's final ones and which texts were sent to the LLM;
+        `llm(cascade, sent)`: the LLM's probabilities for the texts sent."""
+        cascade = self.cascade(fallback, policy)
+        proba = cascade.probabilities(vectors, texts)
+        sent = self.sent(cascade, proba)
+        final = proba.copy()
+        final[sent] = cascade.pool(proba[sent], llm(cascade, sent), policy.llm_weight)
+        return proba, final, sent
+
     def test(self, fallback, policy: Policy) -> tuple[float, float, float]:
         """Cascade accuracy, fallback accuracy and share sent to the LLM on the test texts."""
-        cascade = self.cascade(fallback, policy)
-        proba = cascade.probabilities(self.arrays["test_vectors"], self.meta["test_texts"])
-        sent = ~policy.accepts(proba.max(axis=1)) if policy.asks_llm else np.zeros(len(proba), dtype=bool)
-        final = proba.copy()
-        final[sent] = cascade.pool(proba[sent], self.llm(cascade, self.arrays["test_llm"][sent]), policy.llm_weight)
+        proba, final, sent = self.answered(fallback, policy, self.arrays["test_vectors"], self.meta["test_texts"],
+                                           lambda cascade, sent: self.llm(cascade, self.arrays["test_llm"][sent]))
         return (float(np.mean(final.argmax(1) == self.test_gold)), float(np.mean(proba.argmax(1) == self.test_gold)),
                 float(sent.mean()))
+
+    def on_dev(self, fallback, policy: Policy) -> tuple[float, float]:
+        """The cascade's accuracy on the dev texts (with the LLM's collected dev answers where it would be asked) and
+        the share of them it sends to the LLM: what `choose_policy` reports for the policy it chooses."""
+        _, final, sent = self.answered(fallback, policy, self.dev.vectors, self.dev.texts,
+                                       lambda cascade, sent: self.dev.llm[sent])
+        return float(np.mean(final.argmax(axis=1) == self.dev.truth)), float(sent.mean())
 
     def run(self, rule: Rule, order_seed: int | None) -> dict:
         texts, vectors, truth = self.meta["stream"], self.arrays["stream_vectors"], self.meta["stream_gold"]
@@ -175,13 +195,13 @@ class Replay:
         learned_v, learned_y, learned_t, learned_c, learned_right = [], [], [], [], []
         fallback, policy = self.fit(np.array(gold_v), gold_y, None, gold_t), self.policy
         before = self.test(fallback, policy)
-        dev_share = self.on_dev(fallback, policy)[1]
+        serving = self.on_dev(fallback, policy)  # dev accuracy and LLM share of the serving fallback and policy
         sent_flags, unanswered, pending, retrains, rejected, trained_on = [], 0, 0, 0, 0, len(gold_y)
         for start in range(0, len(texts), STREAM_CHUNK):
             batch = order[start:start + STREAM_CHUNK]
             cascade = self.cascade(fallback, policy)
             proba = cascade.probabilities(vectors[batch], [texts[i] for i in batch])
-            sent = ~policy.accepts(proba.max(axis=1)) if policy.asks_llm else np.zeros(len(batch), dtype=bool)
+            sent = self.sent(cascade, proba)
             for row, i in enumerate(batch):
                 sent_flags.append(bool(sent[row]))
                 if not sent[row]:
@@ -200,11 +220,11 @@ class Replay:
                 weights = np.r_[np.ones(len(gold_y)), sample_weights(["llm"] * len(learned_y), learned_c)]
                 retrained = self.fit(np.array(gold_v + learned_v), gold_y + learned_y, weights, gold_t + learned_t)
                 pending, retrains, trained_on = 0, retrains + 1, len(gold_y) + len(learned_y)
-                chosen, share = self.choose(retrained, policy, rule, dev_share)
-                if rule.guarded and self.on_dev(retrained, chosen)[0] < self.on_dev(fallback, policy)[0]:
+                chosen = self.choose(retrained, policy, rule, serving[1])
+                if rule.guarded and chosen.cascade_accuracy < serving[0]:
                     rejected += 1
                     continue
-                fallback, policy, dev_share = retrained, chosen, share
+                fallback, policy, serving = retrained, chosen.policy, (chosen.cascade_accuracy, chosen.llm_share)
         windows = [float(np.mean(sent_flags[k:k + STREAM_WINDOW])) for k in range(0, len(sent_flags), STREAM_WINDOW)]
         after = self.test(fallback, policy)
         return {"windows": windows, "before": before, "after": after, "llm_examples": len(learned_y), "retrains": retrains,
@@ -212,30 +232,19 @@ class Replay:
                 "unanswered": unanswered,
                 "passes": after[0] >= before[0] and windows[-1] <= windows[0] / 2}
 
-    def on_dev(self, fallback, policy: Policy) -> tuple[float, float]:
-        """The cascade's accuracy on the dev texts (with the LLM's collected dev answers where it would be asked) and
-        the share of them it sends to the LLM."""
-        cascade = self.cascade(fallback, policy)
-        proba = cascade.probabilities(self.dev.vectors, self.dev.texts)
-        sent = ~policy.accepts(cascade.certainty(proba)) if policy.asks_llm else np.zeros(len(proba), dtype=bool)
-        proba[sent] = cascade.pool(proba[sent], self.dev.llm[sent], policy.llm_weight)
-        return float(np.mean(proba.argmax(axis=1) == self.dev.truth)), float(sent.mean())
-
-    def choose(self, fallback, policy: Policy, rule: Rule, dev_share: float) -> tuple[Policy, float]:
-        """The policy chosen again after a retrain under `rule`, and the share of dev texts it sends to the LLM."""
+    def choose(self, fallback, policy: Policy, rule: Rule, dev_share: float) -> Calibration:
+        """The policy chosen again after a retrain under `rule`, with its dev accuracy and LLM share."""
         budget = min(LLM_BUDGET, dev_share) if rule.capped else LLM_BUDGET
         choose = lambda floor: choose_policy(  # noqa: E731
             self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=budget,
             learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, accuracy_floor=floor, policy=policy)
         kept = self.meta["accuracy_floor"]
         if rule.floor == "kept":
-            chosen = choose(kept)
-        elif rule.floor == "none":
-            chosen = choose(None)
-        else:
-            best = choose(None).accuracy_floor  # the best reachable now, as calibrate would measure it
-            chosen = choose(max(kept, (kept + best) / 2))
-        return chosen.policy, chosen.llm_share
+            return choose(kept)
+        if rule.floor == "none":
+            return choose(None)
+        best = choose(None).accuracy_floor  # the best reachable now, as calibrate would measure it
+        return choose(max(kept, (kept + best) / 2))
 
 
 def chosen_rules(args) -> list[tuple[str, Rule]]:
