@@ -191,8 +191,8 @@ def markdown(result: dict) -> str:
              f"the gold pools and test texts of bench/cascade.py's streams), tuning limit {s['tuning_seconds']:.0f} s, "
              f"seed 0. LLM examples: the stream texts the calibrated cascade sends to the LLM whose pooled answer "
              "reaches the learn threshold (how many of the stream, and how many right). Student: the SVM alone; "
-             f"cascade: with the policy `choose_policy` picks for that student on the dev set (llm_budget {LLM_BUDGET}), "
-             "and the share of test texts it sends to the LLM. Test accuracy in %.", "",
+             "cascade: with the policy `choose_policy` picks for that student on the dev set "
+             f"(llm_budget {LLM_BUDGET}), and the share of test texts it sends to the LLM. Test accuracy in %.", "",
              "| stream | gold | LLM examples (sent; right) | " + " | ".join(ARMS) + " |",
              "|---|---:|---|" + "---:|" * len(ARMS)]
     for cell in result["streams"]:
@@ -211,11 +211,11 @@ def markdown(result: dict) -> str:
             f"{100 * np.mean([g[part] for g in got]):.1f}" for part in ("student", "cascade"))
             + f" ({100 * np.mean([g['llm_share'] for g in got]):.0f}%)")
     lines.append("| mean | | | " + " | ".join(means) + " |")
+    tuning = "; ".join(f"{cell['name']} " + ", ".join(
+        f"{key} {t['seconds']:.0f} s ({t['pairs']}/{t['pairs_planned']}, {t['texts']} texts)"
+        for key, t in cell["tuning"].items()) for cell in result["streams"])
     lines += ["", "Each cell: student / cascade (share of test texts sent to the LLM). Arms: " + "; ".join(
-        f"{key}: {what}" for key, what in ARMS.items()) + ". Tuning seconds (pairs trained of planned): " + "; ".join(
-        f"{cell['name']} " + ", ".join(f"{key} {t['seconds']:.0f} s ({t['pairs']}/{t['pairs_planned']}, {t['texts']} texts)"
-                                       for key, t in cell["tuning"].items()) for cell in result["streams"]) + ".",
-              ""]
+        f"{key}: {what}" for key, what in ARMS.items()) + f". Tuning seconds (pairs trained of planned): {tuning}.", ""]
     for run in result.get("runs", [])[1:]:
         lines += [f"Arms {', '.join(run['settings']['arms'])} measured by a later run ({run['date']}, "
                   f"{run['run_seconds']:.0f} s, 1-min load {run['settings']['load_start']} at the start; tuning is "
@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
               "streams": streams}
     if set(args.arms) != set(ARMS) and args.out.exists():
         result = merged(json.loads(args.out.read_text(encoding="utf-8")), result)
-    publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
+    publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN,
+            heading=SECTION_HEADING)
     return 0
 
 
