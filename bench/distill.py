@@ -169,17 +169,21 @@ def run_stream(name: str, args) -> dict:
 
 def merged(earlier: dict, now: dict) -> dict:
     """The earlier run's result with this run's arms put in (a run of some arms adds to a full one); the runs are
-    listed in `runs`."""
+    listed in `runs`, each later one with how many of the arm results it measured again came out identical."""
     by_name = {cell["name"]: cell for cell in earlier["streams"]}
+    same = repeated = 0  # arm results both runs measured, and how many of them came out identical
     for cell in now["streams"]:
         if cell["name"] not in by_name:
             earlier["streams"].append(cell)
             continue
         kept = by_name[cell["name"]]
+        again = [key for key in cell["arms"] if key in kept["arms"]]
+        same += sum(cell["arms"][key] == kept["arms"][key] for key in again)
+        repeated += len(again)
         kept["arms"].update(cell["arms"])
         kept["tuning"].update(cell["tuning"])
     runs = earlier.setdefault("runs", [{key: earlier[key] for key in ("date", "run_seconds", "settings")}])
-    runs.append({key: now[key] for key in ("date", "run_seconds", "settings")})
+    runs.append({key: now[key] for key in ("date", "run_seconds", "settings")} | {"repeated": repeated, "same": same})
     return earlier
 
 
@@ -218,8 +222,9 @@ def markdown(result: dict) -> str:
         f"{key}: {what}" for key, what in ARMS.items()) + f". Tuning seconds (pairs trained of planned): {tuning}.", ""]
     for run in result.get("runs", [])[1:]:
         lines += [f"Arms {', '.join(run['settings']['arms'])} measured by a later run ({run['date']}, "
-                  f"{run['run_seconds']:.0f} s, 1-min load {run['settings']['load_start']} at the start; tuning is "
-                  "deterministic for a seed on one machine, so its tuned-on-gold bodies are the first run's).", ""]
+                  f"{run['run_seconds']:.0f} s, 1-min load {run['settings']['load_start']} at the start); of the "
+                  f"{run['repeated']} stream and arm results both runs measured, {run['same']} came out identical "
+                  "(tuning is deterministic for a seed on one machine).", ""]
     lines += ["Rerun: `.venv/bin/python bench/distill.py " + " ".join(s["streams"]) + "`.", ""]
     return "\n".join(lines)
 
