@@ -3,7 +3,7 @@
 side on collected streams, before building it.
 
     .venv/bin/python bench/stream_replay.py collect sst2 --all-stream        # once per stream (the LLM's answers)
-    .venv/bin/python bench/distill.py sst2 ag_news                            # ~10 min per stream on 2 cores
+    .venv/bin/python bench/distill.py sst2 ag_news                            # ~6 min per stream on 2 cores
 
 Today a retrain fits the fallback's head (the SVM) on gold + LLM examples over a body that stays as it was: frozen,
 or tuned once on the gold examples (`embedder="tuned"`). Issue 14 asks that retraining also tune the body on them.
@@ -19,7 +19,7 @@ Arms, each scored on the same test texts:
   labels;
 - distilled: the body tuned on gold + LLM texts (tuning weighs every text alike: SetFit's pairs have no weights),
   head on gold + LLM;
-- distilled, true labels: the body tuned on gold + the same texts with their true labels, head on those (what a
+- distilled, truth: the body tuned on gold + the same texts with their true labels, head on those (what a
   perfect teacher would give distillation).
 For each: the student's accuracy alone, and the cascade's accuracy and share sent to the LLM with the policy
 `choose_policy` picks for it on the dev set (calibrate's rule, bench/cascade.py's budget), using the collected LLM
