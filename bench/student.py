@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The student with a tuned body against the frozen bodies, on the seven datasets, side by side in one run.
 
-    .venv/bin/python bench/student.py                          # 7 datasets, 8/class, seed 0 (~45 min, 2 cores)
+    .venv/bin/python bench/student.py                          # 7 datasets, 8/class, seed 0 (~55 min, 2 cores)
     .venv/bin/python bench/student.py --datasets trec --no-markdown   # smoke run
+    .venv/bin/python bench/student.py --seeds 1 2 --tune student --setfit --merge   # more seeds beside it (~1.5 h)
 
 Per dataset, seed and shots (the draws of bench/common.py: the same gold sets as bench/fallback.py, bench/embedders.py
 and bench/cascade.py) and a fixed sample of --test-size test texts (500: the sample of bench/cascade.py):
@@ -18,6 +19,10 @@ and bench/cascade.py) and a fixed sample of --test-size test texts (500: the sam
 Accuracy, macro-F1 and ECE (15 bins, of the calibrated SVM's top probability); the tuning time. Without --setfit,
 SetFit's accuracy at seed 0, 8/class from an earlier run on the same gold sets and test texts (`setfit_reference`:
 this bench's previous results if they had --setfit, else bench/results/cascade.json), so no time.
+--tune student tunes only the body the student keeps (half the time), --tune none nothing (SetFit added to seeds
+measured without it); --merge lays the run's cells over those in --out instead of replacing them, so seeds measured
+in separate runs form one table (each run listed in the section's opening). The section ends with issue 14's
+accuracy bars at 8/class where every seed has SetFit.
 Results: bench/results/student.json and the "## Student: tuned body (bench/student.py)" section of BENCHMARKS.md.
 """
 
@@ -99,10 +104,12 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
         for key, cache in vectors.items():
             cell[key] = scored(LinearSVMClassifier().fit(cache.get(xs), ys), cache.get(texts), truth)
         cell["tfidf"] = tfidf_cell(name, xs, ys, texts, truth)
-        cell["tuned"] = tuned_cell(default_model_dir(), False, args, seed, xs, ys, texts, truth)
-        cell["tuned_e5"] = tuned_cell(args.e5_body, True, args, seed, xs, ys, texts, truth)
         cell["student_base"] = tuned_base(task_of(name, ys), xs, [[y] for y in ys],
                                           load=lambda spec: vectors[KEYS[spec]])
+        if args.tune == "both" or (args.tune == "student" and STUDENT[cell["student_base"]] == "tuned"):
+            cell["tuned"] = tuned_cell(default_model_dir(), False, args, seed, xs, ys, texts, truth)
+        if args.tune == "both" or (args.tune == "student" and STUDENT[cell["student_base"]] == "tuned_e5"):
+            cell["tuned_e5"] = tuned_cell(args.e5_body, True, args, seed, xs, ys, texts, truth)
         if args.setfit:
             from setfit_anchor import setfit_predict  # needs the bench extra: pip install -e '.[bench]'
 
@@ -112,8 +119,10 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
                               "macro_f1": f1_score(truth, predicted, average="macro")}
         cells.append(cell)
         log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
-            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in METHODS) + f" (tuned in {cell['tuned']['fit_s']:.0f} s "
-            f"and {cell['tuned_e5']['fit_s']:.0f} s; 'tuned' tunes {cell['student_base']!r})")
+            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in [*METHODS, "setfit"] if m in cell)
+            + "".join(f", {m}'s body tuned and fitted in {cell[m]['fit_s']:.0f} s" for m in ("tuned", "tuned_e5")
+                      if m in cell)
+            + f"; 'tuned' tunes {cell['student_base']!r}")
     return {"name": name, "test_n": len(texts), "labels": len({r["label"] for r in train}), "cells": cells}
 
 
@@ -138,13 +147,18 @@ def setfit_reference(previous: Path) -> tuple[dict[str, float], str | None]:
 
 
 def score_text(cells: list[dict], method: str) -> str:
-    """A method's "accuracy (macro-F1) [ECE]" in %, means over `cells` (the ECE where it was measured)."""
+    """A method's "accuracy (macro-F1) [ECE]" in %, means over those of `cells` that measured it (the ECE where it
+    was measured; how many seeds where not all of them did), or "-" where none did."""
+    have = [c for c in cells if method in c]
+    if not have:
+        return "-"
 
     def mean(key: str) -> float:
-        return 100 * float(np.mean([c[method][key] for c in cells]))
+        return 100 * float(np.mean([c[method][key] for c in have]))
 
-    ece = f" [{mean('ece'):.1f}]" if "ece" in cells[0][method] else ""
-    return f"{mean('accuracy'):.1f} ({mean('macro_f1'):.1f}){ece}"
+    ece = f" [{mean('ece'):.1f}]" if "ece" in have[0][method] else ""
+    part = f" ({len(have)} of {len(cells)} seeds)" if len(have) < len(cells) else ""
+    return f"{mean('accuracy'):.1f} ({mean('macro_f1'):.1f}){ece}{part}"
 
 
 def run_datasets(args, run_dataset) -> list[dict]:
@@ -156,18 +170,72 @@ def run_datasets(args, run_dataset) -> list[dict]:
         return [run_dataset(name, args, vectors) for name in args.datasets]
 
 
+def opening(result: dict) -> str:
+    """When, how long, on what and how busy: one run, or each of the runs merged into the result (--merge)."""
+    s = result["settings"]
+    if len(result.get("runs", [])) < 2:
+        return f"{measured_on(result)}, tuning limit {s['tuning_seconds']:.0f} s"
+    runs = []
+    for run in result["runs"]:
+        r = run["settings"]
+        what = {"both": "both bodies tuned", "student": "the student's body tuned", "none": "nothing tuned"}
+        again = (f"; {run['same']} of the {run['repeated']} results it measured again came out the same"
+                 if run.get("repeated") else "")
+        runs.append(f"{run['date']}, {run['run_seconds']:.0f} s, seeds {r['seeds']}, {what[r.get('tune', 'both')]}"
+                    f"{', SetFit' if r['setfit'] else ''}, 1-min load {r['load_start']} at the start{again}")
+    return (f"Measured in {len(runs)} runs on {s['machine']} ({'; '.join(runs)}), seeds {s['seeds']}, "
+            f"{s['test_size']} test texts per dataset (fewer where the test split is smaller), tuning limit "
+            f"{s['tuning_seconds']:.0f} s")
+
+
+def student_accuracies(cells: list[dict]) -> list[float]:
+    """The student's test accuracy in each cell: that of the tuned body `embedder="tuned"` keeps."""
+    return [100 * c[STUDENT[c["student_base"]]]["accuracy"] for c in cells]
+
+
+def bars(result: dict) -> list[str]:
+    """Issue 14's accuracy bars at 8/class, means over seeds, where every cell has SetFit and the student."""
+    versus_setfit, chinese = [], []
+    for dataset in result["datasets"]:
+        cells = [c for c in dataset["cells"] if c["shots"] == 8]
+        if not cells or not all("setfit" in c and STUDENT[c["student_base"]] in c for c in cells):
+            continue
+        student = float(np.mean(student_accuracies(cells)))
+        setfit = 100 * float(np.mean([c["setfit"]["accuracy"] for c in cells]))
+        versus_setfit.append((dataset["name"], student, setfit))
+        if dataset["name"] in ("eprstmt", "csldcp"):
+            frozen = {m: 100 * float(np.mean([c[m]["accuracy"] for c in cells])) for m in ("minilm", "e5", "tfidf")}
+            best = max(frozen, key=frozen.get)
+            chinese.append((dataset["name"], student, best, frozen[best]))
+    if not versus_setfit:
+        return []
+    wins = [name for name, student, setfit in versus_setfit if student >= setfit - 1]
+    lines = ["### Bars (8/class, means over seeds)", "", "| bar | measured | result |", "|---|---|---|",
+             f"| student >= SetFit - 1 point on at least 6 of 7 datasets | {len(wins)} of {len(versus_setfit)}: "
+             + ", ".join(f"{name} {student:.1f} vs {setfit:.1f}" for name, student, setfit in versus_setfit)
+             + f" | **{'PASS' if len(wins) >= 6 and len(versus_setfit) == 7 else 'FAIL'}**"
+             + ("" if len(versus_setfit) == 7 else f" ({len(versus_setfit)} datasets measured)") + " |"]
+    if chinese:
+        lines.append("| eprstmt and csldcp: student >= the best of TF-IDF and the frozen embedders + 2 points | "
+                     + ", ".join(f"{name} {student:.1f} vs {best} {frozen:.1f} ({student - frozen:+.1f})"
+                                 for name, student, best, frozen in chinese)
+                     + f" | **{'PASS' if len(chinese) == 2 and all(s - f >= 2 for _, s, _, f in chinese) else 'FAIL'}**"
+                     + " |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     reference = result.get("setfit_reference", {})
     lines = [
         SECTION_HEADING, "",
-        f"{measured_on(result)}, tuning limit {s['tuning_seconds']:.0f} s. Accuracy (macro-F1) [ECE] in %, mean over seeds. minilm / e5: the "
+        f"{opening(result)}. Accuracy (macro-F1) [ECE] in %, mean over seeds. minilm / e5: the "
         "fallback's SVM over frozen all-MiniLM-L6-v2 / multilingual-e5-small; tuned minilm / tuned e5: that body "
         "fine-tuned on the gold texts (e5 with its token embeddings frozen), then the same SVM; student: the tuned "
         "body `embedder=\"tuned\"` keeps, the one whose frozen body 'auto' picks on the gold set (which one in "
-        "brackets); tfidf: TF-IDF + LinearSVC. setfit: SetFit on all-MiniLM-L6-v2, the "
-        "same gold set and test texts (bench/setfit_anchor.py, logistic-regression head, one torch thread) "
-        "and its training time, in this run; or, marked \"earlier run\", its accuracy from the run of "
+        "brackets), with its lowest and highest seed; tfidf: TF-IDF + LinearSVC. setfit: SetFit on "
+        "all-MiniLM-L6-v2, the same gold set and test texts (bench/setfit_anchor.py, logistic-regression head, one "
+        "torch thread) and its median training time; or, marked \"earlier run\", its accuracy from the run of "
         f"{result.get('setfit_date', '?')} (seed 0, 8/class, the same gold sets and test texts).", "",
         "| dataset | shots | minilm | e5 | tfidf | tuned minilm | tuned e5 | student: 'tuned' | student - best frozen "
         "| setfit | tune s (pairs): minilm / e5 |",
@@ -176,26 +244,77 @@ def markdown(result: dict) -> str:
     for dataset in result["datasets"]:
         for shots in s["shots"]:
             cells = [c for c in dataset["cells"] if c["shots"] == shots]
-
-            def mean(method: str, key: str) -> float:
-                return 100 * float(np.mean([c[method][key] for c in cells]))
-
-            best_frozen = max(mean(m, "accuracy") for m in ("minilm", "e5", "tfidf"))
-            if "setfit" in cells[0]:
+            if not cells:
+                continue
+            best_frozen = max(100 * float(np.mean([c[m]["accuracy"] for c in cells])) for m in ("minilm", "e5", "tfidf"))
+            if all("setfit" in c for c in cells):
                 fit_s = np.median([c["setfit"]["fit_s"] for c in cells])
                 setfit_text = f"{score_text(cells, 'setfit')} in {fit_s:.0f} s"
             else:
                 setfit = reference.get(dataset["name"]) if shots == 8 and s["seeds"] == [0] else None
                 setfit_text = f"{100 * setfit:.1f} (earlier run)" if setfit is not None else "-"
-            student = [c[STUDENT[c["student_base"]]]["accuracy"] for c in cells]
+            student = student_accuracies(cells)
+            spread = f" [{min(student):.1f}-{max(student):.1f}]" if len(student) > 1 else ""
             picked = "/".join(sorted({KEYS[c["student_base"]] for c in cells}))  # "minilm" or "e5"
-            times = " / ".join(f"{np.median([c[m]['fit_s'] for c in cells]):.0f} "
-                               f"({int(np.median([c[m]['pairs'] for c in cells]))})" for m in ("tuned", "tuned_e5"))
+
+            def tuning(method: str) -> str:
+                have = [c[method] for c in cells if method in c]
+                return (f"{np.median([h['fit_s'] for h in have]):.0f} ({int(np.median([h['pairs'] for h in have]))})"
+                        if have else "-")
+
             methods = " | ".join(score_text(cells, m) for m in ("minilm", "e5", "tfidf", "tuned", "tuned_e5"))
-            lines.append(f"| {dataset['name']} | {shots} | {methods} | {100 * np.mean(student):.1f} ({picked}) | "
-                         f"{100 * np.mean(student) - best_frozen:+.1f} | {setfit_text} | {times} |")
-    lines += ["", "Rerun: `.venv/bin/python bench/student.py`.", ""]
+            lines.append(f"| {dataset['name']} | {shots} | {methods} | {np.mean(student):.1f}{spread} ({picked}) | "
+                         f"{np.mean(student) - best_frozen:+.1f} | {setfit_text} | {tuning('tuned')} / "
+                         f"{tuning('tuned_e5')} |")
+    lines += ["", *bars(result), "Rerun: `.venv/bin/python bench/student.py` (one seed, both bodies tuned, ~55 min); "
+              "more seeds beside it: `--seeds 1 2 --tune student --setfit --merge`.", ""]
     return "\n".join(lines)
+
+
+ECE_TOLERANCE = 1e-4  # float32 vectors from another runtime move an ECE in its 7th digit, never an answer
+
+
+def same_scores(now: dict, earlier: dict) -> bool:
+    """Whether a method measured again scored the same: accuracy and macro-F1 identical, ECE within ECE_TOLERANCE."""
+    return (now.get("accuracy") == earlier.get("accuracy") and now.get("macro_f1") == earlier.get("macro_f1")
+            and abs(now.get("ece", 0.0) - earlier.get("ece", 0.0)) <= ECE_TOLERANCE)
+
+
+def merged(earlier: dict, now: dict) -> dict:
+    """The earlier result with this run's cells laid over it: a (dataset, seed, shots) cell measured before keeps
+    its methods and takes this run's (a run that tunes nothing adds SetFit to cells measured without it; a run of
+    other seeds adds cells). The runs are listed in `runs`, each later one with how many results it measured again
+    and how many of those came out the same (`same_scores`; times differ from run to run)."""
+    for key in ("test_size", "tuning_seconds"):
+        if earlier["settings"][key] != now["settings"][key]:
+            raise SystemExit(f"--merge: {key} is {now['settings'][key]} in this run but {earlier['settings'][key]} "
+                             "in --out; merge only runs on the same test texts and tuning limit")
+    datasets = {d["name"]: d for d in earlier["datasets"]}
+    same = repeated = 0
+    for dataset in now["datasets"]:
+        if dataset["name"] not in datasets:
+            earlier["datasets"].append(dataset)
+            continue
+        cells = datasets[dataset["name"]]["cells"]
+        by_key = {(c["seed"], c["shots"]): c for c in cells}
+        for cell in dataset["cells"]:
+            kept = by_key.get((cell["seed"], cell["shots"]))
+            if kept is None:
+                cells.append(cell)
+                continue
+            for key in [k for k in cell if k in kept and isinstance(cell[k], dict)]:
+                repeated += 1
+                same += same_scores(cell[key], kept[key])
+            kept.update(cell)
+        cells.sort(key=lambda c: (c["shots"], c["seed"]))
+    runs = earlier.setdefault("runs", [{key: earlier[key] for key in ("date", "run_seconds", "settings")}])
+    runs.append({key: now[key] for key in ("date", "run_seconds", "settings")} | {"repeated": repeated, "same": same})
+    s, n = earlier["settings"], now["settings"]
+    earlier["settings"] = s | {"datasets": [d["name"] for d in earlier["datasets"]],
+                               "seeds": sorted(set(s["seeds"]) | set(n["seeds"])),
+                               "shots": sorted(set(s["shots"]) | set(n["shots"])), "setfit": s["setfit"] or n["setfit"]}
+    earlier["date"] = now["date"]
+    return earlier
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     gold_set_arguments(parser, seeds=[0], shots=[8], test_size=500)
     parser.add_argument("--tuning-seconds", type=float, default=DEFAULT_MAX_SECONDS)
     parser.add_argument("--setfit", action="store_true", help="SetFit in the same run (needs the bench extra)")
+    parser.add_argument("--tune", choices=["both", "student", "none"], default="both",
+                        help="tune both bodies, only the one the student keeps (half the time), or none")
+    parser.add_argument("--merge", action="store_true",
+                        help="lay this run's cells over the result in --out (other seeds, SetFit added) instead of "
+                             "replacing it")
     output_arguments(parser, DEFAULT_OUT)
     args = parser.parse_args(argv)
     if rebuilt_section_only(args, SECTION_HEADING, markdown):
@@ -210,11 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     reference, reference_date = setfit_reference(args.out)  # read before this run's results replace them
     began = time.monotonic()
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
-                "tuning_seconds": args.tuning_seconds, "setfit": args.setfit, **machine_and_load()}
+                "tuning_seconds": args.tuning_seconds, "tune": args.tune, "setfit": args.setfit, **machine_and_load()}
     log(f"student benchmark: {settings}")
     datasets = run_datasets(args, run_dataset)
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings,
               "datasets": datasets, "setfit_reference": reference, "setfit_date": reference_date}
+    if args.merge:
+        result = merged(json.loads(args.out.read_text(encoding="utf-8")), result)
     publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=SECTION_HEADING)
     return 0
 
