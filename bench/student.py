@@ -246,7 +246,8 @@ def markdown(result: dict) -> str:
             cells = [c for c in dataset["cells"] if c["shots"] == shots]
             if not cells:
                 continue
-            best_frozen = max(100 * float(np.mean([c[m]["accuracy"] for c in cells])) for m in ("minilm", "e5", "tfidf"))
+            best_frozen = max(100 * float(np.mean([c[m]["accuracy"] for c in cells]))
+                              for m in ("minilm", "e5", "tfidf"))
             if all("setfit" in c for c in cells):
                 fit_s = np.median([c["setfit"]["fit_s"] for c in cells])
                 setfit_text = f"{score_text(cells, 'setfit')} in {fit_s:.0f} s"
