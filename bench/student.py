@@ -56,6 +56,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "student.json"
 CASCADE_RESULTS = REPO / "bench" / "results" / "cascade.json"
 SECTION_HEADING = "## Student: tuned body (bench/student.py)"
 METHODS = ["minilm", "e5", "tfidf", "tuned", "tuned_e5"]
+FROZEN = ("minilm", "e5", "tfidf")  # the methods without a tuned body: the student's bar is the best of them
 ECE_BINS = 15
 STUDENT = {"default": "tuned", "multilingual": "tuned_e5"}  # the tuned body embedder="tuned" keeps, by its base
 
@@ -170,6 +171,9 @@ def run_datasets(args, run_dataset) -> list[dict]:
         return [run_dataset(name, args, vectors) for name in args.datasets]
 
 
+TUNED = {"both": "both bodies tuned", "student": "the student's body tuned", "none": "nothing tuned"}  # --tune
+
+
 def opening(result: dict) -> str:
     """When, how long, on what and how busy: one run, or each of the runs merged into the result (--merge)."""
     s = result["settings"]
@@ -178,14 +182,18 @@ def opening(result: dict) -> str:
     runs = []
     for run in result["runs"]:
         r = run["settings"]
-        what = {"both": "both bodies tuned", "student": "the student's body tuned", "none": "nothing tuned"}
         again = (f"; {run['same']} of the {run['repeated']} results it measured again came out the same"
                  if run.get("repeated") else "")
-        runs.append(f"{run['date']}, {run['run_seconds']:.0f} s, seeds {r['seeds']}, {what[r.get('tune', 'both')]}"
+        runs.append(f"{run['date']}, {run['run_seconds']:.0f} s, seeds {r['seeds']}, {TUNED[r.get('tune', 'both')]}"
                     f"{', SetFit' if r['setfit'] else ''}, 1-min load {r['load_start']} at the start{again}")
     return (f"Measured in {len(runs)} runs on {s['machine']} ({'; '.join(runs)}), seeds {s['seeds']}, "
             f"{s['test_size']} test texts per dataset (fewer where the test split is smaller), tuning limit "
             f"{s['tuning_seconds']:.0f} s")
+
+
+def mean_accuracy(cells: list[dict], method: str) -> float:
+    """A method's test accuracy in %, mean over `cells` (every one of which measured it)."""
+    return 100 * float(np.mean([c[method]["accuracy"] for c in cells]))
 
 
 def student_accuracies(cells: list[dict]) -> list[float]:
@@ -201,10 +209,10 @@ def bars(result: dict) -> list[str]:
         if not cells or not all("setfit" in c and STUDENT[c["student_base"]] in c for c in cells):
             continue
         student = float(np.mean(student_accuracies(cells)))
-        setfit = 100 * float(np.mean([c["setfit"]["accuracy"] for c in cells]))
+        setfit = mean_accuracy(cells, "setfit")
         versus_setfit.append((dataset["name"], student, setfit))
         if dataset["name"] in ("eprstmt", "csldcp"):
-            frozen = {m: 100 * float(np.mean([c[m]["accuracy"] for c in cells])) for m in ("minilm", "e5", "tfidf")}
+            frozen = {m: mean_accuracy(cells, m) for m in FROZEN}
             best = max(frozen, key=frozen.get)
             chinese.append((dataset["name"], student, best, frozen[best]))
     if not versus_setfit:
@@ -246,8 +254,7 @@ def markdown(result: dict) -> str:
             cells = [c for c in dataset["cells"] if c["shots"] == shots]
             if not cells:
                 continue
-            best_frozen = max(100 * float(np.mean([c[m]["accuracy"] for c in cells]))
-                              for m in ("minilm", "e5", "tfidf"))
+            best_frozen = max(mean_accuracy(cells, m) for m in FROZEN)
             if all("setfit" in c for c in cells):
                 fit_s = np.median([c["setfit"]["fit_s"] for c in cells])
                 setfit_text = f"{score_text(cells, 'setfit')} in {fit_s:.0f} s"
@@ -263,7 +270,7 @@ def markdown(result: dict) -> str:
                 return (f"{np.median([h['fit_s'] for h in have]):.0f} ({int(np.median([h['pairs'] for h in have]))})"
                         if have else "-")
 
-            methods = " | ".join(score_text(cells, m) for m in ("minilm", "e5", "tfidf", "tuned", "tuned_e5"))
+            methods = " | ".join(score_text(cells, m) for m in METHODS)
             lines.append(f"| {dataset['name']} | {shots} | {methods} | {np.mean(student):.1f}{spread} ({picked}) | "
                          f"{np.mean(student) - best_frozen:+.1f} | {setfit_text} | {tuning('tuned')} / "
                          f"{tuning('tuned_e5')} |")
