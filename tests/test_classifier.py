@@ -34,7 +34,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_init_stores_its_parameters_and_does_no_work(embedder):
     classifier = Classifier("no/such/task.yaml", embedder=embedder, engine=None, C=0.5)
     assert classifier.get_params() == {"task": "no/such/task.yaml", "embedder": embedder, "engine": None,
-                                       "policy": None, "C": 0.5, "text_features": "auto", "tuning_seconds": 240.0}
+                                       "policy": None, "C": 0.5, "text_features": "auto", "tuning_seconds": None}
     assert not hasattr(classifier, "classes_")
     with pytest.raises(TaskError, match="no/such/task.yaml: no such task file"):
         classifier.fit(["a text"], ["a"])

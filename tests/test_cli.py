@@ -190,11 +190,16 @@ def test_version_and_help_that_is_not_cut_at_80_columns():
     assert "vllm:http://127.0.0.1:8000/v1#model; 'none': fallback only." in piped.stdout  # the spec on one line
 
 
-def test_init_with_a_tuned_body_needs_examples_of_two_labels_and_writes_nothing_without(tmp_path):
+def test_init_with_a_tuned_body_refuses_too_few_labels_or_a_bad_time_limit_and_writes_nothing(tmp_path):
     task = tmp_path / "task.yaml"
     task.write_text("name: t\nlabels: [a, b]\n")
     result = runner.invoke(app, ["init", str(tmp_path / "ws"), "--task", str(task), "--embedder", "tuned",
                                  "--engine", "none"])
     assert isinstance(result.exception, ValueError)  # one line and exit 1 from main(), as every user error
     assert "needs labelled examples of at least 2 labels" in str(result.exception)
+    assert not (tmp_path / "ws").exists()
+    refused = command("init", tmp_path / "ws", "--task", BANKING_TASK, "--embedder", "tuned", "--engine", "none",
+                      "--tuning-seconds", "soon")
+    assert refused.returncode == 1
+    assert "--tuning-seconds: 'soon' is not 'auto' or a positive number of seconds" in refused.stderr
     assert not (tmp_path / "ws").exists()

@@ -30,7 +30,6 @@ from sklearn.preprocessing import MultiLabelBinarizer
 
 from labelcascade.agent import Policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
-from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.fallback.svm import check_text_features
 from labelcascade.records import Prediction
 from labelcascade.retrieval import Embedder, load_embedder
@@ -66,7 +65,8 @@ class Classifier(ClassifierMixin, BaseEstimator):
     text_features: the weight of the texts' TF-IDF n-grams beside their vectors in the fallback's SVM: 'auto'
         (chosen by `fit` by cross-validation on its texts; 0 unless that classifies more of them right), a weight,
         or 0 (vectors only).
-    tuning_seconds: with embedder 'tuned', the most `fit` spends tuning the body.
+    tuning_seconds: with embedder 'tuned', the most `fit` spends tuning the body; None: a few minutes, longer in
+        proportion for many or long texts (`fallback.body_tuning.planned_seconds`).
     """
 
     def __init__(
@@ -78,7 +78,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
         policy: Policy | None = None,
         C: float = 1.0,
         text_features: float | str = "auto",
-        tuning_seconds: float = DEFAULT_TUNING_SECONDS,
+        tuning_seconds: float | None = None,
     ):
         self.task = task
         self.embedder = embedder

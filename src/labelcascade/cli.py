@@ -27,7 +27,6 @@ from labelcascade import __version__, labelstudio
 from labelcascade.agent.engines import EngineError
 from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS, install, packaged_model
 from labelcascade.fallback import NotFittedError
-from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.fallback.svm import check_text_features
 from labelcascade.jobs import LabelJob
 from labelcascade.records import Route, Source
@@ -187,8 +186,9 @@ def init(
                                                "language when they are few), 'default' (English), 'multilingual', "
                                                "'tuned' (the body 'auto' picks, fine-tuned on the seed examples, a "
                                                "few minutes) or a local sentence-transformers folder.")] = "auto",
-    tuning_seconds: Annotated[float, typer.Option(help="With --embedder tuned: the most time spent tuning.")] = (
-        DEFAULT_TUNING_SECONDS),
+    tuning_seconds: Annotated[str, typer.Option(
+        help="With --embedder tuned: the most time spent tuning, in seconds, or 'auto' (a few minutes, longer in "
+             "proportion for many labels or long texts).")] = "auto",
     text_features: Annotated[str, typer.Option(
         help="The weight of the texts' TF-IDF n-grams beside their vectors in the fallback: 'auto' (chosen by "
              "cross-validation on the examples at each training), a number, or 0 (vectors only).")] = "auto",
@@ -200,7 +200,7 @@ def init(
     built = Task.from_yaml(task) if task is not None else _task_from_data(data, name, text_column, label_column,
                                                                            allow_abstain)
     with Session.create(built, workspace=workspace, embedder=embedder, engine=_engine(engine),
-                        tuning_seconds=tuning_seconds, text_features=weight) as session:
+                        tuning_seconds=_tuning_seconds(tuning_seconds), text_features=weight) as session:
         trained = "trained on" if session.store.labels() else "no seed examples yet;"
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
                    f"{trained} {len(session.store)} examples, embedder {session.embedder.id}{_ngrams(session)}, "
@@ -224,6 +224,17 @@ def _text_features(value: str) -> float | str:
     except ValueError:
         raise InputError(f"--text-features: {value!r} is not 'auto' or a weight >= 0 (such as 0.3, or 0 for none)") from None
     return weight
+
+
+def _tuning_seconds(value: str) -> float | None:
+    """--tuning-seconds: 'auto' (None to the session) or a positive number of seconds."""
+    try:
+        seconds = None if value == "auto" else float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds is not None and not seconds > 0:
+        raise InputError(f"--tuning-seconds: {value!r} is not 'auto' or a positive number of seconds (such as 600)")
+    return seconds
 
 
 @app.command()

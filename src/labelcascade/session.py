@@ -42,7 +42,6 @@ from labelcascade.agent import (
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
-from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS as DEFAULT_TUNING_SECONDS
 from labelcascade.fallback.body_tuning import tune_body
 from labelcascade.fallback.svm import check_text_features
 from labelcascade.file_hash import folder_sha256
@@ -141,7 +140,7 @@ def _cv_sample(texts: list[str], labels: list[str]) -> tuple[list[str], list[str
     return (texts, labels) if enough(labels) else None
 
 
-def _check_tunable(task: Task, examples: list[tuple[str, tuple[str, ...]]], seconds: float) -> None:
+def _check_tunable(task: Task, examples: list[tuple[str, tuple[str, ...]]], seconds: float | None) -> None:
     """Refuse, before any file is written, what embedder 'tuned' cannot tune on."""
     if task.multi_label:
         raise ValueError(f"task {task.name!r} is multi-label; embedder 'tuned' tunes on one label per text: choose "
@@ -149,11 +148,12 @@ def _check_tunable(task: Task, examples: list[tuple[str, tuple[str, ...]]], seco
     if len({labels for _, labels in examples}) < 2:
         raise ValueError(f"task {task.name!r}: embedder 'tuned' needs labelled examples of at least 2 labels to tune "
                          "on (seed examples in the task, or `examples`)")
-    if not seconds > 0:
-        raise ValueError(f"tuning_seconds must be positive, got {seconds!r}")
+    if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
+        raise ValueError(f"tuning_seconds must be a positive number of seconds, or None (as long as the planned pairs "
+                         f"need), got {seconds!r}")
 
 
-def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float,
+def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float | None,
                 base: str) -> Embedder:
     """The packaged body `base` tuned on `examples` into the workspace's body/ folder (written beside it, then
     renamed in), its digest recorded in settings.json, and loaded from there as every later open will load it.
@@ -166,7 +166,8 @@ def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]
     multilingual = base == MULTILINGUAL_EMBEDDER
     with tempfile.TemporaryDirectory(prefix="labelcascade-base-") as scratch, no_loading_bar():
         base_dir = write_e5_body(Path(scratch) / "e5") if multilingual else default_model_dir()
-        with LLMBar(None, f"tuning {EMBEDDER_NAMES[base]} (at most {seconds:.0f} s)", unit="pair") as bar:
+        limit = "" if seconds is None else f" (at most {seconds:.0f} s)"
+        with LLMBar(None, f"tuning {EMBEDDER_NAMES[base]}{limit}", unit="pair") as bar:
             report = tune_body(base_dir, [text for text, _ in examples], [labels[0] for _, labels in examples],
                                partial, max_seconds=seconds, freeze_token_embeddings=multilingual,
                                on_step=bar.count)
@@ -176,7 +177,7 @@ def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]
     workspace.save_settings()
     logger.info(f"task {workspace.task.name!r}: {EMBEDDER_NAMES[base]} tuned on {len(examples)} examples, "
                 f"{report.pairs_trained} of {report.pairs_planned} pairs in {report.seconds:.0f} s"
-                + (" (stopped at the time limit)" if report.stopped_at_deadline else ""))
+                + (f" (stopped at the time limit, {report.max_seconds:.0f} s)" if report.stopped_at_deadline else ""))
     return load_embedder(workspace.embedder_spec)
 
 
@@ -280,7 +281,7 @@ class Session:
         text_features: float | str = "auto",
         template: str = "auto",
         examples: tuple[Sequence[str], Labels] | None = None,
-        tuning_seconds: float = DEFAULT_TUNING_SECONDS,
+        tuning_seconds: float | None = None,
     ) -> Session:
         """A new workspace for `task` (a `Task` or a task YAML file), trained on the task's seed examples and on
         `examples` (texts, labels: more gold examples, as `add_examples` takes them).
@@ -290,7 +291,8 @@ class Session:
             'default' (packaged all-MiniLM-L6-v2, English), 'multilingual' (packaged multilingual-e5-small), a local
             sentence-transformers folder, or an `Embedder`. The workspace records the one used. 'tuned' fine-tunes
             the packaged body 'auto' picks on the seed examples and `examples` first (`tuned_base`; single-label
-            tasks; SetFit's contrastive pairs, `fallback.body_tuning`), for at most `tuning_seconds`, and keeps the
+            tasks; SetFit's contrastive pairs, `fallback.body_tuning`), for at most `tuning_seconds` (None: a few
+            minutes, longer in proportion for many or long texts, `body_tuning.planned_seconds`), and keeps the
             tuned body in the workspace.
         engine: the LLM asked when the fallback is unsure: a spec string (see `agent.engines.load_engine`), an
             `Engine`, or None for the fallback alone. Loaded on first need; while it cannot answer, answers come

@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 
 from labelcascade.fallback.body_tuning import (
-    MAX_ITERATIONS, contrastive_pairs, iterations_for, learning_rate_factor, tune_body,
+    DEFAULT_MAX_SECONDS, MAX_ITERATIONS, TOKEN_BUDGET, contrastive_pairs, iterations_for, learning_rate_factor,
+    planned_seconds, tune_body,
 )
 
 
@@ -32,6 +33,13 @@ def test_the_token_budget_sets_the_iterations_within_bounds():
     assert iterations_for(2_000, token_budget=16_000) == 2
 
 
+def test_the_default_time_limit_grows_only_for_a_plan_over_the_budget_at_one_iteration():
+    assert planned_seconds(TOKEN_BUDGET // 2, iterations=1) == DEFAULT_MAX_SECONDS
+    assert planned_seconds(5 * TOKEN_BUDGET // 4, iterations=2) == DEFAULT_MAX_SECONDS  # a rounding over the budget
+    assert planned_seconds(4 * TOKEN_BUDGET, iterations=1) == 4 * DEFAULT_MAX_SECONDS  # many labels of long texts
+    assert planned_seconds(2 * TOKEN_BUDGET, iterations=1, token_budget=2 * TOKEN_BUDGET) == DEFAULT_MAX_SECONDS
+
+
 def test_the_learning_rate_warms_up_then_decays_by_steps_or_by_time_whichever_is_further():
     steps = 100
     assert learning_rate_factor(0, steps, 0.0) < learning_rate_factor(9, steps, 0.0) == 1.0
@@ -45,6 +53,7 @@ def test_the_learning_rate_warms_up_then_decays_by_steps_or_by_time_whichever_is
     (["a", "b"], ["x"], 10, "2 texts but 1 labels"),
     (["a", "b"], [("x", "y"), ("x",)], 10, "single-label"),
     (["a", "b"], ["x", "y"], 0, "max_seconds must be positive"),
+    (["a", "b"], ["x", "y"], float("nan"), "max_seconds must be positive"),
 ])
 def test_what_cannot_be_tuned_is_refused_before_any_model_is_loaded(tmp_path, texts, labels, seconds, message):
     with pytest.raises(ValueError, match=message):

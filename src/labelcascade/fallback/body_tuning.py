@@ -14,8 +14,11 @@ both depend on it), and so that it can stop at a deadline.
 
 Cost follows the tokens that pass through the body more than the pairs (long news texts cost three times what short
 questions do), so the pairs are planned from a token budget (SetFit's 20 iterations where they fit, fewer for many
-or long texts, as bench/setfit_anchor.py measured), and `max_seconds` stops the pass where it has got to. The
-tuned body's weights are written as safetensors only, never as a pickle.
+or long texts, as bench/setfit_anchor.py measured), and `max_seconds` stops the pass where it has got to. By default
+that limit follows the plan (`planned_seconds`): a fixed few minutes where the budget's plan fits, longer in proportion
+where even one iteration exceeds the budget (many labels of long texts, as csldcp's abstracts), since a pass cut
+short of one iteration gained little over the frozen body, or lost (BENCHMARKS.md, "Student: what three seeds say").
+The tuned body's weights are written as safetensors only, never as a pickle.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 MAX_ITERATIONS = 20  # SetFit's customary iterations: pairs drawn per training text, twice (one of each kind)
 TOKEN_BUDGET = 80_000  # body tokens per tuning run; what bench/setfit_anchor.py fitted in 2-3 minutes on one core
-DEFAULT_MAX_SECONDS = 240.0
+DEFAULT_MAX_SECONDS = 240.0  # the limit for a plan within TOKEN_BUDGET, with room for a slower machine
 BATCH_SIZE = 16  # pairs per step, SetFit's default
 LEARNING_RATE = 2e-5  # SetFit's default for the body
 WARMUP_SHARE = 0.1
@@ -36,20 +39,30 @@ WARMUP_SHARE = 0.1
 
 @dataclass(frozen=True)
 class TuningReport:
-    """What a tuning run did: the pairs planned and trained, the iterations planned, the time it took, and whether
-    it stopped at its deadline."""
+    """What a tuning run did: the pairs planned and trained, the iterations planned, the time it took, whether it
+    stopped at its deadline, and that deadline."""
 
     pairs_planned: int
     pairs_trained: int
     iterations: int
     seconds: float
     stopped_at_deadline: bool
+    max_seconds: float  # the time limit the pass ran under: the one given, or `planned_seconds`
 
 
 def iterations_for(train_tokens: int, token_budget: int = TOKEN_BUDGET) -> int:
     """Iterations (each 2 pairs per training text, so about 4 x `train_tokens` body tokens) that fit the budget,
     within [1, MAX_ITERATIONS]."""
     return max(1, min(MAX_ITERATIONS, round(token_budget / max(4 * train_tokens, 1))))
+
+
+def planned_seconds(pair_tokens: int, iterations: int, token_budget: int = TOKEN_BUDGET) -> float:
+    """The default time limit of a pass whose pairs hold `pair_tokens` body tokens in `iterations`: DEFAULT_MAX_SECONDS
+    for a plan of two or more iterations (under the budget, or over it by a rounding of the iterations), and for a
+    single iteration over the budget, DEFAULT_MAX_SECONDS times the excess: the same room per token."""
+    if iterations > 1:
+        return DEFAULT_MAX_SECONDS
+    return DEFAULT_MAX_SECONDS * max(1.0, pair_tokens / token_budget)
 
 
 def learning_rate_factor(step: int, steps: int, time_used: float) -> float:
@@ -91,7 +104,7 @@ def tune_body(
     labels: Sequence[str],
     out_dir: str | Path,
     *,
-    max_seconds: float = DEFAULT_MAX_SECONDS,
+    max_seconds: float | None = None,
     token_budget: int = TOKEN_BUDGET,
     seed: int = 0,
     freeze_token_embeddings: bool = False,
@@ -101,7 +114,8 @@ def tune_body(
     save it to `out_dir` (safetensors weights). Deterministic for a seed on one machine and thread count, unless
     the time limit is reached (then how far it got depends on the machine's speed).
 
-    `max_seconds` bounds the training pass (the body is saved as far as it got); `token_budget` plans the pairs;
+    `max_seconds` bounds the training pass (the body is saved as far as it got; None: `planned_seconds` for the
+    pairs planned); `token_budget` plans the pairs;
     `freeze_token_embeddings` keeps the token embedding matrix as it is (for a large vocabulary, where AdamW's
     update of it costs more than the rest of a step); `on_step(pairs trained, pairs planned)` is called after
     every step (a progress bar).
@@ -111,8 +125,8 @@ def tune_body(
     if not all(isinstance(label, str) for label in labels):
         raise ValueError("tuning takes one label per text (single-label tasks); a multi-label task keeps its "
                          "frozen body")
-    if max_seconds <= 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive (or None: as long as the plan needs), got {max_seconds!r}")
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
@@ -122,10 +136,13 @@ def tune_body(
     model = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
     # A body that embeds with a prompt (E5's "query: ") is tuned on what it embeds at answer time.
     prompt = model.prompts.get(model.default_prompt_name or "", "")
-    train_tokens = sum(len(ids) for ids in model.tokenizer([prompt + text for text in texts], truncation=True,
-                                                           max_length=model.max_seq_length)["input_ids"])
-    iterations = iterations_for(train_tokens, token_budget)
+    tokens = [len(ids) for ids in model.tokenizer([prompt + text for text in texts], truncation=True,
+                                                  max_length=model.max_seq_length)["input_ids"]]
+    iterations = iterations_for(sum(tokens), token_budget)
     pairs = contrastive_pairs(labels, iterations, seed)
+    if max_seconds is None:
+        max_seconds = planned_seconds(sum(tokens[first] + tokens[second] for first, second, _ in pairs), iterations,
+                                      token_budget)
     steps = -(-len(pairs) // BATCH_SIZE)
     loss_function = CosineSimilarityLoss(model)
     if freeze_token_embeddings:
@@ -151,4 +168,4 @@ def tune_body(
             on_step(trained, len(pairs))
     model.eval()
     model.save(str(out_dir), create_model_card=False, safe_serialization=True)
-    return TuningReport(len(pairs), trained, iterations, time.monotonic() - started, stopped)
+    return TuningReport(len(pairs), trained, iterations, time.monotonic() - started, stopped, max_seconds)
