@@ -76,7 +76,7 @@ def label_balanced_ece(proba: np.ndarray, truth_index: np.ndarray) -> float:
     return expected_calibration_error(proba, truth_index, ECE_BINS, sample_weight=weights)
 
 
-def scored(model: LinearSVMClassifier, vectors: np.ndarray, truth: np.ndarray) -> dict:
+def scored(model: LinearSVMClassifier | KNeighborsClassifier, vectors: np.ndarray, truth: np.ndarray) -> dict:
     proba = model.predict_proba(vectors)
     predicted = model.classes_[proba.argmax(axis=1)]
     truth_index = np.searchsorted(model.classes_, truth)  # every test label is among the gold set's classes
@@ -88,12 +88,7 @@ def scored(model: LinearSVMClassifier, vectors: np.ndarray, truth: np.ndarray) -
 def knn_cell(vectors: Vectors, xs, ys, texts, truth) -> dict:
     """k-NN over a frozen body's vectors, scored as the SVMs are (its probability: the neighbours' label shares)."""
     knn = KNeighborsClassifier(n_neighbors=min(KNN_K, len(xs)), metric="cosine").fit(vectors.get(xs), ys)
-    proba = knn.predict_proba(vectors.get(texts))
-    predicted = knn.classes_[proba.argmax(axis=1)]
-    truth_index = np.searchsorted(knn.classes_, truth)
-    return {"accuracy": accuracy_score(truth, predicted), "macro_f1": f1_score(truth, predicted, average="macro"),
-            "ece": float(expected_calibration_error(proba, truth_index, ECE_BINS)),
-            "ece_label_balanced": label_balanced_ece(proba, truth_index)}
+    return scored(knn, vectors.get(texts), truth)
 
 
 def tuned_cell(base_dir, freeze: bool, args, seed: int, xs, ys, texts, truth) -> dict:

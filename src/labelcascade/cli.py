@@ -228,13 +228,14 @@ def _text_features(value: str) -> float | str:
 
 def _tuning_seconds(value: str) -> float | None:
     """--tuning-seconds: 'auto' (None to the session) or a positive number of seconds."""
+    if value == "auto":
+        return None
     try:
-        seconds = None if value == "auto" else float(value)
+        if float(value) > 0:
+            return float(value)
     except ValueError:
-        seconds = 0.0
-    if seconds is not None and not seconds > 0:
-        raise InputError(f"--tuning-seconds: {value!r} is not 'auto' or a positive number of seconds (such as 600)")
-    return seconds
+        pass
+    raise InputError(f"--tuning-seconds: {value!r} is not 'auto' or a positive number of seconds (such as 600)")
 
 
 @app.command()
