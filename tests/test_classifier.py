@@ -14,6 +14,9 @@ from sklearn.preprocessing import FunctionTransformer
 
 from labelcascade import Classifier, Session, TaskError
 from labelcascade.agent import Policy
+from labelcascade.fallback import LinearSVMClassifier
+from labelcascade.fallback.calibration import expected_calibration_error
+from labelcascade.workspace import Workspace
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
 
@@ -214,6 +217,19 @@ def test_a_tuned_body_beats_the_frozen_one_and_its_workspace_answers_the_same_un
         assert reopened.embedder.id == embedder_id
         assert np.allclose(probability_matrix(reopened, test_texts[:30]), tuned.predict_proba(test_texts[:30]), atol=1e-6)
     assert clone(tuned).get_params()["tuning_seconds"] == 600
+    # Its temperature is at least the one the same SVM fits over the untuned body 'auto' picks: fitted on the tuned
+    # body's own out-of-fold scores it falls, as the body has seen every gold text (session.untuned_temperature).
+    untuned = Classifier(engine=None).fit(texts, labels).session_.cascade.fallback.temperature_
+    floor = Workspace.open(folder).settings.min_temperature
+    assert floor == pytest.approx(untuned, rel=1e-4) and tuned.session_.cascade.fallback.temperature_ >= floor
+    unfloored = LinearSVMClassifier(text_features="auto").fit(tuned.session_.embedder.embed(texts), labels, texts=texts)
+    assert unfloored.temperature_ < floor  # the floor is what sets this student's temperature
+    floored_ece = expected_calibration_error(tuned.predict_proba(test_texts),
+                                             np.array([list(tuned.classes_).index(y) for y in test_labels]))
+    unfloored_ece = expected_calibration_error(unfloored.predict_proba(tuned.session_.embedder.embed(test_texts),
+                                                                       test_texts),
+                                               np.searchsorted(unfloored.classes_, test_labels))
+    assert floored_ece < unfloored_ece - 0.05, (floored_ece, unfloored_ece)
     (folder / "body" / "config.json").write_text((folder / "body" / "config.json").read_text() + " ")
     with pytest.raises(ValueError, match="do not match the sha256 recorded when it was tuned"):
         Session.open(folder, engine=None)

@@ -153,6 +153,23 @@ def _check_tunable(task: Task, examples: list[tuple[str, tuple[str, ...]]], seco
                          f"need), got {seconds!r}")
 
 
+def untuned_temperature(body: Embedder, examples: list[tuple[str, tuple[str, ...]]], C: float,
+                        text_features: float | str) -> float:
+    """The temperature the fallback's SVM fits on `examples` over the untuned `body`: the least one the fallback
+    over the body tuned on them may use (`LinearSVMClassifier.min_temperature`).
+
+    Why: the SVM's temperature is fitted on out-of-fold scores, which are honest only for texts that nothing in the
+    model has seen. A body tuned on the gold texts has seen them all and pulls each label's texts together, so their
+    out-of-fold scores are surer than any new text's and the fitted temperature falls, at worst to the bottom of
+    its range (answers of nearly 100% on texts it gets wrong; BENCHMARKS.md, "Student: a temperature floor from
+    the untuned body"). Over the untuned body the same examples are truly held out, and a linear SVM's scores are
+    in margin units on either body, so that temperature is a floor the tuned body's may rise above, never fall
+    below."""
+    texts, labels = [text for text, _ in examples], [row[0] for _, row in examples]
+    model = LinearSVMClassifier(C, text_features=text_features).fit(body.embed(texts), labels, texts=texts)
+    return model.temperature_
+
+
 def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float | None,
                 base: str) -> Embedder:
     """The packaged body `base` tuned on `examples` into the workspace's body/ folder (written beside it, then
@@ -262,6 +279,7 @@ class Session:
             save=workspace.save_fallback,
             trained_at=workspace.fallback_trained_at(),
             text_features=workspace.settings.text_features,
+            min_temperature=workspace.settings.min_temperature,
         )
         self._cascade: Cascade | None = None
         fallback = workspace.load_fallback()
@@ -319,11 +337,13 @@ class Session:
             if len(texts) != len(rows):
                 raise ValueError(f"examples: {len(texts)} texts but {len(rows)} labels; give one label per text")
             seeds += zip(texts, rows)
+        floor = 0.0  # the fallback's least temperature: the untuned body's, where the body is tuned
         if embedder == AUTO_EMBEDDER:
             embedder = chosen_embedder(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
         if embedder == TUNED_EMBEDDER:
             _check_tunable(task, seeds, tuning_seconds)
             base = tuned_base(task, [text for text, _ in seeds], [labels for _, labels in seeds], load=load)
+            floor = untuned_temperature(load(base), seeds, svm_C, text_features)
             model = None  # tuned once the workspace's folder exists
         else:
             model = load(embedder) if isinstance(embedder, str) else load_embedder(embedder)
@@ -335,6 +355,7 @@ class Session:
             svm_C=svm_C,
             text_features=text_features,
             template=str(template),
+            min_temperature=floor,
         )
         folder = Workspace.create(workspace if workspace is not None else temporary.name, task, settings)
         if model is None:

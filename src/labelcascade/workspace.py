@@ -67,6 +67,10 @@ class Settings(BaseModel):
                           "sentence-transformers folder.")
     body_sha256: str | None = Field(None, description="With embedder 'tuned': the sha256 of the tuned body's files, "
                                     "checked before they are loaded.")
+    min_temperature: NonNegativeFloat = Field(
+        0.0, description="With embedder 'tuned': the least temperature of the fallback's answers, the one its SVM "
+        "fitted over the untuned body on the same examples (the tuned body's own is too low: it was tuned on the "
+        "texts that measure it); 0 otherwise.")
     index: str = Field("auto", description="Example index: 'flat' (exact), 'ivf' (approximate) or 'auto' (by size).")
     svm_C: float = Field(1.0, gt=0, description="Inverse regularisation of the fallback SVM.")
     text_features: Literal["auto"] | NonNegativeFloat = Field(

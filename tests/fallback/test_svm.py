@@ -32,6 +32,24 @@ def test_probabilities_are_calibrated_at_16_per_class(banking):
     assert np.array_equal(proba.argmax(axis=1), model.decision_function(X_test).argmax(axis=1))
 
 
+def test_min_temperature_is_a_floor_the_fitted_temperature_may_rise_above(banking, tmp_path):
+    """A tuned body's session passes the untuned body's temperature as the floor (`session.untuned_temperature`):
+    below the fitted temperature it changes nothing, above it it softens the answers and never their ranking."""
+    X, y, X_test, _ = banking
+    plain = LinearSVMClassifier().fit(X, y)
+    assert LinearSVMClassifier(min_temperature=plain.temperature_ / 2).fit(X, y).temperature_ == plain.temperature_
+    floored = LinearSVMClassifier(min_temperature=2 * plain.temperature_).fit(X, y)
+    assert floored.temperature_ == 2 * plain.temperature_
+    assert np.array_equal(floored.predict(X_test), plain.predict(X_test))
+    assert floored.predict_proba(X_test).max(axis=1).mean() < plain.predict_proba(X_test).max(axis=1).mean()
+    floored.save(tmp_path / "m")
+    loaded = LinearSVMClassifier.load(tmp_path / "m")
+    assert loaded.min_temperature == floored.min_temperature and loaded.temperature_ == floored.temperature_
+    for bad in (-0.1, float("nan"), float("inf"), "0.3", True):
+        with pytest.raises(ValueError, match="min_temperature must be a finite number >= 0"):
+            LinearSVMClassifier(min_temperature=bad)
+
+
 def test_few_shot_accuracy_beats_nearest_neighbours(banking):
     X, y, X_test, y_test = banking
     svm_accuracy = (LinearSVMClassifier().fit(X, y).predict(X_test) == y_test).mean()

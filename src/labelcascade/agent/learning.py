@@ -36,11 +36,13 @@ class Retraining:
     pending: int  # LLM examples not yet trained on when the snapshot was taken
     texts: list[str] = field(default_factory=list, repr=False)
     text_features: float | str = 0.0
+    min_temperature: float = 0.0
     model: LinearSVMClassifier | None = field(default=None, repr=False)
 
     def fit(self) -> Retraining:
         """Train the model; safe on any thread (it reads only this snapshot)."""
-        model = LinearSVMClassifier(self.C, multi_label=self.multi_label, text_features=self.text_features)
+        model = LinearSVMClassifier(self.C, multi_label=self.multi_label, text_features=self.text_features,
+                                    min_temperature=self.min_temperature)
         self.model = model.fit(self.vectors, self.y, sample_weight=self.weights, texts=self.texts)
         return self
 
@@ -57,14 +59,16 @@ class Learner:
         save: Callable[[LinearSVMClassifier], None],
         trained_at: float | None = None,
         text_features: float | str = 0.0,
+        min_temperature: float = 0.0,
     ):
         """`save` makes a trained model durable; `trained_at` (epoch seconds) is when the current model was
-        trained, so LLM examples stored after it count as pending after a restart. `C` and `text_features`: the
-        fallback's (`LinearSVMClassifier`)."""
+        trained, so LLM examples stored after it count as pending after a restart. `C`, `text_features` and
+        `min_temperature`: the fallback's (`LinearSVMClassifier`)."""
         self.store = store
         self.multi_label = multi_label
         self.C = C
         self.text_features = text_features
+        self.min_temperature = min_temperature
         self._save = save
         self.pending = store.count(Source.LLM, since=trained_at) if trained_at is not None else store.count(Source.LLM)
 
@@ -80,7 +84,7 @@ class Learner:
         vectors, labels, sources, confidences, texts = self.store.training_data()
         y = labels if self.multi_label else [row[0] for row in labels]
         return Retraining(vectors, y, sample_weights(sources, confidences), self.multi_label, self.C, self.pending,
-                          texts, self.text_features)
+                          texts, self.text_features, self.min_temperature)
 
     def accept(self, retraining: Retraining) -> LinearSVMClassifier:
         """Make a fitted retraining's model durable and return it; LLM examples stored since its snapshot stay

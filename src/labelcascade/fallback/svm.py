@@ -53,20 +53,30 @@ class LinearSVMClassifier:
     text_features: the weight of the texts' TF-IDF n-grams appended to the vectors (0: vectors only), or 'auto':
         chosen at each `fit` by cross-validation on the training texts (`text_features.choose_weight`; 0 unless it
         classifies more of them right; multi-label tasks get 0). `text_weight_` is the one used.
+    min_temperature: the least temperature single-label answers get (0: what the out-of-fold scores say). For
+        vectors from a body tuned on the very texts the SVM learns from: their out-of-fold scores are in-sample for
+        the body, so the temperature fitted on them can only come out too low (answers too sure); the session
+        passes the temperature this SVM fits over the untuned body, whose out-of-fold texts nothing had seen
+        (`session.untuned_temperature`).
     """
 
     def __init__(self, C: float = 1.0, *, multi_label: bool = False, cv: int = 5, random_state: int = 0,
-                 text_features: float | str = 0.0):
+                 text_features: float | str = 0.0, min_temperature: float = 0.0):
         if C <= 0:
             raise ValueError(f"C must be positive, got {C}")
         if cv < 2:
             raise ValueError(f"cv must be at least 2, got {cv}")
         check_text_features(text_features)
+        if isinstance(min_temperature, bool) or not (
+            isinstance(min_temperature, int | float) and math.isfinite(min_temperature) and min_temperature >= 0
+        ):
+            raise ValueError(f"min_temperature must be a finite number >= 0, got {min_temperature!r}")
         self.C = C
         self.multi_label = multi_label
         self.cv = cv
         self.random_state = random_state
         self.text_features = text_features
+        self.min_temperature = min_temperature
 
     # --- learning -------------------------------------------------------------------------------------------
 
@@ -105,9 +115,9 @@ class LinearSVMClassifier:
             for train, test in folds:
                 fold = self._fit_linear(X, texts, train, y_index, weights, self._fit_svm)
                 scores[test] = _single_label_scores(fold.scores(X[test], _rows(texts, test)))
-            self.temperature_ = fit_temperature(scores, y_index, weights)
+            self.temperature_ = max(fit_temperature(scores, y_index, weights), self.min_temperature)
         else:
-            self.temperature_ = UNCALIBRATED_TEMPERATURE
+            self.temperature_ = max(UNCALIBRATED_TEMPERATURE, self.min_temperature)
         self.classes_ = classes
         self._keep(self._fit_linear(X, texts, np.arange(len(X)), y_index, weights, self._fit_svm))
 
@@ -212,6 +222,7 @@ class LinearSVMClassifier:
             "cv": self.cv,
             "random_state": self.random_state,
             "text_features": self.text_features,
+            "min_temperature": self.min_temperature,
             "text_weight": self.text_weight_,
             "ngram_analyzer": None if self.ngrams_ is None else self.ngrams_.analyzer,
             "classes": [str(label) for label in self.classes_],
@@ -254,7 +265,8 @@ class LinearSVMClassifier:
                     analyzer, stored["ngram_bytes"], stored["ngram_ends"], stored["ngram_idf"])
                 text_coef = None if analyzer is None else stored["text_coef"]
             model = cls(meta["C"], multi_label=meta["multi_label"], cv=meta["cv"], random_state=meta["random_state"],
-                        text_features=meta.get("text_features", 0.0))
+                        text_features=meta.get("text_features", 0.0),
+                        min_temperature=meta.get("min_temperature", 0.0))
             model.classes_ = np.asarray(meta["classes"])
             model.n_features_in_ = meta["n_features_in"]
             model.text_weight_ = float(meta.get("text_weight", 0.0))
