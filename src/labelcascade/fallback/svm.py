@@ -55,9 +55,9 @@ class LinearSVMClassifier:
         classifies more of them right; multi-label tasks get 0). `text_weight_` is the one used.
     min_temperature: the least temperature single-label answers get (0: what the out-of-fold scores say). For
         vectors from a body tuned on the very texts the SVM learns from: their out-of-fold scores are in-sample for
-        the body, so the temperature fitted on them can only come out too low (answers too sure); the session
-        passes the temperature this SVM fits over the untuned body, whose out-of-fold texts nothing had seen
-        (`session.untuned_temperature`).
+        the body, so the temperature fitted on them comes out too low (answers too sure), at times far too low;
+        the session passes the temperature this SVM fits over the untuned body, whose out-of-fold texts nothing
+        had seen (`session.untuned_temperature`).
     """
 
     def __init__(self, C: float = 1.0, *, multi_label: bool = False, cv: int = 5, random_state: int = 0,
