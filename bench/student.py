@@ -252,18 +252,12 @@ def student_accuracies(cells: list[dict]) -> list[float]:
 def bars(result: dict) -> list[str]:
     """Issue 14's accuracy bars at 8/class, means over seeds, where every cell has SetFit and the student, and its
     calibration bar at 16/class over the seeds measured there."""
-    versus_setfit, chinese = [], []
+    versus_setfit, chinese = student_and_setfit(result, 8), []
     for dataset in result["datasets"]:
-        cells = compared_cells(dataset, 8)
-        if not cells:
-            continue
-        student = float(np.mean(student_accuracies(cells)))
-        setfit = mean_accuracy(cells, "setfit")
-        versus_setfit.append((dataset["name"], student, setfit))
-        if dataset["name"] in ("eprstmt", "csldcp"):
+        if dataset["name"] in ("eprstmt", "csldcp") and (cells := compared_cells(dataset, 8)):
             frozen = {m: mean_accuracy(cells, m) for m in FROZEN}
             best = max(frozen, key=frozen.get)
-            chinese.append((dataset["name"], student, best, frozen[best]))
+            chinese.append((dataset["name"], float(np.mean(student_accuracies(cells))), best, frozen[best]))
     if not versus_setfit:
         return []
     wins = [name for name, student, setfit in versus_setfit if student >= setfit - 1]
@@ -293,13 +287,18 @@ def bars(result: dict) -> list[str]:
                      + ", ".join(f"{name} {ece:.1f}" + ("" if before is None else f" (without the floor {before:.1f})")
                                  + f", {n} seed{'s' * (n > 1)}" for name, ece, before, n in calibration)
                      + f" | **{'PASS' if passed else 'FAIL'}** |")
-    at_16 = [(d["name"], float(np.mean(student_accuracies(cells))), mean_accuracy(cells, "setfit"))
-             for d in result["datasets"] if (cells := compared_cells(d, 16))]
+    at_16 = student_and_setfit(result, 16)
     if at_16:  # the issue sets its accuracy bar at 8/class; the same comparison at 16/class is shown beside it
         lines.append("| (not a bar) student >= SetFit - 1 point at 16/class | "
                      f"{sum(student >= setfit - 1 for _, student, setfit in at_16)} of {len(at_16)}: "
                      + ", ".join(f"{name} {student:.1f} vs {setfit:.1f}" for name, student, setfit in at_16) + " | - |")
     return lines + [""]
+
+
+def student_and_setfit(result: dict, shots: int) -> list[tuple[str, float, float]]:
+    """(dataset, the student's mean accuracy, SetFit's) at `shots`, for each dataset whose cells there measured both."""
+    return [(d["name"], float(np.mean(student_accuracies(cells))), mean_accuracy(cells, "setfit"))
+            for d in result["datasets"] if (cells := compared_cells(d, shots))]
 
 
 def compared_cells(dataset: dict, shots: int) -> list[dict]:
