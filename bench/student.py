@@ -17,7 +17,8 @@ and bench/cascade.py) and a fixed sample of --test-size test texts (500: the sam
 - "tfidf": TF-IDF + LinearSVC as in bench/embedders.py;
 - "knn": k-NN (bench/fallback.py's: KNN_K neighbours by cosine) over the frozen vectors of the body 'auto' picks.
 - "setfit" (with --setfit, needs the bench extra): SetFit on all-MiniLM-L6-v2 and the same gold set
-  (bench/setfit_anchor.py).
+  (bench/setfit_anchor.py); "setfit_e5" (with --setfit --setfit-body e5): SetFit on the student's multilingual-e5-small
+  body (the whole body tuned, "query: " on every text), to tell the tuning from the body where the student keeps e5.
 Accuracy, macro-F1 and ECE (15 bins, of the calibrated SVM's top probability; the tuned SVMs' temperature floored at
 the frozen body's, as the product does, and their ECE without the floor kept beside it); the tuning time; texts/s of
 the frozen SVMs and the tuned ones (on onnxruntime, as the product answers) in one call over the test texts.
@@ -154,13 +155,15 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
         if args.setfit:
             from setfit_anchor import setfit_predict  # needs the bench extra: pip install -e '.[bench]'
 
-            anchor = setfit_predict(xs, ys, texts, seed=seed)
+            body = args.e5_body if args.setfit_body == "e5" else None  # None: SetFit's own MiniLM
+            anchor = setfit_predict(xs, ys, texts, seed=seed, body_dir=body)
             predicted = anchor["predictions"]
-            cell["setfit"] = {"accuracy": accuracy_score(truth, predicted), "fit_s": anchor["train_seconds"],
+            cell[SETFIT[args.setfit_body]] = {"accuracy": accuracy_score(truth, predicted),
+                                              "fit_s": anchor["train_seconds"],
                               "macro_f1": f1_score(truth, predicted, average="macro")}
         cells.append(cell)
         log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
-            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in [*METHODS, "setfit"] if m in cell)
+            f"{m} {100 * cell[m]['accuracy']:.1f}" for m in [*METHODS, *SETFIT.values()] if m in cell)
             + "".join(f", {m}'s body tuned and fitted in {cell[m]['fit_s']:.0f} s" for m in ("tuned", "tuned_e5")
                       if m in cell)
             + f"; 'tuned' tunes {cell['student_base']!r}")
@@ -219,6 +222,8 @@ def limit_text(seconds: float | str) -> str:
 
 
 TUNED = {"both": "both bodies tuned", "student": "the student's body tuned", "none": "nothing tuned"}  # --tune
+SETFIT = {"minilm": "setfit", "e5": "setfit_e5"}  # --setfit-body: the cell's key for SetFit on that body
+SETFIT_RUN = {"minilm": ", SetFit", "e5": ", SetFit on e5"}  # how the opening lists a run with --setfit
 
 
 def opening(result: dict) -> str:
@@ -234,7 +239,8 @@ def opening(result: dict) -> str:
         names = "7 datasets" if len(r["datasets"]) == 7 else ", ".join(r["datasets"])
         runs.append(f"{run['date']}, {run['run_seconds']:.0f} s, {names}, seeds {r['seeds']}, "
                     f"{TUNED[r.get('tune', 'both')]}, tuning limit {limit_text(r['tuning_seconds'])}"
-                    f"{', SetFit' if r['setfit'] else ''}, 1-min load {r['load_start']} at the start{again}")
+                    f"{SETFIT_RUN[r.get('setfit_body', 'minilm')] if r['setfit'] else ''}, 1-min load "
+                    f"{r['load_start']} at the start{again}")
     return (f"Measured in {len(runs)} runs on {s['machine']} ({'; '.join(runs)}), seeds {s['seeds']}, "
             f"{s['test_size']} test texts per dataset (fewer where the test split is smaller)")
 
@@ -389,9 +395,38 @@ def markdown(result: dict) -> str:
             lines.append(f"| {dataset['name']} | {shots} | {methods} | {np.mean(student):.1f}{spread} ({picked}) | "
                          f"{np.mean(student) - best_frozen:+.1f} | {setfit_text} | {tuning('tuned')} / "
                          f"{tuning('tuned_e5')} | {speeds} |")
-    lines += ["", *floor_table(result), *bars(result), "Rerun: `.venv/bin/python bench/student.py` (one seed, both bodies tuned, ~55 min); "
+    lines += ["", *floor_table(result), *setfit_e5_table(result), *bars(result),
+              "Rerun: `.venv/bin/python bench/student.py` (one seed, both bodies tuned, ~55 min); "
               "more seeds beside it: `--seeds 1 2 --tune student --setfit --merge`.", ""]
     return "\n".join(lines)
+
+
+def setfit_e5_table(result: dict) -> list[str]:
+    """SetFit on multilingual-e5-small beside the student, SetFit on MiniLM and the frozen e5 SVM, in the cells
+    that measured it (--setfit --setfit-body e5): whether the student's lead where it keeps e5 is the body's or the
+    tuning's."""
+    rows = []
+    for dataset in result["datasets"]:
+        for shots in result["settings"]["shots"]:
+            cells = [c for c in dataset["cells"] if c["shots"] == shots and "setfit_e5" in c]
+            if not cells:
+                continue
+            student = student_accuracies(cells)
+            picked = "/".join(sorted({KEYS[c["student_base"]] for c in cells}))
+            fit_s = np.median([c["setfit_e5"]["fit_s"] for c in cells])
+            by_seed = ", ".join(f"{100 * c['setfit_e5']['accuracy']:.1f} / {s:.1f}" for c, s in zip(cells, student))
+            rows.append(f"| {dataset['name']} | {shots} | {len(cells)} | {score_text(cells, 'setfit_e5')} in "
+                        f"{fit_s:.0f} s | {np.mean(student):.1f} ({picked}) | {by_seed} | "
+                        f"{score_text(cells, 'setfit')} | {score_text(cells, 'e5')} |")
+    if not rows:
+        return []
+    return ["### SetFit on multilingual-e5-small", "",
+            "SetFit (logistic-regression head, the whole body tuned, E5's \"query: \" on every text it trains on and "
+            "labels) on the e5 body the student tunes where 'auto' picks e5, beside the student, SetFit on MiniLM and "
+            "the frozen e5 SVM on the same gold sets: accuracy (macro-F1) in %, means over the seeds that measured it, "
+            "its median training time, and SetFit on e5 / the student seed by seed.", "",
+            "| dataset | shots | seeds | setfit on e5 | student | by seed: setfit on e5 / student | setfit on minilm "
+            "| frozen e5 |", "|---|---:|---:|---:|---:|---|---:|---:|", *rows, ""]
 
 
 ECE_TOLERANCE = 1e-4  # float32 vectors from another runtime move an ECE in its 7th digit, never an answer
@@ -452,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the tuning time limit: 'auto' (the product's default, body_tuning.planned_seconds) or "
                              "seconds")
     parser.add_argument("--setfit", action="store_true", help="SetFit in the same run (needs the bench extra)")
+    parser.add_argument("--setfit-body", choices=sorted(SETFIT), default="minilm",
+                        help="the body SetFit tunes with --setfit: all-MiniLM-L6-v2 (issue 14's peer) or the "
+                             "student's multilingual-e5-small")
     parser.add_argument("--tune", choices=["both", "student", "none"], default="both",
                         help="tune both bodies, only the one the student keeps (half the time), or none")
     parser.add_argument("--merge", action="store_true",
@@ -464,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     reference, reference_date = setfit_reference(args.out)  # read before this run's results replace them
     began = time.monotonic()
     settings = {"datasets": args.datasets, "seeds": args.seeds, "shots": args.shots, "test_size": args.test_size,
-                "tuning_seconds": args.tuning_seconds, "tune": args.tune, "setfit": args.setfit, **machine_and_load()}
+                "tuning_seconds": args.tuning_seconds, "tune": args.tune, "setfit": args.setfit,
+                "setfit_body": args.setfit_body, **machine_and_load()}
     log(f"student benchmark: {settings}")
     datasets = run_datasets(args, run_dataset)
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - began, "settings": settings,
