@@ -160,7 +160,7 @@ def run_dataset(name: str, args, vectors: dict[str, Vectors]) -> dict:
             predicted = anchor["predictions"]
             cell[SETFIT[args.setfit_body]] = {"accuracy": accuracy_score(truth, predicted),
                                               "fit_s": anchor["train_seconds"],
-                              "macro_f1": f1_score(truth, predicted, average="macro")}
+                                              "macro_f1": f1_score(truth, predicted, average="macro")}
         cells.append(cell)
         log(f"  {name:9} seed {seed} {shots:2}/class: " + ", ".join(
             f"{m} {100 * cell[m]['accuracy']:.1f}" for m in [*METHODS, *SETFIT.values()] if m in cell)
