@@ -250,6 +250,11 @@ def mean_accuracy(cells: list[dict], method: str) -> float:
     return 100 * float(np.mean([c[method]["accuracy"] for c in cells]))
 
 
+def student_bodies(cells: list[dict]) -> str:
+    """The frozen bodies the student tuned in `cells`: "minilm", "e5", or "e5/minilm" where the seeds differ."""
+    return "/".join(sorted({KEYS[c["student_base"]] for c in cells}))
+
+
 def student_accuracies(cells: list[dict]) -> list[float]:
     """The student's test accuracy in each cell: that of the tuned body `embedder="tuned"` keeps."""
     return [100 * c[STUDENT[c["student_base"]]]["accuracy"] for c in cells]
@@ -375,7 +380,7 @@ def markdown(result: dict) -> str:
                 setfit_text = f"{100 * setfit:.1f} (earlier run)" if setfit is not None else "-"
             student = student_accuracies(cells)
             spread = f" [{min(student):.1f}-{max(student):.1f}]" if len(student) > 1 else ""
-            picked = "/".join(sorted({KEYS[c["student_base"]] for c in cells}))  # "minilm" or "e5"
+            picked = student_bodies(cells)
 
             def tuning(method: str) -> str:
                 have = [c[method] for c in cells if method in c]
@@ -412,7 +417,7 @@ def setfit_e5_table(result: dict) -> list[str]:
             if not cells:
                 continue
             student = student_accuracies(cells)
-            picked = "/".join(sorted({KEYS[c["student_base"]] for c in cells}))
+            picked = student_bodies(cells)
             fit_s = np.median([c["setfit_e5"]["fit_s"] for c in cells])
             by_seed = ", ".join(f"{100 * c['setfit_e5']['accuracy']:.1f} / {s:.1f}" for c, s in zip(cells, student))
             rows.append(f"| {dataset['name']} | {shots} | {len(cells)} | {score_text(cells, 'setfit_e5')} in "
