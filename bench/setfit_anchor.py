@@ -45,7 +45,8 @@ def setfit_predict(
     batch_size: int = 16,
     body_dir: str | Path | None = None,
 ) -> dict:
-    """Fine-tune SetFit (all-MiniLM-L6-v2 body, logistic-regression head) on the training texts, label the test texts.
+    """Fine-tune SetFit (all-MiniLM-L6-v2 body unless `body_dir`, logistic-regression head) on the training texts, label
+    the test texts.
 
     Returns {"predictions": [label per test text], "train_seconds", "predict_seconds", "settings": {...}}.
     `num_iterations` None applies the budget rule of `iterations_for`. `body_dir`: another sentence-transformers body
