@@ -26,6 +26,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from labelcascade.body_prompt import default_prompt
 # The budget rule is the product's own (the student's tuned body plans its pairs the same way)
 from labelcascade.fallback.body_tuning import MAX_ITERATIONS, TOKEN_BUDGET, iterations_for
 from labelcascade.retrieval.embedders import _torch_threads, default_model_dir
@@ -107,7 +108,7 @@ def _load_model(seed: int, body_dir: str | Path | None = None):
 
 def _prompt_of(body) -> str:
     """The body's default prompt, taken off it: the texts carry it instead, in training as in prediction."""
-    prompt = body.prompts.get(body.default_prompt_name or "", "")
+    prompt = default_prompt(body)
     body.default_prompt_name = None
     return prompt
 

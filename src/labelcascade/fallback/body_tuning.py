@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from labelcascade.body_prompt import default_prompt
+
 MAX_ITERATIONS = 20  # SetFit's customary iterations: pairs drawn per training text, twice (one of each kind)
 TOKEN_BUDGET = 80_000  # body tokens per tuning run; what bench/setfit_anchor.py fitted in 2-3 minutes on one core
 DEFAULT_MAX_SECONDS = 240.0  # the limit for a plan within TOKEN_BUDGET, with room for a slower machine
@@ -135,7 +137,7 @@ def tune_body(
     torch.manual_seed(seed)
     model = SentenceTransformer(str(base_dir), device="cpu", local_files_only=True)
     # A body that embeds with a prompt (E5's "query: ") is tuned on what it embeds at answer time.
-    prompt = model.prompts.get(model.default_prompt_name or "", "")
+    prompt = default_prompt(model)
     tokens = [len(ids) for ids in model.tokenizer([prompt + text for text in texts], truncation=True,
                                                   max_length=model.max_seq_length)["input_ids"]]
     iterations = iterations_for(sum(tokens), token_budget)

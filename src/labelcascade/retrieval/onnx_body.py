@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from labelcascade.atomic_file import write_text_atomically
+from labelcascade.body_prompt import default_prompt
 from labelcascade.file_hash import file_sha256, folder_sha256
 from labelcascade.models_folder import models_folder
 from labelcascade.retrieval.embedders import SMALL_BATCH, _LoadedEmbedder, load_sentence_transformer
@@ -131,7 +132,7 @@ def write_onnx_graph(folder: str | Path) -> bool:
         "inputs": inputs,
         "dim": int(model.get_embedding_dimension()),
         "max_seq_length": int(model.max_seq_length),
-        "prompt": model.prompts.get(model.default_prompt_name or "", ""),
+        "prompt": default_prompt(model),
         "lowercase": bool(getattr(model[0], "do_lower_case", False)),
         "pad_id": int(tokenizer.pad_token_id or 0),
     }
