@@ -37,6 +37,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -279,8 +280,8 @@ def keep_other_cells(result: dict, earlier: dict) -> None:
     kept = [c for c in earlier["cells"] if (c["engine"], c["dataset"]) not in ran]
     result["cells"] = kept + result["cells"]
     settings["datasets"] = [d for d in DATASETS + CHINESE if d in settings["datasets"] or d in earlier["settings"]["datasets"]]
-    if kept and earlier["settings"]["embedder"] != settings["embedder"]:
-        settings["embedder"] += f"; the kept cells: {earlier['settings']['embedder']}"
+    if kept:
+        settings["embedder"] = merged_embedders(settings["embedder"], earlier["settings"]["embedder"])
     settings["test_in_pool"] = earlier["settings"]["test_in_pool"] | settings["test_in_pool"]
     run = {"date": earlier["date"], "run_seconds": round(earlier["run_seconds"]), "machine": earlier["settings"]["machine"]}
     for key in sorted({f"{c['engine']}:{c['dataset']}" for c in kept}):
@@ -289,6 +290,23 @@ def keep_other_cells(result: dict, earlier: dict) -> None:
         if key in earlier["settings"]["caps"]:
             settings["caps"][key] = earlier["settings"]["caps"][key]
         result.setdefault("kept", {})[key] = earlier.get("kept", {}).get(key, run)
+
+
+def merged_embedders(now: str, earlier: str) -> str:
+    """One "choice (dataset embedder, ...)" setting for a result that merges runs, this run's embedder first where a
+    dataset is in both; settings of other shapes (or of another choice) are joined as they are."""
+    groups = [re.findall(r"(\w+) \(([^()]*)\)", setting) for setting in (now, earlier)]
+    choices = {choice for found in groups for choice, _ in found}
+    if not all(groups) or len(choices) != 1:
+        return now if earlier in now else f"{now}; the kept cells: {earlier}"
+    specs: dict[str, str] = {}
+    for found in groups:
+        for _, pairs in found:
+            for pair in pairs.split(", "):
+                name, _, spec = pair.partition(" ")
+                specs.setdefault(name, spec)
+    order = [d for d in DATASETS + CHINESE if d in specs] + [d for d in specs if d not in DATASETS + CHINESE]
+    return f"{choices.pop()} (" + ", ".join(f"{name} {specs[name]}" for name in order) + ")"
 
 
 def evaluate_bars(result: dict) -> list[dict]:
