@@ -394,6 +394,18 @@ def table_rows(result: dict) -> list[list[str]]:
 HEADER = ["engine", "dataset", "mode", "n", "acc %", "macro-F1 %", "cc acc %", "bias acc %", "calibrated acc %", "fallback acc %", "texts/s", "prompt tok", "computed tok", "label tok", "ratio", "load"]
 
 
+def capped_texts(settings: dict) -> str:
+    """Which texts a capped run scored: a random subset since the sample is shuffled, else the first n in file order."""
+    file_order = ("; a capped run scores the sample's first n texts in file order (on banking77 and csldcp, whose test "
+                  "files are grouped by label, a few labels only)")
+    order = settings.get("test_order")
+    if order == "shuffled":
+        return "; a capped run scores a random subset of the sample (the sample shuffled, seeded)"
+    if order == "mixed":
+        return file_order + ", this run's cells a random subset"
+    return file_order if settings["caps"] else ""
+
+
 def settings_lines(result: dict) -> list[str]:
     s, m = result["settings"], result["settings"]["machine"]
     shown = [f"{c['engine']}/{c['dataset']} {c['static_examples_shown']}" for c in result["cells"] if "static_examples_shown" in c]
@@ -402,10 +414,7 @@ def settings_lines(result: dict) -> list[str]:
         f"template {s['template']}, k {s['k']} nearest of a pool of {s['shots']}/class (seed {s['seed']}: random.Random({TRAIN_SEED_BASE}+seed), "
         f"labels sorted, {DRAW_PER_CLASS} drawn, first {s['shots']} kept = bench/fallback.py's 8/class set), embedder {s['embedder']}, in-memory ExampleStore (FAISS flat)",
         f"test: up to {s['test_size']} texts per dataset (fixed sample, random.Random({TEST_SEED})); per-engine text caps: {', '.join(f'{k}={v}' for k, v in s['caps'].items()) or 'none'}"
-        + ("; a capped run scores a random subset of the sample (the sample shuffled, seeded)" if s.get("test_order") == "shuffled"
-           else "; a capped run scores the sample's first n texts in file order (on banking77 and csldcp, whose test files are "
-                "grouped by label, a few labels only)" + (", this run's cells a random subset" if s.get("test_order") == "mixed" else "")
-           if s["caps"] else "")
+        + capped_texts(s)
         + (f"; --limit {s['limit']} (smoke run)" if s["limit"] else ""),
         f"modes {', '.join(s.get('modes', MODES))}; cached = {s.get('static_per_label', STATIC_PER_LABEL)} pool examples per label in the static part + "
         f"{s.get('k_cached', K_CACHED)} nearest retrieved"
