@@ -178,6 +178,26 @@ def test_calibrating_on_too_few_dev_texts_warns(embedder, caplog):
     assert 0 < unsure < 20 and any(f"rest on the {unsure} dev texts" in w for w in perfect.warnings)
 
 
+def test_label_offsets_fitted_without_some_labels_say_which(embedder):
+    """Label offsets fitted on dev texts of a few labels (a file sorted by label, cut short) teach the LLM to avoid the
+    labels left out: calibrate names them, and says nothing when every label has dev texts."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    texts, labels = banking_messages()
+    left_out = sorted(set(labels))[0]
+    kept = [i for i, label in enumerate(labels) if label != left_out]
+    partial = with_llm_answers(session, [texts[i] for i in kept], [labels[i] for i in kept], [labels[i] for i in kept])
+    full = with_llm_answers(session, texts, labels, labels)
+    for dev in (partial, full):
+        dev.label_bias = np.zeros(len(session.labels))  # offsets kept, as label_bias.choose keeps them where they help
+    missing = [name for name in session.labels if name not in {labels[i] for i in kept}]
+    warned = [w for w in choose_policy(session.cascade, partial).warnings if "label offsets were fitted" in w]
+    assert len(warned) == 1 and f"none of {len(missing)} of the {len(session.labels)} labels" in warned[0]
+    assert repr(left_out) in warned[0]
+    assert not [w for w in choose_policy(session.cascade, full).warnings if "label offsets" in w]
+    partial.label_bias = None  # no offsets: nothing leans away from the labels left out
+    assert not [w for w in choose_policy(session.cascade, partial).warnings if "label offsets" in w]
+
+
 def test_label_offsets_undo_the_llms_lean_toward_spam(embedder, gemma, tmp_path):
     """Gemma 3 270M answers "spam" to most of sms_spam whatever the text: calibrate fits per-label offsets on the dev
     texts' scores (no more LLM calls), keeps them because they raise the held-out dev accuracy, and the workspace
@@ -195,6 +215,7 @@ def test_label_offsets_undo_the_llms_lean_toward_spam(embedder, gemma, tmp_path)
     without, with_offsets = dev.bias_accuracy
     assert without < 0.5 and with_offsets >= 0.8  # held out: the offsets were fitted on the other dev folds
     assert any("label offsets on" in note for note in report.notes)
+    assert not [w for w in report.warnings if "label offsets were fitted" in w]  # both labels have dev texts
     truth = np.array([task.label_names.index(label) for label in dev_labels])
     assert (dev.llm.argmax(axis=1) == truth).mean() >= 0.8  # the LLM's dev answers, with its offsets
     with Session.open(tmp_path / "ws", embedder=embedder, engine=gemma) as reopened:

@@ -317,6 +317,7 @@ def choose_policy(
     accuracy = float(_correct(final, dev.truth, multi).mean())
     scope = {} if multi else _scope_scores(final, dev.truth, policy.abstain_threshold if cascade.task.allow_abstain else 0.0)
     warnings = _few_texts_warnings(dev, sent if dev.llm is not None else None, policy, learned, scope)
+    warnings += _uncovered_labels_warning(dev, cascade.task.label_names)
     return Calibration(
         policy=policy,
         dev_texts=len(dev.truth),
@@ -370,6 +371,23 @@ def _few_texts_warnings(dev: DevSet, sent: np.ndarray | None, policy: Policy, le
         warnings.append(f"the abstain threshold rests on {scope['out_of_scope_texts']} dev texts with no label; "
                         f"give at least {FEW_DEV_TEXTS // 4} out-of-scope texts")
     return warnings
+
+
+def _uncovered_labels_warning(dev: DevSet, names: Sequence[str]) -> list[str]:
+    """Label offsets fitted on dev texts that hold none of some labels push those labels down: for the offsets, a
+    label the dev texts never show is a rare one. That is right when the dev texts are drawn as the texts to classify
+    are, and wrong when they were picked from a few labels (a file sorted by label, cut short): then the LLM is taught
+    to avoid the labels left out. Said, not undone: calibrate cannot tell which of the two it was given."""
+    if dev.label_bias is None:
+        return []
+    present = set(dev.truth[dev.truth >= 0].tolist())
+    missing = [name for i, name in enumerate(names) if i not in present]
+    if not missing:
+        return []
+    shown = ", ".join(repr(name) for name in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return [f"the LLM's label offsets were fitted on dev texts that hold none of {len(missing)} of the {len(names)} labels "
+            f"({shown}): the LLM now leans away from them as if they were rare; if the dev texts were not drawn as the "
+            "texts to classify are (all labels in their usual shares), give dev texts of those labels and calibrate again"]
 
 
 def number_text(value: float | None) -> str:
