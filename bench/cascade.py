@@ -15,7 +15,11 @@ Per dataset (the five English ones and the Chinese eprstmt and csldcp; seed 0): 
 (bench/fallback.py's 8/class set), a dev set of --dev-size training texts outside the pool (random.Random(7)), and
 --test-size test texts (the fixed sample of bench/common.py). The task is labels.json (names + descriptions); the
 embedder is the one `Session.create(embedder="auto")` picks from the pool (`chosen_embedder`), for every arm; the
-engine is the embedded default (Gemma 3 270M Q4_K_M through llama.cpp). Arms, each on the same test texts:
+engine is the embedded default (Gemma 3 270M Q4_K_M through llama.cpp) or the one --engine names (an engine spec of
+`load_engine`: `llamacpp:qwen-1.5b` once `labelcascade install-model qwen-1.5b` has run). The test sample is shuffled
+(seeded), so that the LLM arms' first n texts and a --limit are random subsets of it: banking77's and csldcp's test
+files are grouped by label (runs before 2026-12-06 took them in file order, few labels; settings say `test_order`).
+Arms, each on the same test texts:
 - svm: the fallback alone (`Session.create(engine=None)`), k-NN: 8 nearest pool examples by cosine, majority vote;
 - llm zero-shot / few-shot (k=8): the LLM alone over every label, through the cascade with accept threshold 1 and
   LLM weight 1 (capped at --llm-texts texts: it is the slow arm);
@@ -50,7 +54,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from labelcascade import Session, Route
 from labelcascade.agent import Policy
-from labelcascade.agent.engines.llamacpp import LlamaCppEngine
+from labelcascade.agent.engines import DEFAULT_ENGINE, load_engine
+from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS
 from labelcascade.retrieval import load_embedder
 from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
@@ -77,6 +82,18 @@ WIN_BAR = 5  # of the seven datasets
 MANY_LABELS = 10  # scoring every label is the LLM arms' cost: 77 labels take several seconds per text on 2 cores
 
 
+def open_engine(spec: str, args):
+    """The LLM engine a spec names, on --threads llama.cpp threads where it is llama.cpp."""
+    return load_engine(spec, n_threads=args.threads) if spec.startswith("llamacpp:") else load_engine(spec)
+
+
+def engine_title(engine) -> str:
+    """The engine's spec and, for the packaged GGUFs, which model it is."""
+    name = engine.spec.partition(":")[2]
+    model = "Gemma 3 270M Q4_K_M" if name in ("", "default") else PACKAGED_MODELS[name].title if name in PACKAGED_MODELS else None
+    return engine.spec + (f" ({model})" if model else "")
+
+
 def prepare(data: Path, name: str, args) -> dict:
     folder = data / name
     meta = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
@@ -95,7 +112,10 @@ def prepare(data: Path, name: str, args) -> dict:
     if unlabeled.is_file():
         texts = read_jsonl(unlabeled)
         stream = [texts[i] for i in random.Random(STREAM_SEED).sample(range(len(texts)), min(len(texts), args.stream_size))]
-    test = test_sample(test, args.test_size)[: args.limit]
+    test = test_sample(test, args.test_size)
+    if getattr(args, "test_order", "shuffled") == "shuffled":  # reruns of an earlier result keep its order
+        random.Random(TEST_SEED).shuffle(test)
+    test = test[: args.limit]
     return {"name": name, "task": task, "pool": pool, "dev": dev, "stream": stream, "test": test,
             "stream_source": (f"unlabeled.jsonl (random.Random({STREAM_SEED}) order)" if unlabeled.is_file()
                               else f"training texts outside pool and dev (random.Random({DEV_SEED}) order)")}
@@ -225,7 +245,8 @@ def rerun_cascade(args) -> None:
     result = json.loads(args.out.read_text(encoding="utf-8"))
     for key in ("test_size", "dev_size", "limit"):
         setattr(args, key, result["settings"][key])
-    embedders, engine = Embedders(), LlamaCppEngine(n_threads=args.threads)
+    args.test_order = result["settings"].get("test_order", "file")
+    embedders, engine = Embedders(), open_engine(result["settings"].get("engine_spec", DEFAULT_ENGINE), args)
     rows = {row["dataset"]: row for row in result["datasets"]}
     for name in args.datasets:  # in the order given
         ds = prepare(args.data, name, args)
@@ -258,15 +279,18 @@ def rerun_stream(args) -> None:
     """Redo only the stream of an earlier run (same pool, dev, stream and test texts), then bars and markdown; with
     no earlier run in --out, a result of streams alone, on the --test-size and --dev-size given."""
     load = [round(x, 1) for x in os.getloadavg()]
-    t0, embedders, engine = time.monotonic(), Embedders(), LlamaCppEngine(n_threads=args.threads)
+    t0 = time.monotonic()
     if args.out.exists():
         result = json.loads(args.out.read_text(encoding="utf-8"))
         for key in ("test_size", "dev_size", "limit"):
             setattr(args, key, result["settings"][key])
-    else:
+        args.test_order = result["settings"].get("test_order", "file")
+        args.engine = result["settings"].get("engine_spec", DEFAULT_ENGINE)  # the earlier run's engine
+    embedders, engine = Embedders(), open_engine(args.engine, args)
+    if not args.out.exists():
         result = {"date": dt.date.today().isoformat(), "datasets": [], "settings": {
             "datasets": [], "test_size": args.test_size, "dev_size": args.dev_size, "limit": args.limit, "calibrate": CALIBRATE,
-            "engine": engine.spec + " (Gemma 3 270M Q4_K_M)", "llama_threads": args.threads}}
+            "engine": engine_title(engine), "engine_spec": args.engine, "test_order": "shuffled", "llama_threads": args.threads}}
     ds = prepare(args.data, args.stream_dataset, args)
     session, calibration = calibrated_classifier(ds, embedders.for_pool(ds), engine)
     before = run_classifier(session, *texts_labels(ds["test"]))
@@ -299,6 +323,7 @@ def add_setfit(args) -> None:
     """Add the SetFit arm to the datasets of an earlier run (same pool and test texts), then redo bars and markdown."""
     result = json.loads(args.out.read_text(encoding="utf-8"))
     args.test_size, args.limit = result["settings"]["test_size"], result["settings"]["limit"]  # the same test texts
+    args.test_order = result["settings"].get("test_order", "file")
     for row in result["datasets"]:
         found = run_setfit(prepare(args.data, row["dataset"], args))
         row["arms"]["setfit"] = found["setfit"]
@@ -420,7 +445,7 @@ def arms_section(result: dict, heading: str = ARMS_HEADING, out: Path = DEFAULT_
     lines = [heading, "", f"Generated by `.venv/bin/python bench/cascade.py` on {result['date']} ({run_time(result)}); "
              f"raw numbers in `{out.relative_to(REPO) if out.is_relative_to(REPO) else out}`. Do not edit by hand: the script rewrites this section.", "",
              f"Settings: pool {SHOTS}/class (seed {SEED}, = bench/fallback.py's 8/class set); dev {s['dev_size']} training texts outside the pool "
-             f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED})){limited(s)}; LLM-only arms on the first "
+             f"(random.Random({DEV_SEED})); test {s['test_size']} texts (fixed sample, random.Random({TEST_SEED}){test_order(s)}){limited(s)}; LLM-only arms on the first "
              f"--llm-texts {s['llm_texts']} of them ({s['llm_texts_many_labels']} with > {MANY_LABELS} labels); engine {s['engine']}; {embedders_cell(result)}; cascade = {s['calibrate']}, learning off; k-NN k={K} cosine; texts/s = wall time of classify incl. embedding; "
              f"{s['machine']['cpu_count']} shared CPU cores, load {s['machine']['load_start']} at start, {s['machine'].get('load_end', 'not recorded')} at end.",
              *(["", f"**Note:** {s['note']}"] if s.get("note") else []),
@@ -453,6 +478,13 @@ def run_time(result: dict) -> str:
         return f"run time {result['run_seconds']:.0f} s"
     done = ", ".join(row["dataset"] for row in result["datasets"])
     return f"stopped before its end: of {', '.join(result['settings']['datasets'])}, only {done} finished"
+
+
+def test_order(settings: dict) -> str:
+    """How the sample was ordered before the LLM arms and --limit took their first n."""
+    if settings.get("test_order") == "shuffled":
+        return ", shuffled (seeded): the first n are a random subset"
+    return ", in file order: on banking77 and csldcp, grouped by label, the first n cover few labels"
 
 
 def limited(settings: dict) -> str:
@@ -532,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-dataset", default="ag_news", choices=ALL_DATASETS)
     parser.add_argument("--stream-size", type=int, default=2000)
     parser.add_argument("--limit", type=int, help="at most this many test texts (smoke runs)")
+    parser.add_argument("--engine", default=DEFAULT_ENGINE, help="the LLM engine's spec (labelcascade.agent.engines.load_engine), "
+                        "e.g. llamacpp:qwen-1.5b once `labelcascade install-model qwen-1.5b` has run")
     parser.add_argument("--threads", type=int, help="llama.cpp threads (default 2 here); 1 keeps its speed when other "
                         "processes share the CPU, where 2 threads collapse")
     parser.add_argument("--no-setfit", action="store_true")
@@ -565,10 +599,10 @@ def main(argv: list[str] | None = None) -> int:
         result["bars"] = evaluate_bars(result)  # by this code (a run stopped before its end has none yet)
         write_markdown(result, args)
         return 0
-    t0, embedders, engine = time.monotonic(), Embedders(), LlamaCppEngine(n_threads=args.threads)
+    t0, embedders, engine = time.monotonic(), Embedders(), open_engine(args.engine, args)
     settings = {"datasets": args.datasets, "test_size": args.test_size, "dev_size": args.dev_size, "llm_texts": args.llm_texts,
                 "llm_texts_many_labels": args.llm_texts_many_labels,
-                "limit": args.limit, "engine": engine.spec + " (Gemma 3 270M Q4_K_M)",
+                "limit": args.limit, "engine": engine_title(engine), "engine_spec": args.engine, "test_order": "shuffled",
                 "llama_threads": args.threads, "calibrate": CALIBRATE,
                 "machine": {"cpu_count": os.cpu_count(), "load_start": [round(x, 1) for x in os.getloadavg()],
                             "platform": platform.platform(), "python": platform.python_version()}}
