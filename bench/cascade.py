@@ -61,7 +61,7 @@ from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
 
 from common import (
-    CHINESE, DATASETS, DEFAULT_DATA, MARKDOWN, REPO, TEST_SEED, log, per_class_draw, read_jsonl, test_sample, write_markdown_section,
+    CHINESE, DATASETS, DEFAULT_DATA, MARKDOWN, REPO, TEST_SEED, log, per_class_draw, read_jsonl, shuffled_test_sample, test_sample, write_markdown_section,
 )
 from embedders import Vectors
 
@@ -112,10 +112,8 @@ def prepare(data: Path, name: str, args) -> dict:
     if unlabeled.is_file():
         texts = read_jsonl(unlabeled)
         stream = [texts[i] for i in random.Random(STREAM_SEED).sample(range(len(texts)), min(len(texts), args.stream_size))]
-    test = test_sample(test, args.test_size)
-    if getattr(args, "test_order", "shuffled") == "shuffled":  # reruns of an earlier result keep its order
-        random.Random(TEST_SEED).shuffle(test)
-    test = test[: args.limit]
+    shuffled = getattr(args, "test_order", "shuffled") == "shuffled"  # reruns of an earlier result keep its order
+    test = (shuffled_test_sample if shuffled else test_sample)(test, args.test_size)[: args.limit]
     return {"name": name, "task": task, "pool": pool, "dev": dev, "stream": stream, "test": test,
             "stream_source": (f"unlabeled.jsonl (random.Random({STREAM_SEED}) order)" if unlabeled.is_file()
                               else f"training texts outside pool and dev (random.Random({DEV_SEED}) order)")}
@@ -239,13 +237,19 @@ def run_cascade(ds: dict, embedder, engine, n_llm: int) -> tuple[Session, dict]:
                      "candidate_recall_test": candidate_recall(cascade, test_texts, test_gold)}
 
 
+def same_texts_as(result: dict, args) -> None:
+    """Set `args` so that `prepare` draws the dev and test texts of an earlier result, in its order (file order for
+    runs before the sample was shuffled)."""
+    for key in ("test_size", "dev_size", "limit"):
+        setattr(args, key, result["settings"][key])
+    args.test_order = result["settings"].get("test_order", "file")
+
+
 def rerun_cascade(args) -> None:
     """Redo only the calibrated cascade arm of an earlier run (same pool, dev and test texts), then bars and markdown:
     the other arms (svm, k-NN, the LLM alone, SetFit) do not depend on calibration."""
     result = json.loads(args.out.read_text(encoding="utf-8"))
-    for key in ("test_size", "dev_size", "limit"):
-        setattr(args, key, result["settings"][key])
-    args.test_order = result["settings"].get("test_order", "file")
+    same_texts_as(result, args)
     embedders, engine = Embedders(), open_engine(result["settings"].get("engine_spec", DEFAULT_ENGINE), args)
     rows = {row["dataset"]: row for row in result["datasets"]}
     for name in args.datasets:  # in the order given
@@ -282,9 +286,7 @@ def rerun_stream(args) -> None:
     t0 = time.monotonic()
     if args.out.exists():
         result = json.loads(args.out.read_text(encoding="utf-8"))
-        for key in ("test_size", "dev_size", "limit"):
-            setattr(args, key, result["settings"][key])
-        args.test_order = result["settings"].get("test_order", "file")
+        same_texts_as(result, args)
         args.engine = result["settings"].get("engine_spec", DEFAULT_ENGINE)  # the earlier run's engine
     embedders, engine = Embedders(), open_engine(args.engine, args)
     if not args.out.exists():
@@ -322,8 +324,7 @@ def run_setfit(ds: dict) -> dict:
 def add_setfit(args) -> None:
     """Add the SetFit arm to the datasets of an earlier run (same pool and test texts), then redo bars and markdown."""
     result = json.loads(args.out.read_text(encoding="utf-8"))
-    args.test_size, args.limit = result["settings"]["test_size"], result["settings"]["limit"]  # the same test texts
-    args.test_order = result["settings"].get("test_order", "file")
+    same_texts_as(result, args)
     for row in result["datasets"]:
         found = run_setfit(prepare(args.data, row["dataset"], args))
         row["arms"]["setfit"] = found["setfit"]

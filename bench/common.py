@@ -38,6 +38,14 @@ def test_sample(rows: list[dict], size: int) -> list[dict]:
     return [rows[i] for i in sorted(random.Random(TEST_SEED).sample(range(len(rows)), size))]
 
 
+def shuffled_test_sample(rows: list[dict], size: int) -> list[dict]:
+    """`test_sample` in a seeded shuffled order, so that its first n rows are a random subset of it: banking77's and
+    csldcp's test files are grouped by label, and the first n in file order cover a few labels only."""
+    sample = test_sample(rows, size)
+    random.Random(TEST_SEED).shuffle(sample)
+    return sample
+
+
 def per_class_draw(train: list[dict], seed: int, name: str, draw: int = DRAW_PER_CLASS) -> dict[str, list[int]]:
     """Indices into `train` of `draw` examples of every label (labels sorted), seeded by `seed`."""
     by_label: dict[str, list[int]] = {}

@@ -38,7 +38,6 @@ import datetime as dt
 import json
 import os
 import platform
-import random
 import re
 import socket
 import subprocess
@@ -60,7 +59,7 @@ from labelcascade.task import Task
 
 from common import (
     CHINESE, DATASETS, DEFAULT_DATA, DRAW_PER_CLASS, MARKDOWN, REPO, TEST_SEED, TRAIN_SEED_BASE, log, per_class_draw, read_jsonl,
-    test_sample, write_markdown_section,
+    shuffled_test_sample, write_markdown_section,
 )
 
 DEFAULT_OUT = REPO / "bench" / "results" / "llm.json"
@@ -88,11 +87,10 @@ def prepare(data: Path, name: str, test_size: int, seed: int, embedders: dict, c
     descriptions = meta.get("descriptions") or {}
     task = Task.build({"name": name, "labels": [{"name": n, "description": descriptions.get(n, "")} for n in meta["labels"]]})
     train, test = read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl")
-    # In a shuffled order (seeded), so that a capped run's first n texts are a random subset of the sample: banking77's
-    # and csldcp's test files are grouped by label, and their first 60 sampled texts in file order cover 16 and 12 labels,
-    # whose label-bias offsets, fitted on four fifths of them, then learned which few labels the slice holds.
-    test = test_sample(test, test_size)
-    random.Random(TEST_SEED).shuffle(test)
+    # Shuffled, so that a capped run's first n texts are a random subset of the sample: in file order banking77's and
+    # csldcp's first 60 sampled texts cover 16 and 12 labels, whose label-bias offsets, fitted on four fifths of them,
+    # then learned which few labels the slice holds.
+    test = shuffled_test_sample(test, test_size)
     pool = [train[i] for indices in per_class_draw(train, seed, name).values() for i in indices[:SHOTS]]
     if choice == "auto":
         spec = chosen_embedder(task, [r["text"] for r in pool], [[r["label"]] for r in pool], load=embedders.__getitem__)
