@@ -55,13 +55,13 @@ from sklearn.neighbors import KNeighborsClassifier
 from labelcascade import Session, Route
 from labelcascade.agent import Policy
 from labelcascade.agent.engines import DEFAULT_ENGINE, load_engine
-from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS
 from labelcascade.retrieval import load_embedder
 from labelcascade.session import chosen_embedder
 from labelcascade.task import Task
 
 from common import (
-    CHINESE, DATASETS, DEFAULT_DATA, MARKDOWN, REPO, TEST_SEED, log, per_class_draw, read_jsonl, shuffled_test_sample, test_sample, write_markdown_section,
+    CHINESE, DATASETS, DEFAULT_DATA, MARKDOWN, REPO, TEST_SEED, llamacpp_model_title, log, per_class_draw, read_jsonl,
+    shuffled_test_sample, test_sample, write_markdown_section,
 )
 from embedders import Vectors
 
@@ -89,8 +89,7 @@ def open_engine(spec: str, args):
 
 def engine_title(engine) -> str:
     """The engine's spec and, for the packaged GGUFs, which model it is."""
-    name = engine.spec.partition(":")[2]
-    model = "Gemma 3 270M Q4_K_M" if name in ("", "default") else PACKAGED_MODELS[name].title if name in PACKAGED_MODELS else None
+    model = llamacpp_model_title(engine.spec.partition(":")[2]) if engine.spec.startswith("llamacpp") else None
     return engine.spec + (f" ({model})" if model else "")
 
 
@@ -225,9 +224,9 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
             "arms": arms, **extra, "_classifier": cascade}
 
 
-def run_cascade(ds: dict, embedder, engine, n_llm: int) -> tuple[Session, dict]:
+def run_cascade(ds: dict, embedder, engine, n_llm: int, layouts: list[tuple[int, int]] | None = None) -> tuple[Session, dict]:
     """The calibrated cascade arm: on all test texts, on the LLM arms' first `n_llm`, and its candidate recall."""
-    cascade, calibration = calibrated_classifier(ds, embedder, engine)
+    cascade, calibration = calibrated_classifier(ds, embedder, engine, layouts)
     test_texts, test_gold = texts_labels(ds["test"])
     log(f"  {ds['name']}: cascade on {len(test_texts)} texts")
     predictions, seconds = timed_classify(cascade, test_texts)
@@ -254,27 +253,30 @@ def rerun_cascade(args) -> None:
     rows = {row["dataset"]: row for row in result["datasets"]}
     for name in args.datasets:  # in the order given
         ds = prepare(args.data, name, args)
-        session, found = run_cascade(ds, embedders.for_pool(ds), engine, rows[name]["llm_texts"])
+        session, found = run_cascade(ds, embedders.for_pool(ds), engine, rows[name]["llm_texts"], args.layouts)
         session.close()
         rows[name]["arms"]["cascade"] = found.pop("cascade")
         rows[name].update(found, cascade_rerun=dt.date.today().isoformat())
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
     engine.close()
-    result["settings"]["calibrate"] = (f"{CALIBRATE} (the cascade arm rerun on {dt.date.today().isoformat()} with "
-                                       f"{args.threads or 2} llama.cpp thread(s); the other arms from the first run)")
+    compared = f", layouts={args.layouts}" if args.layouts else ""
+    result["settings"]["calibrate"] = (f"{CALIBRATE.removesuffix(')')}{compared}) (the cascade arm rerun on "
+                                       f"{dt.date.today().isoformat()} with {args.threads or 2} llama.cpp thread(s); the "
+                                       "other arms from the first run)")
     result["bars"] = evaluate_bars(result)
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     if not args.no_markdown:
         write_markdown(result, args)
 
 
-def calibrated_classifier(ds: dict, embedder, engine) -> tuple[Session, dict]:
-    """The pool's session calibrated on the dev set (learning off), and the calibration report."""
+def calibrated_classifier(ds: dict, embedder, engine, layouts: list[tuple[int, int]] | None = None) -> tuple[Session, dict]:
+    """The pool's session calibrated on the dev set (learning off), and the calibration report; `layouts`: the prompt
+    layouts calibrate compares (None: the policy's own)."""
     log(f"  {ds['name']}: calibrating on {len(ds['dev'])} dev texts")
     session = new_classifier(ds, embedder, engine, Policy(learn=False))
     began = time.perf_counter()
     report = session.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
-                                  learn_precision=LEARN_PRECISION, tolerance=TOLERANCE)
+                                  learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, layouts=layouts)
     log("    " + report.table().replace("\n", "\n    "))
     return session, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
 
@@ -580,12 +582,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cascade-only", action="store_true",
                         help="only redo the calibrated cascade arm of the run in --out, for --datasets")
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
+    parser.add_argument("--layout", dest="layouts", action="append", metavar="STATIC:RETRIEVED",
+                        type=lambda value: tuple(int(x) for x in value.split(":")),
+                        help="with --cascade-only: a prompt layout calibrate compares (repeat: 0:8 and 4:2); default: the policy's own")
     parser.add_argument("--retrain-every", type=int, default=RETRAIN_EVERY,
                         help="stream: retrain the fallback after this many new LLM examples (Policy.retrain_every)")
     parser.add_argument("--stream-heading", default=STREAM_HEADING[3:], help="the BENCHMARKS.md section of the streams")
     parser.add_argument("--stream-only", action="store_true",
                         help="only redo the stream (calibrating again) for the results in --out")
     args = parser.parse_args(argv)
+    if args.layouts and not args.cascade_only:
+        parser.error("--layout goes with --cascade-only (an A/B of calibrate on an earlier run's texts)")
     if args.cascade_only:
         rerun_cascade(args)
         return 0

@@ -22,6 +22,16 @@ TEST_SEED = 20240607  # fixed sample of a test split larger than the size asked 
 DRAW_PER_CLASS = 16  # every seed draws 16 per class; fewer shots take a prefix, so the sets nest
 
 
+def llamacpp_model_title(name: str) -> str | None:
+    """Which model a `llamacpp:<name>` spec runs, as the benchmarks' settings name it: the embedded default (Gemma),
+    a packaged model's title, or None for a path."""
+    from labelcascade.agent.engines.packaged_models import PACKAGED_MODELS
+
+    if name in ("", "default"):
+        return "Gemma 3 270M base, GGUF Q4_K_M"
+    return PACKAGED_MODELS[name].title if name in PACKAGED_MODELS else None
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
