@@ -372,7 +372,8 @@ def calibrate(
     layout: Annotated[list[str] | None, typer.Option(
         help="A prompt layout to compare, STATIC:RETRIEVED (examples per label in the prompt's cached static part : "
              "retrieved examples per text), e.g. --layout 0:8 --layout 4:2; the one with the best dev accuracy is "
-             "kept. Default: the workspace's current layout.")] = None,
+             "kept. Default: the workspace's current layout and the cached one, 4:2, where its static part shows "
+             "every label (the current one kept on a tie); one --layout keeps that layout without comparing.")] = None,
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table.
     Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them."""

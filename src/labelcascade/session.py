@@ -40,6 +40,7 @@ from labelcascade.agent import (
     choose_policy,
 )
 from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
+from labelcascade.agent.policy import CACHED_LAYOUT
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
 from labelcascade.fallback.body_tuning import tune_body
@@ -522,9 +523,19 @@ class Session:
         `layouts`: prompt layouts to compare, as (static examples per label, retrieved examples) pairs (see
         `Policy.static_examples`), e.g. `[(0, 8), (4, 2)]`: the LLM is asked about the dev texts once per layout,
         and the layout whose calibrated cascade reaches the best dev accuracy is kept (on a tie, the first listed).
-        Default: the policy's own layout only."""
+        Default: the policy's own layout and the cached one (`CACHED_LAYOUT`, 4 static per label and 2 retrieved)
+        where its static part shows every label (`Cascade.static_part_shows_every_label`), the policy's kept on a
+        tie, so the choice never lowers dev accuracy; the cached layout costs the LLM less per text.
+        `layouts=[(static, retrieved)]` keeps one layout without comparing."""
         current = self.cascade.policy
-        tried = [(current.static_examples, current.examples)] if layouts is None else [tuple(pair) for pair in layouts]
+        own = (current.static_examples, current.examples)
+        if layouts is None:
+            cached = current.model_copy(update={"static_examples": CACHED_LAYOUT[0], "examples": CACHED_LAYOUT[1]})
+            compare = (self.cascade.engine is not None and own != CACHED_LAYOUT
+                       and self.cascade.static_part_shows_every_label(cached))
+            tried = [own, CACHED_LAYOUT] if compare else [own]
+        else:
+            tried = [tuple(pair) for pair in layouts]
         if not tried or any(len(pair) != 2 for pair in tried):
             raise ValueError(f"layouts must be (static examples per label, retrieved examples) pairs, not {layouts!r}")
         best, compared = None, []

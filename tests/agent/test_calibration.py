@@ -9,6 +9,7 @@ from labelcascade import Session, Route
 from labelcascade.agent import Policy
 from labelcascade.agent.calibration import DevSet, abstain_threshold, accept_threshold, choose_policy
 from labelcascade.agent.candidates import smallest_m_for_recall
+from labelcascade.agent.policy import CACHED_LAYOUT
 
 from labelcascade.task import Task
 
@@ -240,6 +241,37 @@ def test_calibrate_compares_prompt_layouts_and_keeps_the_best(embedder, gemma, t
         assert (session.policy.static_examples, session.policy.examples) == kept
         again = choose_policy(session.cascade, DevSet.load(session.path / "calibration.npz"))
         assert again.cascade_accuracy == pytest.approx(report.cascade_accuracy)
+
+
+def test_calibrate_compares_the_policys_layout_with_the_cached_one_unless_told(embedder, gemma, tmp_path):
+    """By default calibrate tries the policy's own layout and CACHED_LAYOUT (the own one kept on a tie); one layout
+    given is kept without comparing; a workspace without an LLM, or whose cached static part would leave a label
+    out, compares nothing."""
+    texts, labels = few_shot("sst2", 4)
+    dev_texts, dev_labels = held_out("sst2", 16)
+    task = Task.from_labels(["negative", "positive"], name="sentiment")
+    with Session.create(task, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
+                        policy=Policy(accept_threshold=1.0, examples=3)) as session:
+        session.add_examples(texts, labels, retrain=True)
+        report = session.calibrate(dev_texts, dev_labels)
+        lines = [note for note in report.notes if note.startswith("layout ")]
+        assert [line.split(":")[0] for line in lines] == [
+            "layout 0 static examples per label + 3 retrieved",
+            f"layout {CACHED_LAYOUT[0]} static examples per label + {CACHED_LAYOUT[1]} retrieved"]
+        accuracies = [float(line.split("cascade dev accuracy ")[1].split(",")[0]) for line in lines]
+        kept = (0, 3) if accuracies[0] >= accuracies[1] else CACHED_LAYOUT
+        assert (session.policy.static_examples, session.policy.examples) == kept
+        one = session.calibrate(dev_texts, dev_labels, layouts=[(0, 3)])
+        assert not [note for note in one.notes if note.startswith("layout ")]
+        assert (session.policy.static_examples, session.policy.examples) == (0, 3)
+    with Session.create(task, workspace=tmp_path / "alone", embedder=embedder, engine=None) as alone:
+        alone.add_examples(texts, labels, retrain=True)
+        assert not [note for note in alone.calibrate(dev_texts, dev_labels).notes if note.startswith("layout ")]
+    # A static part that would leave a label out (no example of "neutral" yet) is not tried.
+    three = Task.from_labels(["negative", "positive", "neutral"], name="sentiment")
+    with Session.create(three, workspace=tmp_path / "three", embedder=embedder, engine=gemma) as partial:
+        partial.add_examples(texts, labels, retrain=True)
+        assert not [note for note in partial.calibrate(dev_texts, dev_labels).notes if note.startswith("layout ")]
 
 
 def test_a_reopened_classifier_routes_by_the_calibrated_policy(calibrated, embedder, gemma):

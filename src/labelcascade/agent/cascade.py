@@ -180,6 +180,13 @@ class Cascade:
         in_turn = [row[turn] for turn in range(per_label) for row in by_label.values() if turn < len(row)]
         return static_examples_that_fit(in_turn)
 
+    def static_part_shows_every_label(self, policy: Policy) -> bool:
+        """Whether `policy`'s static part would show at least one example of each label. One that leaves labels
+        out teaches a small model that they are rare, for every text (BENCHMARKS.md, "The layout calibrate
+        chooses": csldcp, whose static part has room for a few of its labels)."""
+        shown = {example.label for example in self.static_examples(policy)}
+        return all(name in shown for name in self._labels)
+
     def llm_scores(
         self,
         texts: Sequence[str],

@@ -11,6 +11,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# The cached layout, as (static examples per label, retrieved examples): what `calibrate` tries beside the policy's own
+# layout unless told which to compare. Few examples per label in the prompt's static part, which the engine's prefix
+# cache computes once per task, and two retrieved ones per text: on some tasks a small model answers better so than
+# with eight retrieved examples, and on every task it computes fewer tokens per text (BENCHMARKS.md, "LLM engines:
+# the layout calibrate chooses (bench/llm.py)").
+CACHED_LAYOUT = (4, 2)
+
+
 class Policy(BaseModel):
     """How one task's texts are routed between the fallback and the LLM."""
 
