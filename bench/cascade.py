@@ -23,9 +23,10 @@ Arms, each on the same test texts:
 - svm: the fallback alone (`Session.create(engine=None)`), k-NN: 8 nearest pool examples by cosine, majority vote;
 - llm zero-shot / few-shot (k=8): the LLM alone over every label, through the cascade with accept threshold 1 and
   LLM weight 1 (capped at --llm-texts texts: it is the slow arm);
-- cascade: the session calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.4,
-  learn_precision=0.85, tolerance=0.01)`), learning
-  switched off so every test text meets the same model;
+- cascade: the session calibrated on the dev set (`calibrate(target_precision=0.95, llm_budget=0.3,
+  learn_precision=0.85, tolerance=0.01)`, which since 2026-12-06 also chooses the prompt layout, the policy's own or
+  the cached one; `--cascade-only --layout` sets which it compares), learning switched off so every test text meets
+  the same model;
 - setfit: SetFit with the MiniLM body on the same pool (bench/setfit_anchor.py; `pip install -e '.[bench]'`), on
   the English datasets only (that body does not read Chinese; bench/student.py has the multilingual comparison).
 Stream (one dataset, default ag_news): the calibrated session, learning on (retrain every --retrain-every LLM labels,
@@ -271,7 +272,8 @@ def rerun_cascade(args) -> None:
 
 def calibrated_classifier(ds: dict, embedder, engine, layouts: list[tuple[int, int]] | None = None) -> tuple[Session, dict]:
     """The pool's session calibrated on the dev set (learning off), and the calibration report; `layouts`: the prompt
-    layouts calibrate compares (None: the policy's own)."""
+    layouts calibrate compares (None: calibrate's default, the policy's own and the cached one; the report's notes
+    say which it kept)."""
     log(f"  {ds['name']}: calibrating on {len(ds['dev'])} dev texts")
     session = new_classifier(ds, embedder, engine, Policy(learn=False))
     began = time.perf_counter()
@@ -584,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
     parser.add_argument("--layout", dest="layouts", action="append", metavar="STATIC:RETRIEVED",
                         type=lambda value: tuple(int(x) for x in value.split(":")),
-                        help="with --cascade-only: a prompt layout calibrate compares (repeat: 0:8 and 4:2); default: the policy's own")
+                        help="with --cascade-only: a prompt layout calibrate compares (repeat: 0:8 and 4:2; one: no comparison); "
+                             "default: calibrate's own (the policy's layout and the cached one)")
     parser.add_argument("--retrain-every", type=int, default=RETRAIN_EVERY,
                         help="stream: retrain the fallback after this many new LLM examples (Policy.retrain_every)")
     parser.add_argument("--stream-heading", default=STREAM_HEADING[3:], help="the BENCHMARKS.md section of the streams")
