@@ -192,6 +192,18 @@ def run_mode(engine, kind: str, ds: dict, mode: str, n: int, with_twins: bool = 
     return result
 
 
+def calibrated_fold(logprobs: np.ndarray, truth: np.ndarray, held_out: np.ndarray) -> tuple[float, np.ndarray, bool]:
+    """What `calibrate` would leave the LLM with if the texts not `held_out` were its dev set: its accuracy there
+    (label_bias.choose's held-out accuracy with the offsets where it keeps them, else the plain argmax's), its answers
+    on the `held_out` texts, and whether the offsets were kept."""
+    chosen = label_bias.choose(logprobs[~held_out], truth[~held_out])
+    if chosen is None:
+        dev_accuracy = float((logprobs[~held_out].argmax(axis=1) == truth[~held_out]).mean())
+        return dev_accuracy, logprobs[held_out].argmax(axis=1), False
+    answers = label_bias.biased_softmax(logprobs[held_out], chosen.temperature, chosen.bias).argmax(axis=1)
+    return chosen.accuracy_with, answers, True
+
+
 def cross_fitted_bias(kept: list, gold: list[str], labels: list[str]) -> dict:
     """Accuracy with label-bias calibration (agent/label_bias.py), each fifth of the texts answered by what was fitted
     on the other four fifths (5 folds, fixed permutation), never on itself. Two readings of the same scores:
@@ -209,12 +221,8 @@ def cross_fitted_bias(kept: list, gold: list[str], labels: list[str]) -> dict:
     calibrated, with_offsets = np.empty(len(truth), dtype=int), 0
     for fold in range(label_bias.FOLDS):
         held_out = folds == fold
-        chosen = label_bias.choose(logprobs[~held_out], truth[~held_out])
-        if chosen is None:
-            calibrated[held_out] = logprobs[held_out].argmax(axis=1)
-        else:
-            with_offsets += 1
-            calibrated[held_out] = label_bias.biased_softmax(logprobs[held_out], chosen.temperature, chosen.bias).argmax(axis=1)
+        _, calibrated[held_out], offsets = calibrated_fold(logprobs, truth, held_out)
+        with_offsets += offsets
     answers = [labels[i] for i in calibrated]
     return {"bias_accuracy": accuracy_score(gold, predicted),
             "bias_macro_f1": f1_score(gold, predicted, average="macro", zero_division=0),
@@ -319,8 +327,8 @@ def merged_embedders(now: str, earlier: str) -> str:
 def layout_chosen(few: list, cached: list, gold: list[str], labels: list[str]) -> dict:
     """What `calibrate(layouts=[(0, 8), (4, 2)])` would leave the LLM with if four fifths of the texts were its dev
     set: for each fifth, the layout (few-shot or cached) whose calibrated accuracy on the other four fifths is higher
-    (label_bias.choose's held-out accuracy with the offsets where it keeps them, else the plain argmax's; few-shot on
-    a tie, as calibrate keeps the first listed), then that layout's calibrated answers on the held-out fifth. calibrate
+    (`calibrated_fold`; few-shot on a tie, as calibrate keeps the first listed), then that layout's calibrated answers
+    on the held-out fifth. calibrate
     compares layouts by the cascade's dev accuracy; this reading compares the LLM's alone, as the bar does."""
     truth = np.array([labels.index(label) for label in gold])
     scores = [np.array([row for row, _ in kept]) for kept in (few, cached)]
@@ -330,11 +338,7 @@ def layout_chosen(few: list, cached: list, gold: list[str], labels: list[str]) -
     for fold in range(label_bias.FOLDS):
         held_out, best = folds == fold, None
         for i, logprobs in enumerate(scores):
-            chosen = label_bias.choose(logprobs[~held_out], truth[~held_out])
-            dev_accuracy = (chosen.accuracy_with if chosen is not None
-                            else float((logprobs[~held_out].argmax(axis=1) == truth[~held_out]).mean()))
-            answer = (logprobs[held_out].argmax(axis=1) if chosen is None
-                      else label_bias.biased_softmax(logprobs[held_out], chosen.temperature, chosen.bias).argmax(axis=1))
+            dev_accuracy, answer, _ = calibrated_fold(logprobs, truth, held_out)
             if best is None or dev_accuracy > best[0]:
                 best = (dev_accuracy, answer, i)
         answers[held_out] = best[1]
