@@ -528,11 +528,14 @@ class Session:
         tie, so the choice never lowers dev accuracy; the cached layout costs the LLM less per text.
         `layouts=[(static, retrieved)]` keeps one layout without comparing."""
         current = self.cascade.policy
+
+        def laid_out(static: int, retrieved: int) -> Policy:
+            return Policy.model_validate({**current.model_dump(), "static_examples": static, "examples": retrieved})
+
         own = (current.static_examples, current.examples)
         if layouts is None:
-            cached = current.model_copy(update={"static_examples": CACHED_LAYOUT[0], "examples": CACHED_LAYOUT[1]})
             compare = (self.cascade.engine is not None and own != CACHED_LAYOUT
-                       and self.cascade.static_part_shows_every_label(cached))
+                       and self.cascade.static_part_shows_every_label(laid_out(*CACHED_LAYOUT)))
             tried = [own, CACHED_LAYOUT] if compare else [own]
         else:
             tried = [tuple(pair) for pair in layouts]
@@ -540,7 +543,7 @@ class Session:
             raise ValueError(f"layouts must be (static examples per label, retrieved examples) pairs, not {layouts!r}")
         best, compared = None, []
         for static, retrieved in tried:
-            policy = Policy.model_validate({**current.model_dump(), "static_examples": static, "examples": retrieved})
+            policy = laid_out(static, retrieved)
             title = "calibrate: LLM on dev texts" + (f" ({static} static, {retrieved} retrieved)" if len(tried) > 1 else "")
             with LLMBar(progress, title) as bar:
                 dev = DevSet.measure(self.cascade, list(texts), list(labels), target_precision=target_precision,
