@@ -371,7 +371,7 @@ def evaluate_bars(result: dict) -> list[dict]:
         acc = {(c["dataset"], c["mode"]): c for c in cells if c["engine"] == engine and "accuracy" in c}
         names = [d for d in result["settings"]["datasets"] if d in DATASETS and (d, "zero-shot") in acc and (d, "few-shot") in acc]
         if ("ag_news", "few-shot") in acc and ("ag_news", "cached") in acc:
-            bars.append(cached_layout_bar(engine, acc[("ag_news", "few-shot")], acc[("ag_news", "cached")]))
+            bars += cached_layout_bars(engine, acc[("ag_news", "few-shot")], acc[("ag_news", "cached")])
         few = [d for d in result["settings"]["datasets"] if (d, "few-shot") in acc and "fallback_accuracy" in acc[(d, "few-shot")]]
         for key, how in READINGS:
             scored = [d for d in few if key in acc[(d, "few-shot")]]
@@ -405,15 +405,20 @@ def evaluate_bars(result: dict) -> list[dict]:
     return bars
 
 
-def cached_layout_bar(engine: str, few: dict, cached: dict) -> dict:
-    """The cached layout's bar (issue 15): >= 3x few-shot's texts/s on ag_news at no more than 1 point lower accuracy."""
-    speedup, lost = cached["texts_per_s"] / few["texts_per_s"], 100 * (few["accuracy"] - cached["accuracy"])
-    return {"bar": f"{engine}: cached layout on ag_news >= {CACHED_SPEEDUP_BAR}x few-shot's texts/s, at most 1 point lower accuracy",
-            "measured": f"{speedup:.2f}x ({cached['texts_per_s']:.2f} vs {few['texts_per_s']:.2f} texts/s), accuracy "
-                        f"{100 * cached['accuracy']:.1f} vs {100 * few['accuracy']:.1f} (n {cached['n']})"
-                        + (f"; with label offsets (not part of the bar) {100 * cached['bias_accuracy']:.1f} vs "
-                           f"{100 * few['bias_accuracy']:.1f}" if "bias_accuracy" in cached and "bias_accuracy" in few else ""),
-            "pass": speedup >= CACHED_SPEEDUP_BAR and lost <= 1.0}
+def cached_layout_bars(engine: str, few: dict, cached: dict) -> list[dict]:
+    """The cached layout's bar (issue 15): >= 3x few-shot's texts/s on ag_news at no more than 1 point lower accuracy;
+    one bar per reading both cells have (raw, and calibrated as `calibrate` leaves each layout)."""
+    speedup, bars = cached["texts_per_s"] / few["texts_per_s"], []
+    for key, how in READINGS:
+        if key not in few or key not in cached:
+            continue
+        lost = 100 * (few[key] - cached[key])
+        bars.append({"bar": f"{engine}: cached layout on ag_news >= {CACHED_SPEEDUP_BAR}x few-shot's texts/s, at most 1 point "
+                            f"lower accuracy{how}",
+                     "measured": f"{speedup:.2f}x ({cached['texts_per_s']:.2f} vs {few['texts_per_s']:.2f} texts/s), accuracy "
+                                 f"{100 * cached[key]:.1f} vs {100 * few[key]:.1f} (n {cached['n']})",
+                     "pass": speedup >= CACHED_SPEEDUP_BAR and lost <= 1.0})
+    return bars
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -617,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = {f"{c['engine']}:{c['dataset']}:{c['mode']}": {"labels": prepared[c["dataset"]]["labels"][: c["n"]], "scores": c.pop("scores")}
               for c in result["cells"] if "scores" in c}
     if args.scores_out:
+        args.scores_out.parent.mkdir(parents=True, exist_ok=True)
         args.scores_out.write_text(json.dumps(scores) + "\n", encoding="utf-8")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
