@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add-setfit", action="store_true", help="only add the SetFit arm to the results in --out")
     parser.add_argument("--layout", dest="layouts", action="append", metavar="STATIC:RETRIEVED",
                         type=lambda value: tuple(int(x) for x in value.split(":")),
-                        help="with --cascade-only: a prompt layout calibrate compares (repeat: 0:8 and 4:2; one: no comparison); "
+                        help="with --cascade-only: a prompt layout calibrate compares (repeat: 0:8 and 8:0; one: no comparison); "
                              "default: calibrate's own (the policy's layout and the cached one)")
     parser.add_argument("--retrain-every", type=int, default=RETRAIN_EVERY,
                         help="stream: retrain the fallback after this many new LLM examples (Policy.retrain_every)")

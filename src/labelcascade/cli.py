@@ -371,8 +371,8 @@ def calibrate(
     out_of_scope: OutOfScope = None,
     layout: Annotated[list[str] | None, typer.Option(
         help="A prompt layout to compare, STATIC:RETRIEVED (examples per label in the prompt's cached static part : "
-             "retrieved examples per text), e.g. --layout 0:8 --layout 4:2; the one with the best dev accuracy is "
-             "kept. Default: the workspace's current layout and the cached one, 4:2, where its static part shows "
+             "retrieved examples per text), e.g. --layout 0:8 --layout 8:0; the one with the best dev accuracy is "
+             "kept. Default: the workspace's current layout and the cached one, 8:0, where its static part shows "
              "every label (the current one kept on a tie); one --layout keeps that layout without comparing.")] = None,
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table.
@@ -391,7 +391,7 @@ def calibrate(
 def _layout(value: str) -> tuple[int, int]:
     static, _, retrieved = value.partition(":")
     if not (static.isdigit() and retrieved.isdigit()):
-        raise typer.BadParameter(f"{value!r}: a layout is STATIC:RETRIEVED, two whole numbers, e.g. 4:2",
+        raise typer.BadParameter(f"{value!r}: a layout is STATIC:RETRIEVED, two whole numbers, e.g. 8:0",
                                  param_hint="--layout")
     return int(static), int(retrieved)
 

@@ -521,9 +521,9 @@ class Session:
         `print(report.table())` shows the coverage/precision table.
 
         `layouts`: prompt layouts to compare, as (static examples per label, retrieved examples) pairs (see
-        `Policy.static_examples`), e.g. `[(0, 8), (4, 2)]`: the LLM is asked about the dev texts once per layout,
+        `Policy.static_examples`), e.g. `[(0, 8), (8, 0)]`: the LLM is asked about the dev texts once per layout,
         and the layout whose calibrated cascade reaches the best dev accuracy is kept (on a tie, the first listed).
-        Default: the policy's own layout and the cached one (`CACHED_LAYOUT`, 4 static per label and 2 retrieved)
+        Default: the policy's own layout and the cached one (`CACHED_LAYOUT`: 8 static per label, none retrieved)
         where its static part shows every label (`Cascade.static_part_shows_every_label`), the policy's kept on a
         tie, so the choice never lowers dev accuracy; the cached layout costs the LLM less per text.
         `layouts=[(static, retrieved)]` keeps one layout without comparing."""

@@ -12,11 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 # The cached layout, as (static examples per label, retrieved examples): what `calibrate` tries beside the policy's own
-# layout unless told which to compare. Few examples per label in the prompt's static part, which the engine's prefix
-# cache computes once per task, and two retrieved ones per text: on some tasks a small model answers better so than
-# with eight retrieved examples, and on every task it computes fewer tokens per text (BENCHMARKS.md, "LLM engines:
-# the layout calibrate chooses (bench/llm.py)").
-CACHED_LAYOUT = (4, 2)
+# layout unless told which to compare. The prompt's static part, which the engine's prefix cache computes once per
+# task, holds up to 8 examples per label (labels in turn, as many as its byte cap lets in) and nothing is retrieved,
+# so a text computes little beyond its own tokens. With the label offsets `calibrate` fits, a small model answers
+# better so than with eight retrieved examples on most tasks whose labels all fit, and several times faster
+# (BENCHMARKS.md, "LLM engines: the static layout"); fewer static examples plus retrieved ones did worse.
+CACHED_LAYOUT = (8, 0)
 
 
 class Policy(BaseModel):
@@ -47,8 +48,7 @@ class Policy(BaseModel):
         0, ge=0,
         description="Examples per label shown to the LLM in the prompt's static part, the same for every text: the "
         "first ones people labelled, labels taken in turn. The engine's prefix cache computes them once per task, so "
-        "they cost little per text where retrieved `examples` cost their length each time; the two combine (say 4 "
-        "per label and 2 retrieved). 0: none.",
+        "they cost little per text where retrieved `examples` cost their length each time; the two combine. 0: none.",
     )
     examples_from_llm: bool = Field(
         False,
