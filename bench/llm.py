@@ -21,8 +21,9 @@ examples of each label, labels in turn, in the prompt's static part, which llama
 then the nearest of the other pool examples, if any). Every label is scored as a candidate, for the text and, right
 after it, for its content-free twin (the same prompt with "N/A" as the text). The answer is the argmax of the text's
 log-probabilities, as the cascade gives it by default; "cc" is the argmax of text minus twin, contextual
-calibration (Policy.contextual_calibration), reported beside it; "bias" is label-bias calibration (agent/label_bias.py, what `calibrate` fits on a dev set), its offsets for
-each fifth of the test texts fitted on the other four fifths; "calibrated" is what `calibrate` would leave the LLM
+calibration (Policy.contextual_calibration), reported beside it; "bias" is label-bias calibration
+(agent/label_bias.py, what `calibrate` fits on a dev set), its offsets for each fifth of the test texts fitted on
+the other four fifths; "calibrated" is what `calibrate` would leave the LLM
 with, those four fifths as its dev set (offsets kept only where they raise its held-out accuracy there, else the plain
 argmax). "fallback" is the fallback's own linear SVM on the same embedder and pool, on the same texts (issue 15's bar:
 the LLM few-shot >= it on 4 of 7 datasets). Only engine.score() is timed, twins included. Token counts come from
