@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # layout unless told which to compare. The prompt's static part, which the engine's prefix cache computes once per
 # task, holds up to 8 examples per label (labels in turn, as many as its byte cap lets in) and nothing is retrieved,
 # so a text computes little beyond its own tokens. With the label offsets `calibrate` fits, a small model answers
-# better so than with eight retrieved examples on most tasks whose labels all fit, and several times faster
+# better in it than with eight retrieved examples on most tasks whose labels all fit, and several times faster
 # (BENCHMARKS.md, "LLM engines: the static layout"); fewer static examples plus retrieved ones did worse.
 CACHED_LAYOUT = (8, 0)
 
