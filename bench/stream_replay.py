@@ -107,6 +107,7 @@ class Rule:
     floor: str = "kept"  # kept: calibrate's best dev accuracy (until 2026-12-05); none: calibrate's rule; half: between
     capped: bool = False  # the LLM budget after a retrain: at most the dev share the policy sent before it
     guarded: bool = False  # a retrained fallback is kept only if its cascade's dev accuracy is not lower
+    tolerance: float = TOLERANCE  # dev accuracy the policy chosen after a retrain may give up to send fewer texts
 
 
 RULES = {
@@ -127,6 +128,7 @@ RULES = {
     "every 50 or 25%, no floor, guarded": Rule(share=0.25, floor="none", guarded=True),
     "every 10, no floor, guarded": Rule(every=10, floor="none", guarded=True),
     "every 50 or 25%, no floor, share capped": Rule(share=0.25, floor="none", capped=True),
+    "shipped, tolerance 0": Rule(every=20, floor="none", capped=True, tolerance=0.0),
 }
 MIN_NEW = 5
 
@@ -237,7 +239,7 @@ class Replay:
         budget = min(LLM_BUDGET, dev_share) if rule.capped else LLM_BUDGET
         choose = lambda floor: choose_policy(  # noqa: E731
             self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=budget,
-            learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, accuracy_floor=floor, policy=policy)
+            learn_precision=LEARN_PRECISION, tolerance=rule.tolerance, accuracy_floor=floor, policy=policy)
         kept = self.meta["accuracy_floor"]
         if rule.floor == "kept":
             return choose(kept)
