@@ -6,6 +6,7 @@
     .venv/bin/python bench/cascade.py --markdown-only               # rebuild the BENCHMARKS.md sections from the JSON
     .venv/bin/python bench/cascade.py --cascade-only --threads 1    # redo only the calibrated cascade arm of the JSON's run
     .venv/bin/python bench/cascade.py --stream-only --stream-dataset sst2 --threads 1   # redo only one stream
+    .venv/bin/python bench/cascade.py --cascade-only --student tuned --datasets sst2 --out COPY.json   # the tuned student
     .venv/bin/python bench/cascade.py --stream-only --stream-dataset eprstmt --test-size 300 --out bench/results/stream.json \
         --stream-heading "Learning from a stream: ag_news, sst2, eprstmt (bench/cascade.py --stream-only)"   # streams alone
     .venv/bin/python bench/cascade.py --datasets eprstmt csldcp --stream-size 0 --no-setfit \
@@ -80,6 +81,7 @@ STREAM_CHUNK, STREAM_WINDOW = 20, 200
 RETRAIN_EVERY = Policy.model_fields["retrain_every"].default  # the product's default
 ALL_DATASETS = DATASETS + CHINESE
 WIN_BAR = 5  # of the seven datasets
+TUNED = "tuned"  # --student: the body tuned on the pool (embedder "tuned") instead of the frozen one 'auto' picks
 MANY_LABELS = 10  # scoring every label is the LLM arms' cost: 77 labels take several seconds per text on 2 cores
 
 
@@ -225,16 +227,27 @@ def run_dataset(ds: dict, embedder, engine, args) -> dict:
             "arms": arms, **extra, "_classifier": cascade}
 
 
-def run_cascade(ds: dict, embedder, engine, n_llm: int, layouts: list[tuple[int, int]] | None = None) -> tuple[Session, dict]:
-    """The calibrated cascade arm: on all test texts, on the LLM arms' first `n_llm`, and its candidate recall."""
-    cascade, calibration = calibrated_classifier(ds, embedder, engine, layouts)
+def run_cascade(ds: dict, embedder, engine, n_llm: int, layouts: list[tuple[int, int]] | None = None,
+                student: str = "auto") -> tuple[Session, dict]:
+    """The calibrated cascade arm: on all test texts, on the LLM arms' first `n_llm`, and its candidate recall;
+    with `student="tuned"` also the tuned student alone (the svm arm over the tuned body)."""
+    cascade, calibration = calibrated_classifier(ds, embedder, engine, layouts, student)
     test_texts, test_gold = texts_labels(ds["test"])
+    found = {}
+    if student == TUNED:
+        log(f"  {ds['name']}: the tuned student alone on {len(test_texts)} texts")
+        began = time.perf_counter()
+        vectors = cascade.cascade.embedder.embed(test_texts)
+        answered = [cascade.task.label_names[i] for i in cascade.cascade.probabilities(vectors, test_texts).argmax(axis=1)]
+        seconds = time.perf_counter() - began
+        found = {"svm": scores(test_gold, answered, seconds), "svm_on_llm_texts": scores(test_gold[:n_llm], answered[:n_llm], seconds),
+                 "student": {"embedder": cascade.embedder.id, "tune_seconds": calibration.pop("tune_seconds")}}
     log(f"  {ds['name']}: cascade on {len(test_texts)} texts")
     predictions, seconds = timed_classify(cascade, test_texts)
     answered, routes = [p.label for p in predictions], [p.route for p in predictions]
-    return cascade, {"cascade": scores(test_gold, answered, seconds, routes), "calibration": calibration,
-                     "cascade_on_llm_texts": scores(test_gold[:n_llm], answered[:n_llm], seconds, routes[:n_llm]),
-                     "candidate_recall_test": candidate_recall(cascade, test_texts, test_gold)}
+    return cascade, found | {"cascade": scores(test_gold, answered, seconds, routes), "calibration": calibration,
+                             "cascade_on_llm_texts": scores(test_gold[:n_llm], answered[:n_llm], seconds, routes[:n_llm]),
+                             "candidate_recall_test": candidate_recall(cascade, test_texts, test_gold)}
 
 
 def same_texts_as(result: dict, args) -> None:
@@ -254,14 +267,23 @@ def rerun_cascade(args) -> None:
     rows = {row["dataset"]: row for row in result["datasets"]}
     for name in args.datasets:  # in the order given
         ds = prepare(args.data, name, args)
-        session, found = run_cascade(ds, embedders.for_pool(ds), engine, rows[name]["llm_texts"], args.layouts)
+        session, found = run_cascade(ds, embedders.for_pool(ds), engine, rows[name]["llm_texts"], args.layouts, args.student)
         session.close()
+        if args.student == TUNED:  # the svm arm becomes the tuned student; the frozen one's is kept beside it
+            row = rows[name]
+            row["frozen_svm"] = row.get("frozen_svm", row["arms"]["svm"])
+            row["frozen_svm_on_llm_texts"] = row.get("frozen_svm_on_llm_texts", row["svm_on_llm_texts"])
+            row["arms"]["svm"], row["svm_on_llm_texts"] = found.pop("svm"), found.pop("svm_on_llm_texts")
+            row["embedder"] = f"tuned {row['embedder']}"
         rows[name]["arms"]["cascade"] = found.pop("cascade")
         rows[name].update(found, cascade_rerun=dt.date.today().isoformat())
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
     engine.close()
     compared = f", layouts={args.layouts}" if args.layouts else ""
-    result["settings"]["calibrate"] = (f"{CALIBRATE.removesuffix(')')}{compared}) (the cascade arm rerun on "
+    redone = ("the cascade and svm arms rerun with the student's body tuned on the pool (embedder 'tuned'; the svm arm "
+              "is that student alone, the frozen body's kept as frozen_svm in the JSON)" if args.student == TUNED
+              else "the cascade arm rerun")
+    result["settings"]["calibrate"] = (f"{CALIBRATE.removesuffix(')')}{compared}) ({redone} on "
                                        f"{dt.date.today().isoformat()} with {args.threads or 2} llama.cpp thread(s); the "
                                        "other arms from the first run)")
     result["bars"] = evaluate_bars(result)
@@ -270,17 +292,27 @@ def rerun_cascade(args) -> None:
         write_markdown(result, args)
 
 
-def calibrated_classifier(ds: dict, embedder, engine, layouts: list[tuple[int, int]] | None = None) -> tuple[Session, dict]:
+def calibrated_classifier(ds: dict, embedder, engine, layouts: list[tuple[int, int]] | None = None,
+                          student: str = "auto") -> tuple[Session, dict]:
     """The pool's session calibrated on the dev set (learning off), and the calibration report; `layouts`: the prompt
     layouts calibrate compares (None: calibrate's default, the policy's own and the cached one; the report's notes
-    say which it kept)."""
+    say which it kept). `student="tuned"`: the session's body is tuned on the pool first, as
+    `Session.create(embedder="tuned")` does (`embedder` is then only the frozen body 'auto' picked)."""
+    if student == TUNED:
+        log(f"  {ds['name']}: tuning the student's body on the {len(ds['pool'])} pool texts")
+        began = time.perf_counter()
+        session = Session.create(ds["task"], embedder=TUNED, engine=engine, examples=texts_labels(ds["pool"]),
+                                 policy=Policy(learn=False, timeout_s=TIMEOUT_S))
+        tuned = {"tune_seconds": time.perf_counter() - began}
+        log(f"    tuned {session.embedder.id} in {tuned['tune_seconds']:.0f} s")
+    else:
+        session, tuned = new_classifier(ds, embedder, engine, Policy(learn=False)), {}
     log(f"  {ds['name']}: calibrating on {len(ds['dev'])} dev texts")
-    session = new_classifier(ds, embedder, engine, Policy(learn=False))
     began = time.perf_counter()
     report = session.calibrate(*texts_labels(ds["dev"]), target_precision=TARGET_PRECISION, llm_budget=LLM_BUDGET,
                                   learn_precision=LEARN_PRECISION, tolerance=TOLERANCE, layouts=layouts)
     log("    " + report.table().replace("\n", "\n    "))
-    return session, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began}
+    return session, report.model_dump(mode="json") | {"seconds": time.perf_counter() - began} | tuned
 
 
 def rerun_stream(args) -> None:
@@ -298,12 +330,12 @@ def rerun_stream(args) -> None:
             "datasets": [], "test_size": args.test_size, "dev_size": args.dev_size, "limit": args.limit, "calibrate": CALIBRATE,
             "engine": engine_title(engine), "engine_spec": args.engine, "test_order": "shuffled", "llama_threads": args.threads}}
     ds = prepare(args.data, args.stream_dataset, args)
-    session, calibration = calibrated_classifier(ds, embedders.for_pool(ds), engine)
+    session, calibration = calibrated_classifier(ds, embedders.for_pool(ds), engine, student=args.student)
     before = run_classifier(session, *texts_labels(ds["test"]))
     log(f"{ds['name']}: stream of {len(ds['stream'])} texts")
     stream = run_stream(ds, session, before, args.retrain_every) | {
         "calibration": calibration, "source": ds["stream_source"], "rerun": dt.date.today().isoformat(), "seconds": time.monotonic() - t0,
-        "llama_threads": args.threads, "load_start": load}
+        "llama_threads": args.threads, "load_start": load, "student": args.student}
     result["streams"] = [s for s in streams(result) if same_stream(s) != same_stream(stream)]
     result["streams"].append(stream)
     result.pop("stream", None)
@@ -386,7 +418,7 @@ def run_stream(ds: dict, session: Session, before: dict, retrain_every: int = RE
 
 def same_stream(stream: dict) -> tuple:
     """What a stream is a rerun of: a new run replaces the earlier one with the same dataset, rule and retraining."""
-    return stream["dataset"], stream["learn_rule"], stream.get("retrain_every", RETRAIN_EVERY)
+    return stream["dataset"], stream["learn_rule"], stream.get("retrain_every", RETRAIN_EVERY), stream.get("student", "auto")
 
 
 def retraining(stream: dict) -> str:
@@ -499,7 +531,9 @@ def limited(settings: dict) -> str:
 def embedders_cell(result: dict) -> str:
     if "embedder" in result["settings"]:  # runs before the per-dataset choice: one embedder for all
         return f"embedder {result['settings']['embedder']}"
-    chosen = ", ".join(f"{row['dataset']} {row['embedder']}" for row in result["datasets"])
+    chosen = ", ".join(f"{row['dataset']} {row['embedder'].removeprefix('tuned ')}" + (" tuned on the pool (embedder 'tuned')"
+                                                                                    if row["embedder"].startswith("tuned ") else "")
+                       for row in result["datasets"])
     return f"embedder per dataset, as `embedder='auto'` picks it from the pool: {chosen}"
 
 
@@ -527,7 +561,8 @@ def stream_section(result: dict, heading: str = STREAM_HEADING) -> str:
     for stream in streams(result):
         rerun = f", rerun on {stream['rerun']} after the arms" if stream.get("rerun") and result["datasets"] else ""
         source = f" from {stream['source']}" if "source" in stream else ""
-        lines += [f"**{stream['dataset']}**, {stream['stream_texts']} texts{source}, learning from LLM answers where {stream['learn_rule']} is at "
+        tuned = ", the student's body tuned on the pool (embedder 'tuned')" if stream.get("student") == TUNED else ""
+        lines += [f"**{stream['dataset']}**{tuned}, {stream['stream_texts']} texts{source}, learning from LLM answers where {stream['learn_rule']} is at "
                   f"least {learn_threshold(stream):.3f} (calibrated for {LEARN_PRECISION} precision on the dev set){retraining(stream)}{rerun}:", "",
                   "| window | texts | sent to LLM | LLM examples stored | elapsed s |", "|---:|---:|---:|---:|---:|"]
         for i, w in enumerate(stream["windows"], 1):
@@ -588,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
                         type=lambda value: tuple(int(x) for x in value.split(":")),
                         help="with --cascade-only: a prompt layout calibrate compares (repeat: 0:8 and 8:0; one: no comparison); "
                              "default: calibrate's own (the policy's layout and the cached one)")
+    parser.add_argument("--student", choices=["auto", TUNED], default="auto",
+                        help="with --cascade-only or --stream-only: the student 'auto' picks (frozen body) or that body "
+                             "tuned on the pool (embedder 'tuned'), which with --cascade-only also replaces the svm arm")
     parser.add_argument("--retrain-every", type=int, default=RETRAIN_EVERY,
                         help="stream: retrain the fallback after this many new LLM examples (Policy.retrain_every)")
     parser.add_argument("--stream-heading", default=STREAM_HEADING[3:], help="the BENCHMARKS.md section of the streams")
@@ -596,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.layouts and not args.cascade_only:
         parser.error("--layout goes with --cascade-only (an A/B of calibrate on an earlier run's texts)")
+    if args.student != "auto" and not (args.cascade_only or args.stream_only):
+        parser.error("--student goes with --cascade-only (the cascade and svm arms again, on an earlier run's texts) "
+                     "or --stream-only")
     if args.cascade_only:
         rerun_cascade(args)
         return 0
