@@ -5,6 +5,7 @@
     .venv/bin/python bench/stream_replay.py replay sst2 --orders 5      # every rule, 5 stream orders (seconds)
     .venv/bin/python bench/stream_replay.py collect sst2 --all-stream --pool-seed 1   # another gold pool: sst2_seed1
     .venv/bin/python bench/stream_replay.py summary sst2 sst2_seed1 ag_news            # every rule over them all
+    .venv/bin/python bench/stream_replay.py routing sst2 ag_news eprstmt   # which texts to send: other signals than the top probability
 
 Why: a stream of bench/cascade.py --stream-only takes 4-12 minutes of LLM time per dataset and rule, and one stream
 order says little (the bar compares two 200-text windows and 300 test texts). With prompts that show people's labels
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from labelcascade.agent import Calibration, Cascade, DevSet, Policy, choose_policy
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine
@@ -290,10 +292,59 @@ def summary(args) -> None:
               f"{gain.max():+.1f}) | {100 * np.mean([r['windows'][-1] for r in every]):.1f}% | {per} |", flush=True)
 
 
+def routing(args) -> None:
+    """Which texts to send: the cascade's answer at a share sent to the LLM when the texts it sends are the least sure
+    by the fallback's top probability (what the product does) or by other cheap signals, on the collected test and
+    dev texts (no stream, no learning). Oracle: the texts the fallback gets wrong and the pooled answer right
+    first, those the pooled answer would get wrong last."""
+    print("Cascade accuracy with a share of the texts sent to the LLM, chosen by each signal (least sure first), and "
+          "how well each signal ranks the fallback's errors (AUROC)\n")
+    print("| dataset | texts | fallback | LLM, pooled, on all | signal | AUROC | 10% sent | 20% | 30% |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+    for name in args.datasets:
+        data = Replay(args.cache, name)
+        pool_v, pool_y, pool_t = data.arrays["pool_vectors"], np.array(data.meta["pool_labels"]), data.meta["pool_texts"]
+        cascade = data.cascade(data.fit(pool_v, list(pool_y), None, pool_t), data.policy)
+        bagged = []  # 15 fallbacks, each on 3/4 of every label's pool examples
+        rng = np.random.default_rng(0)
+        for _ in range(15):
+            rows = np.concatenate([rng.choice(np.flatnonzero(pool_y == label), size=max(2, int(0.75 * np.sum(pool_y == label))),
+                                              replace=False) for label in sorted(set(pool_y))])
+            bagged.append(data.cascade(data.fit(pool_v[rows], list(pool_y[rows]), None, [pool_t[i] for i in rows]), data.policy))
+        splits = {"test": (data.arrays["test_vectors"], data.meta["test_texts"], data.test_gold,
+                           data.llm(cascade, data.arrays["test_llm"])),
+                  "dev": (data.dev.vectors, data.dev.texts, data.dev.truth, data.dev.llm)}
+        for split, (vectors, texts, gold, llm) in splits.items():
+            proba = cascade.probabilities(vectors, texts)
+            right = proba.argmax(axis=1) == gold
+            pooled = cascade.pool(proba, llm, data.policy.llm_weight).argmax(axis=1) == gold
+            top = cascade.certainty(proba)
+            members = np.array([member.probabilities(vectors, texts) for member in bagged])
+            agree = (members.argmax(axis=2) == proba.argmax(axis=1)).mean(axis=0)
+            unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+            nearest = np.argsort(-(unit @ (pool_v / np.linalg.norm(pool_v, axis=1, keepdims=True)).T), axis=1)[:, :5]
+            knn = (np.array([[data.index[pool_y[j]] for j in row] for row in nearest]) == proba.argmax(axis=1)[:, None]).mean(axis=1)
+            signals = {"top probability (shipped)": top, "bagged fallbacks agreeing": agree + 1e-3 * top,
+                       "bagged mean top probability": members.mean(axis=0).max(axis=1), "5 nearest pool labels agreeing": knn + 1e-3 * top,
+                       "top probability x bagged agreement": top * agree,
+                       "oracle": np.select([~right & pooled, right & ~pooled], [0.0, 2.0], 1.0) + 1e-3 * top}
+            for signal, score in signals.items():
+                order = np.argsort(score, kind="stable")
+                cells = []
+                for share in (0.1, 0.2, 0.3):
+                    answered = right.copy()
+                    sent = order[: int(share * len(score))]
+                    answered[sent] = pooled[sent]
+                    cells.append(f"{100 * answered.mean():.1f}")
+                auroc = roc_auc_score(~right, -score) if (~right).any() and right.any() else float("nan")
+                print(f"| {name} | {split} {len(gold)} | {100 * right.mean():.1f} | {100 * pooled.mean():.1f} | {signal} | "
+                      f"{auroc:.3f} | {' | '.join(cells)} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=["collect", "replay", "summary"])
-    parser.add_argument("datasets", nargs="+", help="collect, replay: one dataset; summary: cache names")
+    parser.add_argument("step", choices=["collect", "replay", "summary", "routing"])
+    parser.add_argument("datasets", nargs="+", help="collect, replay: one dataset; summary, routing: cache names")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--all-stream", action="store_true", help="collect: ask the LLM about every stream text")
@@ -306,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-size", type=int, default=2000)
     args = parser.parse_args(argv)
     args.limit = None
-    if args.step == "summary":
-        summary(args)
+    if args.step in ("summary", "routing"):
+        (summary if args.step == "summary" else routing)(args)
         return 0
     if len(args.datasets) != 1:
         parser.error(f"{args.step} takes one dataset")
