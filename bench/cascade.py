@@ -237,8 +237,7 @@ def run_cascade(ds: dict, embedder, engine, n_llm: int, layouts: list[tuple[int,
     if student == TUNED:
         log(f"  {ds['name']}: the tuned student alone on {len(test_texts)} texts")
         began = time.perf_counter()
-        vectors = cascade.cascade.embedder.embed(test_texts)
-        answered = [cascade.task.label_names[i] for i in cascade.cascade.probabilities(vectors, test_texts).argmax(axis=1)]
+        answered = fallback_answers(cascade, test_texts)
         seconds = time.perf_counter() - began
         found = {"svm": scores(test_gold, answered, seconds), "svm_on_llm_texts": scores(test_gold[:n_llm], answered[:n_llm], seconds),
                  "student": {"embedder": cascade.embedder.id, "tune_seconds": calibration.pop("tune_seconds")}}
@@ -274,7 +273,6 @@ def rerun_cascade(args) -> None:
             row["frozen_svm"] = row.get("frozen_svm", row["arms"]["svm"])
             row["frozen_svm_on_llm_texts"] = row.get("frozen_svm_on_llm_texts", row["svm_on_llm_texts"])
             row["arms"]["svm"], row["svm_on_llm_texts"] = found.pop("svm"), found.pop("svm_on_llm_texts")
-            row["embedder"] = f"tuned {row['embedder']}"
         rows[name]["arms"]["cascade"] = found.pop("cascade")
         rows[name].update(found, cascade_rerun=dt.date.today().isoformat())
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")  # keep what is done
@@ -432,10 +430,15 @@ def learn_threshold(stream: dict) -> float:
     return (stream.get("calibration") or {}).get("policy", stream["policy"])["learn_threshold"]
 
 
-def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> float:
+def fallback_answers(session: Session, texts: list[str]) -> list[str]:
+    """The session's fallback's answers alone (no LLM), whatever its policy."""
     cascade = session.cascade
     proba = cascade.probabilities(cascade.embedder.embed(texts), texts)
-    return accuracy_score(gold, [cascade.task.label_names[i] for i in proba.argmax(axis=1)])
+    return [cascade.task.label_names[i] for i in proba.argmax(axis=1)]
+
+
+def fallback_accuracy(session: Session, texts: list[str], gold: list[str]) -> float:
+    return accuracy_score(gold, fallback_answers(session, texts))
 
 
 def evaluate_bars(result: dict) -> list[dict]:
@@ -531,8 +534,7 @@ def limited(settings: dict) -> str:
 def embedders_cell(result: dict) -> str:
     if "embedder" in result["settings"]:  # runs before the per-dataset choice: one embedder for all
         return f"embedder {result['settings']['embedder']}"
-    chosen = ", ".join(f"{row['dataset']} {row['embedder'].removeprefix('tuned ')}" + (" tuned on the pool (embedder 'tuned')"
-                                                                                    if row["embedder"].startswith("tuned ") else "")
+    chosen = ", ".join(f"{row['dataset']} {row['embedder']}" + (" tuned on the pool (embedder 'tuned')" if "student" in row else "")
                        for row in result["datasets"])
     return f"embedder per dataset, as `embedder='auto'` picks it from the pool: {chosen}"
 
