@@ -47,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 from labelcascade.agent import Calibration, Cascade, DevSet, Policy, choose_policy
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
+from labelcascade.retrieval import ExampleStore
 from labelcascade.session import DEV_FILE
 from labelcascade.task import Task
 
@@ -305,6 +306,8 @@ def routing(args) -> None:
         data = Replay(args.cache, name)
         pool_v, pool_y, pool_t = data.arrays["pool_vectors"], np.array(data.meta["pool_labels"]), data.meta["pool_texts"]
         cascade = data.cascade(data.fit(pool_v, list(pool_y), None, pool_t), data.policy)
+        pool = ExampleStore(None, embedder_id=data.meta["embedder"], dim=pool_v.shape[1])  # searched as retrieval does
+        pool.add(pool_t, list(pool_y), pool_v)
         bagged = []  # 15 fallbacks, each on 3/4 of every label's pool examples
         rng = np.random.default_rng(0)
         for _ in range(15):
@@ -321,9 +324,8 @@ def routing(args) -> None:
             top = cascade.certainty(proba)
             members = np.array([member.probabilities(vectors, texts) for member in bagged])
             agree = (members.argmax(axis=2) == proba.argmax(axis=1)).mean(axis=0)
-            unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-            nearest = np.argsort(-(unit @ (pool_v / np.linalg.norm(pool_v, axis=1, keepdims=True)).T), axis=1)[:, :5]
-            knn = (np.array([[data.index[pool_y[j]] for j in row] for row in nearest]) == proba.argmax(axis=1)[:, None]).mean(axis=1)
+            nearest = pool.search(vectors, 5)
+            knn = (np.array([[data.index[hit.example.label] for hit in row] for row in nearest]) == proba.argmax(axis=1)[:, None]).mean(axis=1)
             signals = {"top probability (shipped)": top, "bagged fallbacks agreeing": agree + 1e-3 * top,
                        "bagged mean top probability": members.mean(axis=0).max(axis=1), "5 nearest pool labels agreeing": knn + 1e-3 * top,
                        "top probability x bagged agreement": top * agree,
