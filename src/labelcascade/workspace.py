@@ -6,7 +6,9 @@
       store/           the example store: examples.sqlite (metadata + vectors) and examples.faiss
       fallback/        the fallback classifier: model.npz + model.json (no pickle)
       body/            with embedder 'tuned' only: the embedding body tuned on the task's examples (safetensors);
-                       settings.json records the sha256 of its files, checked before it is loaded
+                       settings.json records the sha256 of its files, checked before it is loaded; a body tuned
+                       again (`Session.retrain(body=True)`) is written beside it as body-<digest>/, and settings.json
+                       names the one in use
       calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json); it is
                        chosen again after every retrain, from
       calibration.npz  the dev set as `calibrate` measured it: vectors, true labels, the LLM's probabilities
@@ -49,6 +51,7 @@ SETTINGS_FILE = "settings.json"
 STORE_DIR = "store"
 FALLBACK_DIR = "fallback"
 BODY_DIR = "body"
+BODY_DIGEST_CHARS = 12  # of the sha256 that names a body tuned again (body-<digest>), as the tuned embedder's id does
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
 
@@ -67,6 +70,12 @@ class Settings(BaseModel):
                           "sentence-transformers folder.")
     body_sha256: str | None = Field(None, description="With embedder 'tuned': the sha256 of the tuned body's files, "
                                     "checked before they are loaded.")
+    body_dir: str = Field(BODY_DIR, pattern=rf"^{BODY_DIR}(-[0-9a-f]{{{BODY_DIGEST_CHARS}}})?$", description="With "
+                          "embedder 'tuned': the folder of the body in use ('body', or 'body-<digest>' once it was "
+                          "tuned again).")
+    body_base: Literal["default", "multilingual"] | None = Field(
+        None, description="With embedder 'tuned': the packaged body it was tuned from (None in workspaces made "
+        "before it was recorded).")
     min_temperature: NonNegativeFloat = Field(
         0.0, description="With embedder 'tuned': the least temperature of the fallback's answers, the one its SVM "
         "fitted over the untuned body on the same examples (the tuned body's own is too low: it was tuned on the "
@@ -115,7 +124,7 @@ class Workspace:
         if not (path / TASK_FILE).is_file():
             raise WorkspaceError(f"{path}: not a labelcascade workspace ({TASK_FILE} missing)")
         parts = sorted(path.iterdir())  # every file and folder of the workspace, and what its folders hold
-        for folder in (path / STORE_DIR, path / FALLBACK_DIR, path / BODY_DIR):
+        for folder in [path / STORE_DIR, path / FALLBACK_DIR, *path.glob(f"{BODY_DIR}*")]:
             if folder.is_dir() and not folder.is_symlink():
                 parts += sorted(folder.iterdir())
         for part in parts:
@@ -154,7 +163,7 @@ class Workspace:
         if not self.settings.body_sha256:
             raise WorkspaceError(f"{self.path / SETTINGS_FILE}: embedder 'tuned' but no body_sha256; the workspace was "
                                  "not finished (its tuning stopped?): create it again")
-        return f"{TUNED_EMBEDDER}:{self.path / BODY_DIR}#{self.settings.body_sha256}"
+        return f"{TUNED_EMBEDDER}:{self.path / self.settings.body_dir}#{self.settings.body_sha256}"
 
     def open_store(self, *, embedder_id: str, dim: int) -> ExampleStore:
         """The example store, created with the workspace and only then; refuses vectors from another embedder."""

@@ -7,7 +7,7 @@ import pytest
 
 from labelcascade.fallback.body_tuning import (
     DEFAULT_MAX_SECONDS, MAX_ITERATIONS, TOKEN_BUDGET, contrastive_pairs, iterations_for, learning_rate_factor,
-    planned_seconds, tune_body,
+    pair_targets, planned_seconds, tune_body,
 )
 
 
@@ -59,3 +59,26 @@ def test_what_cannot_be_tuned_is_refused_before_any_model_is_loaded(tmp_path, te
     with pytest.raises(ValueError, match=message):
         tune_body(tmp_path / "no-model", texts, labels, tmp_path / "out", max_seconds=seconds)
     assert not (tmp_path / "out").exists()
+
+
+def test_soft_pair_targets_are_the_chance_two_texts_share_a_label():
+    """Distillation's targets (`tune_body(confidences=...)`): gold texts (confidence 1) give SetFit's 1 and 0; an LLM
+    label right with confidence c, and otherwise any other label alike, pulls its pairs less far."""
+    labels = ["a", "a", "b", "c"]
+    pairs = [(0, 1, 1.0), (0, 2, 0.0), (0, 1, 1.0), (1, 2, 0.0), (2, 3, 0.0)]
+    assert pair_targets(labels, [1.0, 1.0, 1.0, 1.0], pairs) == [pair[2] for pair in pairs]
+    soft = pair_targets(labels, [1.0, 0.8, 0.5, 1.0], pairs)
+    assert soft[0] == pytest.approx(0.8)  # gold "a" with an "a" that is right 80% of the time
+    assert soft[1] == pytest.approx(0.25)  # gold "a" with a "b" that is "a" or "c" half the time: a is 0.25
+    assert soft[3] == pytest.approx(0.8 * 0.25 + 0.1 * 0.5 + 0.1 * 0.25)  # both soft
+    assert soft[4] == pytest.approx(0.25)
+    assert all(0.0 <= target <= 1.0 for target in soft)
+
+
+def test_weights_and_confidences_must_come_one_per_text(tmp_path):
+    with pytest.raises(ValueError, match="2 texts but 1 weights"):
+        tune_body(tmp_path / "no-model", ["a", "b"], ["x", "y"], tmp_path / "out", weights=[1.0])
+    with pytest.raises(ValueError, match="2 texts but 3 confidences"):
+        tune_body(tmp_path / "no-model", ["a", "b"], ["x", "y"], tmp_path / "out", confidences=[1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        tune_body(tmp_path / "no-model", ["a", "b"], ["x", "y"], tmp_path / "out", weights=[1.0, -1.0])

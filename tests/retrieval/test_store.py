@@ -271,6 +271,40 @@ def test_embedder_mismatch_is_refused(tmp_path):
     assert ExampleStore.open(tmp_path).embedder_id == "model-a"
 
 
+def test_reembed_replaces_every_vector_and_the_embedder_at_once_and_other_connections_must_reopen(tmp_path):
+    """A body tuned again gives every stored text a new vector (`Session.retrain(body=True)`): all of them and the
+    store's embedder id change in one transaction, texts not yet embedded by the caller are embedded, the index
+    searches the new vectors, and a connection still on the old embedder is refused instead of mixing vectors."""
+    rng = np.random.default_rng(3)
+    store = ExampleStore(tmp_path, embedder_id="body-a", dim=DIM)
+    texts = [f"text {i}" for i in range(6)]
+    store.add(texts, [["x"], ["y"]] * 3, unit_rows(rng, 6))
+    other = ExampleStore.open(tmp_path, embedder_id="body-a")
+    new = unit_rows(rng, 6)
+    asked = []
+
+    def embed(missing):
+        asked.extend(missing)
+        return new[[texts.index(text) for text in missing]] * 3.0  # not unit length: the store normalises
+
+    store.reembed("body-b", embed, known={text: new[i] for i, text in enumerate(texts[:4])})
+    assert asked == texts[4:]
+    assert store.embedder_id == "body-b" and ExampleStore.open(tmp_path).embedder_id == "body-b"
+    np.testing.assert_allclose(store.training_data().vectors, new, atol=1e-6)
+    assert [hit.example.text for hit in store.search(new[5:6], k=1)[0]] == ["text 5"]
+    with pytest.raises(EmbedderMismatchError, match="another process re-embedded it"):
+        other.add(["text 9"], [["x"]], unit_rows(rng, 1))
+    with pytest.raises(EmbedderMismatchError, match="open it again"):
+        other.search(new[:1], k=1)
+    assert len(store) == 6
+    with pytest.raises(ValueError, match="re-embedded vectors must have shape"):
+        store.reembed("body-c", lambda missing: np.ones((len(missing), DIM + 1)))
+    assert store.embedder_id == "body-b"  # the failed one changed nothing
+    np.testing.assert_allclose(store.training_data().vectors, new, atol=1e-6)
+    store.close()
+    other.close()
+
+
 def test_opening_a_folder_without_a_store_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no example store"):
         ExampleStore.open(tmp_path / "nothing here")

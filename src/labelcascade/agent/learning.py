@@ -37,6 +37,7 @@ class Retraining:
     texts: list[str] = field(default_factory=list, repr=False)
     text_features: float | str = 0.0
     min_temperature: float = 0.0
+    confidences: np.ndarray | None = field(default=None, repr=False)  # each label's, as stored (1 for a person's)
     model: LinearSVMClassifier | None = field(default=None, repr=False)
 
     def fit(self) -> Retraining:
@@ -84,7 +85,7 @@ class Learner:
         vectors, labels, sources, confidences, texts = self.store.training_data()
         y = labels if self.multi_label else [row[0] for row in labels]
         return Retraining(vectors, y, sample_weights(sources, confidences), self.multi_label, self.C, self.pending,
-                          texts, self.text_features, self.min_temperature)
+                          texts, self.text_features, self.min_temperature, confidences)
 
     def accept(self, retraining: Retraining) -> LinearSVMClassifier:
         """Make a fitted retraining's model durable and return it; LLM examples stored since its snapshot stay

@@ -19,6 +19,12 @@ that limit follows the plan (`planned_seconds`): a fixed few minutes where the b
 where even one iteration exceeds the budget (many labels of long texts, as csldcp's abstracts), since a pass cut
 short of one iteration gained little over the frozen body, or lost (BENCHMARKS.md, "Student: what three seeds say").
 The tuned body's weights are written as safetensors only, never as a pickle.
+
+Tuning again on gold + LLM labels (`Session.retrain(body=True)`, distillation) weighs each pair by its two texts'
+sample weights (fallback/weights.py: an unsure LLM label counts less than a person's), and takes each pair's target
+from the labels' confidences: the chance the two texts share a label if each text's label is right with its
+confidence and wrong evenly over the others (1 or 0 for two gold texts, as above). The labels' full distributions
+are not stored, so that is as soft as the targets can be.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from labelcascade.body_prompt import default_prompt
 
@@ -100,12 +108,26 @@ def contrastive_pairs(labels: Sequence[str], iterations: int, seed: int = 0) -> 
     return pairs
 
 
+def pair_targets(labels: Sequence[str], confidences: Sequence[float], pairs: Sequence[tuple[int, int, float]]
+                 ) -> list[float]:
+    """Each pair's soft target: the chance its two texts share a label when text i's label is right with
+    probability `confidences[i]` and otherwise any other label alike. Two texts of confidence 1 give 1.0 or 0.0."""
+    names = sorted(set(labels))
+    column = {name: position for position, name in enumerate(names)}
+    confidence = np.clip(np.asarray(confidences, dtype=np.float64), 0.0, 1.0)
+    spread = np.repeat(((1.0 - confidence) / (len(names) - 1))[:, None], len(names), axis=1)
+    spread[np.arange(len(labels)), [column[label] for label in labels]] = confidence
+    return [float(spread[first] @ spread[second]) for first, second, _ in pairs]
+
+
 def tune_body(
     base_dir: str | Path,
     texts: Sequence[str],
     labels: Sequence[str],
     out_dir: str | Path,
     *,
+    weights: Sequence[float] | None = None,
+    confidences: Sequence[float] | None = None,
     max_seconds: float | None = None,
     token_budget: int = TOKEN_BUDGET,
     seed: int = 0,
@@ -116,7 +138,9 @@ def tune_body(
     save it to `out_dir` (safetensors weights). Deterministic for a seed on one machine and thread count, unless
     the time limit is reached (then how far it got depends on the machine's speed).
 
-    `max_seconds` bounds the training pass (the body is saved as far as it got; None: `planned_seconds` for the
+    `weights` (one per text; None: all alike) weigh each pair's loss by the product of its texts' weights;
+    `confidences` (one per text; None: all 1) make the pairs' targets soft (`pair_targets`). `max_seconds` bounds
+    the training pass (the body is saved as far as it got; None: `planned_seconds` for the
     pairs planned); `token_budget` plans the pairs;
     `freeze_token_embeddings` keeps the token embedding matrix as it is (for a large vocabulary, where AdamW's
     update of it costs more than the rest of a step); `on_step(pairs trained, pairs planned)` is called after
@@ -127,6 +151,11 @@ def tune_body(
     if not all(isinstance(label, str) for label in labels):
         raise ValueError("tuning takes one label per text (single-label tasks); a multi-label task keeps its "
                          "frozen body")
+    for name, values in (("weights", weights), ("confidences", confidences)):
+        if values is not None and len(values) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(values)} {name}; give one per text")
+    if weights is not None and len(weights) and (not np.all(np.isfinite(weights)) or np.min(weights) < 0):
+        raise ValueError("weights must be finite and not negative")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be positive (or None: as long as the plan needs), got {max_seconds!r}")
     import torch
@@ -145,8 +174,13 @@ def tune_body(
     if max_seconds is None:
         max_seconds = planned_seconds(sum(tokens[first] + tokens[second] for first, second, _ in pairs), iterations,
                                       token_budget)
+    targets = [pair[2] for pair in pairs] if confidences is None else pair_targets(labels, confidences, pairs)
+    pair_weights = None if weights is None else [float(weights[first]) * float(weights[second])
+                                                 for first, second, _ in pairs]
     steps = -(-len(pairs) // BATCH_SIZE)
-    loss_function = CosineSimilarityLoss(model)
+    # Weighted: the loss of each pair, then their weighted mean; unweighted, sentence-transformers' own mean.
+    loss_function = CosineSimilarityLoss(model, loss_fct=torch.nn.MSELoss(reduction="mean" if pair_weights is None
+                                                                          else "none"))
     if freeze_token_embeddings:
         model[0].auto_model.get_input_embeddings().weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
@@ -161,7 +195,10 @@ def tune_body(
             group["lr"] = LEARNING_RATE * learning_rate_factor(step, steps, elapsed / max_seconds)
         batch = pairs[start : start + BATCH_SIZE]
         features = [model.preprocess([texts[pair[side]] for pair in batch], prompt=prompt or None) for side in (0, 1)]
-        loss = loss_function(features, torch.tensor([pair[2] for pair in batch], dtype=torch.float32))
+        loss = loss_function(features, torch.tensor(targets[start : start + BATCH_SIZE], dtype=torch.float32))
+        if pair_weights is not None:
+            batch_weights = torch.tensor(pair_weights[start : start + BATCH_SIZE], dtype=torch.float32)
+            loss = (loss * batch_weights).sum() / batch_weights.sum().clamp_min(1e-12)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -34,7 +34,7 @@ import numbers
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -256,6 +256,26 @@ class ExampleStore:
                 self._rebuild_index()
             return len(present)
 
+    def reembed(self, embedder_id: str, embed: Callable[[list[str]], np.ndarray],
+                known: dict[str, np.ndarray] | None = None) -> None:
+        """Give every example a vector from another embedder (of the same dimension: a retuned body) and record
+        that embedder, in one write transaction: other connections see the old vectors and id, or the new ones,
+        never a mix. `known`: vectors already computed, by text; `embed` makes the rest (texts stored since). A
+        connection still on the old embedder is refused its next read or write (`EmbedderMismatchError`)."""
+        with self._writing("store the re-embedded examples"):
+            rows = self._db.execute("SELECT id, text FROM examples ORDER BY id").fetchall()
+            known = dict(known or {})
+            missing = [text for _, text in rows if text not in known]
+            if missing:
+                known.update(zip(missing, np.asarray(embed(missing)), strict=True))
+            vectors = _unit_rows([known[text] for _, text in rows] if rows else np.empty((0, self.dim)), self.dim,
+                                 "re-embedded")
+            self._db.executemany("UPDATE examples SET vector = ? WHERE id = ?",
+                                 [(vector.tobytes(), row[0]) for vector, row in zip(vectors, rows, strict=True)])
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('embedder_id', ?)", (embedder_id,))
+            self.embedder_id = embedder_id
+            self._rebuild_index()
+
     def save(self) -> None:
         """Write the FAISS file, if it changed, in one atomic rename inside a write transaction that also records
         its sha256, so the file matches the database as of now; a crash in between leaves a file whose sha256 does
@@ -281,6 +301,8 @@ class ExampleStore:
                 return
             try:
                 self.save()
+            except EmbedderMismatchError:
+                pass  # re-embedded by another connection: this one's index is of the old vectors, nothing to save
             finally:
                 self._db.close()
                 self._db = None
@@ -448,6 +470,10 @@ class ExampleStore:
         version = self._current_data_version()
         if self._index is None or version == self._data_version:
             return
+        stored_id = self._db.execute("SELECT value FROM meta WHERE key = 'embedder_id'").fetchone()
+        if stored_id is not None and stored_id[0] != self.embedder_id:  # another process re-embedded it (`reembed`)
+            raise EmbedderMismatchError(_mismatch_message(self.path, stored_id[0], self.dim, self.embedder_id)
+                                        + " (another process re-embedded it since it was opened: open it again)")
         self._ids_by_label_cache = None
         stored = self._stored_ids()
         indexed = self._index.ids()
