@@ -311,6 +311,7 @@ def test_a_body_retrain_tunes_on_gold_and_llm_labels_and_swaps_body_store_dev_se
     session = Session.open(workspace, engine=None)
     assert json.loads((workspace / "settings.json").read_text())["body_dir"] == "body"
     assert session.embedder.id == old_id and np.array_equal(probability_matrix(session, test_texts), old_answers)
+    stale = Session.open(workspace, engine=None)  # a second session, which will not see the swap below
 
     retraining = session.begin_retrain(body=True, tuning_seconds=15)
     assert not killed.body.exists()  # the stray body of the killed retrain is cleared before a new one
@@ -329,6 +330,10 @@ def test_a_body_retrain_tunes_on_gold_and_llm_labels_and_swaps_body_store_dev_se
     dev = DevSet.load(workspace / "calibration.npz")
     np.testing.assert_allclose(dev.vectors, session.embedder.embed(dev.texts), atol=1e-5)
     assert session.calibration().retrains == 1
+    with pytest.raises(ValueError, match="another process retrained the body since this session opened"):
+        stale.begin_retrain(body=True)  # it would clear the new body as a stray
+    assert (workspace / settings["body_dir"]).is_dir()
+    stale.close()
     answers = probability_matrix(session, test_texts)
     assert not np.array_equal(answers, old_answers)
     session.close()

@@ -67,7 +67,15 @@ from labelcascade.retrieval.embedders import (
 )
 from labelcascade.retrieval.onnx_body import write_onnx_graph
 from labelcascade.task import Task, TaskError
-from labelcascade.workspace import BODY_DIGEST_CHARS, BODY_DIR, LOCK_FILE, STORE_DIR, Settings, Workspace
+from labelcascade.workspace import (
+    BODY_DIGEST_CHARS,
+    BODY_DIR,
+    BODY_LOCK_FILE,
+    LOCK_FILE,
+    STORE_DIR,
+    Settings,
+    Workspace,
+)
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
 logger = logging.getLogger(__name__)
@@ -375,12 +383,14 @@ class Session:
             dev = DevSet.load(dev_file)
             if dev.texts is not None:
                 replace(dev, vectors=self.embedder.embed(dev.texts)).save(dev_file)
-        self._store.reembed(self.embedder.id, self.embedder.embed)
-        self._learner.train()
-        self._remove_other_bodies()
+        with self._workspace.body_lock():
+            self._store.reembed(self.embedder.id, self.embedder.embed)
+            self._learner.train()
+            self._remove_other_bodies()
 
     def _remove_other_bodies(self) -> None:
-        """Delete body folders other than the one in use: left by a body retrain stopped before or during its swap."""
+        """Delete body folders other than the one in use: left by a body retrain stopped before or during its swap
+        (under `Workspace.body_lock`, with this session's settings checked against the saved ones)."""
         for stray in self.path.glob(f"{BODY_DIR}*"):
             if stray.name != self._workspace.settings.body_dir and stray.is_dir() and not stray.is_symlink():
                 shutil.rmtree(stray)
@@ -483,7 +493,8 @@ class Session:
         if private_copy:
             Workspace.open(path)  # refuse what is not a workspace before copying anything
             temporary = tempfile.TemporaryDirectory(prefix="labelcascade-")
-            path = shutil.copytree(path, Path(temporary.name) / "workspace", ignore=shutil.ignore_patterns(LOCK_FILE))
+            path = shutil.copytree(path, Path(temporary.name) / "workspace",
+                                   ignore=shutil.ignore_patterns(LOCK_FILE, BODY_LOCK_FILE))
         try:
             workspace = Workspace.open(path)
             model = load_embedder(embedder if embedder is not None else workspace.embedder_spec)
@@ -598,7 +609,9 @@ class Session:
                 raise ValueError(f"{self.path / DEV_FILE} was saved without its texts, so they cannot be embedded with "
                                  "a new body: run calibrate again, then retrain the body")
         base = workspace.settings.body_base or tuned_base(self.task, *map(list, zip(*examples, strict=True)))
-        self._remove_other_bodies()
+        with workspace.body_lock() as saved:
+            self._check_body_current(saved)
+            self._remove_other_bodies()
         return BodyRetraining(**{name: getattr(retraining, name) for name in retraining.__dataclass_fields__},
                               base=base, scratch=workspace.path / f"{BODY_DIR}.next", max_seconds=tuning_seconds,
                               dev_texts=dev_texts)
@@ -619,6 +632,22 @@ class Session:
         the next open completes (`_finish_body_swap`). The old body's folder goes last."""
         if retraining.model is None:
             raise RuntimeError("this retraining has not been fitted; call its fit() first")
+        with self._workspace.body_lock() as saved:  # no other body retrain clears folders or swaps meanwhile
+            self._check_body_current(saved)
+            if not retraining.body.is_dir():
+                raise RuntimeError(f"{retraining.body}: the tuned body is gone (cleared by another body retrain as a "
+                                   "stray); retrain the body again")
+            self._commit_body(retraining)
+
+    def _check_body_current(self, saved: Settings) -> None:
+        """Refuse to go on from a session whose body another process has swapped since it opened the workspace."""
+        if (saved.body_dir, saved.body_sha256) != (self._workspace.settings.body_dir,
+                                                   self._workspace.settings.body_sha256):
+            raise ValueError(f"{self.path}: another process retrained the body since this session opened the "
+                             "workspace; open it again, then retrain")
+
+    def _commit_body(self, retraining: BodyRetraining) -> None:
+        """The swap itself, in `_swap_body`'s order, under the body lock."""
         workspace = self._workspace
         workspace.settings.body_dir, workspace.settings.body_sha256 = retraining.body.name, retraining.digest
         workspace.settings.body_base = retraining.base
@@ -889,7 +918,7 @@ class Session:
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path}: folder is not empty; save into a new or empty folder")
         self._store.save()
-        shutil.copytree(self.path, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE))
+        shutil.copytree(self.path, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE, BODY_LOCK_FILE))
         return path
 
     def close(self) -> None:

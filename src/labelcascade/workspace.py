@@ -13,6 +13,7 @@
                        chosen again after every retrain, from
       calibration.npz  the dev set as `calibrate` measured it: vectors, true labels, the LLM's probabilities
       workspace.lock   an empty file; its advisory lock (flock) guards the fallback folder's swap
+      tuning.lock      the same for body retrains: clearing stray body folders and swapping a new body in
 
 Several processes may share a workspace (a job learning while a person adds examples). The example store takes
 turns through SQLite's own lock (see retrieval/store.py). The fallback model is a folder replaced by renames, which
@@ -54,6 +55,7 @@ BODY_DIR = "body"
 BODY_DIGEST_CHARS = 12  # of the sha256 that names a body tuned again (body-<digest>), as the tuned embedder's id does
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
+BODY_LOCK_FILE = "tuning.lock"  # taken by body retrains (`Workspace.body_lock`), apart from the fallback's lock
 
 
 class WorkspaceError(RuntimeError):
@@ -226,12 +228,22 @@ class Workspace:
             ) from None
 
     @contextmanager
-    def _locked(self, *, exclusive: bool) -> Iterator[None]:
+    def body_lock(self) -> Iterator[Settings]:
+        """Hold the lock that body retrains take to clear stray body folders and to swap a new body in, and yield
+        the settings as saved now (another process may have swapped a body in since these were read)."""
+        with self._locked(exclusive=True, name=BODY_LOCK_FILE):
+            try:
+                yield Settings.model_validate_json((self.path / SETTINGS_FILE).read_bytes())
+            except (OSError, ValidationError) as error:
+                raise WorkspaceError(f"{self.path / SETTINGS_FILE}: cannot be read again: {error}") from None
+
+    @contextmanager
+    def _locked(self, *, exclusive: bool, name: str = LOCK_FILE) -> Iterator[None]:
         """Hold the workspace's advisory lock: exclusive to change the fallback folder, shared to read it.
 
         A read-only workspace that has never been locked cannot get a lock file, and needs none: nobody can
         change it."""
-        lock_path = self.path / LOCK_FILE
+        lock_path = self.path / name
         try:
             handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
