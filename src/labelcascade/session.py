@@ -61,14 +61,15 @@ from labelcascade.retrieval import (
 from labelcascade.retrieval.e5_body import write_e5_body
 from labelcascade.retrieval.embedders import (
     MULTILINGUAL_EMBEDDER,
+    TUNED_DIGEST_CHARS,
     TUNED_EMBEDDER,
     default_model_dir,
     no_loading_bar,
+    tuned_body_name,
 )
 from labelcascade.retrieval.onnx_body import write_onnx_graph
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import (
-    BODY_DIGEST_CHARS,
     BODY_DIR,
     BODY_LOCK_FILE,
     LOCK_FILE,
@@ -253,7 +254,7 @@ class BodyRetraining(Retraining):
         self.report = _write_tuned_body(self.scratch, self.base, self.texts, self.y, self.max_seconds, self.weights,
                                         self.confidences)
         self.digest = folder_sha256(self.scratch)
-        self.body = self.scratch.with_name(f"{BODY_DIR}-{self.digest[:BODY_DIGEST_CHARS]}")
+        self.body = self.scratch.with_name(f"{BODY_DIR}-{self.digest[:TUNED_DIGEST_CHARS]}")
         if self.body.exists():  # this very body (the digest covers every file): the one in use, or a stray copy
             shutil.rmtree(self.scratch)  # of it; tuning is deterministic, so the same examples can give it again
         else:
@@ -363,11 +364,11 @@ class Session:
         try:
             return workspace.open_store(embedder_id=self.embedder.id, dim=self.embedder.dim)
         except EmbedderMismatchError:
-            named = f":{TUNED_EMBEDDER}-{(workspace.settings.body_sha256 or '')[:BODY_DIGEST_CHARS]}"
-            if workspace.settings.embedder != TUNED_EMBEDDER or not self.embedder.id.endswith(named):
+            own = f":{tuned_body_name(workspace.settings.body_sha256 or '')}"
+            if workspace.settings.embedder != TUNED_EMBEDDER or not self.embedder.id.endswith(own):
                 raise  # another embedder than the workspace's own
             store = ExampleStore.open(workspace.path / STORE_DIR)
-            if re.fullmatch(rf".*:{TUNED_EMBEDDER}-[0-9a-f]{{{BODY_DIGEST_CHARS}}}", store.embedder_id) is None:
+            if re.fullmatch(rf".*:{TUNED_EMBEDDER}-[0-9a-f]{{{TUNED_DIGEST_CHARS}}}", store.embedder_id) is None:
                 store.close()
                 raise
             return store
@@ -378,15 +379,23 @@ class Session:
         model may not have been saved). What was stored is all kept."""
         logger.warning(f"{self.path}: a body retrain stopped before it ended; finishing it: re-embedding "
                        f"{len(self._store)} stored examples with the body settings.json names")
-        dev_file = self.path / DEV_FILE
-        if dev_file.exists():
-            dev = DevSet.load(dev_file)
-            if dev.texts is not None:
-                replace(dev, vectors=self.embedder.embed(dev.texts)).save(dev_file)
+        self._reembed_dev_set(self.embedder)
         with self._workspace.body_lock():
             self._store.reembed(self.embedder.id, self.embedder.embed)
             self._learner.train()
             self._remove_other_bodies()
+
+    def _reembed_dev_set(self, embedder: Embedder, texts: list[str] | None = None,
+                         vectors: np.ndarray | None = None) -> None:
+        """Give the saved dev set (calibration.npz) `embedder`'s vectors of its texts: `vectors` where they were
+        computed from the same `texts` (calibrated before the body retrain began), else embedded now."""
+        dev_file = self.path / DEV_FILE
+        if not dev_file.exists():
+            return
+        dev = DevSet.load(dev_file)
+        if dev.texts is not None:
+            fresh = vectors if vectors is not None and dev.texts == texts else embedder.embed(dev.texts)
+            replace(dev, vectors=fresh).save(dev_file)
 
     def _remove_other_bodies(self) -> None:
         """Delete body folders other than the one in use: left by a body retrain stopped before or during its swap
@@ -652,12 +661,7 @@ class Session:
         workspace.settings.body_dir, workspace.settings.body_sha256 = retraining.body.name, retraining.digest
         workspace.settings.body_base = retraining.base
         workspace.save_settings()
-        if (self.path / DEV_FILE).exists():  # calibrated before the retrain began, or (other texts) since
-            dev = DevSet.load(self.path / DEV_FILE)
-            if dev.texts is not None:
-                vectors = (retraining.dev_vectors if dev.texts == retraining.dev_texts
-                           else retraining.embedder.embed(dev.texts))
-                replace(dev, vectors=vectors).save(self.path / DEV_FILE)
+        self._reembed_dev_set(retraining.embedder, retraining.dev_texts, retraining.dev_vectors)
         model = self._learner.accept(retraining)
         self._store.reembed(retraining.embedder.id, retraining.embedder.embed,
                             dict(zip(retraining.texts, retraining.vectors, strict=True)))

@@ -43,7 +43,7 @@ from labelcascade.agent.policy import Policy
 from labelcascade.atomic_file import write_text_atomically
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.retrieval import ExampleStore
-from labelcascade.retrieval.embedders import TUNED_EMBEDDER
+from labelcascade.retrieval.embedders import TUNED_DIGEST_CHARS, TUNED_EMBEDDER
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.task import Task
 
@@ -52,7 +52,6 @@ SETTINGS_FILE = "settings.json"
 STORE_DIR = "store"
 FALLBACK_DIR = "fallback"
 BODY_DIR = "body"
-BODY_DIGEST_CHARS = 12  # of the sha256 that names a body tuned again (body-<digest>), as the tuned embedder's id does
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
 BODY_LOCK_FILE = "tuning.lock"  # taken by body retrains (`Workspace.body_lock`), apart from the fallback's lock
@@ -72,7 +71,7 @@ class Settings(BaseModel):
                           "sentence-transformers folder.")
     body_sha256: str | None = Field(None, description="With embedder 'tuned': the sha256 of the tuned body's files, "
                                     "checked before they are loaded.")
-    body_dir: str = Field(BODY_DIR, pattern=rf"^{BODY_DIR}(-[0-9a-f]{{{BODY_DIGEST_CHARS}}})?$", description="With "
+    body_dir: str = Field(BODY_DIR, pattern=rf"^{BODY_DIR}(-[0-9a-f]{{{TUNED_DIGEST_CHARS}}})?$", description="With "
                           "embedder 'tuned': the folder of the body in use ('body', or 'body-<digest>' once it was "
                           "tuned again).")
     body_base: Literal["default", "multilingual"] | None = Field(

@@ -36,6 +36,7 @@ AUTO_EMBEDDER = "auto"
 # a packaged body fine-tuned on a workspace's labelled texts (fallback.body_tuning) and kept in the workspace; as a
 # spec to load, "tuned:FOLDER#SHA256" (what `Workspace.embedder_spec` gives), checked against the digest first
 TUNED_EMBEDDER = "tuned"
+TUNED_DIGEST_CHARS = 12  # of a tuned body's sha256, in its embedder's id (`tuned_body_name`)
 DEFAULT_BATCH_SIZE = 32  # the fastest measured on 2 cores for news-length texts
 # Batches up to this size run on one torch thread. A chat message is one text, and on a busy machine a two-thread
 # encode of it waits for the second core, many times slower than one thread (BENCHMARKS.md, "Measurements behind
@@ -235,6 +236,12 @@ def choose_embedder(texts: Sequence[str], language: str = "") -> tuple[str, str]
     return DEFAULT_EMBEDDER, "the task's texts read as English"
 
 
+def tuned_body_name(sha256: str) -> str:
+    """The name in the id of the embedder of a tuned body with this digest ('tuned-<first digits>'): vectors of two
+    tunings never share an id, and a workspace tells its own tuned bodies' ids by it."""
+    return f"{TUNED_EMBEDDER}-{sha256[:TUNED_DIGEST_CHARS]}"
+
+
 def load_tuned_body(folder: Path, sha256: str) -> Embedder:
     """A tuned body from `folder`, once the digest of all its files (`file_hash.folder_sha256`) equals `sha256`, the
     one recorded when it was tuned: a changed file, a file added (a pickled `pytorch_model.bin`, code a
@@ -248,7 +255,7 @@ def load_tuned_body(folder: Path, sha256: str) -> Embedder:
         raise ValueError(f"{folder}: its files do not match the sha256 recorded when it was tuned ({found[:12]}... "
                          f"is not {sha256[:12]}...); a file was changed, added or removed: restore the folder "
                          "from a backup or create the workspace again")
-    name = f"{TUNED_EMBEDDER}-{sha256[:12]}"
+    name = tuned_body_name(sha256)
     from labelcascade.retrieval.onnx_body import GRAPH_FILE, OnnxBodyEmbedder  # it builds on this module
 
     if (folder / GRAPH_FILE).is_file():  # tuned since the graph was added: the same vectors in half the time
