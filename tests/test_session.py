@@ -299,6 +299,9 @@ def test_a_body_retrain_tunes_on_gold_and_llm_labels_and_swaps_body_store_dev_se
     killed = session.begin_retrain(body=True, tuning_seconds=15).fit()  # never swapped in: the process "dies"
     assert killed.body.name.startswith("body-") and killed.body.is_dir() and killed.report.pairs_trained > 0
     assert session.embedder.id == old_id and np.array_equal(probability_matrix(session, test_texts), old_answers)
+    with pytest.raises(WorkspaceError, match="another body retrain is running on this workspace"):
+        session.begin_retrain(body=True)  # it would clear the fitted body as a stray
+    killed.abandon()  # as its process's death would
     session.close()
     # and a real one: `labelcascade retrain --body` SIGKILLed while it tunes
     retrain = subprocess.Popen([str(Path(sys.executable).with_name("labelcascade")), "retrain", str(workspace),
@@ -330,7 +333,7 @@ def test_a_body_retrain_tunes_on_gold_and_llm_labels_and_swaps_body_store_dev_se
     dev = DevSet.load(workspace / "calibration.npz")
     np.testing.assert_allclose(dev.vectors, session.embedder.embed(dev.texts), atol=1e-5)
     assert session.calibration().retrains == 1
-    with pytest.raises(ValueError, match="another process retrained the body since this session opened"):
+    with pytest.raises(WorkspaceError, match="another process retrained the body since this session opened"):
         stale.begin_retrain(body=True)  # it would clear the new body as a stray
     assert (workspace / settings["body_dir"]).is_dir()
     stale.close()

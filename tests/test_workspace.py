@@ -1,3 +1,7 @@
+import gc
+import subprocess
+import sys
+
 import pytest
 
 from labelcascade.fallback import LinearSVMClassifier
@@ -46,3 +50,36 @@ def test_fallback_swap_survives_an_interrupted_save(tmp_path):
     (tmp_path / FALLBACK_DIR).rename(tmp_path / (FALLBACK_DIR + ".old"))
     assert (workspace.load_fallback().coef_ == second.coef_).all()
     assert not (tmp_path / (FALLBACK_DIR + ".old")).exists()
+
+
+def test_a_body_lock_claim_refuses_a_second_one_until_released_or_its_process_dies(tmp_path):
+    """A body retrain holds the body lock from its start to its swap; a second one started meanwhile (this process
+    or another) is refused by name, and the lock comes back when the claim is released, dropped, or its process
+    is killed (a real SIGKILL: nothing but the process's death releases it then)."""
+    workspace = Workspace.create(tmp_path / "ws", TASK)
+    claim = workspace.claim_body_lock()
+    with pytest.raises(WorkspaceError, match="another body retrain is running on this workspace"):
+        workspace.claim_body_lock()
+    claim.release()
+    claim.release()  # a second release does nothing
+    assert not claim.held
+    claim = workspace.claim_body_lock()
+    del claim
+    gc.collect()
+    again = workspace.claim_body_lock()
+    again.release()
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from labelcascade.workspace import Workspace; "
+        "claim = Workspace.open(sys.argv[1]).claim_body_lock(); print('held', flush=True); sys.stdin.read()"),
+        str(workspace.path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceError, match="another body retrain is running"):
+            workspace.claim_body_lock()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
+    workspace.claim_body_lock().release()

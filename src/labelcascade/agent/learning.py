@@ -47,6 +47,10 @@ class Retraining:
         self.model = model.fit(self.vectors, self.y, sample_weight=self.weights, texts=self.texts)
         return self
 
+    def abandon(self) -> None:
+        """Give this retrain up without `end_retrain`; a head-only one holds nothing (a body retrain holds the
+        workspace's body lock: `session.BodyRetraining`)."""
+
 
 class Learner:
     """Trains the fallback on the store and counts the LLM examples it has not seen yet."""
