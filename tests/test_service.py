@@ -2,6 +2,7 @@
 the real embedder, store and fallback behind it (the embedded LLM too, in the test named so)."""
 
 import asyncio
+import json
 import shutil
 import subprocess
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -19,6 +21,7 @@ from labelcascade import Session, Task
 from labelcascade.agent import Policy
 from labelcascade.retrieval.embedder_process import EmbedderProcess
 from labelcascade.service import create_app, serve
+from labelcascade.workspace import Workspace
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out
 
@@ -183,7 +186,7 @@ def test_task_health_and_docs(banking):
     assert task["policy"]["accept_threshold"] == banking.policy.accept_threshold
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
     assert docs.status_code == 200 and "swagger" in docs.text.lower() and "cdn" not in docs.text
-    assert {"/v1/classify", "/v1/feedback", "/v1/task", "/healthz", "/metrics"} <= schema["paths"].keys()
+    assert {"/v1/classify", "/v1/feedback", "/v1/retrain", "/v1/task", "/healthz", "/metrics"} <= schema["paths"].keys()
 
 
 BROWSER = shutil.which("chromium")
@@ -240,6 +243,29 @@ def test_feedback_stores_a_review_example_and_retrains_only_when_asked(embedder)
     session.close()
 
 
+def test_the_retrain_endpoint_retrains_in_the_background_and_refuses_a_body_retrain_it_cannot_do(embedder):
+    """POST /v1/retrain starts the retrain feedback's "retrain": true starts; a body retrain on a workspace without
+    a tuned body, or a tuning limit without one, is refused at the door with what to do."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    session.add_examples(["My card's frozen, what can I do?"], ["pin_blocked"])  # stored, not yet trained on
+    with running(create_app(session)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        old = client.get("/v1/task").json()
+        started = client.post("/v1/retrain")
+        new = wait_for_retrain(client)
+        not_tuned = client.post("/v1/retrain", json={"body": True})
+        no_body = client.post("/v1/retrain", json={"tuning_seconds": 30})
+        negative = client.post("/v1/retrain", json={"body": True, "tuning_seconds": 0})
+    assert started.status_code == 202 and started.json() == {"retraining": True, "body": False}
+    assert new["fallback"] != old["fallback"] and new["embedder"] == old["embedder"] == embedder.id
+    assert not_tuned.status_code == 422
+    assert not_tuned.json()["detail"][0]["loc"] == ["body", "body"]
+    assert "create the workspace with embedder 'tuned'" in not_tuned.json()["detail"][0]["msg"]
+    assert no_body.status_code == 422 and "give it with \"body\": true" in no_body.json()["detail"][0]["msg"]
+    assert negative.status_code == 422
+    assert session.cascade.fallback.fingerprint() == new["fallback"]
+    session.close()
+
+
 def wait_for_retrain(client: httpx.Client, timeout: float = 120) -> dict:
     """/v1/task once no retrain is running in the background."""
     deadline = time.monotonic() + timeout
@@ -277,6 +303,66 @@ def test_a_retrain_runs_beside_the_answers_and_is_swapped_in_whole(embedder):
     assert {tuple(answer) for _, answer in during} == {tuple(during[0][1])}  # the old model, whole, all along
     assert session.cascade.fallback.fingerprint() == new and len(after) == 16
     session.close()
+
+
+@pytest.mark.slow
+def test_a_body_retrain_through_the_service_answers_with_the_old_body_until_its_swap_then_with_the_new(tmp_path):
+    """POST /v1/retrain {"body": true} on a tuned workspace served with the embedder in child processes (as
+    `serve` does): refused while another process holds the body lock or a retrain runs; the old body and model
+    answer until the swap; after it the service's children embed with the new body and answer as the workspace
+    opened afresh does. A service stopped during a body retrain stops it (not minutes later) and keeps its body."""
+    texts, labels = few_shot("sst2", 8)
+    workspace = tmp_path / "ws"
+    Session.create(Task.from_labels(sorted(set(labels))), workspace=workspace, embedder="tuned", tuning_seconds=15,
+                   engine=None, examples=(texts, labels)).close()
+    questions = held_out("sst2", 24, seed=3)[0]
+    children = EmbedderProcess(Workspace.open(workspace).embedder_spec, workers=2)
+    session = Session.open(workspace, engine=None, embedder=children)
+    with running(create_app(session)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        old = client.get("/v1/task").json()
+        before = answered(client, questions)
+        claim = Workspace.open(workspace).claim_body_lock()  # another process's body retrain, as far as the lock goes
+        locked = client.post("/v1/retrain", json={"body": True})
+        claim.release()
+        started = client.post("/v1/retrain", json={"body": True, "tuning_seconds": 15})
+        twice = client.post("/v1/retrain", json={"body": True})
+        during = []
+        while client.get("/v1/task").json()["retraining"]:
+            answers = answered(client, questions)
+            if client.get("/v1/task").json()["retraining"]:
+                during.append(answers)
+        after = answered(client, questions)
+        task = client.get("/v1/task").json()
+        body_dir = json.loads((workspace / "settings.json").read_text())["body_dir"]
+        for text, label in zip(*few_shot("sst2", 8, seed=5), strict=True):  # more pairs: minutes of tuning
+            client.post("/v1/feedback", json={"text": text, "label": label})
+        client.post("/v1/retrain", json={"body": True, "tuning_seconds": 300})
+        time.sleep(30)  # into its tuning (e5 is rebuilt first): the service stops while it tunes
+        stopping = time.perf_counter()
+    stopped_in = time.perf_counter() - stopping
+    assert stopped_in < 25, f"the service took {stopped_in:.0f} s to stop during a body retrain"
+    assert locked.status_code == 409 and "another body retrain is running" in locked.json()["detail"]
+    assert started.status_code == 202 and started.json() == {"retraining": True, "body": True}
+    assert twice.status_code == 409 and "a retrain is running" in twice.json()["detail"]
+    assert during and all(answers == before for answers in during)  # the old body and model, whole, all along
+    assert task["embedder"] != old["embedder"] and task["embedder"].endswith(body_dir.removeprefix("body-"))
+    assert task["fallback"] != old["fallback"]
+    assert isinstance(session.embedder, EmbedderProcess) and session.embedder is not children
+    assert json.loads((workspace / "settings.json").read_text())["body_dir"] == body_dir  # the stopped one: no swap
+    assert body_dir in {path.name for path in workspace.glob("body*")}  # beside its stray folder
+    Workspace.open(workspace).claim_body_lock().release()  # the stopped retrain let go of the lock
+    session.close()
+    with Session.open(workspace, engine=None) as reopened:  # the new body in this process, not in children
+        fresh = [reopened.classify(question) for question in questions]
+    assert [label for label, _ in after] == [prediction.label for prediction in fresh]
+    np.testing.assert_allclose([confidence for _, confidence in after],
+                               [prediction.confidence for prediction in fresh], atol=1e-4)
+
+
+def answered(client: httpx.Client, texts: list[str]) -> list[tuple[str, float]]:
+    """Each text's label and confidence, as the service answers them."""
+    answers = client.post("/v1/classify", json={"texts": texts}).json()["answers"]
+    return [(answer["label"], answer["confidence"]) for answer in answers]
 
 
 def test_learning_in_the_service_retrains_in_the_background(embedder, gemma):
@@ -317,7 +403,8 @@ def test_feedback_does_not_overrule_gold_labels_and_is_rate_limited(embedder):
 def test_api_key_guards_every_endpoint_but_healthz(banking):
     with running(create_app(banking, api_key="s3cret")) as url, httpx.Client(base_url=url) as client:
         assert client.get("/healthz").status_code == 200
-        for method, path in [("GET", "/v1/task"), ("GET", "/metrics"), ("POST", "/v1/classify"), ("POST", "/v1/feedback")]:
+        for method, path in [("GET", "/v1/task"), ("GET", "/metrics"), ("POST", "/v1/classify"), ("POST", "/v1/feedback"),
+                             ("POST", "/v1/retrain")]:
             assert client.request(method, path, json={"text": "hi"}).status_code == 401
         assert client.get("/v1/task", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/v1/task", headers={"X-API-Key": "wrong"}).status_code == 401

@@ -3,6 +3,7 @@
     POST /v1/classify   {"text": "..."} or {"texts": [...]}, optional "top"  ->  {"answers": [...], "latency_ms"}
                         and headers X-Labelcascade-Label / -Route / -Confidence (one value per text)
     POST /v1/feedback   {"text", "label"} (or "labels"), optional "retrain"  ->  stored as a `review` example
+    POST /v1/retrain    optional {"body": true, "tuning_seconds"}  ->  202; the fallback (and body) retrained behind
     GET  /v1/task       the task's labels, shape and the cascade's current policy
     GET  /healthz       liveness; never needs the API key and never waits for the classifier
     GET  /metrics       Prometheus text: requests by endpoint and status, answers by route, latencies, batch sizes
@@ -56,6 +57,13 @@ time; asks that come during it are joined into one more. `GET /v1/task` says whe
 model answers (`fallback`). A service stopped mid-retrain keeps the old model; the LLM labels it had not trained
 on are still counted, so the next retrain takes them.
 
+A body retrain (`POST /v1/retrain {"body": true}`, workspaces with embedder 'tuned': `Session.retrain(body=True)`)
+tunes the body for minutes on the training thread while the old body and model answer. It is begun before the
+request is answered, so a refusal comes back to the caller (409 while any retrain runs or another process holds
+the workspace's body lock, 422 for a workspace without a tuned body); it is never joined with other asks. At its
+swap the embedder's child processes are started on the new body first, then the swap and the switch to them happen
+on the worker thread between two batches, and the old ones are stopped (`GET /v1/task`'s `embedder` changes).
+
 Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its body is the plain text "Content Too
 Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
 `max_text_chars` characters, get 422. Other errors are JSON (`{"detail": ...}`) and never carry a traceback: a
@@ -91,11 +99,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from labelcascade import __version__
-from labelcascade.agent import Policy
+from labelcascade.agent import Policy, Retraining
 from labelcascade.records import Prediction, Route, Source
 from labelcascade.retrieval.embedder_process import EmbedderProcess
-from labelcascade.session import Session
-from labelcascade.workspace import Workspace
+from labelcascade.session import BodyRetraining, Session
+from labelcascade.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +209,29 @@ class FeedbackResponse(BaseModel):
                              "one running ends); answers use the new model once `GET /v1/task` shows a new `fallback`.")
 
 
+class RetrainRequest(BaseModel):
+    """Retrain the fallback on every stored example; with `body`, tune the workspace's tuned body again first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    body: bool = Field(False, strict=True, description="Tune the workspace's tuned body again first, on every stored "
+                       "example, gold and LLM-labelled (minutes; workspaces created with embedder 'tuned').")
+    tuning_seconds: float | None = Field(None, gt=0, description="With `body`: the most seconds the tuning may take "
+                                         "(null: as the workspace's creation planned it).")
+
+    @model_validator(mode="after")
+    def _seconds_need_body(self) -> RetrainRequest:
+        if self.tuning_seconds is not None and not self.body:
+            raise ValueError("'tuning_seconds' limits a body retrain: give it with \"body\": true")
+        return self
+
+
+class RetrainResponse(BaseModel):
+    retraining: bool = Field(description="A retrain has started (or will start when the one running ends); answers "
+                             "use the new model once `GET /v1/task` shows a new `fallback`.")
+    body: bool = Field(description="It tunes the body again first; `GET /v1/task` shows a new `embedder` after it.")
+
+
 class LabelInfo(BaseModel):
     name: str
     description: str
@@ -214,6 +245,7 @@ class TaskInfo(BaseModel):
     allow_abstain: bool
     policy: Policy = Field(description="The cascade's current thresholds and LLM settings.")
     fallback: str = Field(description="Fingerprint of the fallback model answering now; it changes when a retrain ends.")
+    embedder: str = Field(description="Id of the embedder the fallback reads; it changes when a body retrain ends.")
     retraining: bool = Field(description="Whether a retrain is running (or asked for) in the background.")
 
 
@@ -250,6 +282,7 @@ class SessionWorker:
         self._busy = False  # a batch is being answered
         embedder = getattr(session, "embedder", None)
         self._ahead_embedder = embedder if isinstance(embedder, EmbedderProcess) else None
+        self._started_embedder: EmbedderProcess | None = None  # on a new body, by this worker: its to stop
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -258,14 +291,7 @@ class SessionWorker:
         self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labelcascade-retrain")
         self._queue = asyncio.Queue()
         auto_retrain, self.session.auto_retrain = self.session.auto_retrain, False
-        if self._ahead_embedder is not None:
-            loop = asyncio.get_running_loop()
-
-            def children_idle() -> None:  # on the thread that called `embed`
-                with suppress(RuntimeError):  # the loop has closed: no next batch to embed
-                    loop.call_soon_threadsafe(self._embed_ahead)
-
-            self._ahead_embedder.on_idle = children_idle
+        self._notify_idle(self._ahead_embedder, asyncio.get_running_loop())
         batching = asyncio.create_task(self._batch_forever())
         try:
             yield
@@ -279,6 +305,20 @@ class SessionWorker:
             self.session.auto_retrain = auto_retrain
             if self._ahead_embedder is not None:
                 self._ahead_embedder.on_idle = None
+            if self._started_embedder is not None:
+                self._started_embedder.close()
+
+    def _notify_idle(self, embedder: EmbedderProcess | None, loop: asyncio.AbstractEventLoop) -> None:
+        """Have `embedder` say when its children are done with a batch's texts (see "Why the next batch is
+        embedded ahead")."""
+        if embedder is None:
+            return
+
+        def children_idle() -> None:  # on the thread that called `embed`
+            with suppress(RuntimeError):  # the loop has closed: no next batch to embed
+                loop.call_soon_threadsafe(self._embed_ahead)
+
+        embedder.on_idle = children_idle
 
     @property
     def retraining(self) -> bool:
@@ -291,24 +331,79 @@ class SessionWorker:
         else:
             self._retraining = asyncio.create_task(self._retrain())
 
-    async def _retrain(self) -> None:
+    async def retrain_body(self, tuning_seconds: float | None) -> None:
+        """Begin a body retrain now and go on with it in the background (see the module docstring); HTTPException
+        409 while a retrain runs or the workspace's body lock is held elsewhere, 422 for a workspace that has no
+        tuned body."""
+        busy = "a retrain is running; ask again once GET /v1/task says \"retraining\": false"
+        if self.retraining:
+            raise HTTPException(409, detail=busy)
+        try:
+            retraining = await self.call(lambda: self.session.begin_retrain(body=True, tuning_seconds=tuning_seconds),
+                                         guarded=False)
+        except WorkspaceError as error:
+            raise HTTPException(409, detail=str(error)) from None
+        except ValueError as error:
+            raise _invalid("body", str(error)) from None
+        if self.retraining:  # one started while this one began
+            retraining.abandon()
+            raise HTTPException(409, detail=busy)
+        self._retraining = asyncio.create_task(self._retrain(retraining))
+
+    async def _retrain(self, first: Retraining | None = None) -> None:
+        """Retrains one after another while more are asked for: `first` (begun already), then head-only ones."""
         loop = asyncio.get_running_loop()
         while True:
             self._retrain_again = False
+            retraining, first = first, None
             try:
-                retraining = await self.call(self.session.begin_retrain)
+                if retraining is None:
+                    retraining = await self.call(self.session.begin_retrain)
                 fitted = await loop.run_in_executor(self._trainer, retraining.fit)
-                await self.call(lambda: self.session.end_retrain(fitted))
+                embedder = await loop.run_in_executor(self._trainer, self._embedder_for, fitted)
+                await self.call(lambda: self._swap_in(fitted, embedder, loop))
             except asyncio.CancelledError:
+                if retraining is not None:
+                    retraining.abandon()
                 raise
             except Exception:  # already logged by _guarded, or the fit's own error
                 logger.exception("a background retrain failed; the previous fallback still answers")
+                if retraining is not None:
+                    retraining.abandon()
             if not self._retrain_again:
                 return
 
-    async def call(self, function: Callable[[], T]) -> T:
-        """Run `function` (which may touch the classifier) on the worker thread, in turn with everything else."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _guarded(function))
+    def _embedder_for(self, fitted: Retraining) -> EmbedderProcess | None:
+        """Child processes on a fitted body retrain's new body, when the session embeds in child processes."""
+        if not isinstance(fitted, BodyRetraining) or self._ahead_embedder is None:
+            return None
+        return EmbedderProcess(fitted.embedder_spec, workers=self._ahead_embedder.workers)
+
+    def _swap_in(self, fitted: Retraining, embedder: EmbedderProcess | None, loop: asyncio.AbstractEventLoop) -> None:
+        """On the worker thread: the fitted model (and body) swapped in, and the session switched to `embedder`,
+        the new body's child processes, when there are some; the old body's are stopped."""
+        try:
+            self.session.end_retrain(fitted)
+        except BaseException:
+            if embedder is not None:
+                embedder.close()
+            raise
+        if embedder is None:
+            return
+        old, self._ahead_embedder = self._ahead_embedder, embedder
+        self.session.embedder = embedder
+        self._notify_idle(embedder, loop)
+        old.on_idle = None
+        old.close()  # a second close (by `serve`, which started it) does nothing
+        if self._started_embedder is not None and self._started_embedder is not old:
+            self._started_embedder.close()
+        self._started_embedder = embedder
+
+    async def call(self, function: Callable[[], T], *, guarded: bool = True) -> T:
+        """Run `function` (which may touch the classifier) on the worker thread, in turn with everything else;
+        `guarded`: its errors become 500s that name them (`_guarded`), else they come back as they are."""
+        run = _guarded(function) if guarded else function
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def classify(self, texts: list[str]) -> list[Prediction]:
         """Predictions for `texts`, classified together with whatever other requests are waiting."""
@@ -557,10 +652,22 @@ def create_app(
             worker.retrain()
         return FeedbackResponse(id=example_id, labels=labels, source=Source.REVIEW, retraining=worker.retraining)
 
+    @api.post("/v1/retrain", tags=["learn"], status_code=202)
+    async def retrain(request: RetrainRequest | None = None) -> RetrainResponse:
+        """Retrain the fallback on every stored example in the background, as feedback's `"retrain": true` does;
+        with `"body": true`, tune the workspace's tuned body again first (minutes; answers go on with the old body
+        and model until the swap). A body retrain is refused with 409 while any retrain runs."""
+        if request is not None and request.body:
+            await worker.retrain_body(request.tuning_seconds)
+        else:
+            worker.retrain()
+        return RetrainResponse(retraining=worker.retraining, body=request is not None and request.body)
+
     @api.get("/v1/task", tags=["task"])
     async def task_info() -> TaskInfo:
         """The task's labels and answer shape, and the thresholds the cascade routes by."""
-        task, policy, fallback = await worker.call(lambda: (session.task, session.policy, session.cascade.fallback.fingerprint()))
+        task, policy, fallback, embedder = await worker.call(
+            lambda: (session.task, session.policy, session.cascade.fallback.fingerprint(), session.embedder.id))
         return TaskInfo(
             name=task.name,
             instructions=task.instructions,
@@ -569,6 +676,7 @@ def create_app(
             allow_abstain=task.allow_abstain,
             policy=policy,
             fallback=fallback,
+            embedder=embedder,
             retraining=worker.retraining,
         )
 
