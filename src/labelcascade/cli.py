@@ -436,8 +436,8 @@ def serve(
         int | None, typer.Option(min=1, help="Processes that embed texts, one core each (default: one per core, at most 4).")
     ] = None,
 ) -> None:
-    """Serve the workspace over HTTP for chat assistants: POST /v1/classify, /v1/feedback; GET /v1/task, /healthz,
-    /metrics; OpenAPI page at /docs. A --host other than 127.0.0.1 needs --api-key (or --allow-no-key)."""
+    """Serve the workspace over HTTP for chat assistants: POST /v1/classify, /v1/feedback, /v1/retrain; GET /v1/task,
+    /healthz, /metrics; OpenAPI page at /docs. A --host other than 127.0.0.1 needs --api-key (or --allow-no-key)."""
     if allow_no_key and api_key is None and not is_loopback(host):
         typer.echo(f"warning: serving on {host} without an API key; anyone who can reach it can use it", err=True)
     run_service(workspace, host=host, port=port, api_key=api_key, engine="saved" if engine is None else _engine(engine),

@@ -216,7 +216,7 @@ class RetrainRequest(BaseModel):
 
     body: bool = Field(False, strict=True, description="Tune the workspace's tuned body again first, on every stored "
                        "example, gold and LLM-labelled (minutes; workspaces created with embedder 'tuned').")
-    tuning_seconds: float | None = Field(None, gt=0, description="With `body`: the most seconds the tuning may take "
+    tuning_seconds: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False, description="With `body`: the most seconds the tuning may take "
                                          "(null: as the workspace's creation planned it).")
 
     @model_validator(mode="after")

@@ -419,6 +419,31 @@ def test_http_feedback_numbers_and_types_are_strict(service, banking, body, word
     assert len(banking.store) == 80
 
 
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [(b'{"body": true, "tuning_seconds": NaN}', "finite number"),
+     (b'{"body": true, "tuning_seconds": Infinity}', "finite number"),
+     (b'{"body": true, "tuning_seconds": "30"}', "valid number"),
+     (b'{"body": true, "tuning_seconds": true}', "valid number"),
+     (b'{"body": true, "tuning_seconds": -5}', "greater than 0"),
+     (b'{"body": "yes"}', "valid boolean"),
+     (b'{"body": 1}', "valid boolean"),
+     (b'{"tuning_seconds": 30}', "give it with"),
+     (b'{"bodies": true}', "Extra inputs")],
+    ids=["seconds-nan", "seconds-infinity", "seconds-string", "seconds-bool", "seconds-negative", "body-string",
+         "body-number", "seconds-without-body", "unknown-field"],
+)
+def test_http_retrain_numbers_and_types_are_strict(service, banking, body, words):
+    """POST /v1/retrain given NaN, Infinity, a value of another type or a field it does not know: 422 naming it,
+    and no retrain started."""
+    before = service.get("/v1/task").json()["fallback"]
+    response = service.post("/v1/retrain", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and words in response.text, response.text[:300]
+    assert "Traceback" not in response.text
+    task = service.get("/v1/task").json()
+    assert not task["retraining"] and task["fallback"] == before
+
+
 # --- prompt injection and huge texts, answered by the real Gemma --------------------------------------------
 
 INJECTIONS = [
