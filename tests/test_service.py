@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from labelcascade import Session, Task
 from labelcascade.agent import Policy
+from labelcascade.retrieval import ExampleStore
 from labelcascade.retrieval.embedder_process import EmbedderProcess
 from labelcascade.service import create_app, serve
 from labelcascade.workspace import Workspace
@@ -443,6 +444,22 @@ def test_a_failing_classifier_answers_500_with_a_message_and_no_traceback(embedd
     assert response.status_code == 500
     assert "NotFittedError" in response.json()["detail"] and "Traceback" not in response.text
     untrained.close()
+
+
+def test_a_store_re_embedded_by_another_process_is_answered_503_saying_to_restart(embedder):
+    """Another process's body retrain re-embeds the store (`ExampleStore.reembed`, here from a second connection);
+    the service's connection is refused its next store access, which the caller gets as a 503 that says what to
+    do, not a 500."""
+    session = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    with running(create_app(session)) as url, httpx.Client(base_url=url) as client:
+        other = ExampleStore.open(session.path / "store")
+        other.reembed("another-body", lambda texts: embedder.embed(texts))
+        other.close()
+        refused = client.post("/v1/feedback", json={"text": "my card is stuck in the machine", "label": "pin_blocked"})
+    assert refused.status_code == 503
+    assert "another process re-embedded it" in refused.json()["detail"]
+    assert "Restart the service" in refused.json()["detail"]
+    session.close()
 
 
 def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_path, monkeypatch):

@@ -67,7 +67,8 @@ on the worker thread between two batches, and the old ones are stopped (`GET /v1
 Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its body is the plain text "Content Too
 Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
 `max_text_chars` characters, get 422. Other errors are JSON (`{"detail": ...}`) and never carry a traceback: a
-classifier failure is logged with its traceback and answered 500. The cascade itself never raises for a failing
+classifier failure is logged with its traceback and answered 500; a store that another process has re-embedded (a
+`labelcascade retrain --body` beside the service) is answered 503, saying to restart the service. The cascade itself never raises for a failing
 LLM; it answers with route `degraded`.
 """
 
@@ -101,6 +102,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from labelcascade import __version__
 from labelcascade.agent import Policy, Retraining
 from labelcascade.records import Prediction, Route, Source
+from labelcascade.retrieval import EmbedderMismatchError
 from labelcascade.retrieval.embedder_process import EmbedderProcess
 from labelcascade.session import BodyRetraining, Session
 from labelcascade.workspace import Workspace, WorkspaceError
@@ -472,6 +474,10 @@ def _guarded(function: Callable[[], T]) -> Callable[[], T]:
             return function()
         except HTTPException:
             raise  # an answer the function chose (a refusal), not a failure
+        except EmbedderMismatchError as error:  # another process re-embedded the store: its body was retrained
+            logger.error(f"the workspace changed under the service: {error}")
+            raise HTTPException(503, detail=f"{error}. Restart the service to serve the workspace as it is now (a body "
+                                            "retrain through the service itself, POST /v1/retrain, needs none)") from None
         except Exception as error:
             logger.exception("the classifier failed")
             raise HTTPException(500, detail=f"the classifier failed: {type(error).__name__}: {error}") from None
