@@ -404,8 +404,8 @@ def test_feedback_does_not_overrule_gold_labels_and_is_rate_limited(embedder):
 def test_api_key_guards_every_endpoint_but_healthz(banking):
     with running(create_app(banking, api_key="s3cret")) as url, httpx.Client(base_url=url) as client:
         assert client.get("/healthz").status_code == 200
-        for method, path in [("GET", "/v1/task"), ("GET", "/metrics"), ("POST", "/v1/classify"), ("POST", "/v1/feedback"),
-                             ("POST", "/v1/retrain")]:
+        for method, path in [("GET", "/v1/task"), ("GET", "/metrics"), ("POST", "/v1/classify"),
+                             ("POST", "/v1/feedback"), ("POST", "/v1/retrain")]:
             assert client.request(method, path, json={"text": "hi"}).status_code == 401
         assert client.get("/v1/task", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/v1/task", headers={"X-API-Key": "wrong"}).status_code == 401

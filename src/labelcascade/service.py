@@ -68,8 +68,8 @@ Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its b
 Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
 `max_text_chars` characters, get 422. Other errors are JSON (`{"detail": ...}`) and never carry a traceback: a
 classifier failure is logged with its traceback and answered 500; a store that another process has re-embedded (a
-`labelcascade retrain --body` beside the service) is answered 503, saying to restart the service. The cascade itself never raises for a failing
-LLM; it answers with route `degraded`.
+`labelcascade retrain --body` beside the service) is answered 503, saying to restart the service. The cascade
+itself never raises for a failing LLM; it answers with route `degraded`.
 """
 
 from __future__ import annotations
@@ -218,8 +218,9 @@ class RetrainRequest(BaseModel):
 
     body: bool = Field(False, strict=True, description="Tune the workspace's tuned body again first, on every stored "
                        "example, gold and LLM-labelled (minutes; workspaces created with embedder 'tuned').")
-    tuning_seconds: float | None = Field(None, gt=0, strict=True, allow_inf_nan=False, description="With `body`: the most seconds the tuning may take "
-                                         "(null: as the workspace's creation planned it).")
+    tuning_seconds: float | None = Field(
+        None, gt=0, strict=True, allow_inf_nan=False,
+        description="With `body`: the most seconds the tuning may take (null: as the workspace's creation planned it).")
 
     @model_validator(mode="after")
     def _seconds_need_body(self) -> RetrainRequest:
@@ -284,7 +285,7 @@ class SessionWorker:
         self._busy = False  # a batch is being answered
         embedder = getattr(session, "embedder", None)
         self._ahead_embedder = embedder if isinstance(embedder, EmbedderProcess) else None
-        self._started_embedder: EmbedderProcess | None = None  # on a new body, by this worker: its to stop
+        self._started_embedder: EmbedderProcess | None = None  # on a new body, by this worker, which stops it
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -396,9 +397,7 @@ class SessionWorker:
         self.session.embedder = embedder
         self._notify_idle(embedder, loop)
         old.on_idle = None
-        old.close()  # a second close (by `serve`, which started it) does nothing
-        if self._started_embedder is not None and self._started_embedder is not old:
-            self._started_embedder.close()
+        old.close()  # the one `serve` started, or this worker's last: a second close (by `serve`) does nothing
         self._started_embedder = embedder
 
     async def call(self, function: Callable[[], T], *, guarded: bool = True) -> T:
@@ -476,8 +475,9 @@ def _guarded(function: Callable[[], T]) -> Callable[[], T]:
             raise  # an answer the function chose (a refusal), not a failure
         except EmbedderMismatchError as error:  # another process re-embedded the store: its body was retrained
             logger.error(f"the workspace changed under the service: {error}")
-            raise HTTPException(503, detail=f"{error}. Restart the service to serve the workspace as it is now (a body "
-                                            "retrain through the service itself, POST /v1/retrain, needs none)") from None
+            restart = ("Restart the service to serve the workspace as it is now (a body retrain through the service "
+                       "itself, POST /v1/retrain, needs none)")
+            raise HTTPException(503, detail=f"{error}. {restart}") from None
         except Exception as error:
             logger.exception("the classifier failed")
             raise HTTPException(500, detail=f"the classifier failed: {type(error).__name__}: {error}") from None
