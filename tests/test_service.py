@@ -327,8 +327,9 @@ def test_a_body_retrain_through_the_service_answers_with_the_old_body_until_its_
         claim.release()
         started = client.post("/v1/retrain", json={"body": True, "tuning_seconds": 15})
         twice = client.post("/v1/retrain", json={"body": True})
-        during = []
-        while client.get("/v1/task").json()["retraining"]:
+        during, tuning = [], []
+        while (polled := client.get("/v1/task").json())["retraining"]:
+            tuning.append(polled["body_tuning"])
             answers = answered(client, questions)
             if client.get("/v1/task").json()["retraining"]:
                 during.append(answers)
@@ -346,6 +347,9 @@ def test_a_body_retrain_through_the_service_answers_with_the_old_body_until_its_
     assert started.status_code == 202 and started.json() == {"retraining": True, "body": True}
     assert twice.status_code == 409 and "a retrain is running" in twice.json()["detail"]
     assert during and all(answers == before for answers in during)  # the old body and model, whole, all along
+    progress = [(step["pairs_trained"], step["pairs_planned"]) for step in tuning if step is not None]
+    assert progress and progress == sorted(progress) and 0 < progress[-1][0] <= progress[-1][1]
+    assert task["body_tuning"] is None
     assert task["embedder"] != old["embedder"] and task["embedder"].endswith(body_dir.removeprefix("body-"))
     assert task["fallback"] != old["fallback"]
     assert isinstance(session.embedder, EmbedderProcess) and session.embedder is not children

@@ -62,7 +62,8 @@ tunes the body for minutes on the training thread while the old body and model a
 request is answered, so a refusal comes back to the caller (409 while any retrain runs or another process holds
 the workspace's body lock, 422 for a workspace without a tuned body); it is never joined with other asks. At its
 swap the embedder's child processes are started on the new body first, then the swap and the switch to them happen
-on the worker thread between two batches, and the old ones are stopped (`GET /v1/task`'s `embedder` changes).
+on the worker thread between two batches, and the old ones are stopped (`GET /v1/task`'s `embedder` changes;
+while it tunes, its `body_tuning` counts the pairs trained).
 
 Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its body is the plain text "Content Too
 Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
@@ -235,6 +236,13 @@ class RetrainResponse(BaseModel):
     body: bool = Field(description="It tunes the body again first; `GET /v1/task` shows a new `embedder` after it.")
 
 
+class BodyTuning(BaseModel):
+    """How far a body retrain's tuning has got."""
+
+    pairs_trained: int
+    pairs_planned: int = Field(description="The pairs its plan holds; the time limit may stop it sooner.")
+
+
 class LabelInfo(BaseModel):
     name: str
     description: str
@@ -250,6 +258,7 @@ class TaskInfo(BaseModel):
     fallback: str = Field(description="Fingerprint of the fallback model answering now; it changes when a retrain ends.")
     embedder: str = Field(description="Id of the embedder the fallback reads; it changes when a body retrain ends.")
     retraining: bool = Field(description="Whether a retrain is running (or asked for) in the background.")
+    body_tuning: BodyTuning | None = Field(None, description="While a body retrain tunes the body: how far it is.")
 
 
 class Health(BaseModel):
@@ -286,6 +295,7 @@ class SessionWorker:
         embedder = getattr(session, "embedder", None)
         self._ahead_embedder = embedder if isinstance(embedder, EmbedderProcess) else None
         self._started_embedder: EmbedderProcess | None = None  # on a new body, by this worker, which stops it
+        self._fitting: Retraining | None = None  # the retrain being fitted on the training thread
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -327,6 +337,14 @@ class SessionWorker:
     def retraining(self) -> bool:
         return self._retraining is not None and not self._retraining.done()
 
+    @property
+    def body_tuning(self) -> BodyTuning | None:
+        """How far the running body retrain's tuning has got, while it tunes."""
+        pairs = getattr(self._fitting, "pairs", None)
+        if pairs is None or self._fitting.model is not None:
+            return None
+        return BodyTuning(pairs_trained=pairs[0], pairs_planned=pairs[1])
+
     def retrain(self) -> None:
         """Start a retrain in the background, or ask for one more after the one running."""
         if self.retraining:
@@ -362,6 +380,7 @@ class SessionWorker:
             try:
                 if retraining is None:
                     retraining = await self.call(self.session.begin_retrain)
+                self._fitting = retraining
                 fitted = await loop.run_in_executor(self._trainer, retraining.fit)
                 embedder = await loop.run_in_executor(self._trainer, self._embedder_for, fitted)
                 await self.call(lambda: self._swap_in(fitted, embedder, loop))
@@ -373,6 +392,8 @@ class SessionWorker:
                 logger.exception("a background retrain failed; the previous fallback still answers")
                 if retraining is not None:
                     retraining.abandon()
+            finally:
+                self._fitting = None
             if not self._retrain_again:
                 return
 
@@ -684,6 +705,7 @@ def create_app(
             fallback=fallback,
             embedder=embedder,
             retraining=worker.retraining,
+            body_tuning=worker.body_tuning,
         )
 
     @api.get("/metrics", tags=["service"], response_class=Response)

