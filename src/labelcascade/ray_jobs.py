@@ -54,7 +54,7 @@ from labelcascade.jobs import JobBar, LabelJob, answer_columns
 from labelcascade.records import Prediction, Route
 from labelcascade.session import Session, checked_texts
 from labelcascade.tables import Row
-from labelcascade.workspace import BODY_LOCK_FILE, LOCK_FILE
+from labelcascade.workspace import LOCK_FILES
 
 # Columns the pipeline adds while it works; none is left in what `label_dataset` returns.
 ROW = "__labelcascade_row"
@@ -71,7 +71,7 @@ def workspace_archive(session: Session) -> bytes:
     """The workspace folder as a tar archive, made durable first; its answer cache (the driver's) and lock file are
     left out. Workers unpack it into a folder of their own."""
     session.store.save()
-    skipped = {LOCK_FILE, BODY_LOCK_FILE, CACHE_FILE, CACHE_FILE + "-wal", CACHE_FILE + "-shm", CACHE_FILE + "-journal"}
+    skipped = {*LOCK_FILES, CACHE_FILE, CACHE_FILE + "-wal", CACHE_FILE + "-shm", CACHE_FILE + "-journal"}
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for path in sorted(session.path.rglob("*")):

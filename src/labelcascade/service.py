@@ -384,16 +384,12 @@ class SessionWorker:
                 fitted = await loop.run_in_executor(self._trainer, retraining.fit)
                 embedder = await loop.run_in_executor(self._trainer, self._embedder_for, fitted)
                 await self.call(lambda: self._swap_in(fitted, embedder, loop))
-            except asyncio.CancelledError:
-                if retraining is not None:
-                    retraining.abandon()
-                raise
-            except Exception:  # already logged by _guarded, or the fit's own error
+            except Exception:  # already logged by _guarded, or the fit's own error (never a cancellation)
                 logger.exception("a background retrain failed; the previous fallback still answers")
+            finally:  # failed, cancelled (a fit still tuning stops) or swapped in (then there is nothing to let go)
+                self._fitting = None
                 if retraining is not None:
                     retraining.abandon()
-            finally:
-                self._fitting = None
             if not self._retrain_again:
                 return
 

@@ -67,13 +67,13 @@ from labelcascade.retrieval.embedders import (
     default_model_dir,
     no_loading_bar,
     tuned_body_name,
+    tuned_body_spec,
 )
 from labelcascade.retrieval.onnx_body import write_onnx_graph
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import (
     BODY_DIR,
-    BODY_LOCK_FILE,
-    LOCK_FILE,
+    LOCK_FILES,
     STORE_DIR,
     BodyLockClaim,
     Settings,
@@ -287,7 +287,7 @@ class BodyRetraining(Retraining):
     @property
     def embedder_spec(self) -> str:
         """The spec that loads the new body (`retrieval.load_embedder`), once fitted."""
-        return f"{TUNED_EMBEDDER}:{self.body}#{self.digest}"
+        return tuned_body_spec(self.body, self.digest)
 
     def fit(self) -> BodyRetraining:
         """Tune the body, embed with it, fit the head. Killed part-way, it leaves only a stray folder (the next
@@ -545,7 +545,7 @@ class Session:
             Workspace.open(path)  # refuse what is not a workspace before copying anything
             temporary = tempfile.TemporaryDirectory(prefix="labelcascade-")
             path = shutil.copytree(path, Path(temporary.name) / "workspace",
-                                   ignore=shutil.ignore_patterns(LOCK_FILE, BODY_LOCK_FILE))
+                                   ignore=shutil.ignore_patterns(*LOCK_FILES))
         try:
             workspace = Workspace.open(path)
             model = load_embedder(embedder if embedder is not None else workspace.embedder_spec)
@@ -977,7 +977,7 @@ class Session:
         if path.exists() and any(path.iterdir()):
             raise FileExistsError(f"{path}: folder is not empty; save into a new or empty folder")
         self._store.save()
-        shutil.copytree(self.path, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(LOCK_FILE, BODY_LOCK_FILE))
+        shutil.copytree(self.path, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*LOCK_FILES))
         return path
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ from labelcascade.agent.policy import Policy
 from labelcascade.atomic_file import write_text_atomically
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.retrieval import ExampleStore
-from labelcascade.retrieval.embedders import TUNED_DIGEST_CHARS, TUNED_EMBEDDER
+from labelcascade.retrieval.embedders import TUNED_DIGEST_CHARS, TUNED_EMBEDDER, tuned_body_spec
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.task import Task
 
@@ -57,6 +57,7 @@ BODY_DIR = "body"
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
 BODY_LOCK_FILE = "tuning.lock"  # held by body retrains (`Workspace.claim_body_lock`), apart from the fallback's lock
+LOCK_FILES = (LOCK_FILE, BODY_LOCK_FILE)  # what copies of a workspace leave out: a lock belongs to its folder
 
 
 class WorkspaceError(RuntimeError):
@@ -166,7 +167,7 @@ class Workspace:
         if not self.settings.body_sha256:
             raise WorkspaceError(f"{self.path / SETTINGS_FILE}: embedder 'tuned' but no body_sha256; the workspace was "
                                  "not finished (its tuning stopped?): create it again")
-        return f"{TUNED_EMBEDDER}:{self.path / self.settings.body_dir}#{self.settings.body_sha256}"
+        return tuned_body_spec(self.path / self.settings.body_dir, self.settings.body_sha256)
 
     def open_store(self, *, embedder_id: str, dim: int) -> ExampleStore:
         """The example store, created with the workspace and only then; refuses vectors from another embedder."""
@@ -232,20 +233,24 @@ class Workspace:
     def body_lock(self) -> Iterator[Settings]:
         """Hold the body retrains' lock (waiting for a body retrain that holds it: `claim_body_lock`), and yield the
         settings as saved now (another process may have swapped a body in since these were read)."""
-        with self._locked(exclusive=True, name=BODY_LOCK_FILE):
+        claim = self.claim_body_lock(wait=True)
+        try:
             yield self.saved_settings()
+        finally:
+            claim.release()
 
-    def claim_body_lock(self) -> BodyLockClaim:
+    def claim_body_lock(self, *, wait: bool = False) -> BodyLockClaim:
         """The body retrains' lock, taken now for as long as one body retrain runs, or WorkspaceError if another
-        holds it. Why held so long: a body retrain clears stray body folders when it starts, and tunes for minutes
-        before its swap; a second one started meanwhile would clear the first one's new body as a stray."""
+        holds it (`wait`: until it lets go). Why held so long: a body retrain clears stray body folders when it
+        starts, and tunes for minutes before its swap; a second one started meanwhile would clear the first one's
+        new body as a stray."""
         lock_path = self.path / BODY_LOCK_FILE
         try:
             handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise WorkspaceError(storage_failure(lock_path, error, "lock the workspace")) from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(handle)
             raise WorkspaceError(f"{self.path}: another body retrain is running on this workspace (a `labelcascade "
@@ -260,12 +265,12 @@ class Workspace:
             raise WorkspaceError(f"{self.path / SETTINGS_FILE}: cannot be read again: {error}") from None
 
     @contextmanager
-    def _locked(self, *, exclusive: bool, name: str = LOCK_FILE) -> Iterator[None]:
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
         """Hold the workspace's advisory lock: exclusive to change the fallback folder, shared to read it.
 
         A read-only workspace that has never been locked cannot get a lock file, and needs none: nobody can
         change it."""
-        lock_path = self.path / name
+        lock_path = self.path / LOCK_FILE
         try:
             handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:

@@ -242,6 +242,11 @@ def tuned_body_name(sha256: str) -> str:
     return f"{TUNED_EMBEDDER}-{sha256[:TUNED_DIGEST_CHARS]}"
 
 
+def tuned_body_spec(folder: Path, sha256: str) -> str:
+    """The spec that loads the tuned body in `folder` once its files match `sha256` (`load_embedder`)."""
+    return f"{TUNED_EMBEDDER}:{folder}#{sha256}"
+
+
 def load_tuned_body(folder: Path, sha256: str) -> Embedder:
     """A tuned body from `folder`, once the digest of all its files (`file_hash.folder_sha256`) equals `sha256`, the
     one recorded when it was tuned: a changed file, a file added (a pickled `pytorch_model.bin`, code a
