@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
+import threadpoolctl
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
@@ -467,12 +468,16 @@ def test_a_store_re_embedded_by_another_process_is_answered_503_saying_to_restar
 
 
 def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_path, monkeypatch):
-    """... and embeds in a process of its own, whose vectors answer as this process's would."""
+    """... and embeds in a process of its own, whose vectors answer as this process's would; numpy's BLAS runs on
+    one thread while it serves (see service.py), as many as before once it stops."""
     Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
     seen = {}
+    blas_threads = lambda: {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}  # noqa: E731
+    before = blas_threads()
 
     def run_instead(app: FastAPI, *, host: str, port: int) -> None:
         seen.update(host=host, port=port)
+        seen["blas_threads"] = blas_threads()
         with running(app) as url:
             seen["task"] = httpx.get(f"{url}/v1/task").json()["name"]
             seen["answer"] = httpx.post(f"{url}/v1/classify", json={"text": "my card got stolen"}).json()["answers"][0]
@@ -480,7 +485,8 @@ def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_
     monkeypatch.setattr(uvicorn, "run", run_instead)
     serve(tmp_path / "ws", embedder_workers=1)
     answer = seen.pop("answer")
-    assert seen == {"host": "127.0.0.1", "port": 8000, "task": "banking-support"}
+    assert seen == {"host": "127.0.0.1", "port": 8000, "task": "banking-support", "blas_threads": {1}}
+    assert blas_threads() == before
     with Session.open(tmp_path / "ws", embedder=embedder) as here:
         expected = here.classify(["my card got stolen"], learn=False)[0]
     assert answer["label"] == expected.label and answer["confidence"] == pytest.approx(expected.confidence, abs=1e-5)

@@ -24,6 +24,13 @@ loop from parsing and answering requests while it ran. In child processes (one c
 among them) it has interpreters of its own, and the worker thread waits on pipes. `create_app` users get the same
 by opening their session with `embedder=EmbedderProcess(spec)`.
 
+Why the service's own numpy runs on one thread (`serve`): its main process multiplies small matrices (a batch's
+vectors by the head's weights), which numpy's BLAS splits with a thread of its own once a batch holds a dozen texts
+or so; that thread then spins, waiting for more work, on the cores the embedder's processes need. Under load it cost
+more CPU than answering the HTTP requests, and the embedders ran slower by as much (BENCHMARKS.md, "HTTP service").
+`create_app` users who serve from a process of their own get the same with `threadpoolctl.threadpool_limits(1,
+"blas")`.
+
 Why micro-batching: one embedding call for 16 texts costs far less than 16 calls, and the LLM engine scores a batch
 of prompts in one call too. Classify requests therefore wait in a queue; whenever the worker is free it takes
 every request waiting (up to `max_texts` texts, a request is never split), answers them in one
@@ -99,6 +106,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from threadpoolctl import threadpool_limits
 
 from labelcascade import __version__
 from labelcascade.agent import Policy, Retraining
@@ -801,7 +809,8 @@ def serve(
                 session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars,
                 max_body_bytes=max_body_bytes, max_feedback_per_minute=max_feedback_per_minute,
             )
-            uvicorn.run(app, host=host, port=port)
+            with threadpool_limits(limits=1, user_api="blas"):  # see "Why the service's own numpy runs on one thread"
+                uvicorn.run(app, host=host, port=port)
         finally:
             session.close()
     finally:
