@@ -56,6 +56,9 @@ SETTINGS_FILE = "onnx_body.json"
 WEIGHTS_FILE = "model.safetensors"
 _OPSET = 17
 _SAFETENSORS_F32 = "F32"
+# a forward pass's fixed cost, in tokens of text (its cost grows by one token's worth per text and position after it):
+# measured for all-MiniLM-L6-v2 on one thread (BENCHMARKS.md, "HTTP service: what each change ... gave")
+RUN_OVERHEAD_TOKENS = 12
 
 
 def _safetensors_layout(path: Path) -> tuple[int, dict]:
@@ -236,10 +239,10 @@ class OnnxBodyEmbedder(_LoadedEmbedder):
         encodings = self._tokenizer.encode_batch([prompt + (text.lower() if lowercase else text) for text in texts])
         threads = 1 if len(texts) <= SMALL_BATCH else usable_threads()
         session, order = self.session(threads), np.argsort([-len(e.ids) for e in encodings], kind="stable")
+        widths = np.array([len(encodings[i].ids) for i in order])
         rows = np.empty((len(texts), self.settings["dim"]), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            width = max(len(encodings[i].ids) for i in chosen)
+        for passed in forward_passes(widths, batch_size):
+            chosen, width = order[passed], int(widths[passed.start])
             feed = {name: np.zeros((len(chosen), width), dtype=np.int64) for name in self.settings["inputs"]}
             feed["input_ids"].fill(self.settings["pad_id"])
             for row, index in enumerate(chosen):
@@ -254,3 +257,24 @@ class OnnxBodyEmbedder(_LoadedEmbedder):
             pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
             rows[chosen] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return rows
+
+
+def forward_passes(widths: np.ndarray, batch_size: int) -> list[slice]:
+    """Texts of `widths` tokens, sorted widest first, cut into forward passes of at most `batch_size` texts at the
+    least cost, each pass costing RUN_OVERHEAD_TOKENS plus its texts times its widest text (the others are padded to
+    it). Why not `batch_size` texts at a time: in a small batch of mixed lengths (a service's few requests) most of
+    the positions were padding; the widest texts go in passes of their own when their padding would cost more than
+    one more pass. Among many texts of similar lengths it cuts as `batch_size` would. (Dynamic programming over the
+    sorted widths: the cheapest cut of the first `end` texts ends with one pass from some `start`.)"""
+    count = len(widths)
+    cheapest, first = np.zeros(count + 1), np.zeros(count + 1, dtype=int)
+    for end in range(1, count + 1):
+        starts = np.arange(max(0, end - batch_size), end)
+        cost = cheapest[starts] + RUN_OVERHEAD_TOKENS + (end - starts) * widths[starts]
+        best = int(np.argmin(cost))  # ties: the earliest start, the fewest passes
+        cheapest[end], first[end] = cost[best], starts[best]
+    passes, end = [], count
+    while end:
+        passes.append(slice(int(first[end]), end))
+        end = int(first[end])
+    return passes[::-1]
