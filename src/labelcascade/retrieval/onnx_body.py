@@ -56,8 +56,9 @@ SETTINGS_FILE = "onnx_body.json"
 WEIGHTS_FILE = "model.safetensors"
 _OPSET = 17
 _SAFETENSORS_F32 = "F32"
-# a forward pass's fixed cost, in tokens of text (its cost grows by one token's worth per text and position after it):
-# measured for all-MiniLM-L6-v2 on one thread (BENCHMARKS.md, "HTTP service: what each change ... gave")
+# a forward pass's fixed cost, in tokens of text (its cost grows by one token's worth per text and position after it),
+# measured for all-MiniLM-L6-v2 on one thread (BENCHMARKS.md, "HTTP service: what each change to the embedder's
+# batching gave")
 RUN_OVERHEAD_TOKENS = 12
 
 
