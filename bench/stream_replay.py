@@ -111,6 +111,7 @@ class Rule:
     capped: bool = False  # the LLM budget after a retrain: at most the dev share the policy sent before it
     guarded: bool = False  # a retrained fallback is kept only if its cascade's dev accuracy is not lower
     tolerance: float = TOLERANCE  # dev accuracy the policy chosen after a retrain may give up to send fewer texts
+    learn_precision: float = LEARN_PRECISION  # other than calibrate's: the stream's first policy is chosen again with it
 
 
 RULES = {
@@ -132,6 +133,10 @@ RULES = {
     "every 10, no floor, guarded": Rule(every=10, floor="none", guarded=True),
     "every 50 or 25%, no floor, share capped": Rule(share=0.25, floor="none", capped=True),
     "shipped, tolerance 0": Rule(every=20, floor="none", capped=True, tolerance=0.0),
+    "shipped, tolerance 0.005": Rule(every=20, floor="none", capped=True, tolerance=0.005),
+    "shipped, learn 0.80": Rule(every=20, floor="none", capped=True, learn_precision=0.80),
+    "shipped, tolerance 0, learn 0.80": Rule(every=20, floor="none", capped=True, tolerance=0.0, learn_precision=0.80),
+    "shipped, tolerance 0, learn 0.75": Rule(every=20, floor="none", capped=True, tolerance=0.0, learn_precision=0.75),
 }
 MIN_NEW = 5
 
@@ -199,6 +204,10 @@ class Replay:
         gold_v, gold_y, gold_t = list(self.arrays["pool_vectors"]), list(self.meta["pool_labels"]), list(self.meta["pool_texts"])
         learned_v, learned_y, learned_t, learned_c, learned_right = [], [], [], [], []
         fallback, policy = self.fit(np.array(gold_v), gold_y, None, gold_t), self.policy
+        if rule.learn_precision != LEARN_PRECISION:  # calibrate's choice, with the rule's learn precision
+            policy = choose_policy(self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION,
+                                   llm_budget=LLM_BUDGET, learn_precision=rule.learn_precision, tolerance=TOLERANCE,
+                                   policy=policy).policy
         before = self.test(fallback, policy)
         serving = self.on_dev(fallback, policy)  # dev accuracy and LLM share of the serving fallback and policy
         sent_flags, unanswered, pending, retrains, rejected, trained_on = [], 0, 0, 0, 0, len(gold_y)
@@ -242,7 +251,7 @@ class Replay:
         budget = min(LLM_BUDGET, dev_share) if rule.capped else LLM_BUDGET
         choose = lambda floor: choose_policy(  # noqa: E731
             self.cascade(fallback, policy), self.dev, target_precision=TARGET_PRECISION, llm_budget=budget,
-            learn_precision=LEARN_PRECISION, tolerance=rule.tolerance, accuracy_floor=floor, policy=policy)
+            learn_precision=rule.learn_precision, tolerance=rule.tolerance, accuracy_floor=floor, policy=policy)
         kept = self.meta["accuracy_floor"]
         if rule.floor == "kept":
             return choose(kept)
