@@ -111,7 +111,7 @@ class Rule:
     capped: bool = False  # the LLM budget after a retrain: at most the dev share the policy sent before it
     guarded: bool = False  # a retrained fallback is kept only if its cascade's dev accuracy is not lower
     tolerance: float = TOLERANCE  # dev accuracy the policy chosen after a retrain may give up to send fewer texts
-    learn_precision: float = LEARN_PRECISION  # other than calibrate's: the stream's first policy is chosen again with it
+    learn_precision: float = LEARN_PRECISION  # not calibrate's: the stream's first policy is chosen again with it
 
 
 RULES = {

@@ -472,7 +472,9 @@ def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_
     one thread while it serves (see service.py), as many as before once it stops."""
     Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
     seen = {}
-    blas_threads = lambda: {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}  # noqa: E731
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}
+
     before = blas_threads()
 
     def run_instead(app: FastAPI, *, host: str, port: int) -> None:

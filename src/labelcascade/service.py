@@ -25,9 +25,10 @@ among them) it has interpreters of its own, and the worker thread waits on pipes
 by opening their session with `embedder=EmbedderProcess(spec)`.
 
 Why the service's own numpy runs on one thread (`serve`): its main process multiplies small matrices (a batch's
-vectors by the head's weights), which numpy's BLAS splits with a thread of its own once a batch holds a dozen texts
-or so; that thread then spins, waiting for more work, on the cores the embedder's processes need. Under load it cost
-more CPU than answering the HTTP requests, and the embedders ran slower by as much (BENCHMARKS.md, "HTTP service").
+vectors by the head's weights), which numpy's BLAS splits with a thread of its own once a batch holds more than a few
+texts; that thread then spins, waiting for more work, on the cores the embedder's processes need. Under load it used
+more CPU than the rest of the process, answering HTTP included (BENCHMARKS.md, "HTTP service: what each change to
+the embedder's batching gave").
 `create_app` users who serve from a process of their own get the same with `threadpoolctl.threadpool_limits(1,
 "blas")`.
 

@@ -56,14 +56,15 @@ def test_forward_passes_give_a_wide_text_a_pass_of_its_own_rather_than_pad_the_o
         return sum(RUN_OVERHEAD_TOKENS + (cut.stop - cut.start) * widths[cut.start] for cut in passes)
 
     assert forward_passes(np.array([60, 14, 13, 12, 12, 11, 10, 9]), 32) == [slice(0, 1), slice(1, 8)]
-    assert forward_passes(np.array([12] * 70), 32) == [slice(0, 6), slice(6, 38), slice(38, 70)]  # 3 passes, as 32 at a time
+    assert forward_passes(np.array([12] * 70), 32) == [slice(0, 6), slice(6, 38), slice(38, 70)]  # as 32 at a time: 3
     assert forward_passes(np.array([], dtype=int), 32) == []
     rng = np.random.default_rng(0)
     for _ in range(200):
         widths = np.sort(rng.integers(3, 90, size=int(rng.integers(1, 70))))[::-1]
         batch_size = int(rng.integers(1, 40))
         passes = forward_passes(widths, batch_size)
-        assert [cut.start for cut in passes] == [0, *(cut.stop for cut in passes[:-1])] and passes[-1].stop == len(widths)
+        assert [cut.start for cut in passes] == [0, *(cut.stop for cut in passes[:-1])]
+        assert passes[-1].stop == len(widths)
         assert all(0 < cut.stop - cut.start <= batch_size for cut in passes)
         fixed = [slice(start, min(start + batch_size, len(widths))) for start in range(0, len(widths), batch_size)]
         assert cost(widths, passes) <= cost(widths, fixed)

@@ -265,8 +265,9 @@ def forward_passes(widths: np.ndarray, batch_size: int) -> list[slice]:
     least cost, each pass costing RUN_OVERHEAD_TOKENS plus its texts times its widest text (the others are padded to
     it). Why not `batch_size` texts at a time: in a small batch of mixed lengths (a service's few requests) most of
     the positions were padding; the widest texts go in passes of their own when their padding would cost more than
-    one more pass. Among many texts of similar lengths it cuts as `batch_size` would. (Dynamic programming over the
-    sorted widths: the cheapest cut of the first `end` texts ends with one pass from some `start`.)"""
+    one more pass. Among many texts of similar lengths it makes as many passes as `batch_size` at a time would.
+    (Dynamic programming over the sorted widths: the cheapest cut of the first `end` texts ends with one pass from
+    some `start`.)"""
     count = len(widths)
     cheapest, first = np.zeros(count + 1), np.zeros(count + 1, dtype=int)
     for end in range(1, count + 1):
