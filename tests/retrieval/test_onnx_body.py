@@ -13,7 +13,7 @@ from labelcascade.file_hash import folder_sha256
 from labelcascade.retrieval import SentenceTransformerEmbedder, load_embedder
 from labelcascade.retrieval.embedders import DEFAULT_ID, default_model_dir
 from labelcascade.retrieval.onnx_body import (
-    GRAPH_FILE, RUN_OVERHEAD_TOKENS, SETTINGS_FILE, WEIGHTS_FILE, OnnxBodyEmbedder, forward_passes, write_onnx_graph,
+    GRAPH_FILE, PASS_OVERHEAD_TOKENS, SETTINGS_FILE, WEIGHTS_FILE, OnnxBodyEmbedder, forward_passes, write_onnx_graph,
 )
 
 from ..conftest import load_split
@@ -53,7 +53,7 @@ def test_onnxruntime_embeds_what_torch_embeds_one_text_or_many(body):
 
 def test_forward_passes_give_a_wide_text_a_pass_of_its_own_rather_than_pad_the_others_to_it():
     def cost(widths, passes):
-        return sum(RUN_OVERHEAD_TOKENS + (cut.stop - cut.start) * widths[cut.start] for cut in passes)
+        return sum(PASS_OVERHEAD_TOKENS + (cut.stop - cut.start) * widths[cut.start] for cut in passes)
 
     assert forward_passes(np.array([60, 14, 13, 12, 12, 11, 10, 9]), 32) == [slice(0, 1), slice(1, 8)]
     assert forward_passes(np.array([12] * 70), 32) == [slice(0, 6), slice(6, 38), slice(38, 70)]  # as 32 at a time: 3

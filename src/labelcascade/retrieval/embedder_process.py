@@ -170,7 +170,8 @@ RUN_OVERHEAD_CHARS = 40  # a run's fixed cost (one forward pass, the pipes), in 
 
 def balanced_cuts(lengths: np.ndarray, runs: int) -> list[int]:
     """Where to cut texts sorted by length (`lengths`, ascending) into at most `runs` contiguous runs whose largest
-    cost is smallest. A run is padded to its longest text, so it costs about `len(run) * longest + overhead`:
+    cost is smallest. A run padded to its longest text costs about `len(run) * longest + overhead` (an onnxruntime
+    body pads less: `onnx_body.forward_passes` gives wide texts passes of their own, so this is a run's most):
     cutting into equal counts gives the run of the longest texts the most work, and every child waits for it
     (BENCHMARKS.md, "HTTP service"). Found by bisecting the largest cost, filling each run greedily."""
     count = len(lengths)

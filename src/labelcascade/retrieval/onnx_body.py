@@ -59,7 +59,7 @@ _SAFETENSORS_F32 = "F32"
 # a forward pass's fixed cost, in tokens of text (its cost grows by one token's worth per text and position after it),
 # measured for all-MiniLM-L6-v2 on one thread (BENCHMARKS.md, "HTTP service: what each change to the embedder's
 # batching gave")
-RUN_OVERHEAD_TOKENS = 12
+PASS_OVERHEAD_TOKENS = 12
 
 
 def _safetensors_layout(path: Path) -> tuple[int, dict]:
@@ -239,8 +239,9 @@ class OnnxBodyEmbedder(_LoadedEmbedder):
         prompt, lowercase = self.settings["prompt"], self.settings["lowercase"]
         encodings = self._tokenizer.encode_batch([prompt + (text.lower() if lowercase else text) for text in texts])
         threads = 1 if len(texts) <= SMALL_BATCH else usable_threads()
-        session, order = self.session(threads), np.argsort([-len(e.ids) for e in encodings], kind="stable")
-        widths = np.array([len(encodings[i].ids) for i in order])
+        lengths = np.array([len(encoding.ids) for encoding in encodings])
+        session, order = self.session(threads), np.argsort(-lengths, kind="stable")
+        widths = lengths[order]
         rows = np.empty((len(texts), self.settings["dim"]), dtype=np.float32)
         for passed in forward_passes(widths, batch_size):
             chosen, width = order[passed], int(widths[passed.start])
@@ -262,7 +263,7 @@ class OnnxBodyEmbedder(_LoadedEmbedder):
 
 def forward_passes(widths: np.ndarray, batch_size: int) -> list[slice]:
     """Texts of `widths` tokens, sorted widest first, cut into forward passes of at most `batch_size` texts at the
-    least cost, each pass costing RUN_OVERHEAD_TOKENS plus its texts times its widest text (the others are padded to
+    least cost, each pass costing PASS_OVERHEAD_TOKENS plus its texts times its widest text (the others are padded to
     it). Why not `batch_size` texts at a time: in a small batch of mixed lengths (a service's few requests) most of
     the positions were padding; the widest texts go in passes of their own when their padding would cost more than
     one more pass. Among many texts of similar lengths it makes as many passes as `batch_size` at a time would.
@@ -272,7 +273,7 @@ def forward_passes(widths: np.ndarray, batch_size: int) -> list[slice]:
     cheapest, first = np.zeros(count + 1), np.zeros(count + 1, dtype=int)
     for end in range(1, count + 1):
         starts = np.arange(max(0, end - batch_size), end)
-        cost = cheapest[starts] + RUN_OVERHEAD_TOKENS + (end - starts) * widths[starts]
+        cost = cheapest[starts] + PASS_OVERHEAD_TOKENS + (end - starts) * widths[starts]
         best = int(np.argmin(cost))  # ties: the earliest start, the fewest passes
         cheapest[end], first[end] = cost[best], starts[best]
     passes, end = [], count
