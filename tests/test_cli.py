@@ -191,6 +191,10 @@ def test_version_and_help_that_is_not_cut_at_80_columns():
     env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
     piped = subprocess.run([str(script), "label", "--help"], capture_output=True, text=True, timeout=60, env=env)
     assert "vllm:http://127.0.0.1:8000/v1#model; 'none': fallback only." in piped.stdout  # the spec on one line
+    wide = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60,
+                          env={**env, "COLUMNS": "300"})
+    panel = wide.stdout.split("Commands")[1].split("╰")[0].splitlines()[1:]
+    assert len(panel) == 10 and all(row.startswith("│ ") and row[2].isalpha() for row in panel)  # a line each
 
 
 def test_init_with_a_tuned_body_refuses_too_few_labels_or_a_bad_time_limit_and_writes_nothing(tmp_path):

