@@ -158,6 +158,26 @@ def test_answers_degraded_by_a_broken_model_say_why(workspace, tmp_path):
     assert "not a GGUF model file" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_uncalibrated_workspace_with_an_llm_says_so_before_it_labels(tmp_path):
+    """A new user's `init --data` then `label` sent 88% of trec to the LLM and got 49% right where the fallback
+    alone got 61%, told nothing; init and label now say that only calibration tells whether the LLM helps."""
+    note = "is not calibrated, so the LLM answers every text the fallback is less than 90% sure of"
+    created = command("init", tmp_path / "ws", "--task", BANKING_TASK)  # the embedded LLM, as by default
+    assert created.returncode == 0 and note in created.stderr
+    assert f"`labelcascade calibrate {tmp_path / 'ws'} DEV_FILE`" in created.stderr
+    labelled = command("label", tmp_path / "ws", MESSAGES, tmp_path / "out.jsonl", "--max-llm-calls", "0",
+                       "--prefix", "p_")
+    assert labelled.returncode == 0 and note in labelled.stderr
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in [
+        ("someone took my card", "lost_or_stolen_card"), ("my new card is late", "card_arrival")]))
+    assert command("calibrate", tmp_path / "ws", dev, "--engine", "none").returncode == 0
+    again = command("label", tmp_path / "ws", MESSAGES, tmp_path / "again.jsonl", "--max-llm-calls", "0",
+                    "--prefix", "p_")
+    assert again.returncode == 0 and "not calibrated" not in again.stderr
+    assert "not calibrated" not in command("init", tmp_path / "ws2", "--task", BANKING_TASK, "--engine", "none").stderr
+
+
 def test_init_names_the_embedder_it_chose_for_a_chinese_task(tmp_path):
     import yaml
 

@@ -91,6 +91,16 @@ def _warn_if_degraded(session: Session, degraded: int) -> None:
                    f"answer: {session.engine_failure() or 'no reason recorded'}", err=True)
 
 
+def _note_if_uncalibrated(session: Session) -> None:
+    """Say on stderr that an uncalibrated workspace asks the LLM whether or not the LLM does better than the fallback
+    on this task: a small LLM often does worse (BENCHMARKS.md), and only labelled texts it has not seen can tell."""
+    if session.engine_spec is not None and session.policy.asks_llm and session.calibration() is None:
+        typer.echo(f"note: {session.path} is not calibrated, so the LLM answers every text the fallback is less than "
+                   f"{session.policy.accept_threshold:.0%} sure of, whether or not it does better than the fallback on "
+                   f"this task; `labelcascade calibrate {session.path} DEV_FILE` (labelled texts the workspace has not "
+                   "seen) measures that and chooses when to ask it", err=True)
+
+
 def _argument_texts(texts: list[str]) -> list[str]:
     """The texts given as arguments, each checked: an empty one is a mistake, not something to classify."""
     for number, text in enumerate(texts, 1):
@@ -205,6 +215,7 @@ def init(
         typer.echo(f"created {workspace}: task {session.task.name!r}, {len(session.labels)} labels, "
                    f"{trained} {len(session.store)} examples, embedder {session.embedder.id}{_ngrams(session)}, "
                    f"engine {_engine(engine) or 'none (fallback only)'}")
+        _note_if_uncalibrated(session)
 
 
 def _ngrams(session: Session) -> str:
@@ -341,6 +352,7 @@ def label(
         job = RayLabelJob(session, source, destination, address=ray, fallback_workers=fallback_workers,
                           llm_workers=llm_workers, llm_gpus=llm_gpus, llm_cpus=llm_cpus, pass_rows=pass_rows,
                           **options)
+    _note_if_uncalibrated(session)
     if plan:
         typer.echo(job.plan().describe())
     else:
