@@ -148,6 +148,9 @@ def test_the_progress_bar_moves_within_a_batch_and_shows_the_budget_without_nati
     frames = result.stderr.replace("\r", "\n").splitlines()
     shown = [int(match.group(1)) for frame in frames if (match := re.search(r"\| (\d+)/12 \[", frame))]
     assert any(0 < rows < 12 for rows in shown), frames  # within the one batch, as the LLM answered
+    within = [frame for frame in frames if re.search(r"\| \d/12 \[|\| 1[01]/12 \[", frame)]
+    assert any(re.search(r"llm calls=[1-5],", frame) and "budget left=" in frame and "llm/s=" in frame
+               for frame in within), frames  # the calls, the budget and the LLM's rate move within the batch too
     assert shown[-1] == 12 and "budget left=0" in frames[-2] and "llm calls=6" in frames[-2]
     assert not [frame for frame in frames if frame.startswith("llama")]  # llama.cpp's log goes to Python logging
     assert "LLM calls 6" in frames[-1]

@@ -29,7 +29,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -226,7 +226,10 @@ class LabelJob:
             if self.cache is not None and step.predictions:
                 self.cache.put([texts[misses[i]] for i in step.indices], step.predictions, version)
             if bar is not None:
-                bar.advance(len(texts) - step.total if not step.indices else len(step.indices))
+                if step.indices:
+                    bar.advance(len(step.indices), step.predictions, llm_calls + asked)
+                else:
+                    bar.advance(len(texts) - step.total)
 
         fresh = self.session.classify([texts[i] for i in misses], llm_limit=left, on_llm=arrived) if misses else []
         answers = {**hits, **dict(zip(misses, fresh, strict=True))}
@@ -424,20 +427,43 @@ class JobBar:
         self.started = time.monotonic()
         self.seconds = {"fallback": 0.0, "llm": 0.0}  # answer latencies of this run's fresh answers, by kind
         self.answered = {"fallback": 0, "llm": 0}
+        self._routes: Counter = Counter()  # answers per route, of the committed batches
+        self._running: list[Prediction] = []  # the running batch's LLM answers shown by `advance`, until its commit
+        self._cached = 0
 
-    def advance(self, rows: int) -> None:
+    def advance(self, rows: int, llm_answers: Sequence[Prediction] = (), llm_calls: int = 0) -> None:
+        """`rows` of the running batch answered. The LLM's answers among them (`llm_answers`; `llm_calls`: the job's
+        LLM calls with them) count toward the routes, the calls, the budget, the LLM's rate and the time left now,
+        not at the batch's commit: a first batch of LLM-bound rows showed none of these for as long as it took."""
         self.bar.update(rows)
+        if not llm_answers:
+            return
+        for p in llm_answers:
+            self._timed(p)
+            self._running.append(p)
+        self._show(self._routes + Counter(p.route.value for p in self._running), llm_calls)
 
     def committed(self, rows_done: int, predictions, from_cache, routes: Counter, llm_calls: int, cached: int) -> None:
         self.bar.update(rows_done - self.bar.n)
         for p, hit in zip(predictions, from_cache, strict=True):
-            if not hit:
-                kind = "llm" if p.route is Route.LLM else "fallback"
-                self.seconds[kind] += p.latency_ms / 1000
-                self.answered[kind] += 1
+            if hit:
+                continue
+            if p in self._running:  # timed by `advance` (an equal copy: the cascade makes its answers twice)
+                self._running.remove(p)
+            else:
+                self._timed(p)
+        self._routes, self._running, self._cached = Counter(routes), [], cached
+        self._show(self._routes, llm_calls)
+
+    def _timed(self, prediction: Prediction) -> None:
+        kind = "llm" if prediction.route is Route.LLM else "fallback"
+        self.seconds[kind] += prediction.latency_ms / 1000
+        self.answered[kind] += 1
+
+    def _show(self, routes: Counter, llm_calls: int) -> None:
         budget = {} if self.max_llm_calls is None else {"budget left": max(0, self.max_llm_calls - llm_calls)}
         llm_rate = self.answered["llm"] / max(self.seconds["llm"], 1e-9) if self.answered["llm"] else None
-        self.bar.set_postfix({**routes, "llm calls": llm_calls, **budget, "cached": cached,
+        self.bar.set_postfix({**routes, "llm calls": llm_calls, **budget, "cached": self._cached,
                               **({"llm/s": f"{llm_rate:.2f}"} if llm_rate else {}),
                               "left": self._time_left(llm_calls)}, refresh=True)
 
