@@ -494,6 +494,19 @@ def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_
     assert answer["label"] == expected.label and answer["confidence"] == pytest.approx(expected.confidence, abs=1e-5)
 
 
+def test_serve_warns_that_an_uncalibrated_workspace_asks_the_llm_about_every_unsure_text(embedder, tmp_path,
+                                                                                         monkeypatch, caplog):
+    Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder).close()  # the embedded LLM: the default
+    monkeypatch.setattr(uvicorn, "run", lambda app, *, host, port: None)
+    with caplog.at_level("WARNING", logger="labelcascade.service"):
+        serve(tmp_path / "ws", embedder_workers=1)
+    assert "is not calibrated, so the LLM answers every text the fallback is less than 90% sure of" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="labelcascade.service"):
+        serve(tmp_path / "ws", engine=None, embedder_workers=1)  # the fallback alone: nothing to calibrate it against
+    assert "not calibrated" not in caplog.text
+
+
 def test_unsure_texts_are_answered_by_the_embedded_llm_through_the_service(embedder, gemma):
     """The real Gemma 3 270M through llama.cpp; an accept threshold of 1 sends every text to it."""
     session = Session.create(BANKING_TASK, embedder=embedder, engine=gemma, policy=Policy(accept_threshold=1.0, learn=False))

@@ -806,6 +806,12 @@ def serve(
     try:
         session = Session.open(workspace, engine=engine, embedder=embedder)
         try:
+            if session.engine_spec is not None and session.policy.asks_llm and session.calibration() is None:
+                logger.warning(
+                    "%s is not calibrated, so the LLM answers every text the fallback is less than %.0f%% sure of "
+                    "(and the request waits for it), whether or not it does better than the fallback on this task; "
+                    "calibrate the workspace on labelled dev texts (`labelcascade calibrate`, `Session.calibrate`) to "
+                    "choose when to ask it", workspace, 100 * session.policy.accept_threshold)
             app = create_app(
                 session, api_key=api_key, max_texts=max_texts, max_text_chars=max_text_chars,
                 max_body_bytes=max_body_bytes, max_feedback_per_minute=max_feedback_per_minute,
