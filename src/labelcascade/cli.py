@@ -94,7 +94,7 @@ def _warn_if_degraded(session: Session, degraded: int) -> None:
 def _note_if_uncalibrated(session: Session) -> None:
     """Say on stderr that an uncalibrated workspace asks the LLM whether or not the LLM does better than the fallback
     on this task: a small LLM often does worse (BENCHMARKS.md), and only labelled texts it has not seen can tell."""
-    if session.engine_spec is not None and session.policy.asks_llm and session.calibration() is None:
+    if session.asks_uncalibrated_llm:
         typer.echo(f"note: {session.path} is not calibrated, so the LLM answers every text the fallback is less than "
                    f"{session.policy.accept_threshold:.0%} sure of, whether or not it does better than the fallback on "
                    f"this task; `labelcascade calibrate {session.path} DEV_FILE` (labelled texts the workspace has not "

@@ -806,7 +806,7 @@ def serve(
     try:
         session = Session.open(workspace, engine=engine, embedder=embedder)
         try:
-            if session.engine_spec is not None and session.policy.asks_llm and session.calibration() is None:
+            if session.asks_uncalibrated_llm:
                 logger.warning(
                     "%s is not calibrated, so the LLM answers every text the fallback is less than %.0f%% sure of "
                     "(and the request waits for it), whether or not it does better than the fallback on this task; "

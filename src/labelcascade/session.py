@@ -839,6 +839,13 @@ class Session:
         return self._workspace.load_calibration()
 
     @property
+    def asks_uncalibrated_llm(self) -> bool:
+        """Whether this session asks an LLM that no `calibrate` has measured on its task: the LLM then answers every
+        text the fallback is unsure of, whether or not it does better than the fallback there (the CLI and `serve`
+        say so)."""
+        return self._engine is not None and self.policy.asks_llm and self.calibration() is None
+
+    @property
     def policy(self) -> Policy:
         """The cascade's thresholds and LLM settings, as stored in the workspace; change them with `set_policy`."""
         return self._workspace.settings.policy
