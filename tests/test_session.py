@@ -15,7 +15,7 @@ from labelcascade.fallback import NotFittedError
 from labelcascade.retrieval import EmbedderMismatchError, ExampleStore, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder
-from labelcascade.session import tuned_base
+from labelcascade.session import ExamplesCannotCalibrate, tuned_base
 from labelcascade.workspace import WorkspaceError
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
@@ -195,6 +195,48 @@ def test_long_calls_report_their_llm_progress(embedder, gemma, capsys):
     session.calibrate(texts[5:9], labels[5:9], progress=True)
     assert "calibrate: LLM on dev texts" in capsys.readouterr().err
     session.close()
+
+
+def test_calibrate_on_examples_measures_each_stored_example_as_one_not_seen(embedder, gemma, tmp_path, capsys):
+    """Without a dev set (what `Classifier.fit` has), the stored examples stand in for one, each measured as a new
+    text: its fallback answer from a model trained without it (which gets some wrong, where the model trained on
+    all of them is right on every one), the LLM asked once per example."""
+    texts, labels = few_shot("sst2", 8)
+    session = Session.create(Task.from_labels(["negative", "positive"]), workspace=tmp_path / "ws", embedder=embedder,
+                             engine=gemma, policy=Policy(examples=4, learn=False), examples=(texts, labels))
+    assert (probability_matrix(session, texts).argmax(axis=1) == [label == "positive" for label in labels]).all()
+    report = session.calibrate_on_examples(progress=True)
+    assert "calibrate: LLM on the stored examples" in capsys.readouterr().err
+    assert report.dev_texts == 16 and report.fallback_accuracy < 1.0 and report.llm_accuracy_on_unsure is not None
+    assert any("16 stored examples by 5-fold cross-validation" in note for note in report.notes)
+    assert session.calibration() == report and session.policy == report.policy
+    assert not (tmp_path / "ws" / "calibration.npz").exists()  # nothing to choose the policy again on
+    session.add_examples(["a tedious, joyless slog"], ["negative"], retrain=True)
+    assert session.policy == report.policy and session.calibration().retrains == 0
+    session.close()
+
+
+def test_calibrate_on_examples_caps_and_refuses_what_cannot_stand_in_for_a_dev_set(embedder, tmp_path):
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    texts, labels = banking_messages()
+    session.calibrate(texts, labels)
+    assert (tmp_path / "ws" / "calibration.npz").exists()
+    report = session.calibrate_on_examples()  # no engine: the accept threshold alone, as `calibrate` chooses it
+    assert report.dev_texts == 80 and "no engine: only the fallback was calibrated" in report.notes
+    assert not (tmp_path / "ws" / "calibration.npz").exists()  # the earlier dev set no longer matches the policy
+    assert session.calibrate_on_examples(max_texts=30).dev_texts == 27  # a third of them: one fold of 3, by label
+    session.close()
+    few = Session.create(Task.from_labels(["negative", "positive", "neutral"]), embedder=embedder, engine=None,
+                         examples=(["good", "great", "bad", "awful", "fine"], ["positive"] * 2 + ["negative"] * 2
+                                   + ["neutral"]))
+    with pytest.raises(ExamplesCannotCalibrate, match=r"at least 2 .* and 1 labels have fewer \('neutral'\)"):
+        few.calibrate_on_examples()
+    few.close()
+    multi = Session.create(Task.from_labels(["a", "b"], multi_label=True), embedder=embedder, engine=None,
+                           examples=(["x y", "y z", "x", "z"], [["a", "b"], ["b"], ["a"], ["b"]]))
+    with pytest.raises(ExamplesCannotCalibrate, match="single-label tasks"):
+        multi.calibrate_on_examples()
+    multi.close()
 
 
 def chinese_task() -> Task:

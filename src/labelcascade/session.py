@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -84,6 +85,12 @@ from labelcascade.workspace import (
 Labels = Sequence[str] | Sequence[Sequence[str]]
 logger = logging.getLogger(__name__)
 DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again after retrains
+EXAMPLE_FOLDS = 5  # `calibrate_on_examples`: folds of the stored examples (fewer where a label has fewer examples)
+EXAMPLES_MEASURED = 200  # `calibrate_on_examples`: examples the LLM is asked about at most (one call each)
+
+
+class ExamplesCannotCalibrate(ValueError):
+    """The stored examples cannot stand in for a dev set (`Session.calibrate_on_examples` says why)."""
 
 
 def chosen_embedder(
@@ -802,6 +809,69 @@ class Session:
             report.notes.extend([*compared, f"kept: {report.policy.static_examples} static, {report.policy.examples} "
                                             "retrieved"])
         dev.save(self.path / DEV_FILE)
+        self.set_policy(report.policy)
+        self._workspace.save_calibration(report)
+        for warning in report.warnings:
+            logger.warning(f"calibrate: {warning}")
+        return report
+
+    def calibrate_on_examples(
+        self,
+        *,
+        folds: int = EXAMPLE_FOLDS,
+        max_texts: int | None = EXAMPLES_MEASURED,
+        target_precision: float = 0.95,
+        llm_budget: float | None = None,
+        learn_precision: float = 0.85,
+        tolerance: float = 0.01,
+        progress: bool | None = None,
+    ) -> Calibration:
+        """`calibrate` without a dev set, on the examples people labelled that the workspace stores (single-label
+        tasks): each is measured as a text the cascade has not seen, by `folds`-fold cross-validation: its fallback
+        answer comes from a model trained without its fold, and the LLM is shown its neighbours other than itself
+        (examples in the prompt's static part, which every prompt shows, are left out of the measurement). What
+        `Classifier.fit` does when it has an engine: an estimator has no dev set, and an LLM asked without
+        calibration hurt as often as it helped (BENCHMARKS.md, "The estimator's default engine").
+
+        The LLM is asked about each such example once, or about `max_texts` of them (a sample stratified by label)
+        where there are more: the LLM's time is most of what this costs. Less trustworthy than a dev set drawn as the
+        texts to classify are: the examples may be few (calibrate warns under 20), and were picked by people, not
+        sampled.
+        The policy is not chosen again after retrains (no dev set is kept), and a dev set saved by an earlier
+        `calibrate` is dropped. Raises `ExamplesCannotCalibrate` (a ValueError) for a multi-label task or when
+        some label has fewer than 2 such examples."""
+        if self.task.multi_label:
+            raise ExamplesCannotCalibrate("calibrating on the stored examples is for single-label tasks; calibrate a "
+                                          "multi-label task on a labelled dev set")
+        snapshot = self._learner.begin()
+        shown = {example.text for example in self.cascade.static_examples()}
+        rows = np.array([i for i, (source, text) in enumerate(zip(snapshot.sources, snapshot.texts, strict=True))
+                         if source in (Source.GOLD, Source.REVIEW) and text not in shown], dtype=int)
+        labels = [snapshot.y[i] for i in rows]
+        counts = Counter(labels)
+        scarce = sorted(name for name in self.task.label_names if counts[name] < 2)
+        if scarce:
+            shown_names = ", ".join(repr(name) for name in scarce[:5]) + (" ..." if len(scarce) > 5 else "")
+            raise ExamplesCannotCalibrate(
+                f"calibrating on the stored examples needs at least 2 labelled examples of each label outside the "
+                f"prompt's static part, and {len(scarce)} labels have fewer ({shown_names}): add examples, or "
+                "calibrate on a labelled dev set")
+        held_out = snapshot.held_out_probabilities(rows, self.task.label_names, min(folds, min(counts.values())))
+        if max_texts is not None and len(rows) > max_texts:  # one fold of a stratified split: labels in their shares
+            split = StratifiedKFold(n_splits=-(-len(rows) // max_texts), shuffle=True, random_state=0)
+            with warnings.catch_warnings():  # a label with fewer examples than folds is in some folds only: fine here
+                warnings.simplefilter("ignore", UserWarning)
+                _, kept = next(split.split(rows, labels))
+            rows, held_out, labels = rows[kept], held_out[kept], [labels[i] for i in kept]
+        texts = [snapshot.texts[i] for i in rows]
+        with LLMBar(progress, "calibrate: LLM on the stored examples") as bar:
+            dev = DevSet.measure(self.cascade, texts, labels, target_precision=target_precision, llm_budget=llm_budget,
+                                 on_llm=bar.count, held_out_proba=held_out)
+        report = choose_policy(self.cascade, dev, target_precision=target_precision, llm_budget=llm_budget,
+                               learn_precision=learn_precision, tolerance=tolerance, proba=held_out)
+        report.notes.append(f"measured on {len(texts)} stored examples by {min(folds, min(counts.values()))}-fold "
+                            "cross-validation, not on a dev set: the policy is not chosen again after retrains")
+        (self.path / DEV_FILE).unlink(missing_ok=True)  # a dev set of an earlier calibrate no longer matches it
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)
         for warning in report.warnings:

@@ -81,6 +81,26 @@ def test_static_examples_the_static_part_has_no_room_for_stay_retrievable(embedd
         assert len(row) == 2 and not shown & {neighbor.example.id for neighbor in row}
 
 
+def test_a_text_left_out_never_gets_its_own_stored_example(embedder):
+    """Calibrating on the stored examples asks the LLM about texts the store holds: shown with their own label, the
+    LLM would look right for free."""
+    task = Task.from_labels(["weather", "card"])
+    store = ExampleStore(None, embedder_id=embedder.id, dim=embedder.dim)
+    texts = ["will it rain tomorrow", "is it sunny today", "storm warning tonight", "my card is broken",
+             "my card was declined", "the card machine ate my card"]
+    labels = ["weather"] * 3 + ["card"] * 3
+    vectors = embedder.embed(texts)
+    store.add(texts, labels, vectors)
+    fallback = LinearSVMClassifier().fit(vectors, labels)
+    cascade = Cascade(task, embedder, fallback, store=store, policy=Policy(examples=2))
+    assert [row[0].example.text for row in cascade.neighbors(vectors)] == texts  # each text's nearest is itself
+    rows = cascade.neighbors(vectors, left_out=texts)
+    assert [len(row) for row in rows] == [2] * 6 and all(text not in [n.example.text for n in row]
+                                                         for text, row in zip(texts, rows, strict=True))
+    three = cascade.neighbors(vectors[:1], Policy(examples=3))[0]
+    assert [n.example.text for n in rows[0]] == [n.example.text for n in three[1:]]  # the next ones move up
+
+
 # --- the LLM branch, on the real embedded model ----------------------------------------------------------------
 
 CHEAP = Policy(examples=2, max_candidates=3)  # short prompts and few candidates keep the real LLM quick

@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 from labelcascade.agent import Learner
 from labelcascade.records import Source
 from labelcascade.retrieval import ExampleStore
@@ -58,3 +60,26 @@ def test_a_review_outranks_the_llm_and_is_not_undone_by_it(embedder, tmp_path):
     learner.learn([text], [("lost",)], [0.99], vector, retrain_every=10)  # the LLM says it again
     example = next(e for e in store.examples() if e.text == text)
     assert example.labels == ("arrival",) and example.source is Source.REVIEW
+
+
+def test_held_out_probabilities_come_from_models_that_never_saw_the_text(embedder, tmp_path):
+    """Calibrating on the training texts needs the fallback's answer on each as if it were new: the model trained on
+    every text is right on all of them; out of fold it gets some wrong, as on texts it has not seen."""
+    from ..conftest import few_shot
+
+    texts, labels = few_shot("sst2", 8)
+    store = ExampleStore(tmp_path / "store", embedder_id=embedder.id, dim=embedder.dim)
+    store.add(texts, labels, embedder.embed(texts))
+    llm_text = "a warm, funny and wise film"
+    store.add([llm_text], ["positive"], embedder.embed([llm_text]), source=Source.LLM, confidence=0.9)
+    snapshot = Learner(store, multi_label=False, C=1.0, save=lambda model: None).begin()
+    rows = np.array([i for i, source in enumerate(snapshot.sources) if source is Source.GOLD])
+    assert len(rows) == 16 and snapshot.texts[int(np.setdiff1d(np.arange(17), rows)[0])] == llm_text
+    truth = np.array([["negative", "positive"].index(snapshot.y[i]) for i in rows])
+    in_sample = snapshot.fit().model.predict_proba(snapshot.vectors[rows])
+    held_out = snapshot.held_out_probabilities(rows, ["negative", "positive"], 4)
+    assert held_out.shape == (16, 2) and np.allclose(held_out.sum(axis=1), 1.0)
+    assert (in_sample.argmax(axis=1) == truth).mean() == 1.0
+    assert (held_out.argmax(axis=1) == truth).mean() < 1.0
+    # columns follow the labels asked for, whatever order the models keep
+    assert np.array_equal(snapshot.held_out_probabilities(rows, ["positive", "negative"], 4), held_out[:, ::-1])

@@ -149,12 +149,17 @@ class DevSet:
         llm_budget: float | None = None,
         on_llm: Callable[[int, int], None] | None = None,
         policy: Policy | None = None,
+        held_out_proba: np.ndarray | None = None,
     ) -> DevSet:
         """Embed the dev texts and ask the cascade's engine about all of them (raises EngineError if it cannot
         answer: a policy calibrated without it would be wrong). Single-label dev labels may be None (or "") for
         texts that have no label, if the task allows abstaining. `on_llm(asked, total)` is called before the
         first LLM batch and after each (the LLM's part is most of the time `calibrate` takes). `policy`: how to ask
-        the LLM (examples shown; default: the cascade's), for comparing prompt layouts."""
+        the LLM (examples shown; default: the cascade's), for comparing prompt layouts.
+
+        `held_out_proba`: the dev texts are stored examples the fallback was trained on (calibrating without a dev
+        set: `Session.calibrate_on_examples`); these are their fallback probabilities from models trained without
+        them, and each text's own example is kept out of its neighbours, so that neither arm is shown the answer."""
         task, names = cascade.task, cascade.task.label_names
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"calibrate needs labelled dev texts: got {len(texts)} texts and {len(labels)} labels")
@@ -162,9 +167,9 @@ class DevSet:
                   texts=list(texts))
         if cascade.engine is None:
             return dev
-        proba = cascade.probabilities(dev.vectors, dev.texts)
+        proba = cascade.probabilities(dev.vectors, dev.texts) if held_out_proba is None else held_out_proba
         policy = policy or cascade.policy
-        neighbors = cascade.neighbors(dev.vectors, policy)
+        neighbors = cascade.neighbors(dev.vectors, policy, left_out=None if held_out_proba is None else dev.texts)
         if not task.multi_label:
             # The candidates must hold the true label for the texts the LLM will see: those the fallback is unsure
             # of at the target precision (and budget), or every text when it is sure of all of them.
@@ -260,13 +265,15 @@ def choose_policy(
     tolerance: float = 0.01,
     accuracy_floor: float | None = None,
     policy: Policy | None = None,
+    proba: np.ndarray | None = None,
 ) -> Calibration:
     """The cascade's policy for its current fallback, chosen on `dev` (see the module docstring, step 2); the
     cascade is unchanged. Knobs that calibration does not choose (examples, learn, retrain_every, ...) are kept from
     `policy` (default: the cascade's; the one `dev` was measured with). `accuracy_floor`: the dev accuracy to keep
-    after a retrain (None at `calibrate`, which measures it)."""
+    after a retrain (None at `calibrate`, which measures it). `proba`: the fallback's probabilities on the dev texts
+    (default: the current fallback's; held-out ones where the dev texts are its training texts)."""
     multi = cascade.task.multi_label
-    proba = cascade.probabilities(dev.vectors, dev.texts)
+    proba = cascade.probabilities(dev.vectors, dev.texts) if proba is None else proba
     certainty = cascade.certainty(proba)
     fallback_right = _correct(proba, dev.truth, multi)
     precise = accept_threshold(certainty, fallback_right, target_precision)

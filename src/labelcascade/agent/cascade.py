@@ -151,17 +151,22 @@ class Cascade:
             return np.maximum(proba, 1.0 - proba).min(axis=1)
         return proba.max(axis=1)
 
-    def neighbors(self, vectors: np.ndarray, policy: Policy | None = None) -> list[list[Neighbor]]:
+    def neighbors(self, vectors: np.ndarray, policy: Policy | None = None, *,
+                  left_out: Sequence[str] | None = None) -> list[list[Neighbor]]:
         """The `policy.examples` nearest stored examples of each text (none without a store) under `policy` (default:
         the cascade's); people's labels only unless the policy shows the LLM its own answers too; never one of the
-        static examples, which the prompt shows already."""
+        static examples, which the prompt shows already. `left_out`: one text per row whose stored example that row
+        must not get (calibrating on the stored examples themselves: a text shown with its own label is no test)."""
         policy = policy or self.policy
         if self.store is None or policy.examples == 0 or len(self.store) == 0:
             return [[] for _ in vectors]
         sources = None if policy.examples_from_llm else (Source.GOLD, Source.REVIEW)
         shown = {example.id for example in self.static_examples(policy)}
-        rows = self.store.search(vectors, k=policy.examples + len(shown), sources=sources)
-        return [[neighbor for neighbor in row if neighbor.example.id not in shown][: policy.examples] for row in rows]
+        extra = 0 if left_out is None else 1  # the store holds a text once, so one more result covers it
+        rows = self.store.search(vectors, k=policy.examples + len(shown) + extra, sources=sources)
+        own = [None] * len(rows) if left_out is None else list(left_out)
+        return [[neighbor for neighbor in row if neighbor.example.id not in shown and neighbor.example.text != text]
+                [: policy.examples] for row, text in zip(rows, own, strict=True)]
 
     def static_examples(self, policy: Policy | None = None) -> list[Example]:
         """The examples in every prompt's static part (`Policy.static_examples` per label): the first ones people

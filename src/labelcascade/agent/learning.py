@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
 from labelcascade.records import Source
@@ -39,13 +40,34 @@ class Retraining:
     min_temperature: float = 0.0
     confidences: np.ndarray | None = field(default=None, repr=False)  # each label's, as stored (1 for a person's)
     model: LinearSVMClassifier | None = field(default=None, repr=False)
+    sources: list[Source] = field(default_factory=list, repr=False)
 
     def fit(self) -> Retraining:
         """Train the model; safe on any thread (it reads only this snapshot)."""
+        self.model = self._fitted(np.arange(len(self.y)))
+        return self
+
+    def _fitted(self, rows: np.ndarray) -> LinearSVMClassifier:
         model = LinearSVMClassifier(self.C, multi_label=self.multi_label, text_features=self.text_features,
                                     min_temperature=self.min_temperature)
-        self.model = model.fit(self.vectors, self.y, sample_weight=self.weights, texts=self.texts)
-        return self
+        texts = [self.texts[i] for i in rows] if self.texts else self.texts
+        return model.fit(self.vectors[rows], [self.y[i] for i in rows], sample_weight=self.weights[rows], texts=texts)
+
+    def held_out_probabilities(self, rows: np.ndarray, labels: Sequence[str], folds: int) -> np.ndarray:
+        """Single-label: for each of `rows` (positions in this snapshot), the probabilities over `labels` of a
+        model trained as `fit` trains it on everything but that row's fold (`rows` split in `folds` stratified
+        folds; the other examples train every fold's model): what the fallback says of a text it was not trained
+        on, for calibrating on the training texts themselves. Each label needs `folds` rows at least."""
+        rows = np.asarray(rows)
+        position = {name: i for i, name in enumerate(labels)}
+        proba = np.zeros((len(rows), len(labels)))
+        split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+        for _, left in split.split(rows, [self.y[i] for i in rows]):
+            model = self._fitted(np.setdiff1d(np.arange(len(self.y)), rows[left]))
+            texts = [self.texts[i] for i in rows[left]] if self.texts else None
+            columns = [position[str(label)] for label in model.classes_]
+            proba[np.ix_(left, columns)] = model.predict_proba(self.vectors[rows[left]], texts)
+        return proba
 
     def abandon(self) -> None:
         """Give this retrain up without `end_retrain`; a head-only one holds nothing (a body retrain holds the
@@ -89,7 +111,7 @@ class Learner:
         vectors, labels, sources, confidences, texts = self.store.training_data()
         y = labels if self.multi_label else [row[0] for row in labels]
         return Retraining(vectors, y, sample_weights(sources, confidences), self.multi_label, self.C, self.pending,
-                          texts, self.text_features, self.min_temperature, confidences)
+                          texts, self.text_features, self.min_temperature, confidences, sources=list(sources))
 
     def accept(self, retraining: Retraining) -> LinearSVMClassifier:
         """Make a fitted retraining's model durable and return it; LLM examples stored since its snapshot stay
