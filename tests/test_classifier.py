@@ -37,12 +37,15 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def test_init_stores_its_parameters_and_does_no_work(embedder):
     classifier = Classifier("no/such/task.yaml", embedder=embedder, engine=None, C=0.5)
     assert classifier.get_params() == {"task": "no/such/task.yaml", "embedder": embedder, "engine": None,
-                                       "policy": None, "C": 0.5, "text_features": "auto", "tuning_seconds": None}
+                                       "policy": None, "C": 0.5, "text_features": "auto", "tuning_seconds": None,
+                                       "llm_calibration": "cv"}
     assert not hasattr(classifier, "classes_")
     with pytest.raises(TaskError, match="no/such/task.yaml: no such task file"):
         classifier.fit(["a text"], ["a"])
     with pytest.raises(ValueError, match="text_features must be 'auto' or a weight >= 0, got -1"):
         Classifier(embedder=embedder, engine=None, text_features=-1).fit(["a text", "another"], ["a", "b"])
+    with pytest.raises(ValueError, match="llm_calibration must be 'cv' .* or None, got 'dev'"):
+        Classifier(embedder=embedder, engine=None, llm_calibration="dev").fit(["a text", "another"], ["a", "b"])
     copy = clone(classifier.set_params(C=2.0))
     assert copy.get_params()["C"] == 2.0 and copy.embedder is embedder  # a model is shared, not copied
 
@@ -87,7 +90,7 @@ def test_partial_fit_adds_to_what_it_knows(embedder):
 def test_predict_with_the_real_llm_changes_nothing(embedder, gemma, tmp_path):
     """Every text goes to the LLM; learning would store its answers and retrain. Twice: identical answers, and the
     store and model files unchanged, byte for byte."""
-    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=ASK_LLM)
+    classifier = Classifier(BANKING_TASK, embedder=embedder, engine=gemma, policy=ASK_LLM, llm_calibration=None)
     classifier.fit(["I want a virtual card"], ["change_pin"])
     texts, labels = banking_messages()
     texts, labels = texts[:6], labels[:6]
@@ -100,6 +103,27 @@ def test_predict_with_the_real_llm_changes_nothing(embedder, gemma, tmp_path):
     assert list(classifier.predict(texts)) == [p.label for p in first]
     classifier.score(texts, labels)
     assert snapshot(classifier.session_.path) == before and len(classifier.session_.store) == 81
+
+
+def test_fit_with_an_engine_calibrates_on_its_training_texts(embedder, gemma, sst2, tmp_path):
+    """An estimator has no dev set, and an LLM asked whenever the fallback is unsure hurt as often as it helped: `fit`
+    calibrates on its own texts, each measured as one not seen (`Session.calibrate_on_examples`), and the policy it
+    chose is what predict routes by and what `save` keeps."""
+    texts, labels = sst2
+    classifier = Classifier(embedder=embedder, engine=gemma, policy=Policy(examples=4)).fit(texts, labels)
+    report = classifier.session_.calibration()
+    assert report is not None and report.dev_texts == 16 and report.policy == classifier.session_.policy
+    assert report.policy.llm_temperature != 1.0 and report.policy.examples == 4  # measured; the rest kept
+    test_texts, _ = held_out("sst2", 20)
+    routes = {p.route.value for p in classifier.classify(test_texts)}
+    assert routes <= ({"fallback", "llm"} if report.policy.asks_llm else {"fallback"})
+    with Session.open(classifier.save(tmp_path / "ws"), engine=gemma) as session:
+        assert session.calibration() == report and not session.asks_uncalibrated_llm
+    uncalibrated = Classifier(embedder=embedder, engine=gemma, llm_calibration=None).fit(texts, labels)
+    assert uncalibrated.session_.calibration() is None and uncalibrated.session_.policy == Policy(learn=False)
+    with pytest.warns(UserWarning, match=r"the LLM is not calibrated: .*2 labelled examples of each label.*less than "
+                                         r"90% sure of"):
+        Classifier(embedder=embedder, engine=gemma).fit(["good", "bad", "fine"], ["positive", "negative", "positive"])
 
 
 def test_cross_validation_grid_search_and_pipeline_work(sst2):

@@ -8,8 +8,9 @@
 It keeps scikit-learn's contract: `__init__` stores its parameters and does nothing else; `fit` starts over and
 sets the learned state in attributes ending in `_`; `predict`, `predict_proba`, `score` and `classify` change
 nothing (they never learn from the LLM's answers and leave the examples and the model as they were);
-`partial_fit` adds labelled examples and retrains. Learning from the LLM while answering, calibration, the answer
-cache and a durable workspace belong to `labelcascade.Session`; `save` writes a workspace that a session (and
+`partial_fit` adds labelled examples and retrains. With an engine, `fit` calibrates the cascade on its own training
+texts by cross-validation (`llm_calibration`). Learning from the LLM while answering, calibration on a dev set, the
+answer cache and a durable workspace belong to `labelcascade.Session`; `save` writes a workspace that a session (and
 so the CLI and the service) opens.
 
 X is a sequence of texts (a list, a 1-D array or a pandas Series; a single-column 2-D array is accepted too, as
@@ -19,6 +20,7 @@ tasks: the LLM reads the labels, so they must be words, not numbers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from labelcascade.fallback.svm import check_text_features
 from labelcascade.records import Prediction
 from labelcascade.retrieval import Embedder, load_embedder
 from labelcascade.retrieval.embedders import TUNED_EMBEDDER
-from labelcascade.session import Session, checked_texts, chosen_embedder, label_rows
+from labelcascade.session import ExamplesCannotCalibrate, Session, checked_texts, chosen_embedder, label_rows
 from labelcascade.task import Task, TaskError
 from labelcascade.workspace import Workspace
 
@@ -61,6 +63,13 @@ class Classifier(ClassifierMixin, BaseEstimator):
         llama.cpp; see `agent.engines.load_engine`), an `Engine`, or None for the fallback alone.
     policy: thresholds and LLM settings (`agent.Policy`); None: the defaults. Learning from the LLM is always off
         in the estimator (see `Session` for that).
+    llm_calibration: with an engine, 'cv' (default): `fit` calibrates the cascade on its own training texts, as
+        `Session.calibrate` does on a dev set, each text measured as one it has not seen (5-fold cross-validation
+        for the fallback, the LLM shown examples other than the text itself: `Session.calibrate_on_examples`). It
+        chooses the accept threshold, the LLM's weight (0 where the LLM does not beat the fallback: then it is never
+        asked), temperature, label offsets and candidate count, replacing the policy's. One LLM call per training
+        text; a multi-label task, or a label with fewer than 2 texts, is left uncalibrated with a warning. None: the
+        policy as given (the LLM answers every text the fallback is less than `accept_threshold` sure of).
     C: inverse regularisation of the fallback's linear SVM.
     text_features: the weight of the texts' TF-IDF n-grams beside their vectors in the fallback's SVM: 'auto'
         (chosen by `fit` by cross-validation on its texts; 0 unless that classifies more of them right), a weight,
@@ -79,11 +88,13 @@ class Classifier(ClassifierMixin, BaseEstimator):
         C: float = 1.0,
         text_features: float | str = "auto",
         tuning_seconds: float | None = None,
+        llm_calibration: str | None = "cv",
     ):
         self.task = task
         self.embedder = embedder
         self.engine = engine
         self.policy = policy
+        self.llm_calibration = llm_calibration
         self.C = C
         self.text_features = text_features
         self.tuning_seconds = tuning_seconds
@@ -99,6 +110,9 @@ class Classifier(ClassifierMixin, BaseEstimator):
         check_text_features(self.text_features)
         if self.policy is not None and not isinstance(self.policy, Policy):
             raise TypeError(f"policy must be a labelcascade Policy or None, got {type(self.policy).__name__}")
+        if self.llm_calibration not in ("cv", None):
+            raise ValueError(f"llm_calibration must be 'cv' (calibrate on the training texts) or None, got "
+                             f"{self.llm_calibration!r}")
         self._close_session()
         embedder = self.embedder
         if embedder == "auto":  # chosen on the texts it is fitted on (and the task's seeds)
@@ -115,12 +129,19 @@ class Classifier(ClassifierMixin, BaseEstimator):
             examples=(texts, labels),
             tuning_seconds=self.tuning_seconds,
         )
+        if self.engine is not None and self.llm_calibration == "cv":
+            try:
+                self.session_.calibrate_on_examples()
+            except ExamplesCannotCalibrate as error:
+                warnings.warn(f"the LLM is not calibrated: {error}; it will answer every text the fallback is less "
+                              f"than {self.session_.policy.accept_threshold:.0%} sure of", stacklevel=2)
         self.task_ = task
         self.classes_ = np.array(task.label_names)
         return self
 
     def partial_fit(self, X, y) -> Classifier:
-        """Add (X, y) as labelled examples to what the estimator knows and retrain; the first call is `fit`."""
+        """Add (X, y) as labelled examples to what the estimator knows and retrain; the first call is `fit`. The
+        policy `fit` calibrated stays as it was (calibrating again would ask the LLM about every text again)."""
         if not hasattr(self, "session_"):
             return self.fit(X, y)
         _learn(self.session_, _texts(X), _labels(y))
