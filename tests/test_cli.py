@@ -165,6 +165,7 @@ def test_an_uncalibrated_workspace_with_an_llm_says_so_before_it_labels(tmp_path
     created = command("init", tmp_path / "ws", "--task", BANKING_TASK)  # the embedded LLM, as by default
     assert created.returncode == 0 and note in created.stderr
     assert f"`labelcascade calibrate {tmp_path / 'ws'} DEV_FILE`" in created.stderr
+    assert f"or `labelcascade calibrate {tmp_path / 'ws'}` on the workspace's own examples" in created.stderr
     labelled = command("label", tmp_path / "ws", MESSAGES, tmp_path / "out.jsonl", "--max-llm-calls", "0",
                        "--prefix", "p_")
     assert labelled.returncode == 0 and note in labelled.stderr
@@ -176,6 +177,11 @@ def test_an_uncalibrated_workspace_with_an_llm_says_so_before_it_labels(tmp_path
                     "--prefix", "p_")
     assert again.returncode == 0 and "not calibrated" not in again.stderr
     assert "not calibrated" not in command("init", tmp_path / "ws2", "--task", BANKING_TASK, "--engine", "none").stderr
+    table = run("calibrate", tmp_path / "ws2")  # no dev file: the workspace's own examples stand in for one
+    assert "| accept threshold | coverage | precision |" in table
+    assert "measured on 80 stored examples by 5-fold cross-validation, not on a dev set" in table
+    refused = command("calibrate", tmp_path / "ws2", "--layout", "8:0")
+    assert refused.returncode == 2 and "layouts are compared on a dev file: give FILE" in refused.stderr
 
 
 def test_init_names_the_embedder_it_chose_for_a_chinese_task(tmp_path):

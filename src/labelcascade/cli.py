@@ -98,7 +98,8 @@ def _note_if_uncalibrated(session: Session) -> None:
         typer.echo(f"note: {session.path} is not calibrated, so the LLM answers every text the fallback is less than "
                    f"{session.policy.accept_threshold:.0%} sure of, whether or not it does better than the fallback on "
                    f"this task; `labelcascade calibrate {session.path} DEV_FILE` (labelled texts the workspace has not "
-                   "seen) measures that and chooses when to ask it", err=True)
+                   f"seen) measures that and chooses when to ask it, or `labelcascade calibrate {session.path}` on the "
+                   "workspace's own examples", err=True)
 
 
 def _argument_texts(texts: list[str]) -> list[str]:
@@ -371,7 +372,9 @@ def label(
 @app.command()
 def calibrate(
     workspace: Workspace,
-    file: Annotated[Path, typer.Argument(help="Labelled dev file (CSV, JSONL or Parquet), not used for training.")],
+    file: Annotated[Path | None, typer.Argument(
+        help="Labelled dev file (CSV, JSONL or Parquet), not used for training. Left out: the workspace's own "
+             "labelled examples, each measured as a text not seen (cross-validation).")] = None,
     text_column: TextColumn = "text",
     label_column: LabelColumn = "label",
     target_precision: Annotated[float, typer.Option(help="Precision the fallback must keep on what it answers alone.")] = 0.95,
@@ -387,16 +390,27 @@ def calibrate(
              "kept. Default: the workspace's current layout and the cached one, 8:0, where its static part shows "
              "every label (the current one kept on a tie); one --layout keeps that layout without comparing.")] = None,
 ) -> None:
-    """Choose the thresholds and LLM settings from a labelled dev file; prints the coverage/precision table.
+    """Choose the thresholds and LLM settings from labelled texts; prints the coverage/precision table.
 
-    Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them."""
+    Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them.
+    Without FILE the workspace's labelled examples stand in for a dev set, each measured as a text it has not seen
+    (k-fold cross-validation; the LLM asked about 200 of them at most): less telling than texts drawn as the ones to
+    classify are, and the policy is not chosen again after retrains."""
     layouts = None if not layout else [_layout(value) for value in layout]
-    texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
-    session = _open(workspace, engine)
-    report = session.calibrate(
-        texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision,
-        layouts=layouts,
-    )
+    if file is None:
+        if layouts is not None:
+            raise typer.BadParameter("layouts are compared on a dev file: give FILE", param_hint="--layout")
+        session = _open(workspace, engine)
+        report = session.calibrate_on_examples(target_precision=target_precision, llm_budget=llm_budget,
+                                               learn_precision=learn_precision)
+    else:
+        texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope,
+                                  measuring=True)
+        session = _open(workspace, engine)
+        report = session.calibrate(
+            texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision,
+            layouts=layouts,
+        )
     typer.echo(report.table())
     session.close()
 
