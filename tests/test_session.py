@@ -197,7 +197,8 @@ def test_long_calls_report_their_llm_progress(embedder, gemma, capsys):
     session.close()
 
 
-def test_calibrate_on_examples_measures_each_stored_example_as_one_not_seen(embedder, gemma, tmp_path, capsys):
+def test_calibrate_on_examples_measures_each_stored_example_as_one_not_seen(embedder, gemma, tmp_path, capsys,
+                                                                            caplog):
     """Without a dev set (what `Classifier.fit` has), the stored examples stand in for one, each measured as a new
     text: its fallback answer from a model trained without it (which gets some wrong, where the model trained on
     all of them is right on every one), the LLM asked once per example."""
@@ -207,6 +208,7 @@ def test_calibrate_on_examples_measures_each_stored_example_as_one_not_seen(embe
     assert (probability_matrix(session, texts).argmax(axis=1) == [label == "positive" for label in labels]).all()
     report = session.calibrate_on_examples(progress=True)
     assert "calibrate: LLM on the stored examples" in capsys.readouterr().err
+    assert "calibrate on the stored examples (its dev texts): only 16 dev texts" in caplog.text
     assert report.dev_texts == 16 and report.fallback_accuracy < 1.0 and report.llm_accuracy_on_unsure is not None
     assert any("16 stored examples by 5-fold cross-validation" in note for note in report.notes)
     assert session.calibration() == report and session.policy == report.policy

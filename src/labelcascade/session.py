@@ -874,8 +874,8 @@ class Session:
         (self.path / DEV_FILE).unlink(missing_ok=True)  # a dev set of an earlier calibrate no longer matches it
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)
-        for warning in report.warnings:
-            logger.warning(f"calibrate: {warning}")
+        for warning in report.warnings:  # its dev texts are the stored examples: more of those is the remedy
+            logger.warning(f"calibrate on the stored examples (its dev texts): {warning}")
         return report
 
     def _recalibrate(self) -> None:
