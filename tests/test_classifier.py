@@ -14,10 +14,12 @@ from sklearn.preprocessing import FunctionTransformer
 
 from labelcascade import Classifier, Session, TaskError
 from labelcascade.agent import Policy
+from labelcascade.agent.engines import EngineError
 from labelcascade.fallback import LinearSVMClassifier
 from labelcascade.fallback.calibration import expected_calibration_error
 from labelcascade.workspace import Workspace
 
+from .agent.engines.conftest import free_port
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
 
 ASK_LLM = Policy(accept_threshold=1.0, examples=2, max_candidates=3)  # every text goes to the LLM
@@ -124,6 +126,18 @@ def test_fit_with_an_engine_calibrates_on_its_training_texts(embedder, gemma, ss
     with pytest.warns(UserWarning, match=r"the LLM is not calibrated: .*2 labelled examples of each label.*less than "
                                          r"90% sure of"):
         Classifier(embedder=embedder, engine=gemma).fit(["good", "bad", "fine"], ["positive", "negative", "positive"])
+
+
+def test_fit_says_what_to_do_when_the_llm_it_calibrates_cannot_be_reached(embedder, sst2):
+    """An engine that cannot answer used to go unnoticed until predict degraded; fit asks it now, and says what to do."""
+    spec = f"openai:http://127.0.0.1:{free_port()}/v1#model"  # nothing listens there
+    classifier = Classifier(embedder=embedder, engine=spec)
+    with pytest.raises(EngineError, match=r"fit calibrates the LLM on the training texts and could not ask it: .*start "
+                                          r"the engine, or fit with llm_calibration=None .* or engine=None"):
+        classifier.fit(*sst2)
+    assert not hasattr(classifier, "session_")
+    uncalibrated = Classifier(embedder=embedder, engine=spec, llm_calibration=None).fit(*sst2)
+    assert {p.route.value for p in uncalibrated.classify(held_out("sst2", 10)[0])} <= {"fallback", "degraded"}
 
 
 def test_cross_validation_grid_search_and_pipeline_work(sst2):

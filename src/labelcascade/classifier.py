@@ -31,7 +31,7 @@ from sklearn.metrics import accuracy_score
 from sklearn.preprocessing import MultiLabelBinarizer
 
 from labelcascade.agent import Policy
-from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, load_engine
+from labelcascade.agent.engines import DEFAULT_ENGINE, Engine, EngineError, load_engine
 from labelcascade.fallback.svm import check_text_features
 from labelcascade.records import Prediction
 from labelcascade.retrieval import Embedder, load_embedder
@@ -132,6 +132,11 @@ class Classifier(ClassifierMixin, BaseEstimator):
         if self.engine is not None and self.llm_calibration == "cv":
             try:
                 self.session_.calibrate_on_examples()
+            except EngineError as error:
+                self._close_session()
+                raise EngineError(f"fit calibrates the LLM on the training texts and could not ask it: {error}; start "
+                                  "the engine, or fit with llm_calibration=None (the policy as given) or engine=None "
+                                  "(the fallback alone)") from error
             except ExamplesCannotCalibrate as error:
                 warnings.warn(f"the LLM is not calibrated: {error}; it will answer every text the fallback is less "
                               f"than {self.session_.policy.accept_threshold:.0%} sure of", stacklevel=2)
