@@ -68,7 +68,7 @@ class Classifier(ClassifierMixin, BaseEstimator):
         for the fallback, the LLM shown examples other than the text itself: `Session.calibrate_on_examples`). It
         chooses the accept threshold, the LLM's weight (0 where the LLM does not beat the fallback: then it is never
         asked), temperature, label offsets and candidate count, replacing the policy's. One LLM call per training
-        text; a multi-label task, or a label with fewer than 2 texts, is left uncalibrated with a warning. None: the
+        text (200 at most); an engine that cannot answer fails `fit`; a multi-label task, or a label with fewer than 2 texts, is left uncalibrated with a warning. None: the
         policy as given (the LLM answers every text the fallback is less than `accept_threshold` sure of).
     C: inverse regularisation of the fallback's linear SVM.
     text_features: the weight of the texts' TF-IDF n-grams beside their vectors in the fallback's SVM: 'auto'

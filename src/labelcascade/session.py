@@ -836,10 +836,9 @@ class Session:
         The LLM is asked about each such example once, or about `max_texts` of them (a sample stratified by label)
         where there are more: the LLM's time is most of what this costs. Less trustworthy than a dev set drawn as the
         texts to classify are: the examples may be few (calibrate warns under 20), and were picked by people, not
-        sampled.
-        The policy is not chosen again after retrains (no dev set is kept), and a dev set saved by an earlier
-        `calibrate` is dropped. Raises `ExamplesCannotCalibrate` (a ValueError) for a multi-label task or when
-        some label has fewer than 2 such examples."""
+        sampled. The policy is not chosen again after retrains (no dev set is kept), and a dev set saved by an
+        earlier `calibrate` is dropped. Raises `ExamplesCannotCalibrate` (a ValueError) for a multi-label task or
+        when some label has fewer than 2 such examples."""
         if self.task.multi_label:
             raise ExamplesCannotCalibrate("calibrating on the stored examples is for single-label tasks; calibrate a "
                                           "multi-label task on a labelled dev set")
@@ -856,7 +855,8 @@ class Session:
                 f"calibrating on the stored examples needs at least 2 labelled examples of each label outside the "
                 f"prompt's static part, and {len(scarce)} labels have fewer ({shown_names}): add examples, or "
                 "calibrate on a labelled dev set")
-        held_out = snapshot.held_out_probabilities(rows, self.task.label_names, min(folds, min(counts.values())))
+        folds = min(folds, min(counts.values()))
+        held_out = snapshot.held_out_probabilities(rows, self.task.label_names, folds)
         if max_texts is not None and len(rows) > max_texts:  # one fold of a stratified split: labels in their shares
             split = StratifiedKFold(n_splits=-(-len(rows) // max_texts), shuffle=True, random_state=0)
             with warnings.catch_warnings():  # a label with fewer examples than folds is in some folds only: fine here
@@ -869,8 +869,8 @@ class Session:
                                  on_llm=bar.count, held_out_proba=held_out)
         report = choose_policy(self.cascade, dev, target_precision=target_precision, llm_budget=llm_budget,
                                learn_precision=learn_precision, tolerance=tolerance, proba=held_out)
-        report.notes.append(f"measured on {len(texts)} stored examples by {min(folds, min(counts.values()))}-fold "
-                            "cross-validation, not on a dev set: the policy is not chosen again after retrains")
+        report.notes.append(f"measured on {len(texts)} stored examples by {folds}-fold cross-validation, not on a dev "
+                            "set: the policy is not chosen again after retrains")
         (self.path / DEV_FILE).unlink(missing_ok=True)  # a dev set of an earlier calibrate no longer matches it
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)
