@@ -2,15 +2,15 @@
 """What a scikit-learn user gets from `Classifier()`'s default engine, calibrated on its training texts or not,
 beside `engine=None`.
 
-    .venv/bin/python bench/estimator_default.py          # five datasets, 150 texts each (~12 min on 2 cores)
-    .venv/bin/python bench/estimator_default.py --datasets sms_spam --texts 60 --no-markdown
+    .venv/bin/python bench/estimator_default.py          # five datasets, 150 texts, 3 seeds (~17 min on 2 cores)
+    .venv/bin/python bench/estimator_default.py --datasets sms_spam --texts 60 --seeds 0 --no-markdown
 
 Why: an estimator has no dev set. Uncalibrated (`llm_calibration=None`), it asks the LLM about every text the
 fallback is less sure of than the default policy's accept threshold and mixes the answers at the default weight,
 which helped on some tasks and hurt on others. By default `fit` calibrates on its own training texts, each measured
 as one not seen (`Session.calibrate_on_examples`), at one LLM call per training text; this measures what that buys.
 
-Per dataset: the three estimators fitted on the same gold set (bench/common.py's draw, seed 0, --shots per class),
+Per dataset and seed: the three estimators fitted on the same gold set (bench/common.py's draw, --shots per class),
 with `embedder="default"` so that they differ by the LLM and its calibration alone; then `classify` of the first
 --texts of the shuffled test sample (500), one estimator after the other. Accuracy, the share the LLM answered, the
 wall time of `fit` and of `classify`. Results: bench/results/estimator_default.json and the section "## The
@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import time
+
+import numpy as np
 
 from labelcascade import Classifier
 from labelcascade.agent import Policy
@@ -40,9 +42,9 @@ ARMS = {  # name: the estimator's parameters besides embedder="default"
 }
 
 
-def measure(args: argparse.Namespace, name: str) -> dict:
+def measure(args: argparse.Namespace, name: str, seed: int) -> dict:
     train = read_jsonl(args.data / name / "train.jsonl")
-    picked = per_class_draw(train, 0, name)
+    picked = per_class_draw(train, seed, name)
     gold = [train[i] for label in sorted(picked) for i in picked[label][: args.shots]]
     test = shuffled_test_sample(read_jsonl(args.data / name / "test.jsonl"), 500)[: args.texts]
     texts, labels = [row["text"] for row in test], [row["label"] for row in test]
@@ -63,24 +65,34 @@ def measure(args: argparse.Namespace, name: str) -> dict:
             "accept_threshold": policy.accept_threshold,
             "llm_weight": policy.llm_weight if policy.asks_llm else 0.0,
         }
-        log(f"{name} {arm}: {arms[arm]}")
+        log(f"{name} seed {seed} {arm}: {arms[arm]}")
     return {"texts": len(texts), "arms": arms}
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
     rows = []
-    for name, cell in result["datasets"].items():
-        arms = cell["arms"]
-        none, raw, calibrated = arms["engine=None"], arms["uncalibrated"], arms["calibrated"]
-        best = max(none["accuracy"], raw["accuracy"])
+    for name, by_seed in result["datasets"].items():
+        cells = list(by_seed.values())
+
+        def mean(arm: str, key: str) -> float:
+            return float(np.mean([cell["arms"][arm][key] for cell in cells]))
+
+        def median(arm: str, key: str) -> float:
+            return float(np.median([cell["arms"][arm][key] for cell in cells]))
+
+        gaps = [cell["arms"]["calibrated"]["accuracy"] - max(cell["arms"]["engine=None"]["accuracy"],
+                                                            cell["arms"]["uncalibrated"]["accuracy"]) for cell in cells]
+        settings = ", ".join(f"{cell['arms']['calibrated']['accept_threshold']:.2f}/"
+                             f"{cell['arms']['calibrated']['llm_weight']:.1f}" for cell in cells)
         rows.append(
-            f"| {name} | {cell['texts']} | {100 * none['accuracy']:.1f} | {100 * raw['accuracy']:.1f} | "
-            f"{100 * calibrated['accuracy']:.1f} | {100 * (calibrated['accuracy'] - best):+.1f} | "
-            f"{100 * raw['llm_share']:.0f}% / {100 * calibrated['llm_share']:.0f}% | "
-            f"{calibrated['accept_threshold']:.2f}, {calibrated['llm_weight']:.1f} | "
-            f"{none['fit_seconds']:.0f} / {raw['fit_seconds']:.0f} / {calibrated['fit_seconds']:.0f} | "
-            f"{none['seconds']:.1f} / {raw['seconds']:.1f} / {calibrated['seconds']:.1f} |")
+            f"| {name} | {cells[0]['texts']} | {100 * mean('engine=None', 'accuracy'):.1f} | "
+            f"{100 * mean('uncalibrated', 'accuracy'):.1f} | {100 * mean('calibrated', 'accuracy'):.1f} | "
+            f"{100 * np.mean(gaps):+.1f} ({', '.join(f'{100 * gap:+.1f}' for gap in gaps)}) | "
+            f"{100 * mean('uncalibrated', 'llm_share'):.0f}% / {100 * mean('calibrated', 'llm_share'):.0f}% | "
+            f"{settings} | {median('engine=None', 'fit_seconds'):.0f} / {median('uncalibrated', 'fit_seconds'):.0f} / "
+            f"{median('calibrated', 'fit_seconds'):.0f} | {median('engine=None', 'seconds'):.1f} / "
+            f"{median('uncalibrated', 'seconds'):.1f} / {median('calibrated', 'seconds'):.1f} |")
     return (
         f"{HEADING}\n\nGenerated by `.venv/bin/python bench/estimator_default.py` on {result['date']} (run time "
         f"{result['run_seconds']:.0f} s); raw numbers in `bench/results/estimator_default.json`. Do not edit by hand: "
@@ -88,13 +100,15 @@ def markdown(result: dict) -> str:
         f"Settings: three `Classifier(embedder=\"default\", ...)`: `engine=None`; engine {DEFAULT_ENGINE} with "
         f"`llm_calibration=None` (the default policy: accept threshold {s['accept_threshold']}, LLM weight "
         f"{s['llm_weight']}); and the default, engine {DEFAULT_ENGINE} calibrated by `fit` on its training texts "
-        f"(`llm_calibration=\"cv\"`). All fitted on bench/common.py's {s['shots']}/class gold set (seed 0); the "
-        f"first {s['texts']} texts of the shuffled test sample (500); {s['machine']}, 1-min load {s['load_start']} at "
-        "the start. \"vs best\": the calibrated estimator's accuracy minus the better of the other two. Seconds: wall "
-        "time of `fit` and of `classify` on the texts.\n\n"
+        f"(`llm_calibration=\"cv\"`). All three fitted on bench/common.py's {s['shots']}/class gold set of each seed "
+        f"({', '.join(map(str, s['seeds']))}); the first {s['texts']} texts of the shuffled test sample (500); "
+        f"{s['machine']}, 1-min load {s['load_start']} at the start. Accuracy and LLM share: means over the seeds; "
+        "\"vs best\": the calibrated estimator's accuracy minus the better of the other two, mean (per seed); "
+        "calibrated accept/weight: what `fit` chose, per seed. Seconds: wall time of `fit` and of `classify` on the "
+        "texts, median over the seeds.\n\n"
         "| dataset | texts | engine=None acc % | uncalibrated acc % | calibrated acc % | vs best | sent to the LLM "
-        "(uncalibrated / calibrated) | calibrated accept, weight | fit s (None / uncal. / cal.) | classify s (None / "
-        "uncal. / cal.) |\n|---|---:|---:|---:|---:|---:|---:|---|---|---|\n" + "\n".join(rows) + "\n"
+        "(uncalibrated / calibrated) | calibrated accept/weight | fit s (None / uncal. / cal.) | classify s (None / "
+        "uncal. / cal.) |\n|---|---:|---:|---:|---:|---|---:|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 
@@ -103,14 +117,16 @@ def main() -> None:
     parser.add_argument("--datasets", default="trec,sst2,ag_news,sms_spam,eprstmt")
     parser.add_argument("--texts", type=int, default=150)
     parser.add_argument("--shots", type=int, default=8)
+    parser.add_argument("--seeds", default="0,1,2", help="gold-set draws (bench/common.py's), comma-separated")
     output_arguments(parser, REPO / "bench" / "results" / "estimator_default.json")
     args = parser.parse_args()
     if rebuilt_section_only(args, HEADING, markdown):
         return
     started, policy = time.monotonic(), Policy()
-    settings = {**machine_and_load(), "texts": args.texts, "shots": args.shots,
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    settings = {**machine_and_load(), "texts": args.texts, "shots": args.shots, "seeds": seeds,
                 "accept_threshold": policy.accept_threshold, "llm_weight": policy.llm_weight}
-    datasets = {name: measure(args, name) for name in args.datasets.split(",")}
+    datasets = {name: {str(seed): measure(args, name, seed) for seed in seeds} for name in args.datasets.split(",")}
     result = {"date": dt.date.today().isoformat(), "run_seconds": time.monotonic() - started, "settings": settings,
               "datasets": datasets}
     publish(result, args.out, markdown(result), markdown=None if args.no_markdown else MARKDOWN, heading=HEADING)

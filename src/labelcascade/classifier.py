@@ -68,8 +68,11 @@ class Classifier(ClassifierMixin, BaseEstimator):
         for the fallback, the LLM shown examples other than the text itself: `Session.calibrate_on_examples`). It
         chooses the accept threshold, the LLM's weight (0 where the LLM does not beat the fallback: then it is never
         asked), temperature, label offsets and candidate count, replacing the policy's. One LLM call per training
-        text (200 at most); an engine that cannot answer fails `fit`; a multi-label task, or a label with fewer than 2 texts, is left uncalibrated with a warning. None: the
-        policy as given (the LLM answers every text the fallback is less than `accept_threshold` sure of).
+        text (200 at most); an engine that cannot answer fails `fit`; a multi-label task, or a label with fewer
+        than 2 texts, is left uncalibrated with a warning. With embedder 'tuned' the body has seen every training
+        text, so the fallback's held-out answers are surer than on new texts and the LLM is asked less than a dev
+        set would choose. None: the policy as given (the LLM answers every text the fallback is less than
+        `accept_threshold` sure of).
     C: inverse regularisation of the fallback's linear SVM.
     text_features: the weight of the texts' TF-IDF n-grams beside their vectors in the fallback's SVM: 'auto'
         (chosen by `fit` by cross-validation on its texts; 0 unless that classifies more of them right), a weight,
