@@ -2,7 +2,7 @@
 """What a scikit-learn user gets from `Classifier()`'s default engine, calibrated on its training texts or not,
 beside `engine=None`.
 
-    .venv/bin/python bench/estimator_default.py          # five datasets, 150 texts, 3 seeds (~17 min on 2 cores)
+    .venv/bin/python bench/estimator_default.py          # five datasets, 150 texts, 3 seeds (~19 min on 2 cores)
     .venv/bin/python bench/estimator_default.py --datasets sms_spam --texts 60 --seeds 0 --no-markdown
 
 Why: an estimator has no dev set. Uncalibrated (`llm_calibration=None`), it asks the LLM about every text the
