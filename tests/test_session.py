@@ -206,8 +206,9 @@ def test_calibrate_on_examples_measures_each_stored_example_as_one_not_seen(embe
     session = Session.create(Task.from_labels(["negative", "positive"]), workspace=tmp_path / "ws", embedder=embedder,
                              engine=gemma, policy=Policy(examples=4, learn=False), examples=(texts, labels))
     assert (probability_matrix(session, texts).argmax(axis=1) == [label == "positive" for label in labels]).all()
+    prompts = gemma.stats.prompts
     report = session.calibrate_on_examples(progress=True)
-    assert "calibrate: LLM on the stored examples" in capsys.readouterr().err
+    assert gemma.stats.prompts - prompts == 16 and "calibrate: LLM on the stored examples" in capsys.readouterr().err
     assert "calibrate on the stored examples (its dev texts): only 16 dev texts" in caplog.text
     assert report.dev_texts == 16 and report.fallback_accuracy < 1.0 and report.llm_accuracy_on_unsure is not None
     assert any("16 stored examples by 5-fold cross-validation" in note for note in report.notes)
