@@ -808,11 +808,7 @@ class Session:
         if len(tried) > 1:
             report.notes.extend([*compared, f"kept: {report.policy.static_examples} static, {report.policy.examples} "
                                             "retrieved"])
-        dev.save(self.path / DEV_FILE)
-        self.set_policy(report.policy)
-        self._workspace.save_calibration(report)
-        for warning in report.warnings:
-            logger.warning(f"calibrate: {warning}")
+        self._adopt(report, dev, "calibrate")
         return report
 
     def calibrate_on_examples(
@@ -871,12 +867,22 @@ class Session:
                                learn_precision=learn_precision, tolerance=tolerance, proba=held_out)
         report.notes.append(f"measured on {len(texts)} stored examples by {folds}-fold cross-validation, not on a dev "
                             "set: the policy is not chosen again after retrains")
-        (self.path / DEV_FILE).unlink(missing_ok=True)  # a dev set of an earlier calibrate no longer matches it
+        # no dev set to keep (and one of an earlier calibrate no longer matches); its dev texts are the stored
+        # examples, so the warnings say so: more of those is the remedy
+        self._adopt(report, None, "calibrate on the stored examples (its dev texts)")
+        return report
+
+    def _adopt(self, report: Calibration, dev: DevSet | None, said_by: str) -> None:
+        """Answer by a calibration's policy from now on: keep its report and its dev set (None: none kept, and an
+        earlier one removed, so retrains keep the policy), and log its warnings, each prefixed by `said_by`."""
+        if dev is None:
+            (self.path / DEV_FILE).unlink(missing_ok=True)
+        else:
+            dev.save(self.path / DEV_FILE)
         self.set_policy(report.policy)
         self._workspace.save_calibration(report)
-        for warning in report.warnings:  # its dev texts are the stored examples: more of those is the remedy
-            logger.warning(f"calibrate on the stored examples (its dev texts): {warning}")
-        return report
+        for warning in report.warnings:
+            logger.warning(f"{said_by}: {warning}")
 
     def _recalibrate(self) -> None:
         """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls), by
