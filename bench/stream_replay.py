@@ -22,8 +22,10 @@ accept threshold pooled with the LLM's answer, answers at least the learn thresh
 (weighted as fallback/weights.py does), the fallback retrained on schedule (LinearSVMClassifier with the session's
 text_features) and the policy chosen again on the dev set by `choose_policy`, with the rule's accuracy floor (and,
 for "share capped", an LLM budget no higher than the dev share sent before the retrain; for "guarded", the retrained
-fallback kept out when its cascade's dev accuracy is lower than the serving one's). A text sent to the LLM whose
-answer was not collected counts as sent but teaches nothing ("unanswered": collect with --all-stream to have none).
+fallback kept out when its cascade's dev accuracy is lower than the serving one's; for "policy kept", the policy
+calibrated before the stream is kept and only the fallback changes, as the product does since 2026-12-07). A text
+sent to the LLM whose answer was not collected counts as sent but teaches nothing ("unanswered": collect with
+--all-stream to have none).
 The cascade's test accuracy before and after uses the collected test answers.
 `summary`: every rule over several collected streams (other gold pools: `collect --pool-seed N`, cached as
 DATASET_seedN), with the stream bar's passes and the test accuracy gained or lost.
@@ -47,6 +49,8 @@ from sklearn.metrics import roc_auc_score
 from labelcascade.agent import Calibration, Cascade, DevSet, Policy, choose_policy
 from labelcascade.agent.engines.llamacpp import LlamaCppEngine
 from labelcascade.fallback import LinearSVMClassifier, sample_weights
+from labelcascade.fallback.weights import SOURCE_WEIGHTS
+from labelcascade.records import Source
 from labelcascade.retrieval import ExampleStore
 from labelcascade.session import DEV_FILE
 from labelcascade.task import Task
@@ -112,6 +116,8 @@ class Rule:
     guarded: bool = False  # a retrained fallback is kept only if its cascade's dev accuracy is not lower
     tolerance: float = TOLERANCE  # dev accuracy the policy chosen after a retrain may give up to send fewer texts
     learn_precision: float = LEARN_PRECISION  # not calibrate's: the stream's first policy is chosen again with it
+    llm_weight: float = SOURCE_WEIGHTS[Source.LLM]  # an LLM label's weight in the retrain, times its confidence
+    rechoose: bool = True  # False: the policy is kept as calibrated (thresholds, LLM weight), only the fallback changes
 
 
 RULES = {
@@ -137,6 +143,19 @@ RULES = {
     "shipped, learn 0.80": Rule(every=20, floor="none", capped=True, learn_precision=0.80),
     "shipped, tolerance 0, learn 0.80": Rule(every=20, floor="none", capped=True, tolerance=0.0, learn_precision=0.80),
     "shipped, tolerance 0, learn 0.75": Rule(every=20, floor="none", capped=True, tolerance=0.0, learn_precision=0.75),
+    # "shipped": the product's rule from 2026-12-05 to 2026-12-07; since then it keeps the policy after a retrain of
+    # the fallback alone and retrains every 50: "policy kept (every 50)"
+    "policy kept (every 20)": Rule(every=20, rechoose=False),
+    "policy kept (every 50)": Rule(every=50, rechoose=False),
+    "policy kept (every 100)": Rule(every=100, rechoose=False),
+    "policy kept (doubling)": Rule(every=10**9, share=1.0, rechoose=False),
+    "policy kept (every 100 or doubling)": Rule(every=100, share=1.0, rechoose=False),
+    "policy kept (every 200)": Rule(every=200, rechoose=False),
+    "policy kept (every 20), LLM weight 1": Rule(every=20, rechoose=False, llm_weight=1.0),
+    "policy kept (every 50), LLM weight 1": Rule(every=50, rechoose=False, llm_weight=1.0),
+    "policy kept (every 100), LLM weight 1": Rule(every=100, rechoose=False, llm_weight=1.0),
+    "policy kept (every 20), learn 0.80": Rule(every=20, rechoose=False, learn_precision=0.80),
+    "policy kept (every 20), learn 0.75": Rule(every=20, rechoose=False, learn_precision=0.75),
 }
 MIN_NEW = 5
 
@@ -231,9 +250,13 @@ class Replay:
                     pending += 1
             due = rule.every if rule.share is None else min(rule.every, max(MIN_NEW, rule.share * trained_on))
             if pending >= due:
-                weights = np.r_[np.ones(len(gold_y)), sample_weights(["llm"] * len(learned_y), learned_c)]
+                weights = np.r_[np.ones(len(gold_y)), sample_weights(["llm"] * len(learned_y), learned_c)
+                                * rule.llm_weight / SOURCE_WEIGHTS[Source.LLM]]
                 retrained = self.fit(np.array(gold_v + learned_v), gold_y + learned_y, weights, gold_t + learned_t)
                 pending, retrains, trained_on = 0, retrains + 1, len(gold_y) + len(learned_y)
+                if not rule.rechoose:
+                    fallback = retrained
+                    continue
                 chosen = self.choose(retrained, policy, rule, serving[1])
                 if rule.guarded and chosen.cascade_accuracy < serving[0]:
                     rejected += 1
