@@ -395,7 +395,7 @@ def calibrate(
     Rows with no label are out-of-scope texts: a task with allow_abstain: true learns its abstain threshold from them.
     Without FILE the workspace's labelled examples stand in for a dev set, each measured as a text it has not seen
     (k-fold cross-validation; the LLM asked about 200 of them at most): less telling than texts drawn as the ones to
-    classify are, and the policy is not chosen again after retrains."""
+    classify are, and the policy is not chosen again for a new body or label."""
     layouts = None if not layout else [_layout(value) for value in layout]
     if file is None:
         if layouts is not None:

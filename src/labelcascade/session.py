@@ -84,7 +84,7 @@ from labelcascade.workspace import (
 
 Labels = Sequence[str] | Sequence[Sequence[str]]
 logger = logging.getLogger(__name__)
-DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again after retrains
+DEV_FILE = "calibration.npz"  # the dev set as calibration measured it, to choose the policy again (new body, label)
 EXAMPLE_FOLDS = 5  # `calibrate_on_examples`: folds of the stored examples (fewer where a label has fewer examples)
 EXAMPLES_MEASURED = 200  # `calibrate_on_examples`: examples the LLM is asked about at most (one call each)
 
@@ -575,7 +575,6 @@ class Session:
             renderer=PromptRenderer(workspace.task, workspace.settings.template),
             policy=workspace.settings.policy,
             learner=self._learner,
-            on_retrain=self._recalibrate,
         )
 
     # --- learning -------------------------------------------------------------------------------------------
@@ -623,7 +622,8 @@ class Session:
         if dev is not None:
             dev.with_label_added(multi_label=task.multi_label).save(dev_file)
         self.add_examples(texts, [name] * len(texts))
-        self.retrain()  # the cascade is wired again to the new task, and the policy chosen again
+        self.retrain()  # the cascade is wired again to the new task
+        self._recalibrate()  # the policy chosen again for it, on the dev set widened by the new label
         report = self._workspace.load_calibration()
         if report is not None:
             warning = (f"label {name!r} was added after calibration: no dev text has it and the LLM never scored it "
@@ -685,12 +685,13 @@ class Session:
                               dev_texts=dev_texts, claim=claim)
 
     def end_retrain(self, retraining: Retraining) -> Session:
-        """Save a fitted retraining's model and answer with it from now on (the policy is chosen again for it)."""
+        """Save a fitted retraining's model and answer with it from now on. A head-only retrain keeps the policy
+        (`_recalibrate` says why); a body retrain has it chosen again on the dev set, re-embedded by the new body."""
         if isinstance(retraining, BodyRetraining):
             self._swap_body(retraining)
+            self._recalibrate()
         else:
             self._install(self._learner.accept(retraining))
-        self._recalibrate()
         return self
 
     def _swap_body(self, retraining: BodyRetraining) -> None:
@@ -764,10 +765,10 @@ class Session:
         """Choose the accept, learn and abstain thresholds, the LLM's temperature, weight and candidate count from
         labelled dev texts (not stored), and use them from now on (agent/calibration.py says how). The LLM is asked
         about every dev text once; what it said is kept in the workspace, so the policy is chosen again, without
-        the LLM, after every retrain. `llm_budget` caps the share of texts sent to the LLM; `learn_precision` is
-        the precision the LLM labels the fallback learns from must keep on the dev texts; `tolerance` is the dev
-        accuracy the cascade may give up to send fewer texts to the LLM; `progress`: a bar on stderr of the dev texts
-        the LLM has scored (None: on a terminal only). Returns the report;
+        the LLM, for a new body or label (a retrain of the fallback alone keeps it). `llm_budget` caps the share of
+        texts sent to the LLM; `learn_precision` is the precision the LLM labels the fallback learns from must keep
+        on the dev texts; `tolerance` is the dev accuracy the cascade may give up to send fewer texts to the LLM;
+        `progress`: a bar on stderr of the dev texts the LLM has scored (None: on a terminal only). Returns the report;
         `print(report.table())` shows the coverage/precision table.
 
         `layouts`: prompt layouts to compare, as (static examples per label, retrieved examples) pairs (see
@@ -832,7 +833,7 @@ class Session:
         The LLM is asked about each such example once, or about `max_texts` of them (a sample stratified by label)
         where there are more: the LLM's time is most of what this costs. Less trustworthy than a dev set drawn as the
         texts to classify are: the examples may be few (calibrate warns under 20), and were picked by people, not
-        sampled. The policy is not chosen again after retrains (no dev set is kept), and a dev set saved by an
+        sampled. The policy is not chosen again for a new body or label (no dev set is kept), and a dev set saved by an
         earlier `calibrate` is dropped. Raises `ExamplesCannotCalibrate` (a ValueError) for a multi-label task or
         when some label has fewer than 2 such examples."""
         if self.task.multi_label:
@@ -866,7 +867,7 @@ class Session:
         report = choose_policy(self.cascade, dev, target_precision=target_precision, llm_budget=llm_budget,
                                learn_precision=learn_precision, tolerance=tolerance, proba=held_out)
         report.notes.append(f"measured on {len(texts)} stored examples by {folds}-fold cross-validation, not on a dev "
-                            "set: the policy is not chosen again after retrains")
+                            "set: the policy is not chosen again for a new body or label")
         # no dev set to keep (and one of an earlier calibrate no longer matches); its dev texts are the stored
         # examples, so the warnings say so: more of those is the remedy
         self._adopt(report, None, "calibrate on the stored examples (its dev texts)")
@@ -885,12 +886,17 @@ class Session:
             logger.warning(f"{said_by}: {warning}")
 
     def _recalibrate(self) -> None:
-        """After a retrain, choose the policy again for the new fallback on the calibrated dev set (no LLM calls), by
+        """After a body retrain or a new label, choose the policy again on the calibrated dev set (no LLM calls), by
         `calibrate`'s own rule (the cheapest accept threshold within `tolerance` of the best dev accuracy reachable
-        now), with the LLM's budget at most the dev share the policy sent before: learning never makes the cascade
-        ask the LLM more. Not by keeping the dev accuracy reached at `calibrate` and spending every gain on asking
-        less, the rule before: 200 dev texts overstate what a few LLM labels add, so it stopped asking the LLM after
-        one retrain, which ended learning and lost test accuracy (BENCHMARKS.md, "rules over more gold pools")."""
+        now), with the LLM's budget at most the dev share the policy sent before.
+
+        Not after a retrain of the fallback alone (learning's, or `retrain()`): the policy is kept. The retrained
+        fallback's probabilities are calibrated again (its temperature fitted out of fold on what it now learns
+        from), so the same accept threshold keeps its meaning, and as the fallback grows surer the share it sends
+        to the LLM falls by itself. Choosing again on the dev set after every learning retrain chose on the same few
+        hundred texts each time: it read a few LLM labels' gain as larger than it was and gave the LLM up too soon,
+        so on most learning streams replayed the cascade ended below where it began; keeping the policy, it ended at
+        or above it on nearly all (BENCHMARKS.md, "Learning from a stream: the policy kept after retrains")."""
         previous = self._workspace.load_calibration()
         if previous is None or not (self.path / DEV_FILE).exists():
             return
@@ -911,7 +917,7 @@ class Session:
         self._workspace.save_calibration(report)
 
     def calibration(self) -> Calibration | None:
-        """What the last `calibrate` measured and chose (chosen again after each retrain), or None before one."""
+        """What the last `calibrate` measured and chose (chosen again for a new body or label), or None before one."""
         return self._workspace.load_calibration()
 
     @property

@@ -10,7 +10,7 @@
                        again (`Session.retrain(body=True)`) is written beside it as body-<digest>/, and settings.json
                        names the one in use
       calibration.json what the last `calibrate` measured and chose (its policy is copied into settings.json); it is
-                       chosen again after every retrain, from
+                       chosen again for a new body or label, from
       calibration.npz  the dev set as `calibrate` measured it: vectors, true labels, the LLM's probabilities
       workspace.lock   an empty file; its advisory lock (flock) guards the fallback folder's swap
       tuning.lock      the same for body retrains: held by one from its start to its swap (`claim_body_lock`), so

@@ -82,23 +82,19 @@ def test_calibration_chooses_measures_and_stores_the_policy(calibrated):
     assert stored["cascade_accuracy"] == report.cascade_accuracy
 
 
-def test_after_a_retrain_the_policy_is_chosen_again_without_asking_the_llm(embedder, gemma, tmp_path):
+def test_a_retrain_keeps_the_policy_and_a_new_label_has_it_chosen_again_without_asking_the_llm(embedder, gemma,
+                                                                                                tmp_path):
+    """A retrain of the fallback alone keeps the calibrated policy (the retrained fallback's probabilities are
+    calibrated again, so its thresholds keep their meaning; choosing again on the dev set after learning's retrains
+    lost accuracy on the learning streams); a new label has it chosen again on the dev set, without the LLM."""
     session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=gemma,
                             policy=Policy(examples=2))
     texts, labels = banking_messages()
     first = session.calibrate(texts[:20], labels[:20])
-    asked = gemma.stats.prompts
-    session.add_examples(texts[20:], labels[20:], retrain=True)  # more gold examples: a new fallback, so a new policy
-    assert gemma.stats.prompts == asked
-    again = session._workspace.load_calibration()
-    assert again.retrains == first.retrains + 1 == 1
-    # calibrate's own rule for the new fallback, sending at most the share of dev texts sent before
-    expected = choose_policy(session.cascade, DevSet.load(tmp_path / "ws" / "calibration.npz"),
-                             llm_budget=first.llm_share)
-    assert again.llm_budget == first.llm_share and again.llm_share <= first.llm_share
-    assert again.accuracy_floor == expected.accuracy_floor >= again.cascade_accuracy  # the best reachable now
-    assert session.policy == expected.policy == again.policy
-    assert again.fallback_accuracy >= first.fallback_accuracy  # its own dev texts' labels are now known to it
+    asked, fallback = gemma.stats.prompts, session.cascade.fallback
+    session.add_examples(texts[20:], labels[20:], retrain=True)  # more gold examples: a new fallback, the same policy
+    assert session.cascade.fallback is not fallback and gemma.stats.prompts == asked
+    assert session.policy == first.policy and session.calibration().retrains == first.retrains == 0
 
     # a new label: the policy is chosen again on the dev set widened by a column the LLM never scored, no LLM call
     session.add_label("travel_notice", ["I'm going abroad next week, do I need to tell you?",
@@ -106,7 +102,21 @@ def test_after_a_retrain_the_policy_is_chosen_again_without_asking_the_llm(embed
     assert gemma.stats.prompts == asked
     dev = DevSet.load(tmp_path / "ws" / "calibration.npz")
     assert dev.llm.shape == (20, 11) and not dev.llm[:, -1].any() and dev.truth.max() < 10
-    assert session.calibration().retrains == 2 and "'travel_notice' was added after calibration" in session.calibration().warnings[-1]
+    again = session.calibration()
+    assert again.retrains == 1 and "'travel_notice' was added after calibration" in again.warnings[-1]
+    # calibrate's own rule for the new fallback, sending at most the share of dev texts sent before
+    expected = choose_policy(session.cascade, dev, llm_budget=first.llm_share)
+    assert again.llm_budget == first.llm_share and again.llm_share <= first.llm_share
+    assert session.policy == expected.policy == again.policy
+
+    # learning's own retrains keep the policy too
+    learning = session.policy.model_copy(update={"accept_threshold": 1.0, "llm_weight": 0.5, "learn_threshold": 0.0,
+                                                 "retrain_every": 2})
+    session.set_policy(learning)
+    fallback = session.cascade.fallback
+    session.classify(texts[:3])  # the LLM answers all three (dev texts, not stored): learned, retrained after two
+    assert session.cascade.fallback is not fallback and session.store.count("llm") == 3
+    assert session.policy == learning and session.calibration().retrains == 1
 
 
 def with_llm_answers(session, texts, labels, llm_answers) -> DevSet:

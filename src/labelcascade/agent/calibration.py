@@ -1,6 +1,6 @@
 """Calibrating the cascade on a labelled dev set: what the fallback may answer alone, and what the LLM is worth.
 
-Two steps, so the policy can be chosen again after every retrain without asking the LLM again:
+Two steps, so the policy can be chosen again for a new body or label without asking the LLM again:
 1. `DevSet.measure` asks the LLM about every dev text once (dev texts are never stored, never learned from) and
    keeps what stays true while the fallback changes: the texts' vectors, their true labels, the LLM's
    probabilities, its temperature (fitted by likelihood) with, for single-label tasks, per-label offsets where they
@@ -11,11 +11,11 @@ Two steps, so the policy can be chosen again after every retrain without asking 
    - the accept threshold: the fallback answers alone where (a) its answers keep the target precision (default
      0.95), or (b) asking the LLM would not raise the dev accuracy by more than `tolerance` (default 0.01): the
      cheapest threshold whose accuracy is within `tolerance` of the best any threshold and pooling weight reach.
-     Optionally capped so that no more than `llm_budget` of the texts go to the LLM. After a retrain the session
-     chooses again by the same rule, with the budget at most the share sent before (session.py): the LLM's share
-     falls as the fallback, taught by the LLM, is more often sure and right. (`accuracy_floor`, a dev accuracy to
-     keep instead of the best now reachable, spends every gain on asking the LLM less: the session's rule until
-     2026-12-05, it ended learning at the first retrain);
+     Optionally capped so that no more than `llm_budget` of the texts go to the LLM. For a new body or label the
+     session chooses again by the same rule, with the budget at most the share sent before (session.py); a retrain
+     of the fallback alone keeps the policy, and the LLM's share falls as the fallback, taught by the LLM, is more
+     often sure. (`accuracy_floor`, a dev accuracy to keep instead of the best now reachable, spends every gain on
+     asking the LLM less: the session's rule after retrains until 2026-12-05, it ended learning at the first one);
    - the LLM's weight in the pool with the fallback: the best dev accuracy on the texts the LLM will see. When no
      weight beats the fallback alone, the weight is 0 and nothing is sent to the LLM: on some tasks a small LLM
      does not help, and then it should cost nothing;
@@ -68,11 +68,11 @@ class Calibration(BaseModel):
     target_precision: float
     learn_precision: float
     llm_budget: float | None = Field(
-        description="The most of the dev texts the policy may send to the LLM: `calibrate`'s, and after a retrain at "
-        "most the share sent before it."
+        description="The most of the dev texts the policy may send to the LLM: `calibrate`'s, and when the policy is "
+        "chosen again at most the share sent before."
     )
     tolerance: float = Field(0.01, description="Dev accuracy the cascade may give up to send fewer texts to the LLM.")
-    retrains: int = Field(0, description="Retrains of the fallback since `calibrate`; the policy is chosen after each.")
+    retrains: int = Field(0, description="Times the policy was chosen again since `calibrate` (a new body or label).")
     accuracy_floor: float | None = Field(
         None, description="The best dev accuracy reachable when the policy was chosen, or the one it was told to keep."
     )
@@ -269,9 +269,9 @@ def choose_policy(
 ) -> Calibration:
     """The cascade's policy for its current fallback, chosen on `dev` (see the module docstring, step 2); the
     cascade is unchanged. Knobs that calibration does not choose (examples, learn, retrain_every, ...) are kept from
-    `policy` (default: the cascade's; the one `dev` was measured with). `accuracy_floor`: the dev accuracy to keep
-    after a retrain (None at `calibrate`, which measures it). `proba`: the fallback's probabilities on the dev texts
-    (default: the current fallback's; held-out ones where the dev texts are its training texts)."""
+    `policy` (default: the cascade's; the one `dev` was measured with). `accuracy_floor`: a dev accuracy to keep
+    (None: the best now reachable, as `calibrate` and the session choose). `proba`: the fallback's probabilities on
+    the dev texts (default: the current fallback's; held-out ones where the dev texts are its training texts)."""
     multi = cascade.task.multi_label
     proba = cascade.probabilities(dev.vectors, dev.texts) if proba is None else proba
     certainty = cascade.certainty(proba)

@@ -9,7 +9,7 @@ This is the classification policy of DESIGN.md ("One classification"):
    for multi-label tasks the LLM answers a yes/no question for each unsure label instead;
 4. an answer under the abstain threshold, in a task that allows it, becomes no answer (route `abstain`);
 5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N; after a
-   retrain `on_retrain` runs (the classifier chooses the policy again on its dev set there);
+   retrain `on_retrain` runs, when given (the session keeps its policy: the retrained fallback is calibrated);
 6. when the engine fails or times out, the fallback's answer stands, marked `degraded`; nothing is raised.
 """
 
