@@ -875,7 +875,8 @@ class Session:
 
     def _adopt(self, report: Calibration, dev: DevSet | None, said_by: str) -> None:
         """Answer by a calibration's policy from now on: keep its report and its dev set (None: none kept, and an
-        earlier one removed, so retrains keep the policy), and log its warnings, each prefixed by `said_by`."""
+        earlier one removed, so a new body or label keeps the policy), and log its warnings, each prefixed by
+        `said_by`."""
         if dev is None:
             (self.path / DEV_FILE).unlink(missing_ok=True)
         else:
