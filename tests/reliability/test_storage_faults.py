@@ -269,7 +269,7 @@ def test_a_task_file_cut_short_is_refused_naming_the_labels_it_lost(template, em
 WORKSPACE_FILES = ["task.yaml", SETTINGS_FILE, "workspace.lock", f"{FALLBACK_DIR}/model.json", f"{FALLBACK_DIR}/model.npz",
                    f"{STORE_DIR}/{DB_FILE}", f"{STORE_DIR}/{INDEX_FILE}", CALIBRATION_FILE, DEV_FILE]
 REBUILT = {f"{STORE_DIR}/{INDEX_FILE}", "workspace.lock"}  # what holds nothing else does not: made again from the rest
-READ_ON_RETRAIN = {CALIBRATION_FILE, DEV_FILE}  # the last calibration: read to choose the policy again after a retrain
+READ_LATER = {CALIBRATION_FILE, DEV_FILE}  # the last calibration: read to show it and to choose the policy again
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,8 @@ def test_every_workspace_file_damaged_replaced_linked_or_emptied_is_refused_or_r
     same size, replaced by a link to a copy elsewhere, or deleted. Either the open is refused with an error naming
     the file (and nothing of the workspace is written), or the file is one that holds nothing the others do not
     (the FAISS index, the lock file) and the workspace answers exactly as before with every example kept, or it is
-    the last calibration, which answers do not read: then the next retrain uses it intact, or refuses naming it."""
+    the last calibration, which answers do not read: then what reads it next (its report, a new label, whose policy
+    is chosen again on the dev set) uses it intact, or refuses naming it."""
     workspace = tmp_path / "ws"
     shutil.copytree(calibrated, workspace)
     expected_examples, expected_answers = snapshot(calibrated, embedder)
@@ -322,11 +323,14 @@ def test_every_workspace_file_damaged_replaced_linked_or_emptied_is_refused_or_r
     try:
         examples = [(e.text, e.labels) for e in session.store.examples()]
         answers = probability_matrix(session, PROBES)
-        assert name in REBUILT | READ_ON_RETRAIN, f"{name} {how}: opened and answered instead of being refused"
+        assert name in REBUILT | READ_LATER, f"{name} {how}: opened and answered instead of being refused"
         assert examples == expected_examples and np.allclose(answers, expected_answers)
-        if name in READ_ON_RETRAIN and how != "deleted":
+        if name in READ_LATER and how != "deleted":
             with pytest.raises((WorkspaceError, ValueError)) as refused:
-                session.retrain()
+                if name == CALIBRATION_FILE:
+                    session.calibration()
+                else:
+                    session.add_label("travel_notice", ["I'm going abroad next week, do I need to tell you?"])
             assert names_it(refused.value), f"the error does not name {name}: {refused.value}"
     finally:
         session.close()
