@@ -8,8 +8,8 @@ This is the classification policy of DESIGN.md ("One classification"):
    "N/A" in the text's place) and its probabilities are pooled with the fallback's (route `llm`);
    for multi-label tasks the LLM answers a yes/no question for each unsure label instead;
 4. an answer under the abstain threshold, in a task that allows it, becomes no answer (route `abstain`);
-5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N; after a
-   retrain `on_retrain` runs, when given (the session keeps its policy: the retrained fallback is calibrated);
+5. confident LLM answers are handed to the learner, which stores them and retrains the fallback every N (the policy
+   is kept: the retrained fallback's probabilities are calibrated again);
 6. when the engine fails or times out, the fallback's answer stands, marked `degraded`; nothing is raised.
 """
 
@@ -107,7 +107,6 @@ class Cascade:
         renderer: PromptRenderer | None = None,
         policy: Policy | None = None,
         learner: Learner | None = None,
-        on_retrain: Callable[[], None] | None = None,
     ):
         """Without an engine every answer comes from the fallback; without a store the LLM gets no examples."""
         self.task = task
@@ -117,7 +116,6 @@ class Cascade:
         self.renderer = renderer or PromptRenderer(task)
         self.policy = policy or Policy()
         self.learner = learner
-        self.on_retrain = on_retrain
         self._labels = task.label_names
         self._engine_renderer: tuple[object, list[Example], PromptRenderer] | None = None  # see _renderer_for
         self.install(fallback)
@@ -395,5 +393,3 @@ class Cascade:
         )
         if retrained is not None:
             self.install(retrained)
-            if self.on_retrain is not None:
-                self.on_retrain()
