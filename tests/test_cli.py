@@ -47,6 +47,8 @@ def test_classify_texts_from_arguments_and_stdin(workspace):
     assert all(a["route"] == "fallback" and len(a["top"]) == 3 and a["top"][0]["label"] == a["label"] for a in answers)
     piped = [json.loads(line) for line in run("classify", workspace, "--top", "1", stdin="my card got stolen\n\n").splitlines()]
     assert len(piped) == 1 and piped[0]["label"] == "lost_or_stolen_card" and len(piped[0]["top"]) == 1
+    dashed = [json.loads(line) for line in run("classify", workspace, "-", stdin="my card got stolen\n").splitlines()]
+    assert [(a["text"], a["label"]) for a in dashed] == [("my card got stolen", "lost_or_stolen_card")]  # '-' is stdin
 
 
 def test_add_csv_and_jsonl_then_retrain_and_calibrate(workspace, tmp_path):

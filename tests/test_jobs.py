@@ -19,10 +19,11 @@ import pytest
 from labelcascade import Session
 from labelcascade.agent import Policy
 from labelcascade.answer_cache import CACHE_FILE
-from labelcascade.jobs import STATE_SUFFIX, LabelJob
+from labelcascade.jobs import STATE_SUFFIX, LabelJob, review_threshold
 from labelcascade.tables import InputError
+from labelcascade.task import Task
 
-from .conftest import BANKING_TASK, banking_messages, load_split, rows_done, rows_in, write_texts_jsonl
+from .conftest import BANKING_TASK, banking_messages, few_shot, load_split, rows_done, rows_in, write_texts_jsonl
 
 ROWS = 1200
 BATCH = 16
@@ -235,6 +236,23 @@ def test_the_review_file_holds_the_low_confidence_rows_with_their_row_numbers(ll
     expected = [i + 1 for i, row in enumerate(answered) if row["confidence"] < 0.6]
     assert [row["row"] for row in review] == expected and summary.review_rows == len(expected)
     assert all(row["label"] == answered[row["row"] - 1]["label"] for row in review)
+
+
+def test_by_default_review_takes_the_answers_less_than_halfway_from_a_guess_to_certainty(tmp_path, embedder):
+    """A fixed 0.5 never sent a row of a two-label task to review (its answers are always at least 0.5 sure)."""
+    texts, labels = few_shot("sst2", 8)
+    task = Task.build({"name": "sentiment", "labels": ["negative", "positive"]})
+    session = Session.create(task, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    session.add_examples(texts, labels, retrain=True)
+    source = write_texts_jsonl(tmp_path / "reviews.jsonl", load_split("sst2", "test")[:80])
+    summary = LabelJob(session, source, tmp_path / "out.jsonl", review=tmp_path / "review.jsonl").run(progress=False)
+    answered = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    unsure = [i + 1 for i, row in enumerate(answered) if row["confidence"] < 0.75]
+    assert summary.review_below == 0.75 and 0 < len(unsure) < len(answered)
+    assert [json.loads(line)["row"] for line in (tmp_path / "review.jsonl").read_text().splitlines()] == unsure
+    session.close()
+    assert review_threshold(Task.from_yaml(BANKING_TASK)) == pytest.approx(0.55)  # ten labels
+    assert review_threshold(Task.build({"name": "tags", "multi_label": True, "labels": ["a", "b", "c"]})) == 0.75
 
 
 def test_a_plan_estimates_llm_calls_and_time_without_storing_or_learning(llm_workspace, tmp_path):

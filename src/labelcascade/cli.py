@@ -288,12 +288,13 @@ def add_label(
 @app.command()
 def classify(
     workspace: Workspace,
-    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify; none: one text per line of stdin.")] = None,
+    texts: Annotated[list[str] | None, typer.Argument(
+        help="Texts to classify; none or '-': one text per line of stdin.")] = None,
     engine: Engine = None,
     top: Annotated[int, typer.Option(help="How many label probabilities to print per text.")] = 3,
 ) -> None:
     """Classify texts; prints one JSON object per text."""
-    texts = _argument_texts(texts) if texts else _stdin_texts()
+    texts = _stdin_texts() if not texts or texts == ["-"] else _argument_texts(texts)
     if not texts:
         raise InputError("no texts: give them as arguments or one per line on stdin")
     session = _open(workspace, engine)
@@ -324,7 +325,9 @@ def label(
         Path | None, typer.Option(help="Also write the rows to review (abstained, degraded, low confidence) here; "
                                   ".json: Label Studio tasks, with the labelling interface beside.")
     ] = None,
-    review_below: Annotated[float, typer.Option(help="Confidence under which a row goes to the review file.")] = 0.5,
+    review_below: Annotated[float | None, typer.Option(
+        help="Confidence under which a row goes to the review file; default: halfway between a guess and certainty, "
+             "(1 + 1/labels) / 2 (0.75 for two labels or a multi-label task).")] = None,
     cache: Annotated[bool, typer.Option(help="Reuse the LLM's earlier answers to the same texts (and keep new ones).")] = True,
     ray: Annotated[str | None, typer.Option(
         help="Classify on a Ray cluster: 'local' (started here for the job), 'auto' (the cluster this machine is in) "
@@ -359,7 +362,8 @@ def label(
     else:
         summary = job.run(progress=progress)
         resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
-        reviewed = f"; {summary.review_rows} rows to review -> {summary.review}" if summary.review else ""
+        reviewed = (f"; {summary.review_rows} rows to review (abstained, degraded or under {summary.review_below:.2f} "
+                    f"sure) -> {summary.review}" if summary.review else "")
         for path in (summary.output, summary.review):
             if path is not None and file_format(path) == "label-studio":
                 reviewed += f"; Label Studio interface for {path.name} -> {labelstudio.config_path(path)}"

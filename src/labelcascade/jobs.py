@@ -17,7 +17,9 @@ Cost control: the LLM's answers are looked up in the workspace's answer cache fi
 the same texts again asks the LLM nothing; `max_llm_calls` caps the texts sent to the LLM over the whole job (resumed
 runs included: the state counts them), after which the fallback answers alone; `plan` estimates the LLM calls and
 the time from a sample before anything runs. The rows a person should look at (abstained, degraded, or answered
-with low confidence) can be written to a review file beside the output.
+with low confidence) can be written to a review file beside the output. "Low" is by default less than halfway from a
+guess to certainty (`review_threshold`): a fixed 0.5 would never pick a row of a two-label task, whose answer is
+always at least 0.5 sure.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.session import Session
 from labelcascade.tables import InputError, Row, file_format, read_rows
+from labelcascade.task import Task
 
 STATE_SUFFIX = ".state.sqlite"
 _SCHEMA = """
@@ -55,6 +58,13 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 """
 REVIEW_ROUTES = ("abstain", "degraded")
+
+
+def review_threshold(task: Task) -> float:
+    """The confidence under which a job's answer goes to review by default: halfway between a guess and certainty,
+    (1 + 1/k) / 2 for k labels (0.75 for two, 0.55 for ten), and 0.75 for a multi-label task, whose confidence is a
+    chosen label's own yes/no probability."""
+    return 0.75 if task.multi_label else (1 + 1 / len(task.labels)) / 2
 LLM_CALLS = "llm_calls"  # meta key: texts the LLM answered in this job, for its budget
 
 
@@ -68,6 +78,7 @@ class JobSummary:
     output: Path
     review: Path | None = None
     review_rows: int = 0
+    review_below: float | None = None  # the confidence under which a row went to review
 
 
 @dataclass
@@ -105,7 +116,7 @@ class LabelJob:
         max_llm_calls: int | None = None,
         cache: bool = True,
         review: str | Path | None = None,
-        review_below: float = 0.5,
+        review_below: float | None = None,
     ):
         """The output has the input's columns plus `label`, `confidence`, `route` and `top` (the `top` most probable
         labels, most probable first, as a list of {"label", "probability"} records: a real list in JSONL and
@@ -113,7 +124,8 @@ class LabelJob:
 
         `max_llm_calls`: at most this many texts answered by the LLM over the whole job; `cache`: reuse and keep
         the LLM's answers in the workspace's answer cache; `review`: a file (CSV, JSONL or Parquet) for the rows
-        that abstained, degraded or whose confidence is under `review_below`, with their 1-based `row` number.
+        that abstained, degraded or whose confidence is under `review_below` (None: `review_threshold` of the task),
+        with their 1-based `row` number.
         An output or review file named `*.json` is a list of Label Studio tasks, the answer as a pre-annotation,
         with its labelling interface beside it (labelstudio.py).
         """
@@ -126,7 +138,8 @@ class LabelJob:
         self.top = top
         self.prefix = prefix
         self.max_llm_calls = max_llm_calls
-        self.review, self.review_below = (None if review is None else Path(review)), review_below
+        self.review = None if review is None else Path(review)
+        self.review_below = review_threshold(session.task) if review_below is None else review_below
         for path in (self.source, self.destination, self.review):
             if path is not None:
                 file_format(path)  # refuses an unknown suffix before any work
@@ -193,7 +206,8 @@ class LabelJob:
             self._write_output(state, total)
             review_rows = self._write_review(state)
         return JobSummary(rows=total, done_before=len(done), routes=dict(routes), llm_calls=llm_calls, cached=cached,
-                          output=self.destination, review=self.review, review_rows=review_rows)
+                          output=self.destination, review=self.review, review_rows=review_rows,
+                          review_below=self.review_below if self.review else None)
 
     def _answered(self, done: set[int], llm_calls: int,
                   bar: JobBar | None) -> Iterator[tuple[list[tuple[int, Row]], list[Prediction], list[bool], int]]:
