@@ -4,11 +4,15 @@ the real embedder, store and fallback behind it (the embedded LLM too, in the te
 import asyncio
 import json
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -492,6 +496,41 @@ def test_serve_opens_the_workspace_and_binds_localhost_by_default(embedder, tmp_
     with Session.open(tmp_path / "ws", embedder=embedder) as here:
         expected = here.classify(["my card got stolen"], learn=False)[0]
     assert answer["label"] == expected.label and answer["confidence"] == pytest.approx(expected.confidence, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_service_stopped_by_sigterm_saves_what_it_stored_and_ends_as_killed_by_it(embedder, tmp_path, caplog):
+    """uvicorn raises SIGTERM again after its graceful stop; with Python's default handler the process ended there,
+    before `serve` closed the session, so the examples stored while it ran were missing from the saved FAISS index."""
+    Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(sys.executable).with_name("labelcascade")
+    server = subprocess.Popen([str(script), "serve", str(tmp_path / "ws"), "--port", str(port), "--engine", "none",
+                               "--embedder-workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            assert time.monotonic() < deadline, "the service did not start in 120 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        stored = httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json={"text": "my card is frozen",
+                                                                            "label": "pin_blocked"})
+        assert stored.status_code == 200
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == -signal.SIGTERM, server.stderr.read().decode()
+    finally:
+        server.kill()
+    with caplog.at_level("INFO", logger="labelcascade.retrieval.store"), \
+            ExampleStore.open(tmp_path / "ws" / "store") as store:
+        assert store.find(["my card is frozen"])["my card is frozen"].labels == ("pin_blocked",)
+        assert len(store) == 81
+    assert "rebuilding" not in caplog.text  # the index on disk held the new example
 
 
 def test_serve_warns_that_an_uncalibrated_workspace_asks_the_llm_about_every_unsure_text(embedder, tmp_path,
