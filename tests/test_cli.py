@@ -145,6 +145,14 @@ def test_mistakes_exit_1_with_a_message_that_names_the_problem(workspace, tmp_pa
     broken.write_text("name: t\nlabels:\n  - name: a\n    colour: red\n  - b\n")
     result = command("init", tmp_path / "ws2", "--task", broken)
     assert result.returncode == 1 and "line 4" in result.stderr and "colour" in result.stderr
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("somebody's work\n")
+    result = command("label", workspace, MESSAGES, taken, "--no-progress")
+    assert result.returncode == 1 and f"{taken} exists and is not the output of this job" in result.stderr
+    assert taken.read_text() == "somebody's work\n"
+    replaced = command("label", workspace, MESSAGES, taken, "--no-progress", "--prefix", "pred_", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert len(taken.read_text().splitlines()) == 40
 
 
 def test_answers_degraded_by_a_broken_model_say_why(workspace, tmp_path):

@@ -101,6 +101,36 @@ def test_a_second_job_on_the_same_output_is_refused_and_leaves_the_first_ones_st
     session.close()
 
 
+def test_a_job_never_writes_over_its_input_nor_over_a_file_it_did_not_write(fallback_workspace, tmp_path, embedder):
+    """`label in.csv in.csv` replaced the input with the output, and an existing file at the output's path was
+    replaced without a word. A rerun of a finished job (its state beside the output) still writes its output again."""
+    source = write_texts_jsonl(tmp_path / "in.jsonl", load_split("banking77", "test")[:10])
+    original = source.read_bytes()
+    session = Session.open(fallback_workspace, embedder=embedder)
+    with pytest.raises(InputError, match=r"in.jsonl: this is the input file; write the answers to another file"):
+        LabelJob(session, source, tmp_path / "." / "in.jsonl").run(progress=False)
+    (tmp_path / "link.jsonl").symlink_to(source)
+    with pytest.raises(InputError, match=r"this is the input file"):
+        LabelJob(session, source, tmp_path / "out.jsonl", review=tmp_path / "link.jsonl").run(progress=False)
+    with pytest.raises(InputError, match=r"the review file would replace the output"):
+        LabelJob(session, source, tmp_path / "out.jsonl", review=tmp_path / "out.jsonl").run(progress=False)
+    assert source.read_bytes() == original
+
+    theirs = tmp_path / "theirs.jsonl"
+    theirs.write_text("somebody's work\n")
+    for review in (None, theirs):  # at the output's path, then at the review's
+        output = theirs if review is None else tmp_path / "out.jsonl"
+        with pytest.raises(InputError, match=r"theirs.jsonl exists and is not the output of this job .*--overwrite"):
+            LabelJob(session, source, output, review=review).run(progress=False)
+    assert theirs.read_text() == "somebody's work\n" and not (tmp_path / "out.jsonl").exists()
+    assert LabelJob(session, source, theirs, overwrite=True).run(progress=False).rows == 10
+    labelled = theirs.read_text()
+    assert len(labelled.splitlines()) == 10
+    assert LabelJob(session, source, theirs).run(progress=False).done_before == 10  # its own output, written again
+    assert theirs.read_text() == labelled
+    session.close()
+
+
 def test_a_bad_row_stops_the_job_before_any_work_and_names_its_line(fallback_workspace, tmp_path, embedder):
     session = Session.open(fallback_workspace, embedder=embedder)
     bad = tmp_path / "bad.jsonl"

@@ -329,6 +329,9 @@ def label(
         help="Confidence under which a row goes to the review file; default: halfway between a guess and certainty, "
              "(1 + 1/labels) / 2 (0.75 for two labels or a multi-label task).")] = None,
     cache: Annotated[bool, typer.Option(help="Reuse the LLM's earlier answers to the same texts (and keep new ones).")] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a file already at the output's (or review's) path that no earlier run of this "
+                            "job wrote.")] = False,
     ray: Annotated[str | None, typer.Option(
         help="Classify on a Ray cluster: 'local' (started here for the job), 'auto' (the cluster this machine is in) "
              "or its address (ray://HOST:10001). Needs the ray extra.")] = None,
@@ -345,7 +348,7 @@ def label(
     """Label every row of a file; rerun the same command after an interruption to resume where it stopped."""
     session = _open(workspace, engine)
     options = dict(text_column=text_column, batch_size=batch_size, prefix=prefix, max_llm_calls=max_llm_calls,
-                   cache=cache, review=review, review_below=review_below)
+                   cache=cache, review=review, review_below=review_below, overwrite=overwrite)
     if ray is None:
         job = LabelJob(session, source, destination, **options)
     else:

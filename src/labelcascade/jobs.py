@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS rows (
 REVIEW_ROUTES = ("abstain", "degraded")
 
 
+def _same_file(one: Path, other: Path) -> bool:
+    """Whether two paths name one file (through links too); a path not there yet is no other file."""
+    try:
+        return one.resolve() == other.resolve() or (one.exists() and other.exists() and one.samefile(other))
+    except OSError:
+        return False
+
+
 def review_threshold(task: Task) -> float:
     """The confidence under which a job's answer goes to review by default: halfway between a guess and certainty,
     (1 + 1/k) / 2 for k labels (0.75 for two, 0.55 for ten), and 0.75 for a multi-label task, whose confidence is a
@@ -117,6 +125,7 @@ class LabelJob:
         cache: bool = True,
         review: str | Path | None = None,
         review_below: float | None = None,
+        overwrite: bool = False,
     ):
         """The output has the input's columns plus `label`, `confidence`, `route` and `top` (the `top` most probable
         labels, most probable first, as a list of {"label", "probability"} records: a real list in JSONL and
@@ -125,7 +134,9 @@ class LabelJob:
         `max_llm_calls`: at most this many texts answered by the LLM over the whole job; `cache`: reuse and keep
         the LLM's answers in the workspace's answer cache; `review`: a file (CSV, JSONL or Parquet) for the rows
         that abstained, degraded or whose confidence is under `review_below` (None: `review_threshold` of the task),
-        with their 1-based `row` number.
+        with their 1-based `row` number. A file already at the output's or the review's path is refused unless
+        `overwrite`, or unless this job's state is beside it (a rerun writes its own output again); the input
+        never.
         An output or review file named `*.json` is a list of Label Studio tasks, the answer as a pre-annotation,
         with its labelling interface beside it (labelstudio.py).
         """
@@ -140,6 +151,7 @@ class LabelJob:
         self.max_llm_calls = max_llm_calls
         self.review = None if review is None else Path(review)
         self.review_below = review_threshold(session.task) if review_below is None else review_below
+        self.overwrite = overwrite
         for path in (self.source, self.destination, self.review):
             if path is not None:
                 file_format(path)  # refuses an unknown suffix before any work
@@ -179,8 +191,29 @@ class LabelJob:
         finally:
             os.close(handle)  # closing releases the lock
 
+    def _check_destinations(self) -> None:
+        """Never write over the input; and over another file only when told to (`overwrite`) or when this job's
+        state is there, which says the file is this job's own output from an earlier run."""
+        outputs = [path for path in (self.destination, self.review) if path is not None]
+        for path in outputs:
+            if _same_file(path, self.source):
+                raise InputError(f"{path}: this is the input file; write the answers to another file")
+        if len(outputs) == 2 and _same_file(*outputs):
+            raise InputError(f"{self.review}: the review file would replace the output; give it another name")
+        if self.overwrite or self.state_path.exists():
+            return
+        for path in outputs:
+            if path.exists():
+                raise InputError(f"{path} exists and is not the output of this job (no {self.state_path.name} beside "
+                                 "it); write to another file, delete it, or replace it with --overwrite")
+
     def _run(self, progress: bool) -> JobSummary:
-        with self._only_job(), self._answer_cache(), sqlite3.connect(self.state_path) as state:
+        with self._only_job():
+            self._check_destinations()
+            return self._labelled(progress)
+
+    def _labelled(self, progress: bool) -> JobSummary:
+        with self._answer_cache(), sqlite3.connect(self.state_path) as state:
             state.executescript(_SCHEMA)
             self._check_input(state)
             done = {position for (position,) in state.execute("SELECT position FROM rows")}
