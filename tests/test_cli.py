@@ -78,6 +78,11 @@ def test_init_from_labelled_data_takes_the_labels_from_a_column(tmp_path):
     task = Task.from_yaml(tmp_path / "ws" / "task.yaml")
     assert list(task.label_names) == list(dict.fromkeys(line.rsplit(",", 1)[1] for line in more.read_text().splitlines()[1:]))
     assert json.loads(run("classify", tmp_path / "ws", "my card got stolen"))["label"] == "lost_or_stolen_card"
+    ids = tmp_path / "ids.csv"  # class ids, not names: the LLM could not read them
+    ids.write_text("text,label\ngreat film,1\nawful film,0\n")
+    refused = command("init", tmp_path / "ws-ids", "--data", ids, "--engine", "none")
+    assert refused.returncode == 1 and "ids.csv: label: every label is a number (1, 0)" in refused.stderr
+    assert not (tmp_path / "ws-ids").exists()
     tags = tmp_path / "tags.csv"
     tags.write_text("text,label\nrefund my card fee,refund|card\nlost card,card\nrefund please,refund\n")
     assert "task 'tagging', 2 labels" in run("init", tmp_path / "tags", "--data", tags, "--name", "tagging",

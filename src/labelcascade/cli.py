@@ -167,6 +167,14 @@ def _task(workspace: Path) -> Task:
     return WorkspaceFolder.open(workspace).task
 
 
+def _is_number(name: str) -> bool:
+    try:
+        float(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _task_from_data(path: Path, name: str | None, text_column: str, label_column: str, allow_abstain: bool) -> Task:
     """A task whose labels are the distinct values of a labelled file's label column (in order of first appearance)
     and whose seed examples are its rows; multi-label when a row has several labels."""
@@ -174,6 +182,10 @@ def _task_from_data(path: Path, name: str | None, text_column: str, label_column
     if not rows:
         raise InputError(f"{path}: no rows")
     names = list(dict.fromkeys(label for row in rows for label in row.labels))
+    if all(_is_number(name) for name in names):
+        raise InputError(f"{path}: {label_column}: every label is a number ({', '.join(names[:5])}"
+                         f"{' ...' if len(names) > 5 else ''}); the LLM reads label names, so give names (map your class "
+                         "ids to words in the file, e.g. 0 -> negative, 1 -> positive)")
     multi = any(len(row.labels) > 1 for row in rows)
     return Task.build({
         "name": name or path.stem, "labels": names, "multi_label": multi, "allow_abstain": allow_abstain,

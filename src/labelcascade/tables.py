@@ -91,6 +91,9 @@ def _labels(value, where: str) -> tuple[str, ...]:
         labels = tuple(part.strip() for part in value.split(LABEL_SEPARATOR))
     elif isinstance(value, list | tuple) or hasattr(value, "tolist"):
         labels = tuple(value.tolist() if hasattr(value, "tolist") else value)
+    elif isinstance(value, int | float) and value == value:  # bool too; NaN (a missing value in pandas) is not
+        raise InputError(f"{where}: {value!r} is a number; the LLM reads label names, so give names (map your class "
+                         "ids to words, e.g. 0 -> negative, 1 -> positive)")
     else:
         raise InputError(f"{where}: missing label")
     if wrong := next((label for label in labels if not isinstance(label, str)), None):

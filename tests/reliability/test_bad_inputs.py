@@ -258,7 +258,9 @@ FILE_CASES: list[tuple[str, str, Callable[[Path], None], tuple[str, ...]]] = [
     ("parquet-null-text", "a.parquet", lambda p: write_parquet(p, {"text": ["fine", None], "label": ["change_pin"] * 2}),
      ("row 2: text: empty or not text",)),
     ("parquet-numeric-label", "a.parquet", lambda p: write_parquet(p, {"text": ["fine"], "label": [3]}),
-     ("row 1: label: missing label",)),
+     ("row 1: label: 3 is a number", "give names")),
+    ("jsonl-numeric-label", "a.jsonl", lambda p: p.write_text('{"text": "fine", "label": 1}\n'),
+     ("line 1: label: 1 is a number", "map your class ids to words")),
     ("unknown-file-type", "a.txt", lambda p: p.write_text("hello\n"), ("unknown file type '.txt'",)),
 ]
 
