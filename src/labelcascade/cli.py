@@ -183,9 +183,9 @@ def _task_from_data(path: Path, name: str | None, text_column: str, label_column
         raise InputError(f"{path}: no rows")
     names = list(dict.fromkeys(label for row in rows for label in row.labels))
     if all(_is_number(name) for name in names):
-        raise InputError(f"{path}: {label_column}: every label is a number ({', '.join(names[:5])}"
-                         f"{' ...' if len(names) > 5 else ''}); the LLM reads label names, so give names (map your class "
-                         "ids to words in the file, e.g. 0 -> negative, 1 -> positive)")
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        raise InputError(f"{path}: {label_column}: every label is a number ({shown}); the LLM reads label names, so "
+                         "give names (map your class ids to words in the file, e.g. 0 -> negative, 1 -> positive)")
     multi = any(len(row.labels) > 1 for row in rows)
     return Task.build({
         "name": name or path.stem, "labels": names, "multi_label": multi, "allow_abstain": allow_abstain,
