@@ -20,7 +20,7 @@ from labelcascade import Session
 from labelcascade.agent import Policy
 from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import STATE_SUFFIX, LabelJob, review_threshold
-from labelcascade.tables import InputError
+from labelcascade.tables import InputError, read_rows
 from labelcascade.task import Task
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, load_split, rows_done, rows_in, write_texts_jsonl
@@ -98,6 +98,35 @@ def test_a_second_job_on_the_same_output_is_refused_and_leaves_the_first_ones_st
             LabelJob(session, source, out).run(progress=False)
         assert not state.exists() and not out.exists()
     assert LabelJob(session, source, out).run(progress=False).rows == 10  # once the first is done, it runs
+    session.close()
+
+
+def test_a_multi_label_answer_is_a_list_in_jsonl_and_parquet_and_joined_in_csv(tmp_path, embedder):
+    """As `top` is: a pandas or `datasets` user gets the labels without splitting a string; a CSV cell keeps the
+    "a|b" that `add` and `init --data` read. Each output reads back as the labels it holds."""
+    task = Task.build({"name": "tags", "multi_label": True, "labels": ["battery", "screen", "shipping"], "examples": [
+        {"text": "the battery dies fast and the screen cracked", "label": ["battery", "screen"]},
+        {"text": "screen is too dim", "label": "screen"}, {"text": "battery lasts two days", "label": "battery"},
+        {"text": "shipping took three weeks", "label": "shipping"},
+        {"text": "arrived late and the box was crushed", "label": "shipping"},
+        {"text": "the screen flickers at night", "label": "screen"},
+        {"text": "charging is slow and it ships without a charger", "label": ["battery", "shipping"]}]})
+    session = Session.create(task, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    source = write_texts_jsonl(tmp_path / "in.jsonl", [{"text": text} for text in [
+        "my battery is dead", "the package never came", "the display has dead pixels and the battery swells"]])
+    texts = [json.loads(line)["text"] for line in source.read_text().splitlines()]
+    expected = [p.labels for p in session.classify(texts, learn=False)]
+    assert any(len(labels) > 1 for labels in expected)
+    for name in ("out.jsonl", "out.parquet", "out.csv"):
+        LabelJob(session, source, tmp_path / name).run(progress=False)
+    jsonl = [json.loads(line)["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    parquet = pq.read_table(tmp_path / "out.parquet").column("label").to_pylist()
+    cells = [row["label"] for row in csv.DictReader((tmp_path / "out.csv").open())]
+    assert jsonl == parquet == [list(labels) for labels in expected]
+    assert cells == ["|".join(labels) for labels in expected]
+    for name in ("out.jsonl", "out.parquet", "out.csv"):
+        read_back = [list(row.labels) for row in read_rows(tmp_path / name, label_column="label")]
+        assert read_back == [list(labels) for labels in expected]
     session.close()
 
 

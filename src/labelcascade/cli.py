@@ -377,8 +377,9 @@ def label(
     else:
         summary = job.run(progress=progress)
         resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
-        reviewed = (f"; {summary.review_rows} rows to review (abstained, degraded or under {summary.review_below:.2f} "
-                    f"sure) -> {summary.review}" if summary.review else "")
+        rows = "row" if summary.review_rows == 1 else "rows"
+        reviewed = (f"; {summary.review_rows} {rows} to review (abstained, degraded or under "
+                    f"{summary.review_below:.2f} sure) -> {summary.review}" if summary.review else "")
         for path in (summary.output, summary.review):
             if path is not None and file_format(path) == "label-studio":
                 reviewed += f"; Label Studio interface for {path.name} -> {labelstudio.config_path(path)}"

@@ -47,7 +47,7 @@ from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.session import Session
 from labelcascade.tables import InputError, Row, file_format, read_rows
-from labelcascade.task import Task
+from labelcascade.task import LABEL_SEPARATOR, Task
 
 STATE_SUFFIX = ".state.sqlite"
 _SCHEMA = """
@@ -393,7 +393,12 @@ class LabelJob:
         return len(rows)
 
     def _write(self, path: Path, records: Iterator[dict]) -> None:
-        """Write `path` in the format its suffix names; Label Studio tasks get their labelling interface beside."""
+        """Write `path` in the format its suffix names; Label Studio tasks get their labelling interface beside.
+        A multi-label answer is kept joined by "|" (in the state, and in CSV, as `add` and `init --data` read a CSV
+        cell); JSONL and Parquet get it as a list of labels, as they get `top`."""
+        if file_format(path) in ("jsonl", "parquet") and self.session.task.multi_label:
+            column = self.prefix + "label"
+            records = ({**record, column: split_labels(record[column])} for record in records)
         if file_format(path) != "label-studio":
             _write_atomically(path, partial(_WRITERS[file_format(path)], records=records))
             return
@@ -404,15 +409,26 @@ class LabelJob:
                                         model_version=f"labelcascade {__version__}"))
 
 
-def answer_columns(prediction: Prediction, *, multi_label: bool, top: int, prefix: str = "") -> dict:
-    """The columns a job adds to a row: `label` (multi-label: the labels joined by "|"), `confidence`, `route` and
-    `top` (the `top` most probable labels as {"label", "probability"} records), each name after `prefix`."""
+def answer_columns(prediction: Prediction, *, multi_label: bool, top: int, prefix: str = "",
+                   joined: bool = True) -> dict:
+    """The columns a job adds to a row: `label` (multi-label: the labels joined by "|", or their list if not
+    `joined`), `confidence`, `route` and `top` (the `top` most probable labels as {"label", "probability"} records),
+    each name after `prefix`."""
+    if multi_label:
+        label = LABEL_SEPARATOR.join(prediction.labels) if joined else list(prediction.labels)
+    else:
+        label = prediction.label
     return {
-        prefix + "label": "|".join(prediction.labels) if multi_label else prediction.label,
+        prefix + "label": label,
         prefix + "confidence": round(prediction.confidence, 4),
         prefix + "route": prediction.route.value,
         prefix + "top": prediction.summary(top)["top"],
     }
+
+
+def split_labels(joined: str | None) -> list[str]:
+    """A multi-label answer joined by "|" as its list of labels (none: an empty list)."""
+    return joined.split(LABEL_SEPARATOR) if joined else []
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

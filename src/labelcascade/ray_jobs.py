@@ -214,8 +214,9 @@ def label_dataset(session: Session, dataset, *, text_column: str = TEXT, max_llm
                   llm_workers: int = 1, llm_gpus: float = 0, llm_cpus: int = 1):
     """A `ray.data.Dataset` labelled by `session`'s workspace and engine on the Ray cluster: `dataset`'s rows in
     their order (Ray Data's `preserve_order` is turned on) with the job's answer columns added (`label`,
-    `confidence`, `route`, `top`, each name after `prefix`). Lazy, as Ray datasets are: write or iterate it to run
-    it. At most `max_llm_calls` rows are answered by the LLM, over all LLM workers.
+    `confidence`, `route`, `top`, each name after `prefix`; a multi-label task's `label` is a list of labels). Lazy,
+    as Ray datasets are: write or iterate it to run it. At most `max_llm_calls` rows are answered by the LLM, over
+    all LLM workers.
 
     Nothing is learned and nothing is cached: for a resumable job that learns between passes, label a file with
     `RayLabelJob` (`labelcascade label --ray`)."""
@@ -227,8 +228,8 @@ def label_dataset(session: Session, dataset, *, text_column: str = TEXT, max_llm
     def with_answers(table):
         import pyarrow as pa
 
-        rows = [answer_columns(Prediction.model_validate_json(answer), multi_label=multi_label, top=top, prefix=prefix)
-                for answer in table.column(ANSWER).to_pylist()]
+        rows = [answer_columns(Prediction.model_validate_json(answer), multi_label=multi_label, top=top, prefix=prefix,
+                               joined=False) for answer in table.column(ANSWER).to_pylist()]
         table = table.drop_columns([ANSWER, ASKED])
         for name in rows[0] if rows else ():
             table = table.append_column(name, pa.array([row[name] for row in rows]))
