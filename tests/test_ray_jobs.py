@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from labelcascade import Session
+from labelcascade import Session, Task
 from labelcascade.agent import Policy
 from labelcascade.jobs import STATE_SUFFIX, LabelJob
 from labelcascade.records import Source
@@ -82,6 +82,18 @@ def test_a_ray_dataset_is_labelled_in_its_order(cluster, fallback_workspace, emb
     expected = session.classify(texts, learn=False)
     assert [row["pred_label"] for row in labelled] == [p.label for p in expected]
     assert [row["pred_confidence"] for row in labelled] == [round(p.confidence, 4) for p in expected]
+
+
+def test_a_multi_label_answer_in_a_ray_dataset_is_a_list_of_labels(cluster, tmp_path, embedder):
+    task = Task.build({"name": "tags", "multi_label": True, "labels": ["battery", "screen"], "examples": [
+        {"text": "the battery dies fast and the screen cracked", "label": ["battery", "screen"]},
+        {"text": "screen is too dim", "label": "screen"}, {"text": "battery lasts two days", "label": "battery"},
+        {"text": "the screen flickers at night", "label": "screen"},
+        {"text": "it never holds a charge", "label": "battery"}]})
+    with Session.create(task, workspace=tmp_path / "ws", embedder=embedder, engine=None) as session:
+        texts = ["my battery is dead", "the display has dead pixels and the battery swells", "dim screen"]
+        labelled = label_dataset(session, ray.data.from_items([{"text": t} for t in texts])).take_all()
+        assert [row["label"] for row in labelled] == [list(p.labels) for p in session.classify(texts, learn=False)]
 
 
 @pytest.fixture()
