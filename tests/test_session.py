@@ -15,7 +15,7 @@ from labelcascade.fallback import NotFittedError
 from labelcascade.retrieval import EmbedderMismatchError, ExampleStore, SentenceTransformerEmbedder
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder
-from labelcascade.session import ExamplesCannotCalibrate, tuned_base
+from labelcascade.session import ExamplesCannotCalibrate, SessionClosedError, tuned_base
 from labelcascade.workspace import WorkspaceError
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
@@ -98,6 +98,25 @@ def test_mistakes_get_errors_that_say_what_to_do(embedder, tmp_path):
 
 TRAVEL = ["I'm going abroad next week, do I need to tell you?", "how do I set a travel notice on my card",
           "will my card work when I travel to Spain?", "I am travelling to Japan, please note it on my account"]
+
+
+def test_a_closed_session_refuses_to_work_and_says_how_to_open_it_again(embedder, tmp_path):
+    """After `close` a session with no engine still answered (from what it held in memory) while one with an
+    engine failed inside with "'NoneType' object has no attribute 'execute'"."""
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    session.close()
+    session.close()  # twice: harmless
+    again = rf"this session is closed; open the workspace again: Session.open\('{tmp_path / 'ws'}'\)"
+    for call in (lambda: session.classify("my card got stolen"), lambda: session.add_examples(["hi"], ["change_pin"]),
+                 lambda: session.retrain(), lambda: session.calibrate(["my card got stolen"], ["lost_or_stolen_card"])):
+        with pytest.raises(SessionClosedError, match=again):
+            call()
+    temporary = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    temporary.close()  # its folder is gone: nothing to open again
+    with pytest.raises(SessionClosedError, match=r"^this session is closed$"):
+        temporary.classify(["my card got stolen"])
+    with Session.open(tmp_path / "ws", embedder=embedder, engine=None) as reopened:
+        assert reopened.classify("my card got stolen").label == "lost_or_stolen_card"
 
 
 def test_a_new_label_is_learnt_from_a_few_examples_and_kept(embedder, tmp_path):

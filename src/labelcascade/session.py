@@ -14,6 +14,7 @@ tool all work through one. For a stateless scikit-learn estimator (fit starts ov
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,6 +92,24 @@ EXAMPLES_MEASURED = 200  # `calibrate_on_examples`: examples the LLM is asked ab
 
 class ExamplesCannotCalibrate(ValueError):
     """The stored examples cannot stand in for a dev set (`Session.calibrate_on_examples` says why)."""
+
+
+class SessionClosedError(ValueError):
+    """A closed session was asked to work (as a closed file refuses to be read)."""
+
+
+def _while_open(method):
+    """Refuse `method` once the session is closed: its engine is freed and its store's database shut, so the call
+    would fail somewhere inside with an error that says nothing of why (or, with no engine, answer as if open)."""
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        if self._closed:
+            again = "" if self._was_temporary else f"; open the workspace again: Session.open({str(self.path)!r})"
+            raise SessionClosedError(f"this session is closed{again}")
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 def chosen_embedder(
@@ -382,6 +401,8 @@ class Session:
         """Wire a session to an open workspace; `create` and `open` are the ways in. `temporary` is the folder to
         delete on `close` (a session that was never saved)."""
         self._temporary = temporary
+        self._was_temporary = temporary is not None
+        self._closed = False
         self.embedder = embedder
         self._engine = None if engine is None else EngineSlot(engine)
         self._attach(workspace)
@@ -579,6 +600,7 @@ class Session:
 
     # --- learning -------------------------------------------------------------------------------------------
 
+    @_while_open
     def add_examples(
         self,
         texts: Sequence[str],
@@ -604,6 +626,7 @@ class Session:
             self.retrain()
         return ids
 
+    @_while_open
     def add_label(self, name: str, examples: Sequence[str], *, description: str = "") -> Session:
         """Teach the task a new label: it goes last in the task (task.yaml; the old labels keep their positions),
         `examples` (at least one text that carries it; a few per label as the others have is better) are stored as
@@ -633,6 +656,7 @@ class Session:
             logger.warning(warning)
         return self
 
+    @_while_open
     def retrain(self, *, body: bool = False, tuning_seconds: float | None = None) -> Session:
         """Train a new fallback on all stored examples (weighted by source) and swap it in.
 
@@ -650,6 +674,7 @@ class Session:
             raise
         return self.end_retrain(retraining)
 
+    @_while_open
     def begin_retrain(self, *, body: bool = False, tuning_seconds: float | None = None) -> Retraining:
         """For a retrain that must not hold up answers: a snapshot of the stored examples whose `fit()` trains the
         new fallback (and with `body`, the new body: see `retrain`) on any thread, touching nothing of this session,
@@ -684,6 +709,7 @@ class Session:
                               base=base, scratch=workspace.path / f"{BODY_DIR}.next", max_seconds=tuning_seconds,
                               dev_texts=dev_texts, claim=claim)
 
+    @_while_open
     def end_retrain(self, retraining: Retraining) -> Session:
         """Save a fitted retraining's model and answer with it from now on. A head-only retrain keeps the policy
         (`_recalibrate` says why); a body retrain has it chosen again on the dev set, re-embedded by the new body."""
@@ -750,6 +776,7 @@ class Session:
         """Whether `policy.retrain_every` LLM examples have been stored since the fallback was last trained."""
         return self.policy.learn and self._learner.due(self.policy.retrain_every)
 
+    @_while_open
     def calibrate(
         self,
         texts: Sequence[str],
@@ -812,6 +839,7 @@ class Session:
         self._adopt(report, dev, "calibrate")
         return report
 
+    @_while_open
     def calibrate_on_examples(
         self,
         *,
@@ -933,6 +961,7 @@ class Session:
         """The cascade's thresholds and LLM settings, as stored in the workspace; change them with `set_policy`."""
         return self._workspace.settings.policy
 
+    @_while_open
     def set_policy(self, policy: Policy) -> None:
         """Use `policy` from now on and record it in the workspace's settings.json."""
         workspace = self._workspace
@@ -943,6 +972,7 @@ class Session:
 
     # --- answering ------------------------------------------------------------------------------------------
 
+    @_while_open
     def classify(
         self,
         texts: str | Sequence[str],
@@ -970,6 +1000,7 @@ class Session:
         `degraded`), or None if it never failed in this session."""
         return None if self._engine is None else self._engine.last_failure
 
+    @_while_open
     def unsure(self, texts: Sequence[str]) -> np.ndarray:
         """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
         nothing is asked). All False when there is no engine or the policy sends nothing to it."""
@@ -979,6 +1010,7 @@ class Session:
         texts = checked_texts(texts)
         return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(texts), texts)))
 
+    @_while_open
     def learn(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
         """Learn from answers other sessions made on copies of this workspace (a Ray job's workers): what
         `classify` would have learned from them here (the confident LLM answers, stored as `llm` examples; the
@@ -1046,6 +1078,7 @@ class Session:
             return None
         return AnswerCache(self.path / CACHE_FILE)
 
+    @_while_open
     def save(self, path: str | Path | None = None) -> Path:
         """Make the workspace durable; with `path`, copy it there (a new or empty folder) and keep working there."""
         self._store.save()
@@ -1061,6 +1094,7 @@ class Session:
         self._attach(Workspace.open(path))
         return path
 
+    @_while_open
     def copy_to(self, path: str | Path) -> Path:
         """Copy the workspace, made durable, into `path` (a new or empty folder); this session stays where it is."""
         path = Path(path)
@@ -1071,6 +1105,9 @@ class Session:
         return path
 
     def close(self) -> None:
+        """Free the engine and save and close the store; the session answers nothing after (closing twice is
+        harmless)."""
+        self._closed = True
         if self._engine is not None:
             self._engine.close()
         self._store.close()
