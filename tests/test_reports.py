@@ -56,6 +56,15 @@ def test_report_files_and_numbers_match_the_predictions(banking, tmp_path):
     assert "| confidence at least | coverage | accuracy |" in md and "| 0.90 |" in md
     for plot in PLOTS:
         assert f"]({getattr(report, plot).name})" in md
+    assert report.stored == 0 and "Read with care" not in md
+
+
+def test_a_report_on_texts_the_fallback_was_trained_on_says_so(banking, tmp_path):
+    seeds = [(text + " ", label.name) for label in banking.task.labels for text in label.examples][:5]
+    texts, labels = banking_messages()
+    report = evaluate(banking, [*[t for t, _ in seeds], *texts[:5]], [*[l for _, l in seeds], *labels[:5]], tmp_path)
+    assert report.stored == 5 and "5 of them stored examples (accuracy overstated)" in report.summary()
+    assert "**Read with care:** 5 of these texts are stored examples" in report.report_md.read_text()
 
 
 def test_the_llm_curve_replays_the_run_from_no_text_sent_to_the_share_sent(embedder, gemma, banking, tmp_path):

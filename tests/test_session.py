@@ -119,6 +119,21 @@ def test_a_closed_session_refuses_to_work_and_says_how_to_open_it_again(embedder
         assert reopened.classify("my card got stolen").label == "lost_or_stolen_card"
 
 
+def test_calibrating_on_stored_examples_warns_that_the_fallback_has_seen_them(embedder, tmp_path, caplog):
+    """A dev file that was also added as examples made the fallback look right on every dev text, and calibrate
+    switched the LLM off without a word."""
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    seeds = [(text, label.name) for label in session.task.labels for text in label.examples][:12]
+    texts, labels = banking_messages()
+    with caplog.at_level("WARNING", logger="labelcascade.session"):
+        report = session.calibrate([*[t + " " for t, _ in seeds], *texts[:8]], [*[l for _, l in seeds], *labels[:8]])
+    assert any(w.startswith("12 of 20 dev texts are stored examples, which the fallback was trained on")
+               for w in report.warnings)
+    assert "calibrate: 12 of 20 dev texts are stored examples" in caplog.text
+    assert not any("stored examples" in w for w in session.calibrate(texts[:20], labels[:20]).warnings)
+    session.close()
+
+
 def test_a_new_label_is_learnt_from_a_few_examples_and_kept(embedder, tmp_path):
     session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
     before = session.labels

@@ -101,6 +101,8 @@ class EvalReport(BaseModel):
     in_scope_rejected: float | None = Field(
         None, description="Share of the texts that have a label that were answered none (None when every text has one).")
     calibration_error: float = Field(description="Expected calibration error of the confidence, over 10 bins.")
+    stored: int = Field(0, description="Test texts that are stored examples: the fallback was trained on them, so the "
+                                       "accuracy overstates what new texts get.")
     labels: list[LabelScores]
     routes: list[RouteScores]
     coverage: list[CoverageRow] = Field(description="For thresholds on the answer's confidence: share at or above, accuracy there.")
@@ -113,8 +115,10 @@ class EvalReport(BaseModel):
     def summary(self) -> str:
         """One line for a terminal."""
         f1 = "-" if self.macro_f1 is None else f"{self.macro_f1:.3f}"
+        stored = f"; {self.stored} of them stored examples (accuracy overstated)" if self.stored else ""
         return (f"{self.texts} texts: accuracy {self.accuracy:.3f}, macro-F1 {f1}, fallback alone "
-                f"{self.fallback_accuracy:.3f}, sent to the LLM {self.llm_share:.1%}{self._scope()} -> {self.report_md}")
+                f"{self.fallback_accuracy:.3f}, sent to the LLM {self.llm_share:.1%}{self._scope()}{stored} -> "
+                f"{self.report_md}")
 
     def _scope(self) -> str:
         if not self.out_of_scope:
@@ -173,6 +177,7 @@ def evaluate(
         abstained=sum(p.route is Route.ABSTAIN for p in predictions),
         **_scope_scores(answers, truth, multi),
         calibration_error=_calibration_error(decided, decided_right),
+        stored=_stored(session, texts),
         labels=_label_scores(truth, answers, names, multi),
         routes=[_route_scores(route, predictions, right) for route in Route],
         coverage=coverage_table(confidence, right, (0.0, *TABLE_THRESHOLDS)),
@@ -190,6 +195,12 @@ def evaluate(
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
+
+
+def _stored(session: Session, texts: Sequence[str]) -> int:
+    """How many test texts the workspace stores as examples (seed examples stripped of outer spaces)."""
+    found = session.store.find(list({*texts, *(text.strip() for text in texts)}))
+    return sum(text in found or text.strip() in found for text in texts)
 
 
 def _truth(names: list[str], texts, labels, multi: bool, allow_none: bool) -> np.ndarray:
@@ -327,6 +338,9 @@ def markdown(report: EvalReport) -> str:
         "",
         f"{report.texts} labelled texts, {len(report.labels)} labels ({kind}); engine {report.engine or 'none'}, "
         f"accept threshold {report.accept_threshold:.3f}.",
+        *(["", f"**Read with care:** {report.stored} of these texts are stored examples, which the fallback was "
+               "trained on; the numbers overstate what new texts get. Test on texts the workspace has not seen."]
+          if report.stored else []),
         "",
         "| measure | value |",
         "|---|---|",

@@ -836,6 +836,15 @@ class Session:
         if len(tried) > 1:
             report.notes.extend([*compared, f"kept: {report.policy.static_examples} static, {report.policy.examples} "
                                             "retrieved"])
+        stored = self._store.find(list({*texts, *(text.strip() for text in texts)}))  # seed examples are stripped
+        if seen := sum(text in stored or text.strip() in stored for text in texts):
+            # the fallback was trained on these: it is surer and righter on them than on new texts, so the choices
+            # lean to the fallback (a dev set of training texts switches the LLM off)
+            report.warnings.append(
+                f"{seen} of {len(texts)} dev texts are stored examples, which the fallback was trained on: it looks "
+                "surer and righter on them than it will on new texts, so fewer texts go to the LLM than should; "
+                "calibrate on labelled texts the workspace has not seen, or on its own examples held out "
+                "(`calibrate_on_examples`; `labelcascade calibrate WS` with no file)")
         self._adopt(report, dev, "calibrate")
         return report
 
