@@ -20,6 +20,7 @@ from labelcascade import Session
 from labelcascade.agent import Policy
 from labelcascade.answer_cache import CACHE_FILE
 from labelcascade.jobs import STATE_SUFFIX, LabelJob, review_threshold
+from labelcascade.retrieval import ExampleStore
 from labelcascade.tables import InputError, read_rows
 from labelcascade.task import Task
 
@@ -236,6 +237,36 @@ def test_llm_answers_of_a_batch_killed_midway_are_kept_and_not_asked_again(llm_w
     assert rows_done(state) == 0 and 4 <= kept < 12  # the batch never committed; its LLM answers so far are kept
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0 and f"LLM calls {12 - kept}, cached answers {kept}" in finished.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_a_job_stopped_by_a_signal_saves_what_it_learned_before_it_ends(llm_workspace, tmp_path, caplog, stop):
+    """SIGTERM ended the process at once, and Ctrl-C skipped the command's `session.close()`: the LLM labels learned
+    so far were in SQLite but not in the saved FAISS index, which the next open rebuilt, with a warning."""
+    session, source = llm_workspace
+    session.set_policy(session.policy.model_copy(update={"llm_batch": 2, "learn": True, "learn_threshold": 0.0}))
+    out = tmp_path / "out.jsonl"
+    command = [str(Path(sys.executable).with_name("labelcascade")), "label", str(session.path), str(source), str(out),
+               "--batch-size", "2", "--no-progress", "--no-cache"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    state = out.with_name(out.name + STATE_SUFFIX)
+    deadline = time.monotonic() + 300
+    while rows_done(state) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the job finished before it could be stopped"
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == (-signal.SIGTERM if stop == signal.SIGTERM else 130), stderr
+    assert "stopped: the batches labelled so far are kept; rerun the same command to resume" in stderr
+    done = rows_done(state)
+    assert 2 <= done < 12
+    with caplog.at_level("INFO", logger="labelcascade.retrieval.store"), \
+            ExampleStore.open(session.path / "store") as store:
+        assert len(store) > 80  # the seed examples and what the job learned
+    assert "rebuilding" not in caplog.text  # the saved index holds what was learned
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0 and f"({done} done by an earlier run)" in finished.stderr
 
 
 def test_a_budget_caps_llm_calls_over_the_job_and_its_resumed_runs(llm_workspace, tmp_path):

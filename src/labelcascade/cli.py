@@ -37,6 +37,7 @@ from labelcascade.service import serve as run_service
 from labelcascade.session import Session
 from labelcascade.tables import InputError, file_format, read_rows
 from labelcascade.task import Task, TaskError
+from labelcascade.termination import Terminated, sigterm_unwinds
 from labelcascade.workspace import Workspace as WorkspaceFolder
 from labelcascade.workspace import WorkspaceError
 
@@ -272,13 +273,12 @@ def add(
 ) -> None:
     """Add labelled examples (gold, or --review corrections) and retrain the fallback."""
     texts, labels = _labelled(file, _task(workspace), text_column, label_column)
-    session = _open(workspace, "none")
-    before = len(session.store)
-    session.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
-    session.retrain()
-    typer.echo(f"added {len(session.store) - before} new examples ({len(texts)} rows); "
-               f"{len(session.store)} stored; fallback retrained{_ngrams(session)}")
-    session.close()
+    with _open(workspace, "none") as session:
+        before = len(session.store)
+        session.add_examples(texts, labels, source=Source.REVIEW if review else Source.GOLD)
+        session.retrain()
+        typer.echo(f"added {len(session.store) - before} new examples ({len(texts)} rows); "
+                   f"{len(session.store)} stored; fallback retrained{_ngrams(session)}")
 
 
 @app.command("add-label")
@@ -290,11 +290,11 @@ def add_label(
     description: Annotated[str, typer.Option(help="What the label means, shown to the LLM.")] = "",
 ) -> None:
     """Teach an existing workspace a new label from a few example texts, and retrain the fallback."""
-    session = _open(workspace, "none")
-    session.add_label(name, example, description=description)
-    typer.echo(f"label {name!r} added with {len(example)} examples; {len(session.labels)} labels; fallback retrained"
-               + ("; calibrate again with dev texts of the new label" if session.calibration() is not None else ""))
-    session.close()
+    with _open(workspace, "none") as session:
+        session.add_label(name, example, description=description)
+        again = "; calibrate again with dev texts of the new label" if session.calibration() is not None else ""
+        typer.echo(f"label {name!r} added with {len(example)} examples; {len(session.labels)} labels; "
+                   f"fallback retrained{again}")
 
 
 @app.command()
@@ -309,12 +309,11 @@ def classify(
     texts = _stdin_texts() if not texts or texts == ["-"] else _argument_texts(texts)
     if not texts:
         raise InputError("no texts: give them as arguments or one per line on stdin")
-    session = _open(workspace, engine)
-    predictions = session.classify(texts)
-    for text, prediction in zip(texts, predictions, strict=True):
-        typer.echo(json.dumps({"text": text, **prediction.summary(top)}, ensure_ascii=False))
-    _warn_if_degraded(session, sum(p.route is Route.DEGRADED for p in predictions))
-    session.close()
+    with _open(workspace, engine) as session:
+        predictions = session.classify(texts)
+        for text, prediction in zip(texts, predictions, strict=True):
+            typer.echo(json.dumps({"text": text, **prediction.summary(top)}, ensure_ascii=False))
+        _warn_if_degraded(session, sum(p.route is Route.DEGRADED for p in predictions))
 
 
 @app.command()
@@ -358,35 +357,39 @@ def label(
     ] = 10_000,
 ) -> None:
     """Label every row of a file; rerun the same command after an interruption to resume where it stopped."""
-    session = _open(workspace, engine)
-    options = dict(text_column=text_column, batch_size=batch_size, prefix=prefix, max_llm_calls=max_llm_calls,
-                   cache=cache, review=review, review_below=review_below, overwrite=overwrite)
-    if ray is None:
-        job = LabelJob(session, source, destination, **options)
-    else:
-        try:
-            from labelcascade.ray_jobs import RayLabelJob
-        except ImportError as error:
-            raise InputError(f"--ray needs Ray Data ({error}); install it with: pip install 'labelcascade[ray]'") from None
-        job = RayLabelJob(session, source, destination, address=ray, fallback_workers=fallback_workers,
-                          llm_workers=llm_workers, llm_gpus=llm_gpus, llm_cpus=llm_cpus, pass_rows=pass_rows,
-                          **options)
-    _note_if_uncalibrated(session)
-    if plan:
-        typer.echo(job.plan().describe())
-    else:
-        summary = job.run(progress=progress)
-        resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
-        rows = "row" if summary.review_rows == 1 else "rows"
-        reviewed = (f"; {summary.review_rows} {rows} to review (abstained, degraded or under "
-                    f"{summary.review_below:.2f} sure) -> {summary.review}" if summary.review else "")
-        for path in (summary.output, summary.review):
-            if path is not None and file_format(path) == "label-studio":
-                reviewed += f"; Label Studio interface for {path.name} -> {labelstudio.config_path(path)}"
-        typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}; "
-                   f"LLM calls {summary.llm_calls}, cached answers {summary.cached}{reviewed}", err=True)
-        _warn_if_degraded(session, summary.routes.get(Route.DEGRADED.value, 0))
-    session.close()
+    with _open(workspace, engine) as session:
+        options = dict(text_column=text_column, batch_size=batch_size, prefix=prefix, max_llm_calls=max_llm_calls,
+                       cache=cache, review=review, review_below=review_below, overwrite=overwrite)
+        if ray is None:
+            job = LabelJob(session, source, destination, **options)
+        else:
+            try:
+                from labelcascade.ray_jobs import RayLabelJob
+            except ImportError as error:
+                raise InputError(f"--ray needs Ray Data ({error}); install it with: "
+                                 "pip install 'labelcascade[ray]'") from None
+            job = RayLabelJob(session, source, destination, address=ray, fallback_workers=fallback_workers,
+                              llm_workers=llm_workers, llm_gpus=llm_gpus, llm_cpus=llm_cpus, pass_rows=pass_rows,
+                              **options)
+        _note_if_uncalibrated(session)
+        if plan:
+            typer.echo(job.plan().describe())
+        else:
+            try:
+                summary = job.run(progress=progress)
+            except (KeyboardInterrupt, Terminated):
+                typer.echo("stopped: the batches labelled so far are kept; rerun the same command to resume", err=True)
+                raise
+            resumed = f" ({summary.done_before} done by an earlier run)" if summary.done_before else ""
+            rows = "row" if summary.review_rows == 1 else "rows"
+            reviewed = (f"; {summary.review_rows} {rows} to review (abstained, degraded or under "
+                        f"{summary.review_below:.2f} sure) -> {summary.review}" if summary.review else "")
+            for path in (summary.output, summary.review):
+                if path is not None and file_format(path) == "label-studio":
+                    reviewed += f"; Label Studio interface for {path.name} -> {labelstudio.config_path(path)}"
+            typer.echo(f"labelled {summary.rows} rows{resumed} -> {summary.output}; routes {summary.routes}; "
+                       f"LLM calls {summary.llm_calls}, cached answers {summary.cached}{reviewed}", err=True)
+            _warn_if_degraded(session, summary.routes.get(Route.DEGRADED.value, 0))
 
 
 @app.command()
@@ -420,19 +423,18 @@ def calibrate(
     if file is None:
         if layouts is not None:
             raise typer.BadParameter("layouts are compared on a dev file: give FILE", param_hint="--layout")
-        session = _open(workspace, engine)
-        report = session.calibrate_on_examples(target_precision=target_precision, llm_budget=llm_budget,
-                                               learn_precision=learn_precision)
+        with _open(workspace, engine) as session:
+            report = session.calibrate_on_examples(target_precision=target_precision, llm_budget=llm_budget,
+                                                   learn_precision=learn_precision)
     else:
         texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope,
                                   measuring=True)
-        session = _open(workspace, engine)
-        report = session.calibrate(
-            texts, labels, target_precision=target_precision, llm_budget=llm_budget, learn_precision=learn_precision,
-            layouts=layouts,
-        )
+        with _open(workspace, engine) as session:
+            report = session.calibrate(
+                texts, labels, target_precision=target_precision, llm_budget=llm_budget,
+                learn_precision=learn_precision, layouts=layouts,
+            )
     typer.echo(report.table())
-    session.close()
 
 
 def _layout(value: str) -> tuple[int, int]:
@@ -458,10 +460,9 @@ def evaluate_file(
 
     Rows with no label are out-of-scope texts: the report adds how many were answered none and the in-scope accuracy."""
     texts, labels = _labelled(file, _task(workspace), text_column, label_column, out_of_scope=out_of_scope, measuring=True)
-    session = _open(workspace, engine)
-    report = evaluate(session, texts, labels, out, title=title)
-    typer.echo(report.summary())
-    session.close()
+    with _open(workspace, engine) as session:
+        report = evaluate(session, texts, labels, out, title=title)
+        typer.echo(report.summary())
 
 
 @app.command()
@@ -522,13 +523,10 @@ def retrain(
 ) -> None:
     """Retrain the fallback on every stored example (gold, review and LLM labels, weighted by source)."""
     seconds = _tuning_seconds(tuning_seconds)
-    session = _open(workspace, "none")
-    try:
+    with _open(workspace, "none") as session:
         session.retrain(body=body, tuning_seconds=seconds)
         typer.echo(f"{'body and fallback' if body else 'fallback'} retrained on {len(session.store)} "
                    f"examples{_ngrams(session)}")
-    finally:
-        session.close()
 
 
 HELP_COLUMNS = 120
@@ -541,14 +539,17 @@ def main() -> None:
     # keeps its own width.
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
         os.environ["COLUMNS"] = str(HELP_COLUMNS)
-    try:
-        app()
-    except USER_ERRORS as error:
-        typer.echo(f"error: {error}", err=True)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:  # a label job keeps its committed batches: the same command resumes
-        typer.echo("interrupted", err=True)
-        raise SystemExit(130) from None
+    # Ctrl-C and SIGTERM unwind every command through its `with` blocks, so an open workspace is saved and closed
+    # (termination.py); a label job also keeps its committed batches, and the same command resumes.
+    with sigterm_unwinds():
+        try:
+            app()
+        except USER_ERRORS as error:
+            typer.echo(f"error: {error}", err=True)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -80,12 +80,10 @@ classifier failure is logged with its traceback and answered 500; a store that a
 `labelcascade retrain --body` beside the service) is answered 503, saying to restart the service. The cascade
 itself never raises for a failing LLM; it answers with route `degraded`.
 
-Why `serve` catches SIGTERM itself (`_closing_on_sigterm`): uvicorn stops gracefully on SIGTERM (what a service
-manager or `kill` sends), then raises the signal again with the handler that was there before it started, so that
-the process ends as the signal says. With Python's default handler that ends the process at once, and `serve`'s own
-cleanup never ran: the FAISS index of the examples stored while it ran was not saved (the next open rebuilt it from
-SQLite, with a warning), and the engine and embedder processes were not closed. `serve` puts a handler there that
-raises instead, closes the session and the embedder processes, then ends by the same signal as before.
+Why `serve` unwinds on SIGTERM (termination.py): uvicorn stops gracefully on SIGTERM, then raises the signal again
+with the handler that was there before it started, so that the process ends as the signal says. With Python's
+default handler that ended the process before `serve` closed the session (its FAISS index unsaved) and the embedder
+processes; inside `sigterm_unwinds` the signal unwinds `serve` through its cleanup first.
 """
 
 from __future__ import annotations
@@ -95,13 +93,11 @@ import ipaddress
 import json
 import logging
 import secrets
-import signal
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -124,6 +120,7 @@ from labelcascade.records import Prediction, Route, Source
 from labelcascade.retrieval import EmbedderMismatchError
 from labelcascade.retrieval.embedder_process import EmbedderProcess
 from labelcascade.session import BodyRetraining, Session
+from labelcascade.termination import sigterm_unwinds
 from labelcascade.workspace import Workspace, WorkspaceError
 
 logger = logging.getLogger(__name__)
@@ -810,38 +807,10 @@ def serve(
             f"serving on {host} without an API key would let anyone who can reach it use it: give an API key "
             "(--api-key KEY or LABELCASCADE_API_KEY), or --allow-no-key if something in front of it checks callers"
         )
-    with _closing_on_sigterm():
+    with sigterm_unwinds():  # see "Why `serve` unwinds on SIGTERM"
         _serve(workspace, host=host, port=port, api_key=api_key, engine=engine, max_texts=max_texts,
                max_text_chars=max_text_chars, max_body_bytes=max_body_bytes,
                max_feedback_per_minute=max_feedback_per_minute, embedder_workers=embedder_workers)
-
-
-class _Terminated(BaseException):
-    """SIGTERM arrived (after uvicorn's graceful stop): unwinds `serve` through its cleanup, as KeyboardInterrupt does
-    for SIGINT."""
-
-
-@contextmanager
-def _closing_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into `_Terminated` for the block, so that its `finally` clauses run; after them, end by SIGTERM
-    as before (see "Why `serve` catches SIGTERM itself"). Signals are the main thread's: elsewhere, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame) -> None:
-        raise _Terminated
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    terminated = False
-    try:
-        yield
-    except _Terminated:
-        terminated = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if terminated:
-        signal.raise_signal(signal.SIGTERM)  # Python's default handler ends the process here, as killed by it
 
 
 def _serve(workspace: str | Path, *, host: str, port: int, api_key: str | None, engine: str | None, max_texts: int,
