@@ -3,6 +3,7 @@ the real embedder, store and fallback behind it (the embedded LLM too, in the te
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -49,6 +50,31 @@ def running(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def serving_process(workspace: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`labelcascade serve WORKSPACE --engine none` as a process of its own on a free port of 127.0.0.1, once it
+    answers /healthz (stderr piped, for the failure message); (the process, its base URL)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(sys.executable).with_name("labelcascade")
+    server = subprocess.Popen([str(script), "serve", str(workspace), "--port", str(port), "--engine", "none", *options],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None:
+            raise AssertionError(server.stderr.read().decode())
+        if time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError("the service did not start in 120 s")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            time.sleep(0.2)
 
 
 def post_concurrently(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
@@ -503,24 +529,9 @@ def test_a_service_stopped_by_sigterm_saves_what_it_stored_and_ends_as_killed_by
     """uvicorn raises SIGTERM again after its graceful stop; with Python's default handler the process ended there,
     before `serve` closed the session, so the examples stored while it ran were missing from the saved FAISS index."""
     Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None).close()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    script = Path(sys.executable).with_name("labelcascade")
-    server = subprocess.Popen([str(script), "serve", str(tmp_path / "ws"), "--port", str(port), "--engine", "none",
-                               "--embedder-workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server, url = serving_process(tmp_path / "ws", "--embedder-workers", "1")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()
-            assert time.monotonic() < deadline, "the service did not start in 120 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        stored = httpx.post(f"http://127.0.0.1:{port}/v1/feedback", json={"text": "my card is frozen",
-                                                                            "label": "pin_blocked"})
+        stored = httpx.post(f"{url}/v1/feedback", json={"text": "my card is frozen", "label": "pin_blocked"})
         assert stored.status_code == 200
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == -signal.SIGTERM, server.stderr.read().decode()

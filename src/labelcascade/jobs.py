@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 """
 REVIEW_ROUTES = ("abstain", "degraded")
+LLM_CALLS = "llm_calls"  # meta key: texts the LLM answered in this job, for its budget
 
 
 def _same_file(one: Path, other: Path) -> bool:
@@ -73,7 +74,6 @@ def review_threshold(task: Task) -> float:
     (1 + 1/k) / 2 for k labels (0.75 for two, 0.55 for ten), and 0.75 for a multi-label task, whose confidence is a
     chosen label's own yes/no probability."""
     return 0.75 if task.multi_label else (1 + 1 / len(task.labels)) / 2
-LLM_CALLS = "llm_calls"  # meta key: texts the LLM answered in this job, for its budget
 
 
 @dataclass

@@ -177,7 +177,7 @@ def evaluate(
         abstained=sum(p.route is Route.ABSTAIN for p in predictions),
         **_scope_scores(answers, truth, multi),
         calibration_error=_calibration_error(decided, decided_right),
-        stored=_stored(session, texts),
+        stored=session.store.count_stored(texts),
         labels=_label_scores(truth, answers, names, multi),
         routes=[_route_scores(route, predictions, right) for route in Route],
         coverage=coverage_table(confidence, right, (0.0, *TABLE_THRESHOLDS)),
@@ -195,12 +195,6 @@ def evaluate(
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
-
-
-def _stored(session: Session, texts: Sequence[str]) -> int:
-    """How many test texts the workspace stores as examples (seed examples stripped of outer spaces)."""
-    found = session.store.find(list({*texts, *(text.strip() for text in texts)}))
-    return sum(text in found or text.strip() in found for text in texts)
 
 
 def _truth(names: list[str], texts, labels, multi: bool, allow_none: bool) -> np.ndarray:

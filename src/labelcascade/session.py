@@ -836,8 +836,7 @@ class Session:
         if len(tried) > 1:
             report.notes.extend([*compared, f"kept: {report.policy.static_examples} static, {report.policy.examples} "
                                             "retrieved"])
-        stored = self._store.find(list({*texts, *(text.strip() for text in texts)}))  # seed examples are stripped
-        if seen := sum(text in stored or text.strip() in stored for text in texts):
+        if seen := self._store.count_stored(texts):
             # the fallback was trained on these: it is surer and righter on them than on new texts, so the choices
             # lean to the fallback (a dev set of training texts switches the LLM off)
             report.warnings.append(

@@ -12,12 +12,7 @@ each request by the client's timeout.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -28,7 +23,7 @@ from labelcascade.agent import Policy
 from labelcascade.service import create_app
 
 from ..conftest import BANKING_TASK, held_out
-from ..test_service import running
+from ..test_service import running, serving_process
 from .conftest import scaled
 
 pytestmark = pytest.mark.slow  # thousands of HTTP requests
@@ -65,33 +60,13 @@ def report(name: str, results: list[tuple[int, dict | str, float]], wall_s: floa
     return p50, p99
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served_workspace(embedder, tmp_path_factory):
     """A saved banking workspace (fallback only) served by `labelcascade serve` in a subprocess; yields (url, path)."""
     path = tmp_path_factory.mktemp("load") / "ws"
     Session.create(BANKING_TASK, workspace=path, embedder=embedder, engine=None).close()
-    port = free_port()
-    script = Path(sys.executable).with_name("labelcascade")
-    server = subprocess.Popen([str(script), "serve", str(path), "--port", str(port), "--engine", "none"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
+    server, url = serving_process(path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()
-            assert time.monotonic() < deadline, "the service did not start in 120 s"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         yield url, path
     finally:
         server.terminate()

@@ -107,6 +107,11 @@ def test_label_restricted_search_matches_brute_force(random_store):
     assert store.search(queries[:2], 8, labels=["no such label"]) == [[], []]
 
 
+def test_count_stored_counts_each_text_given_that_is_stored_outer_spaces_ignored(random_store):
+    store = random_store[0]
+    assert store.count_stored(["text 3", " text 3 ", "text 3", "text 1999\n", "text 2000", "new text"]) == 4
+
+
 def test_source_restricted_search_keeps_only_those_sources():
     rng = np.random.default_rng(5)
     store = ExampleStore(None, embedder_id="random", dim=8)

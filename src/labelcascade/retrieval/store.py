@@ -363,6 +363,12 @@ class ExampleStore:
             found = self._examples_by_id([example_id for example_id, _ in known.values()])
         return {text: found[example_id] for text, (example_id, _) in known.items()}
 
+    def count_stored(self, texts: Sequence[str]) -> int:
+        """How many of `texts` are stored as examples, outer spaces ignored (a task's seed examples are stored
+        stripped): dev or test texts the fallback was trained on."""
+        found = self.find(list({*texts, *(text.strip() for text in texts)}))
+        return sum(text in found or text.strip() in found for text in texts)
+
     def get(self, ids: Sequence[int]) -> list[Example]:
         """Return the examples with these ids, in the order asked; KeyError names any id not stored."""
         wanted = [int(i) for i in ids]
