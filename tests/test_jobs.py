@@ -249,7 +249,9 @@ def test_a_job_stopped_by_a_signal_saves_what_it_learned_before_it_ends(llm_work
     out = tmp_path / "out.jsonl"
     command = [str(Path(sys.executable).with_name("labelcascade")), "label", str(session.path), str(source), str(out),
                "--batch-size", "2", "--no-progress", "--no-cache"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches the job as in a terminal, even where this test runs with SIGINT ignored (a background job)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out.with_name(out.name + STATE_SUFFIX)
     deadline = time.monotonic() + 300
     while rows_done(state) < 2 and process.poll() is None and time.monotonic() < deadline:
