@@ -115,6 +115,11 @@ def test_a_closed_session_refuses_to_work_and_says_how_to_open_it_again(embedder
     temporary.close()  # its folder is gone: nothing to open again
     with pytest.raises(SessionClosedError, match=r"^this session is closed$"):
         temporary.classify(["my card got stolen"])
+    saved = Session.create(BANKING_TASK, embedder=embedder, engine=None)
+    saved.save(tmp_path / "saved")  # no longer temporary: it can be opened again where it was saved
+    saved.close()
+    with pytest.raises(SessionClosedError, match=r"open the workspace again: Session.open\('.*saved'\)"):
+        saved.classify(["my card got stolen"])
     with Session.open(tmp_path / "ws", embedder=embedder, engine=None) as reopened:
         assert reopened.classify("my card got stolen").label == "lost_or_stolen_card"
 

@@ -105,7 +105,8 @@ def _while_open(method):
     @functools.wraps(method)
     def checked(self, *args, **kwargs):
         if self._closed:
-            again = "" if self._was_temporary else f"; open the workspace again: Session.open({str(self.path)!r})"
+            gone = self._temporary is not None  # a temporary folder, deleted at close: nothing to open again
+            again = "" if gone else f"; open the workspace again: Session.open({str(self.path)!r})"
             raise SessionClosedError(f"this session is closed{again}")
         return method(self, *args, **kwargs)
 
@@ -401,7 +402,6 @@ class Session:
         """Wire a session to an open workspace; `create` and `open` are the ways in. `temporary` is the folder to
         delete on `close` (a session that was never saved)."""
         self._temporary = temporary
-        self._was_temporary = temporary is not None
         self._closed = False
         self.embedder = embedder
         self._engine = None if engine is None else EngineSlot(engine)
@@ -1115,13 +1115,14 @@ class Session:
     def close(self) -> None:
         """Free the engine and save and close the store; the session answers nothing after (closing twice is
         harmless)."""
+        if self._closed:
+            return
         self._closed = True
         if self._engine is not None:
             self._engine.close()
         self._store.close()
         if self._temporary is not None:
             self._temporary.cleanup()
-            self._temporary = None
 
     def __enter__(self) -> Session:
         return self
