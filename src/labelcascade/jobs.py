@@ -47,7 +47,7 @@ from labelcascade.records import Prediction, Route
 from labelcascade.retrieval.store import storage_failure
 from labelcascade.session import Session
 from labelcascade.tables import InputError, Row, file_format, read_rows
-from labelcascade.task import LABEL_SEPARATOR, Task
+from labelcascade.task import LABEL_SEPARATOR, Task, split_labels
 
 STATE_SUFFIX = ".state.sqlite"
 _SCHEMA = """
@@ -424,11 +424,6 @@ def answer_columns(prediction: Prediction, *, multi_label: bool, top: int, prefi
         prefix + "route": prediction.route.value,
         prefix + "top": prediction.summary(top)["top"],
     }
-
-
-def split_labels(joined: str | None) -> list[str]:
-    """A multi-label answer joined by "|" as its list of labels (none: an empty list)."""
-    return joined.split(LABEL_SEPARATOR) if joined else []
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from labelcascade.task import LABEL_SEPARATOR
+from labelcascade.task import split_labels
 
 CHOICES = "label"  # the <Choices> control the predictions fill in
 TEXT = "text"  # the <Text> object it labels
@@ -43,8 +43,7 @@ def write_tasks(path: Path, records: Iterator[dict], *, prefix: str, model_versi
     with path.open("w", encoding="utf-8") as file:
         file.write("[")
         for count, record in enumerate(records):
-            label = record.get(prefix + "label")
-            labels = [] if not label else label.split(LABEL_SEPARATOR)
+            labels = split_labels(record.get(prefix + "label"))
             prediction = {
                 "model_version": f"{model_version} ({record.get(prefix + 'route')})",
                 "score": record.get(prefix + "confidence"),

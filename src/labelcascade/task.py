@@ -31,6 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 LABEL_SEPARATOR = "|"  # joins the labels of a multi-label row in CSV files (tables.py)
 
 
+def split_labels(joined: str | None) -> list[str]:
+    """A multi-label answer joined by LABEL_SEPARATOR (as a job keeps it) as its list of labels; none: []."""
+    return joined.split(LABEL_SEPARATOR) if joined else []
+
+
 class TaskError(ValueError):
     """A task that cannot be used; the message names where and what."""
 
