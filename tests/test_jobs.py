@@ -191,9 +191,9 @@ def cached_answers(workspace: Path) -> int:
     return rows_in(workspace / CACHE_FILE, "answers")
 
 
-def label_with_llm(workspace: Path, source: Path, out: Path, *options: str) -> list[str]:
+def label_with_llm(workspace: Path, source: Path, out: Path, *options: str, batch_size: int = 12) -> list[str]:
     return [str(Path(sys.executable).with_name("labelcascade")), "label", str(workspace), str(source), str(out),
-            "--batch-size", "12", *options]
+            "--batch-size", str(batch_size), *options]
 
 
 @pytest.mark.slow
@@ -247,8 +247,7 @@ def test_a_job_stopped_by_a_signal_saves_what_it_learned_before_it_ends(llm_work
     session, source = llm_workspace
     session.set_policy(session.policy.model_copy(update={"llm_batch": 2, "learn": True, "learn_threshold": 0.0}))
     out = tmp_path / "out.jsonl"
-    command = [str(Path(sys.executable).with_name("labelcascade")), "label", str(session.path), str(source), str(out),
-               "--batch-size", "2", "--no-progress", "--no-cache"]
+    command = label_with_llm(session.path, source, out, "--no-progress", "--no-cache", batch_size=2)
     # Ctrl-C reaches the job as in a terminal, even where this test runs with SIGINT ignored (a background job)
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
