@@ -186,20 +186,22 @@ def cascade_pipeline(dataset, session: Session, *, text_column: str = TEXT, max_
     LLM answered it), lazily: the two actor pools described in the module docstring. The LLM workers load the
     engine `session` asks (`Session.engine_spec`); none when it has none."""
     import ray
+    from ray.data import ActorPoolStrategy  # `compute=`: map_batches' `concurrency=` is deprecated since Ray 2.51
 
     archive = [ray.put(workspace_archive(session))]  # in a list: Ray hands the reference itself to the actors
     engine = session.engine_spec
     asks_llm = engine is not None and session.policy.asks_llm
     answered = dataset.map_batches(
         FallbackStage, fn_constructor_kwargs={"archive": archive, "text_column": text_column, "asks_llm": asks_llm},
-        batch_size=batch_size, batch_format="pyarrow", concurrency=fallback_workers, num_cpus=1)
+        batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=fallback_workers), num_cpus=1)
     if not asks_llm:
         return answered.map_batches(_no_llm, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     budget = ray.remote(LLMBudget).options(num_cpus=0).remote(max_llm_calls)
     return answered.map_batches(
         LLMStage, fn_constructor_kwargs={"archive": archive, "text_column": text_column, "engine": engine,
                                          "budget": budget, "cpus": llm_cpus},
-        batch_size=batch_size, batch_format="pyarrow", concurrency=llm_workers, num_cpus=llm_cpus, num_gpus=llm_gpus)
+        batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=llm_workers), num_cpus=llm_cpus,
+        num_gpus=llm_gpus)
 
 
 def _no_llm(table):
