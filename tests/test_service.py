@@ -481,6 +481,39 @@ def test_a_failing_classifier_answers_500_with_a_message_and_no_traceback(embedd
     untrained.close()
 
 
+def test_the_service_answers_with_what_commands_in_another_terminal_saved(embedder, tmp_path):
+    """People curate a served workspace from the command line: `add-label` and `add` retrain its fallback and save
+    it. The running service takes that up before its next batch (no restart): the new label answers, /v1/task lists
+    it, feedback may use it, and the service's own retrain keeps it."""
+    workspace = tmp_path / "ws"
+    session = Session.create(BANKING_TASK, workspace=workspace, embedder=embedder, engine=None)
+    script = str(Path(sys.executable).with_name("labelcascade"))
+    text = "I'll be in Italy for two weeks, will my card still work there?"
+    (tmp_path / "more.csv").write_text("text,label\n\"flying to Rome tomorrow, will my card work?\",travel_notice\n")
+    with running(create_app(session)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        before = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
+        old = client.get("/v1/task").json()["fallback"]
+        examples = [arg for example in ["I'm going abroad next week, do I need to tell you?", "how do I set a travel "
+                    "notice on my card", "will my card work when I travel to Spain?"] for arg in ("-e", example)]
+        for command in (["add-label", str(workspace), "travel_notice", *examples],
+                        ["add", str(workspace), str(tmp_path / "more.csv")]):
+            done = subprocess.run([script, *command], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+        after = client.post("/v1/classify", json={"text": text}).json()["answers"][0]
+        task = client.get("/v1/task").json()
+        feedback = client.post("/v1/feedback", json={"text": "off to Peru, will my card work?",
+                                                     "label": "travel_notice", "retrain": True})
+        retrained = wait_for_retrain(client)
+        again = client.post("/v1/classify", json={"text": text}).json()["answers"][0]["label"]
+    assert before != "travel_notice" and after["label"] == "travel_notice" == again
+    assert task["labels"][-1]["name"] == "travel_notice" and task["fallback"] != old
+    assert feedback.status_code == 200 and retrained["fallback"] != task["fallback"]
+    session.close()
+    with Session.open(workspace, embedder=embedder, engine=None) as reopened:
+        assert reopened.labels[-1] == "travel_notice" and len(reopened.store) == 80 + 3 + 1 + 1
+        assert reopened.cascade.fallback.fingerprint() == retrained["fallback"]
+
+
 def test_a_store_re_embedded_by_another_process_is_answered_503_saying_to_restart(embedder):
     """Another process's body retrain re-embeds the store (`ExampleStore.reembed`, here from a second connection);
     the service's connection is refused its next store access, which the caller gets as a 503 that says what to

@@ -16,7 +16,7 @@ from labelcascade.retrieval import EmbedderMismatchError, ExampleStore, Sentence
 from labelcascade.retrieval.embedders import default_model_dir
 from labelcascade.retrieval.onnx_body import OnnxBodyEmbedder
 from labelcascade.session import ExamplesCannotCalibrate, SessionClosedError, tuned_base
-from labelcascade.workspace import WorkspaceError
+from labelcascade.workspace import Workspace, WorkspaceError
 
 from .conftest import BANKING_TASK, banking_messages, few_shot, held_out, probability_matrix
 
@@ -158,6 +158,43 @@ def test_a_new_label_is_learnt_from_a_few_examples_and_kept(embedder, tmp_path):
     with pytest.raises(ValueError, match="at least one example text"):
         reopened.add_label("fraud", [])
     assert reopened.labels == [*before, "travel_notice"]  # a refused label changes nothing
+
+
+def test_refresh_takes_up_what_another_session_saved_and_not_its_own_writes(embedder, tmp_path):
+    """A long-lived session (the HTTP service) reads the task, settings and fallback once; `refresh` reads them
+    again when another session saved new ones (a retrain, a policy, a label), keeps its own `auto_retrain`, and
+    does nothing for its own writes."""
+    session = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    session.auto_retrain = False
+    text = "I'll be in Italy for two weeks, will my card still work there?"
+    assert not session.refresh()
+    session.add_examples(["My card's frozen, what can I do?"], ["pin_blocked"], retrain=True)  # its own writes
+    session.set_policy(session.policy.model_copy(update={"accept_threshold": 0.8}))
+    assert not session.refresh()
+    old = session.cascade.fallback.fingerprint()
+    with Session.open(tmp_path / "ws", embedder=embedder, engine=None) as other:
+        other.add_label("travel_notice", TRAVEL)
+        other.set_policy(other.policy.model_copy(update={"accept_threshold": 0.6}))
+        expected = other.classify(text)
+        fingerprint = other.cascade.fallback.fingerprint()
+    assert session.labels[-1] == "terminate_account" and session.cascade.fallback.fingerprint() == old  # not yet
+    assert session.refresh()
+    assert session.labels[-1] == "travel_notice" and session.policy.accept_threshold == 0.6
+    assert session.cascade.fallback.fingerprint() == fingerprint != old
+    answer = session.classify(text)
+    assert answer.label == expected.label == "travel_notice" and answer.probabilities == expected.probabilities
+    assert not session.auto_retrain
+    assert not session.refresh()  # read once
+    session.add_examples(["can I use my card in Japan next month?"], ["travel_notice"], retrain=True)
+    assert not session.refresh() and session.cascade.fallback.fingerprint() != fingerprint
+    saved = Workspace.open(tmp_path / "ws")  # what a body retrain in another process writes: another body's digest
+    saved.settings.body_sha256 = "0" * 64
+    saved.save_settings()
+    with pytest.raises(WorkspaceError, match="another process tuned the body again .* open it again"):
+        session.refresh()
+    session.close()
+    with pytest.raises(SessionClosedError):
+        session.refresh()
 
 
 def test_a_private_copy_leaves_the_workspace_as_it_was(banking, embedder):

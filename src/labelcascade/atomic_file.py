@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(temporary)` on a fresh file beside `path`, flush it to disk, and rename it onto `path`.
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> os.stat_result:
+    """Call `write(temporary)` on a fresh file beside `path`, flush it to disk, and rename it onto `path`; return
+    the file's status as written (its inode, size and modification time stay the same through the rename, so a
+    caller can later tell its own file from one another process put there since).
 
     The temporary name is unique (two processes may write into one folder) and hidden; it is removed if `write`
     fails or the process is interrupted, so a failure leaves `path` as it was.
@@ -27,17 +29,19 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(temporary)
         with temporary.open("rb") as file:
             os.fsync(file.fileno())
+            written = os.fstat(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    return written
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """`text` as UTF-8 into `path`, in one rename."""
-    replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+def write_text_atomically(path: Path, text: str) -> os.stat_result:
+    """`text` as UTF-8 into `path`, in one rename (what `replace_atomically` returns)."""
+    return replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
-def write_bytes_atomically(path: Path, content: bytes) -> None:
-    """`content` into `path`, in one rename."""
-    replace_atomically(path, lambda temporary: temporary.write_bytes(content))
+def write_bytes_atomically(path: Path, content: bytes) -> os.stat_result:
+    """`content` into `path`, in one rename (what `replace_atomically` returns)."""
+    return replace_atomically(path, lambda temporary: temporary.write_bytes(content))

@@ -53,8 +53,15 @@ is rate-limited (`max_feedback_per_minute`, 429 past it), so a caller cannot flo
 Feedback is stored at once (and committed to the workspace's database) but does not retrain the fallback unless
 the request says `"retrain": true`: retraining reads every stored example, which is cheap for hundreds of examples
 but not for tens of thousands, so the caller decides. Otherwise the correction counts from the next retrain: the
-cascade's own after every `retrain_every` LLM labels, or the next feedback with `"retrain": true` (a
-`labelcascade retrain` run beside the service reaches it only when the service is restarted).
+cascade's own after every `retrain_every` LLM labels, the next feedback with `"retrain": true`, or a
+`labelcascade retrain` run beside the service.
+
+Why the service reads the workspace again: people curate a served workspace from another terminal (`labelcascade add`
+retrains the fallback, `calibrate` chooses new thresholds, `add-label` adds a label), and a session reads those once,
+when it opens. Before each batch, feedback, task read and retrain, the worker thread asks whether another process has
+saved task.yaml, settings.json or the fallback model since (`Session.refresh`: a few stat calls) and, if so, reads
+them again, so the next answers come from what was saved, without a restart. Not while this service's own retrain
+is being fitted: it began from the state it has, and its swap comes first (then the next batch reads the rest).
 
 Why retraining is off the request path: training on thousands of examples takes seconds to minutes, and on the
 worker thread it would stall every request behind it. A retrain (asked by feedback, or due after `retrain_every`
@@ -76,7 +83,7 @@ while it tunes, its `body_tuning` counts the pairs trained).
 Limits: request bodies over `max_body_bytes` get 413 (FastAPI's own limit; its body is the plain text "Content Too
 Large" when the Content-Length header already says so); more than `max_texts` texts, or a text longer than
 `max_text_chars` characters, get 422. Other errors are JSON (`{"detail": ...}`) and never carry a traceback: a
-classifier failure is logged with its traceback and answered 500; a store that another process has re-embedded (a
+classifier failure is logged with its traceback and answered 500; a body that another process has tuned again (a
 `labelcascade retrain --body` beside the service) is answered 503, saying to restart the service. The cascade
 itself never raises for a failing LLM; it answers with route `degraded`.
 
@@ -291,6 +298,10 @@ class _Waiting:
     predictions: asyncio.Future[list[Prediction]]
 
 
+RESTART = ("Restart the service to serve the workspace as it is now (a body retrain through the service itself, "
+           "POST /v1/retrain, needs none)")
+
+
 class SessionWorker:
     """Runs every call into the session on one thread, joins waiting classify requests into one call, and retrains
     the fallback on a thread of its own (see the module docstring)."""
@@ -375,7 +386,7 @@ class SessionWorker:
         if self.retraining:
             raise HTTPException(409, detail=busy)
         try:
-            retraining = await self.call(lambda: self.session.begin_retrain(body=True, tuning_seconds=tuning_seconds),
+            retraining = await self.call(lambda: self._begin_retrain(body=True, tuning_seconds=tuning_seconds),
                                          guarded=False)
         except WorkspaceError as error:
             raise HTTPException(409, detail=str(error)) from None
@@ -394,7 +405,7 @@ class SessionWorker:
             retraining, first = first, None
             try:
                 if retraining is None:
-                    retraining = await self.call(self.session.begin_retrain)
+                    retraining = await self.call(self._begin_retrain)
                 self._fitting = retraining
                 fitted = await loop.run_in_executor(self._trainer, retraining.fit)
                 embedder = await loop.run_in_executor(self._trainer, self._embedder_for, fitted)
@@ -407,6 +418,12 @@ class SessionWorker:
                     retraining.abandon()
             if not self._retrain_again:
                 return
+
+    def _begin_retrain(self, **options) -> Retraining:
+        """On the worker thread, with no fit of this service's in flight: `Session.begin_retrain` from the workspace
+        as saved now (a label another process added is trained on, not lost at the swap)."""
+        self._refresh()
+        return self.session.begin_retrain(**options)
 
     def _embedder_for(self, fitted: Retraining) -> EmbedderProcess | None:
         """Child processes on a fitted body retrain's new body, when the session embeds in child processes."""
@@ -431,6 +448,26 @@ class SessionWorker:
         old.on_idle = None
         old.close()  # the one `serve` started, or this worker's last: a second close (by `serve`) does nothing
         self._started_embedder = embedder
+
+    async def current(self, function: Callable[[], T]) -> T:
+        """`call(function)` on the workspace as saved now: what another process saved since the last call is read
+        first (see "Why the service reads the workspace again"), unless this service's own retrain is being fitted."""
+        refresh = not self.retraining
+
+        def run() -> T:
+            if refresh:
+                self._refresh()
+            return function()
+
+        return await self.call(run)
+
+    def _refresh(self) -> None:
+        """On the worker thread: `Session.refresh`, its refusal of a body tuned elsewhere answered 503."""
+        try:
+            self.session.refresh()
+        except WorkspaceError as error:
+            logger.error(f"the workspace changed under the service: {error}")
+            raise HTTPException(503, detail=f"{error}. {RESTART}") from None
 
     async def call(self, function: Callable[[], T], *, guarded: bool = True) -> T:
         """Run `function` (which may touch the classifier) on the worker thread, in turn with everything else;
@@ -482,7 +519,7 @@ class SessionWorker:
         texts = [text for waiting in batch for text in waiting.texts]
         self._batch_texts.observe(len(texts))
         try:
-            predictions, due = await self.call(lambda: (self.session.classify(texts), self.session.retrain_due))
+            predictions, due = await self.current(lambda: (self.session.classify(texts), self.session.retrain_due))
         except HTTPException as error:
             for waiting in batch:
                 if not waiting.predictions.done():
@@ -507,9 +544,7 @@ def _guarded(function: Callable[[], T]) -> Callable[[], T]:
             raise  # an answer the function chose (a refusal), not a failure
         except EmbedderMismatchError as error:  # another process re-embedded the store: its body was retrained
             logger.error(f"the workspace changed under the service: {error}")
-            restart = ("Restart the service to serve the workspace as it is now (a body retrain through the service "
-                       "itself, POST /v1/retrain, needs none)")
-            raise HTTPException(503, detail=f"{error}. {restart}") from None
+            raise HTTPException(503, detail=f"{error}. {RESTART}") from None
         except Exception as error:
             logger.exception("the classifier failed")
             raise HTTPException(500, detail=f"the classifier failed: {type(error).__name__}: {error}") from None
@@ -657,7 +692,7 @@ def create_app(
     async def feedback(request: FeedbackRequest) -> FeedbackResponse:
         """Store a person's label for a text as a `review` example (it outranks LLM labels of the same text, never
         gold ones). The fallback learns from it at its next retrain; `"retrain": true` starts one in the background."""
-        task = await worker.call(lambda: session.task)
+        task = await worker.current(lambda: session.task)
         labels = request.all_labels
         field = "label" if request.label is not None else "labels"
         for label in labels:
@@ -704,7 +739,7 @@ def create_app(
     @api.get("/v1/task", tags=["task"])
     async def task_info() -> TaskInfo:
         """The task's labels and answer shape, and the thresholds the cascade routes by."""
-        task, policy, fallback, embedder = await worker.call(
+        task, policy, fallback, embedder = await worker.current(
             lambda: (session.task, session.policy, session.cascade.fallback.fingerprint(), session.embedder.id))
         return TaskInfo(
             name=task.name,

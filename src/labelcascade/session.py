@@ -978,6 +978,29 @@ class Session:
         if self._cascade is not None:
             self._cascade.policy = policy
 
+    @_while_open
+    def refresh(self) -> bool:
+        """Take up what another process saved to the workspace since this session read it (a fallback retrained by
+        `labelcascade add` or `retrain`, thresholds chosen by `calibrate`, a label added by `add-label`), and say
+        whether there was any. A session reads those once, at open; one that lives long (the HTTP service asks
+        before every batch) would otherwise go on answering with the old ones. Its own writes do not count, and the
+        examples others store need none of this (the store reads them as they come). A body another process tuned
+        again is refused, as the store's next write would be: that needs the workspace opened again."""
+        if not self._workspace.changed_elsewhere():
+            return False
+        workspace = Workspace.open(self.path)
+        if (workspace.settings.body_dir, workspace.settings.body_sha256) != (self._workspace.settings.body_dir,
+                                                                             self._workspace.settings.body_sha256):
+            raise WorkspaceError(f"{self.path}: another process tuned the body again since this session opened the "
+                                 "workspace; open it again to answer with the new body")
+        auto_retrain = self.auto_retrain
+        self._store.close()  # saves its index: the one `_attach` opens is the same store, read again
+        self._attach(workspace)
+        self.auto_retrain = auto_retrain
+        logger.info(f"{self.path}: took up the workspace as another process saved it (task {self.task.name!r}, "
+                    f"{len(self.labels)} labels)")
+        return True
+
     # --- answering ------------------------------------------------------------------------------------------
 
     @_while_open

@@ -22,6 +22,9 @@ are not atomic together, so writers hold an exclusive flock on `workspace.lock` 
 a shared one while they load it: nobody reads half a swap, and two retrains never tangle their renames. The last
 retrain wins; it was trained on everything stored when it started, and nothing stored is ever lost. JSON files are
 written to a temporary file and renamed into place, so a reader or a crash sees the old file or the new, never half.
+A workspace object remembers which version of task.yaml, settings.json and the fallback model it read or wrote (a
+file's inode, size and modification time: every write is a new file renamed into place), so a long-lived session
+(the HTTP service) can tell that another process has saved a new one (`changed_elsewhere`) and read it again.
 
 Every write that fails (disk full, read-only) raises WorkspaceError naming the file and what to do, and leaves the
 previous state whole; a damaged file is refused on open with the same kind of message, never used.
@@ -57,6 +60,8 @@ BODY_DIR = "body"
 CALIBRATION_FILE = "calibration.json"
 LOCK_FILE = "workspace.lock"
 BODY_LOCK_FILE = "tuning.lock"  # held by body retrains (`Workspace.claim_body_lock`), apart from the fallback's lock
+FALLBACK_MODEL = f"{FALLBACK_DIR}/model.json"  # written last of the model's files (LinearSVMClassifier.save)
+WATCHED_FILES = (TASK_FILE, SETTINGS_FILE, FALLBACK_MODEL)  # what a session reads once and may read again
 LOCK_FILES = (LOCK_FILE, BODY_LOCK_FILE)  # what copies of a workspace leave out: a lock belongs to its folder
 
 
@@ -99,13 +104,17 @@ class Settings(BaseModel):
 class Workspace:
     """Reads and writes the files of one workspace folder."""
 
-    def __init__(self, path: Path, task: Task, settings: Settings, *, new: bool = False):
+    def __init__(self, path: Path, task: Task, settings: Settings, *, new: bool = False,
+                 seen: dict[str, FileVersion] | None = None):
         """`new`: made by `create` in this process, so its example store is still to be made; every other
-        workspace must have one, and a missing or empty one is refused, never made anew over the examples lost."""
+        workspace must have one, and a missing or empty one is refused, never made anew over the examples lost.
+        `seen`: the versions of the watched files (`WATCHED_FILES`) as they were before `task` and `settings` were
+        read from them."""
         self.path = path
         self.task = task
         self.settings = settings
         self.new = new
+        self._seen = dict(seen) if seen is not None else {}
 
     @classmethod
     def create(cls, path: str | Path, task: Task, settings: Settings | None = None) -> Workspace:
@@ -119,6 +128,7 @@ class Workspace:
             task.to_yaml(path / TASK_FILE)
         except OSError as error:
             raise WorkspaceError(storage_failure(path, error, "create the workspace")) from None
+        workspace._seen = _versions(path)
         workspace.save_settings()
         return workspace
 
@@ -138,6 +148,7 @@ class Workspace:
                     "renames, which would break the link or write through it): put the file or folder it points to "
                     "in its place"
                 )
+        seen = _versions(path)  # before reading: a file replaced while it is read shows as changed afterwards
         task = Task.from_yaml(path / TASK_FILE)
         try:
             settings = Settings.model_validate_json((path / SETTINGS_FILE).read_bytes())
@@ -148,15 +159,21 @@ class Workspace:
                 f"{path / SETTINGS_FILE}: invalid settings: {error.errors()[0]['msg']}; fix the file (or copy it "
                 "from a backup): it holds the embedder, engine and thresholds"
             ) from None
-        return cls(path, task, settings)
+        return cls(path, task, settings, seen=seen)
+
+    def changed_elsewhere(self) -> bool:
+        """Whether another process has saved task.yaml, settings.json or the fallback model since this object read
+        or wrote them (a few stat calls: cheap enough to ask before every batch)."""
+        return _versions(self.path) != self._seen
 
     def save_task(self, task: Task) -> None:
         """Replace the task (task.yaml, atomically): only ever by one that keeps the old labels' names and order."""
-        _write_atomically(self.path / TASK_FILE, task.yaml_text())
+        self._seen[TASK_FILE] = _version(_write_atomically(self.path / TASK_FILE, task.yaml_text()))
         self.task = task
 
     def save_settings(self) -> None:
-        _write_atomically(self.path / SETTINGS_FILE, self.settings.model_dump_json(indent=2))
+        written = _write_atomically(self.path / SETTINGS_FILE, self.settings.model_dump_json(indent=2))
+        self._seen[SETTINGS_FILE] = _version(written)
 
     @property
     def embedder_spec(self) -> str:
@@ -206,6 +223,7 @@ class Workspace:
                 shutil.rmtree(old)
             else:
                 new.rename(folder)
+            self._seen[FALLBACK_MODEL] = _version_of(self.path / FALLBACK_MODEL)  # no other writer: the lock is held
 
     def fallback_trained_at(self) -> float | None:
         """When the current fallback was written (epoch seconds), or None before the first training."""
@@ -299,10 +317,30 @@ class Workspace:
         return folder
 
 
-def _write_atomically(path: Path, text: str) -> None:
+FileVersion = tuple[int, int, int] | None  # a file's inode, size and modification time (ns); None: no such file
+
+
+def _version(status: os.stat_result) -> FileVersion:
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _version_of(path: Path) -> FileVersion:
+    try:
+        return _version(path.stat())
+    except FileNotFoundError:
+        return None
+
+
+def _versions(path: Path) -> dict[str, FileVersion]:
+    """The versions of a workspace's watched files now (one missing while another process swaps it in shows as
+    None: a change, read again once the swap is done)."""
+    return {name: _version_of(path / name) for name in WATCHED_FILES}
+
+
+def _write_atomically(path: Path, text: str) -> os.stat_result:
     """`path` is the old file or the new one, whatever happens; a failed write names the file and what to do."""
     try:
-        write_text_atomically(path, text)
+        return write_text_atomically(path, text)
     except OSError as error:
         raise WorkspaceError(storage_failure(path, error, f"write {path.name}")) from None
 
