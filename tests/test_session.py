@@ -190,11 +190,29 @@ def test_refresh_takes_up_what_another_session_saved_and_not_its_own_writes(embe
     saved = Workspace.open(tmp_path / "ws")  # what a body retrain in another process writes: another body's digest
     saved.settings.body_sha256 = "0" * 64
     saved.save_settings()
-    with pytest.raises(WorkspaceError, match="another process tuned the body again .* open it again"):
+    with pytest.raises(WorkspaceError, match="another process retrained the body .* open it again"):
         session.refresh()
     session.close()
     with pytest.raises(SessionClosedError):
         session.refresh()
+
+
+def test_two_sessions_adding_labels_keep_both_and_each_answers_with_what_the_other_saved(embedder, tmp_path):
+    """The methods that answer or write read the workspace again first: a session that opened before another
+    added a label knows it (add_examples, classify), keeps it when it adds its own (task.yaml is not written from
+    what it read at open), and retrains without a model whose labels its task lacks."""
+    first = Session.create(BANKING_TASK, workspace=tmp_path / "ws", embedder=embedder, engine=None)
+    second = Session.open(tmp_path / "ws", embedder=embedder, engine=None)
+    second.add_label("travel_notice", TRAVEL)
+    first.add_examples(["off to Peru next week, will my card work?"], ["travel_notice"], retrain=True)
+    first.add_label("card_swallowed", ["the ATM kept my card", "the machine swallowed my card",
+                                       "my card is stuck inside the cash machine"])
+    assert second.classify("the cash machine ate my card").label == "card_swallowed"
+    assert first.classify("I'll be in Italy for two weeks, will my card still work there?").label == "travel_notice"
+    first.close()
+    second.close()
+    with Session.open(tmp_path / "ws", embedder=embedder, engine=None) as reopened:
+        assert reopened.labels[-2:] == ["travel_notice", "card_swallowed"]
 
 
 def test_a_private_copy_leaves_the_workspace_as_it_was(banking, embedder):

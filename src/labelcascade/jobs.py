@@ -259,7 +259,9 @@ class LabelJob:
         into the answer cache as they arrive, so a job killed in the middle of a batch asks the LLM again only for
         what it had not answered yet."""
         # The version before classifying: the answers are made with this fallback and policy, even when learning
-        # from them retrains the fallback at the end of the batch.
+        # from them retrains the fallback at the end of the batch; and with what another process saved to the
+        # workspace during the job (`add`, `calibrate`, `add-label` beside it), read again now.
+        self.session.refresh()
         version = self.session.answer_version() if self.cache is not None else ""
         hits = self.cache.get(texts, version) if self.cache is not None else {}
         misses = [i for i in range(len(texts)) if i not in hits]

@@ -311,6 +311,7 @@ class RayLabelJob(LabelJob):
         import ray.data
 
         texts = [row.text for _, row in rows]
+        self.session.refresh()  # the workers get the workspace as saved now (another process may have changed it)
         version = self.session.answer_version() if self.cache is not None else ""
         hits = self.cache.get(texts, version) if self.cache is not None else {}
         found = sorted(hits)

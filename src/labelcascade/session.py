@@ -113,6 +113,21 @@ def _while_open(method):
     return checked
 
 
+def _as_saved(method):
+    """`_while_open`, with the workspace read again first when another process has saved it since
+    (`Session.refresh`): what answers or writes builds on the task, settings and fallback as they are now, not as
+    they were at open. Otherwise a label added elsewhere is refused by `add_examples`, lost from task.yaml by this
+    session's `add_label`, and breaks its next retrain (a model with a label its task lacks); a `set_policy` writes
+    stale settings back; and a long-lived session answers with an old model."""
+
+    @functools.wraps(method)
+    def current(self, *args, **kwargs):
+        self.refresh()
+        return method(self, *args, **kwargs)
+
+    return current
+
+
 def chosen_embedder(
     task: Task,
     texts: Sequence[str],
@@ -600,7 +615,7 @@ class Session:
 
     # --- learning -------------------------------------------------------------------------------------------
 
-    @_while_open
+    @_as_saved
     def add_examples(
         self,
         texts: Sequence[str],
@@ -626,7 +641,7 @@ class Session:
             self.retrain()
         return ids
 
-    @_while_open
+    @_as_saved
     def add_label(self, name: str, examples: Sequence[str], *, description: str = "") -> Session:
         """Teach the task a new label: it goes last in the task (task.yaml; the old labels keep their positions),
         `examples` (at least one text that carries it; a few per label as the others have is better) are stored as
@@ -674,7 +689,7 @@ class Session:
             raise
         return self.end_retrain(retraining)
 
-    @_while_open
+    @_as_saved
     def begin_retrain(self, *, body: bool = False, tuning_seconds: float | None = None) -> Retraining:
         """For a retrain that must not hold up answers: a snapshot of the stored examples whose `fit()` trains the
         new fallback (and with `body`, the new body: see `retrain`) on any thread, touching nothing of this session,
@@ -742,7 +757,8 @@ class Session:
         if (saved.body_dir, saved.body_sha256) != (self._workspace.settings.body_dir,
                                                    self._workspace.settings.body_sha256):
             raise WorkspaceError(f"{self.path}: another process retrained the body since this session opened the "
-                                 "workspace; open it again, then retrain")
+                                 "workspace; open it again (what this session would answer, store or train needs "
+                                 "the new body)")
 
     def _commit_body(self, retraining: BodyRetraining) -> None:
         """The swap itself, in `_swap_body`'s order, under the body lock."""
@@ -776,7 +792,7 @@ class Session:
         """Whether `policy.retrain_every` LLM examples have been stored since the fallback was last trained."""
         return self.policy.learn and self._learner.due(self.policy.retrain_every)
 
-    @_while_open
+    @_as_saved
     def calibrate(
         self,
         texts: Sequence[str],
@@ -847,7 +863,7 @@ class Session:
         self._adopt(report, dev, "calibrate")
         return report
 
-    @_while_open
+    @_as_saved
     def calibrate_on_examples(
         self,
         *,
@@ -969,7 +985,7 @@ class Session:
         """The cascade's thresholds and LLM settings, as stored in the workspace; change them with `set_policy`."""
         return self._workspace.settings.policy
 
-    @_while_open
+    @_as_saved
     def set_policy(self, policy: Policy) -> None:
         """Use `policy` from now on and record it in the workspace's settings.json."""
         workspace = self._workspace
@@ -982,17 +998,15 @@ class Session:
     def refresh(self) -> bool:
         """Take up what another process saved to the workspace since this session read it (a fallback retrained by
         `labelcascade add` or `retrain`, thresholds chosen by `calibrate`, a label added by `add-label`), and say
-        whether there was any. A session reads those once, at open; one that lives long (the HTTP service asks
-        before every batch) would otherwise go on answering with the old ones. Its own writes do not count, and the
-        examples others store need none of this (the store reads them as they come). A body another process tuned
-        again is refused, as the store's next write would be: that needs the workspace opened again."""
+        whether there was any. The methods that answer or write call it first (a few stat calls), so only the
+        properties (`task`, `labels`, `policy`) give what was read last; the HTTP service calls it before reading
+        them. Its own writes do not count, and the examples others store need none of this (the store reads them as
+        they come). A body another process tuned again is refused, as the store's next write would be: that needs
+        the workspace opened again."""
         if not self._workspace.changed_elsewhere():
             return False
         workspace = Workspace.open(self.path)
-        if (workspace.settings.body_dir, workspace.settings.body_sha256) != (self._workspace.settings.body_dir,
-                                                                             self._workspace.settings.body_sha256):
-            raise WorkspaceError(f"{self.path}: another process tuned the body again since this session opened the "
-                                 "workspace; open it again to answer with the new body")
+        self._check_body_current(workspace.settings)
         auto_retrain = self.auto_retrain
         self._store.close()  # saves its index: the one `_attach` opens is the same store, read again
         self._attach(workspace)
@@ -1003,7 +1017,7 @@ class Session:
 
     # --- answering ------------------------------------------------------------------------------------------
 
-    @_while_open
+    @_as_saved
     def classify(
         self,
         texts: str | Sequence[str],
@@ -1031,7 +1045,7 @@ class Session:
         `degraded`), or None if it never failed in this session."""
         return None if self._engine is None else self._engine.last_failure
 
-    @_while_open
+    @_as_saved
     def unsure(self, texts: Sequence[str]) -> np.ndarray:
         """Which texts the cascade would send to the LLM under the current policy (the fallback alone decides;
         nothing is asked). All False when there is no engine or the policy sends nothing to it."""
@@ -1041,7 +1055,7 @@ class Session:
         texts = checked_texts(texts)
         return ~cascade.policy.accepts(cascade.certainty(cascade.probabilities(self.embedder.embed(texts), texts)))
 
-    @_while_open
+    @_as_saved
     def learn(self, texts: Sequence[str], predictions: Sequence[Prediction]) -> None:
         """Learn from answers other sessions made on copies of this workspace (a Ray job's workers): what
         `classify` would have learned from them here (the confident LLM answers, stored as `llm` examples; the
