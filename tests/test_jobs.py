@@ -6,10 +6,13 @@ import csv
 import fcntl
 import json
 import os
+import pty
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -196,6 +199,42 @@ def label_with_llm(workspace: Path, source: Path, out: Path, *options: str, batc
             "--batch-size", str(batch_size), *options]
 
 
+def in_a_terminal(command: list[str], timeout: float = 600) -> tuple[int, str]:
+    """Run `command` with its stderr on a pseudo-terminal of 160 columns, as in a person's shell; (its exit status,
+    what it wrote there)."""
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    written = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the process closed its end
+            break
+        if not chunk:
+            break
+        written += chunk
+    os.close(main)
+    return process.wait(timeout=max(1.0, deadline - time.monotonic())), written.decode(errors="replace")
+
+
+def test_off_a_terminal_the_progress_is_a_line_per_state_not_frames_joined_by_carriage_returns(fallback_workspace,
+                                                                                               source, tmp_path):
+    """In a log file (nohup, cron, a service manager) the bar's frames, redrawn in place after carriage returns,
+    made the whole job one line: now each state shown is a line, at most every JobBar.LOG_SECONDS."""
+    out = tmp_path / "out.csv"
+    command = [str(Path(sys.executable).with_name("labelcascade")), "label", str(fallback_workspace), str(source),
+               str(out), "--engine", "none", "--batch-size", str(BATCH)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    bars = [line for line in result.stderr.splitlines() if line.startswith("labelling:")]
+    assert 2 <= len(bars) < ROWS // BATCH  # the first state and the last, not one per batch
+    assert f"| {ROWS}/{ROWS} [" in bars[-1] and "fallback=" in bars[-1]
+
+
 @pytest.mark.slow
 def test_the_progress_bar_moves_within_a_batch_and_shows_the_budget_without_native_log_lines(llm_workspace, tmp_path):
     """The bar sat at 0 through a whole first batch of LLM work, llama.cpp's log lines broke it, and it never showed
@@ -203,10 +242,9 @@ def test_the_progress_bar_moves_within_a_batch_and_shows_the_budget_without_nati
     session, source = llm_workspace
     session.set_policy(session.policy.model_copy(update={"llm_batch": 2}))
     out = tmp_path / "out.jsonl"
-    result = subprocess.run(label_with_llm(session.path, source, out, "--max-llm-calls", "6", "--no-cache"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    frames = result.stderr.replace("\r", "\n").splitlines()
+    returncode, stderr = in_a_terminal(label_with_llm(session.path, source, out, "--max-llm-calls", "6", "--no-cache"))
+    assert returncode == 0, stderr
+    frames = [frame for frame in stderr.replace("\r", "\n").splitlines() if frame.strip()]
     shown = [int(match.group(1)) for frame in frames if (match := re.search(r"\| (\d+)/12 \[", frame))]
     assert any(0 < rows < 12 for rows in shown), frames  # within the one batch, as the LLM answered
     within = [frame for frame in frames if re.search(r"\| \d/12 \[|\| 1[01]/12 \[", frame)]

@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -477,12 +479,19 @@ class JobBar:
     speed, which tqdm's own estimate (the mean rate so far) cannot know."""
 
     FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+    LOG_SECONDS = 30  # off a terminal: one line of progress at most this often
 
-    def __init__(self, total: int, done: int, max_llm_calls: int | None) -> None:
+    def __init__(self, total: int, done: int, max_llm_calls: int | None, *, stream: TextIO | None = None) -> None:
+        """On a terminal the bar is redrawn in place; on anything else (a log file, a pipe, a service manager's
+        journal) each state is a line of its own, at most every `LOG_SECONDS`: redrawn in place there, the whole
+        job was one line of thousands of frames joined by carriage returns."""
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=done, unit="row", desc="labelling", dynamic_ncols=True,
-                        bar_format=self.FORMAT)
+        stream = sys.stderr if stream is None else stream
+        self.terminal = stream.isatty()
+        options = {"dynamic_ncols": True} if self.terminal else {"file": _Lines(stream), "ncols": 100,
+                                                                  "mininterval": self.LOG_SECONDS, "ascii": True}
+        self.bar = tqdm(total=total, initial=done, unit="row", desc="labelling", bar_format=self.FORMAT, **options)
         self.max_llm_calls = max_llm_calls
         self.started = time.monotonic()
         self.seconds = {"fallback": 0.0, "llm": 0.0}  # answer latencies of this run's fresh answers, by kind
@@ -525,7 +534,7 @@ class JobBar:
         llm_rate = self.answered["llm"] / max(self.seconds["llm"], 1e-9) if self.answered["llm"] else None
         self.bar.set_postfix({**routes, "llm calls": llm_calls, **budget, "cached": self._cached,
                               **({"llm/s": f"{llm_rate:.2f}"} if llm_rate else {}),
-                              "left": self._time_left(llm_calls)}, refresh=True)
+                              "left": self._time_left(llm_calls)}, refresh=self.terminal)
 
     def _time_left(self, llm_calls: int) -> str:
         rows_left = self.bar.total - self.bar.n
@@ -544,3 +553,19 @@ class JobBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class _Lines:
+    """A stream for tqdm off a terminal: each frame it draws (a carriage return, the bar, spaces that would wipe a
+    longer one) written as one line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
