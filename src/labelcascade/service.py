@@ -60,8 +60,8 @@ Why the service reads the workspace again: people curate a served workspace from
 retrains the fallback, `calibrate` chooses new thresholds, `add-label` adds a label), and a session reads those once,
 when it opens. Before each batch, feedback, task read and retrain, the worker thread asks whether another process has
 saved task.yaml, settings.json or the fallback model since (`Session.refresh`: a few stat calls) and, if so, reads
-them again, so the next answers come from what was saved, without a restart. Not while this service's own retrain
-is being fitted: it began from the state it has, and its swap comes first (then the next batch reads the rest).
+them again, so the next answers come from what was saved, without a restart. A retrain of the service's own that is
+being fitted meanwhile is still swapped in: its labels are among the task's (labels are only ever added).
 
 Why retraining is off the request path: training on thousands of examples takes seconds to minutes, and on the
 worker thread it would stall every request behind it. A retrain (asked by feedback, or due after `retrain_every`
@@ -420,8 +420,8 @@ class SessionWorker:
                 return
 
     def _begin_retrain(self, **options) -> Retraining:
-        """On the worker thread, with no fit of this service's in flight: `Session.begin_retrain` from the workspace
-        as saved now (a label another process added is trained on, not lost at the swap)."""
+        """On the worker thread: `Session.begin_retrain` from the workspace as saved now, with a refusal of a body
+        tuned elsewhere answered 503 as `_refresh` answers it."""
         self._refresh()
         return self.session.begin_retrain(**options)
 
@@ -451,12 +451,10 @@ class SessionWorker:
 
     async def current(self, function: Callable[[], T]) -> T:
         """`call(function)` on the workspace as saved now: what another process saved since the last call is read
-        first (see "Why the service reads the workspace again"), unless this service's own retrain is being fitted."""
-        refresh = not self.retraining
+        first (see "Why the service reads the workspace again")."""
 
         def run() -> T:
-            if refresh:
-                self._refresh()
+            self._refresh()
             return function()
 
         return await self.call(run)
