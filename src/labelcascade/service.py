@@ -59,9 +59,10 @@ cascade's own after every `retrain_every` LLM labels, the next feedback with `"r
 Why the service reads the workspace again: people curate a served workspace from another terminal (`labelcascade add`
 retrains the fallback, `calibrate` chooses new thresholds, `add-label` adds a label), and a session reads those once,
 when it opens. Before each batch, feedback, task read and retrain, the worker thread asks whether another process has
-saved task.yaml, settings.json or the fallback model since (`Session.refresh`: a few stat calls) and, if so, reads
-them again, so the next answers come from what was saved, without a restart. A retrain of the service's own that is
-being fitted meanwhile is still swapped in: its labels are among the task's (labels are only ever added).
+saved task.yaml, settings.json or the fallback model since (`Session.refresh`, which the session's methods call
+themselves: a few stat calls) and, if so, reads them again, so the next answers come from what was saved, without
+a restart. A retrain of the service's own that is being fitted meanwhile is still swapped in: its labels are among
+the task's (labels are only ever added).
 
 Why retraining is off the request path: training on thousands of examples takes seconds to minutes, and on the
 worker thread it would stall every request behind it. A retrain (asked by feedback, or due after `retrain_every`
@@ -126,7 +127,7 @@ from labelcascade.agent import Policy, Retraining
 from labelcascade.records import Prediction, Route, Source
 from labelcascade.retrieval import EmbedderMismatchError
 from labelcascade.retrieval.embedder_process import EmbedderProcess
-from labelcascade.session import BodyRetraining, Session
+from labelcascade.session import BodyChangedError, BodyRetraining, Session
 from labelcascade.termination import sigterm_unwinds
 from labelcascade.workspace import Workspace, WorkspaceError
 
@@ -298,10 +299,6 @@ class _Waiting:
     predictions: asyncio.Future[list[Prediction]]
 
 
-RESTART = ("Restart the service to serve the workspace as it is now (a body retrain through the service itself, "
-           "POST /v1/retrain, needs none)")
-
-
 class SessionWorker:
     """Runs every call into the session on one thread, joins waiting classify requests into one call, and retrains
     the fallback on a thread of its own (see the module docstring)."""
@@ -386,7 +383,7 @@ class SessionWorker:
         if self.retraining:
             raise HTTPException(409, detail=busy)
         try:
-            retraining = await self.call(lambda: self._begin_retrain(body=True, tuning_seconds=tuning_seconds),
+            retraining = await self.call(lambda: self.session.begin_retrain(body=True, tuning_seconds=tuning_seconds),
                                          guarded=False)
         except WorkspaceError as error:
             raise HTTPException(409, detail=str(error)) from None
@@ -405,7 +402,7 @@ class SessionWorker:
             retraining, first = first, None
             try:
                 if retraining is None:
-                    retraining = await self.call(self._begin_retrain)
+                    retraining = await self.call(self.session.begin_retrain)
                 self._fitting = retraining
                 fitted = await loop.run_in_executor(self._trainer, retraining.fit)
                 embedder = await loop.run_in_executor(self._trainer, self._embedder_for, fitted)
@@ -418,12 +415,6 @@ class SessionWorker:
                     retraining.abandon()
             if not self._retrain_again:
                 return
-
-    def _begin_retrain(self, **options) -> Retraining:
-        """On the worker thread: `Session.begin_retrain` from the workspace as saved now, with a refusal of a body
-        tuned elsewhere answered 503 as `_refresh` answers it."""
-        self._refresh()
-        return self.session.begin_retrain(**options)
 
     def _embedder_for(self, fitted: Retraining) -> EmbedderProcess | None:
         """Child processes on a fitted body retrain's new body, when the session embeds in child processes."""
@@ -450,22 +441,14 @@ class SessionWorker:
         self._started_embedder = embedder
 
     async def current(self, function: Callable[[], T]) -> T:
-        """`call(function)` on the workspace as saved now: what another process saved since the last call is read
-        first (see "Why the service reads the workspace again")."""
+        """`call(function)` on the workspace as saved now, for a function that reads the session's properties (its
+        methods read the workspace again themselves: see "Why the service reads the workspace again")."""
 
         def run() -> T:
-            self._refresh()
+            self.session.refresh()
             return function()
 
         return await self.call(run)
-
-    def _refresh(self) -> None:
-        """On the worker thread: `Session.refresh`, its refusal of a body tuned elsewhere answered 503."""
-        try:
-            self.session.refresh()
-        except WorkspaceError as error:
-            logger.error(f"the workspace changed under the service: {error}")
-            raise HTTPException(503, detail=f"{error}. {RESTART}") from None
 
     async def call(self, function: Callable[[], T], *, guarded: bool = True) -> T:
         """Run `function` (which may touch the classifier) on the worker thread, in turn with everything else;
@@ -517,7 +500,7 @@ class SessionWorker:
         texts = [text for waiting in batch for text in waiting.texts]
         self._batch_texts.observe(len(texts))
         try:
-            predictions, due = await self.current(lambda: (self.session.classify(texts), self.session.retrain_due))
+            predictions, due = await self.call(lambda: (self.session.classify(texts), self.session.retrain_due))
         except HTTPException as error:
             for waiting in batch:
                 if not waiting.predictions.done():
@@ -540,9 +523,11 @@ def _guarded(function: Callable[[], T]) -> Callable[[], T]:
             return function()
         except HTTPException:
             raise  # an answer the function chose (a refusal), not a failure
-        except EmbedderMismatchError as error:  # another process re-embedded the store: its body was retrained
+        except (EmbedderMismatchError, BodyChangedError) as error:  # another process retrained the body
             logger.error(f"the workspace changed under the service: {error}")
-            raise HTTPException(503, detail=f"{error}. {RESTART}") from None
+            restart = ("Restart the service to serve the workspace as it is now (a body retrain through the service "
+                       "itself, POST /v1/retrain, needs none)")
+            raise HTTPException(503, detail=f"{error}. {restart}") from None
         except Exception as error:
             logger.exception("the classifier failed")
             raise HTTPException(500, detail=f"the classifier failed: {type(error).__name__}: {error}") from None

@@ -98,6 +98,11 @@ class SessionClosedError(ValueError):
     """A closed session was asked to work (as a closed file refuses to be read)."""
 
 
+class BodyChangedError(WorkspaceError):
+    """Another process tuned the workspace's body again since this session opened it: its embedder no longer makes
+    the workspace's vectors, so it answers, stores and trains nothing more until the workspace is opened again."""
+
+
 def _while_open(method):
     """Refuse `method` once the session is closed: its engine is freed and its store's database shut, so the call
     would fail somewhere inside with an error that says nothing of why (or, with no engine, answer as if open)."""
@@ -756,7 +761,7 @@ class Session:
         """Refuse to go on from a session whose body another process has swapped since it opened the workspace."""
         if (saved.body_dir, saved.body_sha256) != (self._workspace.settings.body_dir,
                                                    self._workspace.settings.body_sha256):
-            raise WorkspaceError(f"{self.path}: another process retrained the body since this session opened the "
+            raise BodyChangedError(f"{self.path}: another process retrained the body since this session opened the "
                                  "workspace; open it again (what this session would answer, store or train needs "
                                  "the new body)")
 
